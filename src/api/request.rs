@@ -1,0 +1,172 @@
+//! What a request asks for: model, streaming, the API's max-tokens field and a prompt-size
+//! estimate, read from the JSON body in one pass without building a document tree.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use super::ApiKind;
+
+/// The facts Tollgate needs from a request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestFacts {
+    pub model: String,
+    pub stream: bool,
+    /// OpenAI chat: `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// The API's output cap: `max_completion_tokens` / `max_tokens` (chat), `max_output_tokens`
+    /// (responses), `max_tokens` (messages).
+    pub max_tokens: Option<u64>,
+    /// Prompt tokens, estimated at four body bytes per token.
+    pub prompt_estimate: u64,
+    /// An upper bound on text prompt tokens: every token of a byte-level BPE tokenizer covers at
+    /// least one byte of text, and JSON encoding only adds bytes.
+    pub prompt_bound: u64,
+}
+
+/// Why a request body cannot be read; answered with 400 in the API's error shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError {
+    /// The request field at fault (`None` when the body as a whole is not JSON).
+    pub param: Option<String>,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+struct RawRequest<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<RawStreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct RawStreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+/// Reads the request facts of `kind` from a complete JSON body.
+pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, RequestError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let raw: RawRequest<'_> = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let param = (path != "." && !inner.is_syntax() && !inner.is_eof()).then_some(path);
+        RequestError {
+            message: match &param {
+                Some(p) => format!("Invalid value for '{p}': {}", without_position(&inner)),
+                None => format!("The request body is not valid JSON: {inner}"),
+            },
+            param,
+        }
+    })?;
+    de.end().map_err(|err| RequestError {
+        param: None,
+        message: format!("The request body is not valid JSON: {err}"),
+    })?;
+    let model = match raw.model {
+        Some(model) if !model.is_empty() => model.into_owned(),
+        _ => {
+            return Err(RequestError {
+                param: Some("model".into()),
+                message: "you must provide a model parameter".into(),
+            });
+        }
+    };
+    let max_tokens = match kind {
+        ApiKind::ChatCompletions => raw.max_completion_tokens.or(raw.max_tokens),
+        ApiKind::Responses => raw.max_output_tokens,
+        ApiKind::Messages => raw.max_tokens,
+        ApiKind::Embeddings => None,
+    };
+    let len = u64::try_from(body.len()).unwrap_or(u64::MAX);
+    Ok(RequestFacts {
+        model,
+        stream: raw.stream.unwrap_or(false) && kind != ApiKind::Embeddings,
+        include_usage: raw
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        max_tokens,
+        prompt_estimate: len.div_ceil(4),
+        prompt_bound: len,
+    })
+}
+
+fn without_position(err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    match text.rfind(" at line ") {
+        Some(at) => text.get(..at).unwrap_or(&text).to_string(),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_chat_facts() {
+        let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":true,
+            "stream_options":{"include_usage":true},"max_tokens":100,"max_completion_tokens":50}"#;
+        let f = parse_request(ApiKind::ChatCompletions, body).unwrap();
+        assert_eq!(f.model, "gpt-4o");
+        assert!(f.stream && f.include_usage);
+        assert_eq!(f.max_tokens, Some(50));
+        assert_eq!(f.prompt_bound, body.len() as u64);
+        assert_eq!(f.prompt_estimate, (body.len() as u64).div_ceil(4));
+    }
+
+    #[test]
+    fn each_api_has_its_max_tokens_field() {
+        let body =
+            br#"{"model":"m","max_tokens":1,"max_output_tokens":2,"max_completion_tokens":3}"#;
+        let get = |k| parse_request(k, body).unwrap().max_tokens;
+        assert_eq!(get(ApiKind::ChatCompletions), Some(3));
+        assert_eq!(get(ApiKind::Responses), Some(2));
+        assert_eq!(get(ApiKind::Messages), Some(1));
+        assert_eq!(get(ApiKind::Embeddings), None);
+    }
+
+    #[test]
+    fn escaped_model_and_nulls() {
+        let body =
+            br#"{"model":"gpt\u002d4o","stream":null,"stream_options":null,"max_tokens":null}"#;
+        let f = parse_request(ApiKind::ChatCompletions, body).unwrap();
+        assert_eq!(f.model, "gpt-4o");
+        assert!(!f.stream);
+    }
+
+    #[test]
+    fn bad_bodies_name_what_is_wrong() {
+        let e = parse_request(ApiKind::ChatCompletions, b"{\"model\":").unwrap_err();
+        assert_eq!(e.param, None);
+        let e = parse_request(ApiKind::ChatCompletions, br#"{"messages":[]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("model"));
+        let e = parse_request(ApiKind::Messages, br#"{"model":"m","max_tokens":-1}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        let e = parse_request(ApiKind::Messages, br#"{"model":"m","stream":"yes"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("stream"));
+        let e = parse_request(ApiKind::Messages, br#"{"model":"m"} {}"#).unwrap_err();
+        assert_eq!(e.param, None);
+        assert!(parse_request(ApiKind::Messages, b"[1,2]").is_err());
+        assert!(parse_request(ApiKind::Messages, b"\xff").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = parse_request(ApiKind::ChatCompletions, &body);
+        }
+    }
+}

@@ -1,0 +1,1191 @@
+//! Token usage from a complete (non-streaming) JSON response body.
+//!
+//! # How the usage object is found
+//!
+//! Bodies can be hundreds of kilobytes of generated text (or thousands of embedding floats), and
+//! the usage object is small and, for every API we read, serialised at the *end* of the top-level
+//! object (OpenAI: `…,"usage":{…},"service_tier":…,"system_fingerprint":…}`; Responses:
+//! `…,"usage":{…},"user":…,"metadata":{…}}`; Anthropic: `…,"stop_sequence":null,"usage":{…}}`).
+//! So instead of parsing the whole document we scan it **backwards** from its closing `}` with a
+//! tiny structural state machine (strings, nesting depth) until we meet a `"usage"` string that is
+//! followed by `:` (so it is an object key) at nesting depth 1 (so it is a key of the top-level
+//! object), and deserialise only the value that follows it.
+//!
+//! Scanning backwards is exact for valid JSON: outside strings there are no backslashes, and a `"`
+//! closes (seen backwards: opens) a string iff it is preceded by an even number of backslashes.
+//! Checking the depth means a `"usage"` key nested anywhere else — an Anthropic `tool_use` input,
+//! a JSON schema property in echoed Responses `tools`, a Responses `metadata` entry, text such as
+//! `He said \"usage\": 5` inside a string — is never taken for the real one, whatever the field
+//! order. The cost is proportional to the distance between the usage key and the end of the body
+//! (a few hundred bytes for OpenAI and Anthropic), not to the body size.
+//!
+//! When the scan sees something that cannot be valid JSON (a byte that cannot appear outside a
+//! string, unbalanced brackets, a document that does not end with `}`, …) it gives up and we fall
+//! back to a streaming serde parse of the whole body that visits only the path to `usage` and skips
+//! everything else ([`IgnoredAny`]); that parse validates the document, so a malformed or truncated
+//! body yields `None`. When the scan reaches the top-level `{` without meeting the key, the body has
+//! no usage and `None` is returned without the full parse.
+//!
+//! Because the scan never needs the beginning of the document, a *tail* of the body (what the
+//! filter keeps of an over-long response) works as well as the whole body.
+//!
+//! Limits (documented, deliberate): the fast path does not validate grammar, only the byte classes
+//! and nesting it walks through, and only between the usage key and the end (so e.g. a trailing
+//! comma there is accepted). A body cut short (missing its end) exactly after a `}` that closes a
+//! nested object holding a `"usage"` key would be misread as having that usage: pass bodies that
+//! ended normally (an aborted response's partial body should not be trusted). A key spelt with
+//! escapes (`"us\u0061ge"`) is not recognised by the fast path (no provider does that).
+//!
+//! # Numbers
+//!
+//! Token counts must be JSON unsigned integers that fit in `u64`; a missing or `null` count is 0,
+//! and a `null` details object is the same as a missing one. A usage object holding a negative,
+//! fractional (`5.0`, `1e3`), out-of-range or non-numeric count is treated as **invalid as a
+//! whole** and yields `None`: a half-trusted usage would be billed silently, whereas `None` lets
+//! the caller fall back to its own estimate and report that usage was missing. A usage value that
+//! is not an object (`null`, array, string, …) also yields `None`; an empty object yields
+//! `Some(Usage::default())`.
+//!
+//! # Normalisation
+//!
+//! See [`Usage`]. `cached_input` is clamped to `input` and `reasoning` to `output`, so consumers
+//! can subtract without underflow whatever the provider reports.
+
+use core::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+use super::{ApiKind, Usage};
+
+/// The usage reported by a complete JSON response body of `kind`.
+///
+/// `None` when the body has no top-level `usage`, when it is `null` or not an object, when a count
+/// is not a `u64`, or when the body is not JSON. Never panics.
+///
+/// `body` may also be only the *tail* (a suffix) of the body, as kept for over-long responses: the
+/// backward scan never needs the beginning, and nesting depths counted from the end are exact in
+/// any suffix of a valid document. If the tail does not reach back to the usage key, the result is
+/// `None`.
+pub fn usage_from_json(kind: ApiKind, body: &[u8]) -> Option<Usage> {
+    usage_at(body, &["usage"]).map(|raw| raw.normalise(kind))
+}
+
+/// A usage object as sent on the wire: the union of every API's fields. `None` means missing or
+/// `null`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RawUsage {
+    pub(crate) prompt_tokens: Option<u64>,
+    pub(crate) completion_tokens: Option<u64>,
+    pub(crate) input_tokens: Option<u64>,
+    pub(crate) output_tokens: Option<u64>,
+    pub(crate) cache_creation_input_tokens: Option<u64>,
+    pub(crate) cache_read_input_tokens: Option<u64>,
+    /// `prompt_tokens_details.cached_tokens` (Chat Completions).
+    pub(crate) prompt_cached_tokens: Option<u64>,
+    /// `completion_tokens_details.reasoning_tokens` (Chat Completions).
+    pub(crate) completion_reasoning_tokens: Option<u64>,
+    /// `input_tokens_details.cached_tokens` (Responses).
+    pub(crate) input_cached_tokens: Option<u64>,
+    /// `output_tokens_details.reasoning_tokens` (Responses).
+    pub(crate) output_reasoning_tokens: Option<u64>,
+}
+
+impl RawUsage {
+    /// Maps the wire fields of `kind` to a [`Usage`].
+    pub(crate) fn normalise(&self, kind: ApiKind) -> Usage {
+        let n = |v: Option<u64>| v.unwrap_or(0);
+        match kind {
+            ApiKind::ChatCompletions => openai(
+                n(self.prompt_tokens),
+                n(self.completion_tokens),
+                n(self.prompt_cached_tokens),
+                n(self.completion_reasoning_tokens),
+            ),
+            ApiKind::Responses => openai(
+                n(self.input_tokens),
+                n(self.output_tokens),
+                n(self.input_cached_tokens),
+                n(self.output_reasoning_tokens),
+            ),
+            ApiKind::Embeddings => Usage {
+                input: n(self.prompt_tokens),
+                ..Usage::default()
+            },
+            ApiKind::Messages => anthropic(
+                n(self.input_tokens),
+                n(self.output_tokens),
+                n(self.cache_read_input_tokens),
+                n(self.cache_creation_input_tokens),
+            ),
+        }
+    }
+}
+
+fn openai(input: u64, output: u64, cached: u64, reasoning: u64) -> Usage {
+    Usage {
+        input,
+        output,
+        cached_input: cached.min(input),
+        cache_write_input: 0,
+        reasoning: reasoning.min(output),
+    }
+}
+
+/// Anthropic's `input_tokens` excludes cache reads and writes; ours includes them.
+pub(crate) fn anthropic(input: u64, output: u64, cache_read: u64, cache_write: u64) -> Usage {
+    Usage {
+        input: input.saturating_add(cache_read).saturating_add(cache_write),
+        output,
+        cached_input: cache_read,
+        cache_write_input: cache_write,
+        reasoning: 0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Locating and parsing.
+
+/// The usage object at `path` (object keys from the top level, e.g. `["response", "usage"]`) of
+/// the JSON document `body`. `None` if absent, `null`, invalid, or if `body` is not JSON.
+///
+/// The fast path checks the nesting depth (`path.len()`) and the last key only, not the names of
+/// the intermediate keys: callers must only use nested paths whose parent is the only
+/// object-valued member at that level (true of the SSE events that use it, see `sse.rs`).
+pub(crate) fn usage_at(body: &[u8], path: &[&str]) -> Option<RawUsage> {
+    let key = path.last()?;
+    let depth = u32::try_from(path.len()).ok()?;
+    match locate_key_backward(body, key.as_bytes(), depth) {
+        Locate::Found(value) => parse_usage_value(value),
+        Locate::Absent => None,
+        Locate::Unsure => parse_usage_full(body, path),
+    }
+}
+
+/// Deserialises the usage value at the start of `value`, ignoring whatever follows it.
+fn parse_usage_value(value: &[u8]) -> Option<RawUsage> {
+    let mut de = serde_json::Deserializer::from_slice(value);
+    Option::<RawUsage>::deserialize(&mut de).ok().flatten()
+}
+
+/// Fallback: a full streaming parse of `body` that only materialises the value at `path`.
+fn parse_usage_full(body: &[u8], path: &[&str]) -> Option<RawUsage> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let found = PathSeed { path }.deserialize(&mut de).ok()?;
+    de.end().ok()?;
+    found
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// Strips leading JSON whitespace.
+pub(crate) fn trim_ws_start(mut s: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = s {
+        if !is_ws(*first) {
+            break;
+        }
+        s = rest;
+    }
+    s
+}
+
+/// Strips leading and trailing JSON whitespace.
+pub(crate) fn trim_ws(s: &[u8]) -> &[u8] {
+    let mut s = trim_ws_start(s);
+    while let [rest @ .., last] = s {
+        if !is_ws(*last) {
+            break;
+        }
+        s = rest;
+    }
+    s
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Locate<'a> {
+    /// The key was found; the slice starts at its value.
+    Found(&'a [u8]),
+    /// The whole top-level object was scanned and has no such key at that depth.
+    Absent,
+    /// The document is not something the scan can vouch for.
+    Unsure,
+}
+
+/// Scans `json` backwards for the last object key `key` at nesting depth `target_depth`
+/// (1 = member of the top-level object). See the module documentation.
+fn locate_key_backward<'a>(json: &'a [u8], key: &[u8], target_depth: u32) -> Locate<'a> {
+    let doc = trim_ws(json);
+    let Some((b'}', _)) = doc.split_last() else {
+        return Locate::Unsure;
+    };
+    let mut depth: u32 = 0;
+    let mut i = doc.len();
+    // The significant byte that follows position `i` in the document, and where it is.
+    let mut next: Option<(usize, u8)> = None;
+    while let Some(pos) = i.checked_sub(1) {
+        i = pos;
+        let Some(&b) = doc.get(i) else {
+            return Locate::Unsure;
+        };
+        match b {
+            b' ' | b'\t' | b'\n' | b'\r' => continue,
+            b'}' | b']' => depth = depth.saturating_add(1),
+            b'{' | b'[' => {
+                let Some(d) = depth.checked_sub(1) else {
+                    return Locate::Unsure;
+                };
+                depth = d;
+                if depth == 0 {
+                    // Back at the top-level opening brace: nothing but whitespace may precede it.
+                    let only_ws = doc.get(..i).is_some_and(|p| p.iter().all(|c| is_ws(*c)));
+                    return if b == b'{' && only_ws {
+                        Locate::Absent
+                    } else {
+                        Locate::Unsure
+                    };
+                }
+            }
+            b'"' => {
+                // Outside strings a quote is never escaped in valid JSON.
+                if escaped(doc, i) {
+                    return Locate::Unsure;
+                }
+                let Some(open) = opening_quote(doc, i) else {
+                    return Locate::Unsure;
+                };
+                if depth == target_depth
+                    && let Some((colon, b':')) = next
+                    && doc.get(open.saturating_add(1)..i) == Some(key)
+                {
+                    let value = doc.get(colon.saturating_add(1)..).unwrap_or_default();
+                    return Locate::Found(trim_ws_start(value));
+                }
+                i = open;
+            }
+            b'0'..=b'9'
+            | b'-'
+            | b'+'
+            | b'.'
+            | b'e'
+            | b'E'
+            | b't'
+            | b'r'
+            | b'u'
+            | b'f'
+            | b'a'
+            | b'l'
+            | b's'
+            | b'n'
+            | b','
+            | b':' => {}
+            _ => return Locate::Unsure,
+        }
+        next = Some((i, b));
+    }
+    Locate::Unsure
+}
+
+/// Whether the byte at `pos` is preceded by an odd number of backslashes.
+fn escaped(s: &[u8], pos: usize) -> bool {
+    s.get(..pos)
+        .is_some_and(|p| p.iter().rev().take_while(|b| **b == b'\\').count() % 2 == 1)
+}
+
+/// The position of the quote opening the string whose closing quote is at `close`.
+fn opening_quote(s: &[u8], close: usize) -> Option<usize> {
+    let mut end = close;
+    loop {
+        let q = s.get(..end)?.iter().rposition(|b| *b == b'"')?;
+        if !escaped(s, q) {
+            return Some(q);
+        }
+        end = q;
+    }
+}
+
+/// The raw (still escaped) contents of the string value of the top-level member `key` of the JSON
+/// object `json`, found by a forward structural scan that stops at the first match. Used to read
+/// an SSE event's `"type"`, which every provider sends as the first member, so this typically
+/// reads a few dozen bytes. `None` if absent, not a string, or not scannable.
+pub(crate) fn top_level_string<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let mut rest = trim_ws_start(json).strip_prefix(b"{")?;
+    let mut depth: u32 = 1;
+    loop {
+        let (&b, tail) = rest.split_first()?;
+        match b {
+            b'"' => {
+                let (content, after) = split_string(tail)?;
+                rest = after;
+                if depth == 1
+                    && let Some(value) = trim_ws_start(after).strip_prefix(b":")
+                {
+                    if content == key {
+                        let value = trim_ws_start(value).strip_prefix(b"\"")?;
+                        return split_string(value).map(|(s, _)| s);
+                    }
+                    rest = value;
+                }
+            }
+            b'{' | b'[' => {
+                depth = depth.saturating_add(1);
+                rest = tail;
+            }
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return None;
+                }
+                rest = tail;
+            }
+            _ => rest = tail,
+        }
+    }
+}
+
+/// Splits `s`, which starts just after an opening quote, into the string's raw contents and the
+/// bytes after its closing quote.
+fn split_string(s: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut from = 0usize;
+    loop {
+        let at = from.saturating_add(
+            s.get(from..)?
+                .iter()
+                .position(|b| *b == b'"' || *b == b'\\')?,
+        );
+        match s.get(at)? {
+            b'\\' => from = at.saturating_add(2),
+            _ => return Some((s.get(..at)?, s.get(at.saturating_add(1)..)?)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Serde: map-only visitors (an array is never accepted as a usage object), duplicate keys allowed
+// (last wins), unknown keys skipped without allocation.
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum UsageField {
+    PromptTokens,
+    CompletionTokens,
+    InputTokens,
+    OutputTokens,
+    CacheCreationInputTokens,
+    CacheReadInputTokens,
+    PromptTokensDetails,
+    CompletionTokensDetails,
+    InputTokensDetails,
+    OutputTokensDetails,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de> Deserialize<'de> for RawUsage {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(RawUsageVisitor)
+    }
+}
+
+struct RawUsageVisitor;
+
+impl<'de> Visitor<'de> for RawUsageVisitor {
+    type Value = RawUsage;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a usage object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawUsage, A::Error> {
+        let mut raw = RawUsage::default();
+        while let Some(field) = map.next_key::<UsageField>()? {
+            match field {
+                UsageField::PromptTokens => raw.prompt_tokens = map.next_value()?,
+                UsageField::CompletionTokens => raw.completion_tokens = map.next_value()?,
+                UsageField::InputTokens => raw.input_tokens = map.next_value()?,
+                UsageField::OutputTokens => raw.output_tokens = map.next_value()?,
+                UsageField::CacheCreationInputTokens => {
+                    raw.cache_creation_input_tokens = map.next_value()?;
+                }
+                UsageField::CacheReadInputTokens => {
+                    raw.cache_read_input_tokens = map.next_value()?;
+                }
+                UsageField::PromptTokensDetails => {
+                    let d: Option<Details> = map.next_value()?;
+                    raw.prompt_cached_tokens = d.and_then(|d| d.cached_tokens);
+                }
+                UsageField::CompletionTokensDetails => {
+                    let d: Option<Details> = map.next_value()?;
+                    raw.completion_reasoning_tokens = d.and_then(|d| d.reasoning_tokens);
+                }
+                UsageField::InputTokensDetails => {
+                    let d: Option<Details> = map.next_value()?;
+                    raw.input_cached_tokens = d.and_then(|d| d.cached_tokens);
+                }
+                UsageField::OutputTokensDetails => {
+                    let d: Option<Details> = map.next_value()?;
+                    raw.output_reasoning_tokens = d.and_then(|d| d.reasoning_tokens);
+                }
+                UsageField::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(raw)
+    }
+}
+
+/// `*_tokens_details`.
+#[derive(Default)]
+struct Details {
+    cached_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum DetailsField {
+    CachedTokens,
+    ReasoningTokens,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Details {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(DetailsVisitor)
+    }
+}
+
+struct DetailsVisitor;
+
+impl<'de> Visitor<'de> for DetailsVisitor {
+    type Value = Details;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a token details object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Details, A::Error> {
+        let mut details = Details::default();
+        while let Some(field) = map.next_key::<DetailsField>()? {
+            match field {
+                DetailsField::CachedTokens => details.cached_tokens = map.next_value()?,
+                DetailsField::ReasoningTokens => details.reasoning_tokens = map.next_value()?,
+                DetailsField::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(details)
+    }
+}
+
+/// Deserialises an object and returns the usage found by following `path` through it (the last
+/// occurrence of a duplicated key wins); every other member is skipped. A `null` on the way means
+/// "no usage".
+struct PathSeed<'p> {
+    path: &'p [&'p str],
+}
+
+impl<'de> DeserializeSeed<'de> for PathSeed<'_> {
+    type Value = Option<RawUsage>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PathSeed<'_> {
+    type Value = Option<RawUsage>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let Some((first, rest)) = self.path.split_first() else {
+            return Err(de::Error::custom("empty path"));
+        };
+        let mut found = None;
+        while let Some(is_target) = map.next_key_seed(KeyIs(first))? {
+            if !is_target {
+                map.next_value::<IgnoredAny>()?;
+            } else if rest.is_empty() {
+                found = map.next_value::<Option<RawUsage>>()?;
+            } else {
+                found = map.next_value_seed(NullablePath(PathSeed { path: rest }))?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// [`PathSeed`] that also accepts `null` (no usage).
+struct NullablePath<'p>(PathSeed<'p>);
+
+impl<'de> DeserializeSeed<'de> for NullablePath<'_> {
+    type Value = Option<RawUsage>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NullablePath<'_> {
+    type Value = Option<RawUsage>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object or null")
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        self.0.deserialize(deserializer)
+    }
+}
+
+/// A map key, compared with a wanted name without allocating.
+struct KeyIs<'k>(&'k str);
+
+impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string key")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CHAT: &str = r#"{
+  "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+  "object": "chat.completion",
+  "created": 1741570283,
+  "model": "gpt-4o-2024-08-06",
+  "choices": [
+    {
+      "index": 0,
+      "message": {
+        "role": "assistant",
+        "content": "He said \"usage\": {\"prompt_tokens\": 5} and left. \\\"usage\\\":",
+        "refusal": null,
+        "annotations": []
+      },
+      "logprobs": null,
+      "finish_reason": "stop"
+    }
+  ],
+  "usage": {
+    "prompt_tokens": 1117,
+    "completion_tokens": 46,
+    "total_tokens": 1163,
+    "prompt_tokens_details": {
+      "cached_tokens": 1024,
+      "audio_tokens": 0
+    },
+    "completion_tokens_details": {
+      "reasoning_tokens": 12,
+      "audio_tokens": 0,
+      "accepted_prediction_tokens": 0,
+      "rejected_prediction_tokens": 0
+    }
+  },
+  "service_tier": "default",
+  "system_fingerprint": "fp_fc9f1d7035"
+}"#;
+
+    const RESPONSES: &str = r#"{"id":"resp_67ccd3a9da748190baa7f1570fe91ac604becb25c45c1d41","object":"response","created_at":1741476777,"status":"completed","error":null,"incomplete_details":null,"instructions":null,"max_output_tokens":null,"model":"gpt-4o-2024-08-06","output":[{"type":"message","id":"msg_67ccd3acc8d48190a77525dc6de64b4104becb25c45c1d41","status":"completed","role":"assistant","content":[{"type":"output_text","text":"The image depicts a scenic landscape.","annotations":[]}]}],"parallel_tool_calls":true,"previous_response_id":null,"reasoning":{"effort":null,"summary":null},"store":true,"temperature":1,"text":{"format":{"type":"text"}},"tool_choice":"auto","tools":[{"type":"function","name":"log","parameters":{"type":"object","properties":{"usage":{"type":"integer"}}},"strict":true}],"top_p":1,"truncation":"disabled","usage":{"input_tokens":328,"input_tokens_details":{"cached_tokens":128},"output_tokens":52,"output_tokens_details":{"reasoning_tokens":7},"total_tokens":380},"user":null,"metadata":{"usage":"nightly-batch"}}"#;
+
+    const EMBEDDINGS: &str = r#"{
+  "object": "list",
+  "data": [
+    {"object": "embedding", "index": 0, "embedding": [0.0023064255, -0.009327292, -1.5e-3, 4E2]}
+  ],
+  "model": "text-embedding-3-small",
+  "usage": {"prompt_tokens": 8, "total_tokens": 8}
+}
+"#;
+
+    const MESSAGES: &str = r#"{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","type":"message","role":"assistant","model":"claude-sonnet-4-20250514","content":[{"type":"text","text":"Let me log that."},{"type":"tool_use","id":"toolu_01","name":"record","input":{"usage":{"input_tokens":999999,"output_tokens":999999}}}],"stop_reason":"tool_use","stop_sequence":null,"usage":{"input_tokens":21,"cache_creation_input_tokens":188086,"cache_read_input_tokens":1000,"cache_creation":{"ephemeral_5m_input_tokens":188086,"ephemeral_1h_input_tokens":0},"output_tokens":393,"service_tier":"standard","server_tool_use":null}}"#;
+
+    fn chat_usage() -> Usage {
+        Usage {
+            input: 1117,
+            output: 46,
+            cached_input: 1024,
+            cache_write_input: 0,
+            reasoning: 12,
+        }
+    }
+
+    fn responses_usage() -> Usage {
+        Usage {
+            input: 328,
+            output: 52,
+            cached_input: 128,
+            cache_write_input: 0,
+            reasoning: 7,
+        }
+    }
+
+    fn messages_usage() -> Usage {
+        Usage {
+            input: 21 + 188_086 + 1000,
+            output: 393,
+            cached_input: 1000,
+            cache_write_input: 188_086,
+            reasoning: 0,
+        }
+    }
+
+    fn embeddings_usage() -> Usage {
+        Usage {
+            input: 8,
+            ..Usage::default()
+        }
+    }
+
+    fn fixtures() -> [(ApiKind, &'static str, Usage); 4] {
+        [
+            (ApiKind::ChatCompletions, CHAT, chat_usage()),
+            (ApiKind::Responses, RESPONSES, responses_usage()),
+            (ApiKind::Embeddings, EMBEDDINGS, embeddings_usage()),
+            (ApiKind::Messages, MESSAGES, messages_usage()),
+        ]
+    }
+
+    #[test]
+    fn realistic_bodies() {
+        for (kind, body, want) in fixtures() {
+            // The fixtures are valid JSON.
+            serde_json::from_str::<serde_json::Value>(body).unwrap();
+            assert_eq!(
+                usage_from_json(kind, body.as_bytes()),
+                Some(want),
+                "{kind:?}"
+            );
+            // The fast path finds them (no fallback needed).
+            assert!(matches!(
+                locate_key_backward(body.as_bytes(), b"usage", 1),
+                Locate::Found(v) if v.starts_with(b"{")
+            ));
+            // The fallback agrees.
+            assert_eq!(
+                parse_usage_full(body.as_bytes(), &["usage"]).map(|r| r.normalise(kind)),
+                Some(want)
+            );
+        }
+    }
+
+    #[test]
+    fn usage_first_and_nested_usage_later() {
+        // A provider that serialises usage first; nested "usage" keys after it must not win.
+        let body = br#"{"usage":{"prompt_tokens":3,"completion_tokens":4},"choices":[{"message":{"content":"x","tool_calls":[{"function":{"arguments":"{\"usage\":{\"prompt_tokens\":9}}"}}]}}],"extra":{"usage":{"prompt_tokens":77}},"list":[{"usage":{"prompt_tokens":88}}]}"#;
+        let got = usage_from_json(ApiKind::ChatCompletions, body).unwrap();
+        assert_eq!((got.input, got.output), (3, 4));
+    }
+
+    #[test]
+    fn usage_null_missing_empty_and_wrong_types() {
+        let k = ApiKind::ChatCompletions;
+        assert_eq!(usage_from_json(k, br#"{"id":"x","usage":null}"#), None);
+        assert_eq!(usage_from_json(k, br#"{"id":"x"}"#), None);
+        assert_eq!(usage_from_json(k, br#"{}"#), None);
+        assert_eq!(
+            usage_from_json(k, br#" { "usage" : { } } "#),
+            Some(Usage::default())
+        );
+        assert_eq!(usage_from_json(k, br#"{"usage":[1,2,3]}"#), None);
+        assert_eq!(usage_from_json(k, br#"{"usage":"lots"}"#), None);
+        assert_eq!(usage_from_json(k, br#"{"usage":5}"#), None);
+        // Error bodies.
+        assert_eq!(
+            usage_from_json(
+                k,
+                br#"{"error":{"message":"Rate limit","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#
+            ),
+            None
+        );
+        assert_eq!(
+            usage_from_json(
+                ApiKind::Messages,
+                br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn null_and_missing_counts_are_zero() {
+        let body = br#"{"usage":{"prompt_tokens":10,"completion_tokens":null,"prompt_tokens_details":null,"completion_tokens_details":{"reasoning_tokens":null}}}"#;
+        assert_eq!(
+            usage_from_json(ApiKind::ChatCompletions, body),
+            Some(Usage {
+                input: 10,
+                ..Usage::default()
+            })
+        );
+        let body = br#"{"usage":{"input_tokens":5,"cache_read_input_tokens":null}}"#;
+        assert_eq!(
+            usage_from_json(ApiKind::Messages, body),
+            Some(Usage {
+                input: 5,
+                ..Usage::default()
+            })
+        );
+    }
+
+    #[test]
+    fn invalid_numbers_invalidate_the_usage() {
+        for bad in [
+            r#"{"usage":{"prompt_tokens":-1,"completion_tokens":4}}"#,
+            r#"{"usage":{"prompt_tokens":1.5}}"#,
+            r#"{"usage":{"prompt_tokens":5.0}}"#,
+            r#"{"usage":{"prompt_tokens":1e3}}"#,
+            r#"{"usage":{"prompt_tokens":"5"}}"#,
+            r#"{"usage":{"prompt_tokens":18446744073709551616}}"#,
+            r#"{"usage":{"prompt_tokens_details":{"cached_tokens":-3}}}"#,
+            r#"{"usage":{"prompt_tokens_details":[1]}}"#,
+        ] {
+            assert_eq!(
+                usage_from_json(ApiKind::ChatCompletions, bad.as_bytes()),
+                None,
+                "{bad}"
+            );
+        }
+        let max = format!(r#"{{"usage":{{"prompt_tokens":{}}}}}"#, u64::MAX);
+        assert_eq!(
+            usage_from_json(ApiKind::ChatCompletions, max.as_bytes()).map(|u| u.input),
+            Some(u64::MAX)
+        );
+    }
+
+    #[test]
+    fn anthropic_sum_saturates_and_openai_details_are_clamped() {
+        let body = format!(
+            r#"{{"usage":{{"input_tokens":{m},"cache_read_input_tokens":{m},"cache_creation_input_tokens":1,"output_tokens":2}}}}"#,
+            m = u64::MAX
+        );
+        let u = usage_from_json(ApiKind::Messages, body.as_bytes()).unwrap();
+        assert_eq!(
+            (u.input, u.cached_input, u.cache_write_input),
+            (u64::MAX, u64::MAX, 1)
+        );
+        let body = br#"{"usage":{"prompt_tokens":10,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":50},"completion_tokens_details":{"reasoning_tokens":9}}}"#;
+        let u = usage_from_json(ApiKind::ChatCompletions, body).unwrap();
+        assert_eq!((u.cached_input, u.reasoning), (10, 3));
+    }
+
+    #[test]
+    fn kinds_read_their_own_fields() {
+        let body = br#"{"usage":{"prompt_tokens":1,"completion_tokens":2,"input_tokens":3,"output_tokens":4}}"#;
+        assert_eq!(
+            usage_from_json(ApiKind::ChatCompletions, body)
+                .unwrap()
+                .input,
+            1
+        );
+        assert_eq!(usage_from_json(ApiKind::Embeddings, body).unwrap().input, 1);
+        assert_eq!(
+            usage_from_json(ApiKind::Embeddings, body).unwrap().output,
+            0
+        );
+        assert_eq!(usage_from_json(ApiKind::Responses, body).unwrap().input, 3);
+        assert_eq!(usage_from_json(ApiKind::Messages, body).unwrap().output, 4);
+    }
+
+    #[test]
+    fn duplicate_usage_keys_last_wins() {
+        let body = br#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#;
+        assert_eq!(
+            usage_from_json(ApiKind::ChatCompletions, body)
+                .unwrap()
+                .input,
+            2
+        );
+        let body = br#"{"usage":{"prompt_tokens":1,"prompt_tokens":7}}"#;
+        assert_eq!(
+            usage_from_json(ApiKind::ChatCompletions, body)
+                .unwrap()
+                .input,
+            7
+        );
+    }
+
+    #[test]
+    fn malformed_bodies() {
+        let k = ApiKind::ChatCompletions;
+        for bad in [
+            "",
+            " ",
+            "null",
+            "[]",
+            r#"[{"usage":{"prompt_tokens":1}}]"#,
+            r#"{"usage":{"prompt_tokens":1}}}"#,
+            r#"{"usage":{"prompt_tokens":1}} {"a":1}"#,
+            r#"{"usage":{"prompt_tokens":1}"#,
+            r#"{"usage":{"prompt_tokens":1}]"#,
+            r#"{"usage":{"prompt_tokens":1}},"#,
+            r#"{"a":"\"","usage":{"prompt_tokens":1},"b":"x\"}"#,
+            "{\"usage\":{\"prompt_tokens\":1}}\u{0}",
+            "{\"usage\":{\"prompt_tokens\":1}}\u{0}}",
+        ] {
+            assert_eq!(usage_from_json(k, bad.as_bytes()), None, "{bad:?}");
+        }
+        // Garbage the backward scan walks through sends it to the fallback's full parse.
+        assert_eq!(
+            usage_from_json(k, br#"{"usage":{"prompt_tokens":1},"a": nope}"#),
+            None
+        );
+        assert_eq!(
+            usage_from_json(k, br#"{"usage":{"prompt_tokens":1},"a":"x"y"}"#),
+            None
+        );
+        assert_eq!(
+            usage_from_json(k, br#"{"usage":{"prompt_tokens":1},"a":'x'}"#),
+            None
+        );
+        // Garbage before the usage key is not looked at (documented: tails must work).
+        assert_eq!(
+            usage_from_json(k, br#"{"a":x"usage":{"prompt_tokens":1}}"#).map(|u| u.input),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn tails_of_realistic_bodies() {
+        // Every suffix that still holds the whole `"usage":…` member gives the usage; shorter ones
+        // give None.
+        for (kind, body, want) in fixtures() {
+            let body = body.as_bytes();
+            let Locate::Found(value) = locate_key_backward(body, b"usage", 1) else {
+                panic!("fixture without usage");
+            };
+            let value_start = body.len() - value.len();
+            let key = body[..value_start]
+                .windows(7)
+                .rposition(|w| w == b"\"usage\"")
+                .unwrap();
+            for start in 0..body.len() {
+                let got = usage_from_json(kind, &body[start..]);
+                if start <= key {
+                    assert_eq!(got, Some(want), "{kind:?} from {start}");
+                } else {
+                    assert_eq!(got, None, "{kind:?} from {start}");
+                }
+            }
+        }
+        // A tail that starts inside a string holding escaped quotes.
+        let tail = br#"d "usage": {"prompt_tokens": 5}" ok"}}],"usage":{"prompt_tokens":2}}"#;
+        assert_eq!(
+            usage_from_json(ApiKind::ChatCompletions, tail)
+                .unwrap()
+                .input,
+            2
+        );
+        let tail = br#"d "usage": {"prompt_tokens": 5}" ok"}}],"n":{"prompt_tokens":2}}"#;
+        assert_eq!(usage_from_json(ApiKind::ChatCompletions, tail), None);
+        // Grammar is not checked between the key and the end (documented).
+        let body = br#"{"usage":{"prompt_tokens":1},}"#;
+        assert_eq!(
+            usage_from_json(ApiKind::ChatCompletions, body)
+                .unwrap()
+                .input,
+            1
+        );
+    }
+
+    #[test]
+    fn strict_prefixes_of_realistic_bodies_yield_none() {
+        // MESSAGES and RESPONSES are excluded: a tool input / tool schema holds a nested "usage"
+        // object, and a body cut right after it is exactly the documented limit of the fast path.
+        for (kind, body, _) in fixtures() {
+            if matches!(kind, ApiKind::Messages | ApiKind::Responses) {
+                continue;
+            }
+            let body = body.trim_end().as_bytes();
+            for cut in 0..body.len() {
+                assert_eq!(
+                    usage_from_json(kind, &body[..cut]),
+                    None,
+                    "{kind:?} cut at {cut}"
+                );
+            }
+        }
+        for body in [MESSAGES, RESPONSES] {
+            let body = body.as_bytes();
+            let mut misread = 0;
+            for cut in 0..body.len() {
+                misread += usize::from(usage_from_json(ApiKind::Messages, &body[..cut]).is_some());
+            }
+            assert_eq!(misread, 1, "exactly the cut after the nested usage object");
+        }
+    }
+
+    #[test]
+    fn escapes_and_backslashes_around_keys() {
+        let k = ApiKind::ChatCompletions;
+        // A string ending in an escaped backslash right before a real key.
+        let body = br#"{"a":"x\\","usage":{"prompt_tokens":4}}"#;
+        assert_eq!(usage_from_json(k, body).unwrap().input, 4);
+        // A string value that merely spells "usage" followed by a colon-like text.
+        let body = br#"{"usage":{"prompt_tokens":4},"note":"\"usage\":{\"prompt_tokens\":9}"}"#;
+        assert_eq!(usage_from_json(k, body).unwrap().input, 4);
+        // "usage" as a value, not a key.
+        let body = br#"{"kind":"usage","n":1}"#;
+        assert_eq!(usage_from_json(k, body), None);
+        // Non-ASCII text.
+        let body = "{\"text\":\"héllo \u{1F600} \\u00e9\",\"usage\":{\"prompt_tokens\":2}}";
+        assert_eq!(usage_from_json(k, body.as_bytes()).unwrap().input, 2);
+    }
+
+    #[test]
+    fn nested_paths() {
+        let event = br#"{"type":"response.completed","sequence_number":9,"response":{"id":"r","output":[{"content":[{"text":"\"usage\":1"}]}],"usage":{"input_tokens":5,"output_tokens":6},"metadata":{"usage":"x"}}}"#;
+        let raw = usage_at(event, &["response", "usage"]).unwrap();
+        assert_eq!((raw.input_tokens, raw.output_tokens), (Some(5), Some(6)));
+        // Fallback path agrees (and handles a null parent).
+        assert_eq!(parse_usage_full(event, &["response", "usage"]), Some(raw));
+        assert_eq!(
+            parse_usage_full(br#"{"response":null}"#, &["response", "usage"]),
+            None
+        );
+        assert_eq!(
+            usage_at(br#"{"response":null}"#, &["response", "usage"]),
+            None
+        );
+        assert_eq!(
+            usage_at(br#"{"response":{"usage":null}}"#, &["response", "usage"]),
+            None
+        );
+    }
+
+    #[test]
+    fn top_level_string_reads_the_type() {
+        let ev = br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}"#;
+        assert_eq!(
+            top_level_string(ev, b"type"),
+            Some(&b"content_block_delta"[..])
+        );
+        let ev = br#" {"delta":{"type":"inner"},"list":[{"type":"x"}],"type" : "outer"}"#;
+        assert_eq!(top_level_string(ev, b"type"), Some(&b"outer"[..]));
+        assert_eq!(top_level_string(br#"{"a":{"type":"x"}}"#, b"type"), None);
+        assert_eq!(top_level_string(br#"{"type":1}"#, b"type"), None);
+        assert_eq!(
+            top_level_string(br#"{"type":"a\"b"}"#, b"type"),
+            Some(&br#"a\"b"#[..])
+        );
+        assert_eq!(
+            top_level_string(br#"{"x":"type","type":"y"}"#, b"type"),
+            Some(&b"y"[..])
+        );
+        assert_eq!(top_level_string(br#"{"type":"unterminated"#, b"type"), None);
+        assert_eq!(top_level_string(b"[DONE]", b"type"), None);
+    }
+
+    fn json_fragment() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop::sample::select(vec![
+                "{",
+                "}",
+                "[",
+                "]",
+                ",",
+                ":",
+                "\"",
+                "\\",
+                " ",
+                "\n",
+                "usage",
+                "\"usage\"",
+                "\"usage\":",
+                "null",
+                "1",
+                "-1",
+                "2.5",
+                "\"prompt_tokens\"",
+                "\"input_tokens\"",
+                "\"cached_tokens\"",
+                "\"prompt_tokens_details\"",
+                "\"x\"",
+                "true",
+                "é",
+            ]),
+            0..40,
+        )
+        .prop_map(|v| v.concat())
+    }
+
+    /// Arbitrary JSON documents whose keys come from the usage vocabulary.
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            (0u64..2000).prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-5i64..0).prop_map(Value::from),
+            prop::sample::select(vec![0.5f64, 2.0, -1.25]).prop_map(Value::from),
+            "[a-z\"\\:{} ]{0,12}".prop_map(Value::String),
+            Just(Value::String("\"usage\": {\"prompt_tokens\": 5}".into())),
+        ];
+        let key = prop::sample::select(vec![
+            "usage",
+            "usage",
+            "prompt_tokens",
+            "completion_tokens",
+            "input_tokens",
+            "output_tokens",
+            "cache_read_input_tokens",
+            "prompt_tokens_details",
+            "cached_tokens",
+            "response",
+            "message",
+            "x",
+            "usage ",
+        ]);
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((key.clone(), inner), 0..6).prop_map(|members| {
+                    Value::Object(
+                        members
+                            .into_iter()
+                            .map(|(k, v)| (k.to_owned(), v))
+                            .collect(),
+                    )
+                }),
+            ]
+        })
+    }
+
+    fn json_object() -> impl Strategy<Value = String> {
+        (
+            prop::collection::vec(
+                (
+                    prop::sample::select(vec!["usage", "usage", "id", "choices", "usage_x"]),
+                    json_value(),
+                ),
+                0..6,
+            ),
+            any::<bool>(),
+        )
+            .prop_map(|(members, pretty)| {
+                // One top-level usage at most: with duplicates, an invalid earlier value fails the
+                // full parse while the fast path reads the last one only (both fine, but they
+                // differ). Other keys may repeat.
+                let mut seen_usage = false;
+                let mut doc = String::from("{");
+                for (i, (k, v)) in members.iter().enumerate() {
+                    let k = if *k == "usage" && std::mem::replace(&mut seen_usage, true) {
+                        "usage_dup"
+                    } else {
+                        k
+                    };
+                    if i > 0 {
+                        doc.push_str(if pretty { ",\n  " } else { "," });
+                    }
+                    // Duplicate keys are kept on purpose (a map would merge them).
+                    doc.push_str(&format!("{k:?}:"));
+                    if pretty {
+                        doc.push(' ');
+                        doc.push_str(&serde_json::to_string_pretty(v).unwrap());
+                    } else {
+                        doc.push_str(&serde_json::to_string(v).unwrap());
+                    }
+                }
+                doc.push_str(if pretty { "\n}\n" } else { "}" });
+                doc
+            })
+    }
+
+    proptest! {
+        /// On valid documents the backward scan agrees with a full parse, and every tail gives
+        /// either the same answer or None.
+        #[test]
+        fn fast_path_agrees_on_valid_documents(doc in json_object()) {
+            let bytes = doc.as_bytes();
+            let full = parse_usage_full(bytes, &["usage"]);
+            prop_assert_eq!(usage_at(bytes, &["usage"]), full, "{}", doc);
+            for start in 1..bytes.len() {
+                let tail = usage_at(&bytes[start..], &["usage"]);
+                prop_assert!(tail.is_none() || tail == full, "{} from {}", doc, start);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            for (kind, _, _) in fixtures() {
+                let _ = usage_from_json(kind, &bytes);
+            }
+            let _ = usage_at(&bytes, &["response", "usage"]);
+            let _ = top_level_string(&bytes, b"type");
+        }
+
+        #[test]
+        fn json_like_fragments_never_panic(s in json_fragment()) {
+            for (kind, _, _) in fixtures() {
+                let _ = usage_from_json(kind, s.as_bytes());
+            }
+            let _ = usage_at(s.as_bytes(), &["message", "usage"]);
+            let _ = top_level_string(s.as_bytes(), b"type");
+        }
+
+        /// On valid JSON the fast path agrees with a full parse.
+        #[test]
+        fn fast_path_agrees_with_full_parse(s in json_fragment(), prefix in json_fragment()) {
+            for candidate in [s.clone(), format!("{{{prefix}{s}}}"), format!("{{\"a\":[{s}],\"usage\":{s}}}")] {
+                let bytes = candidate.as_bytes();
+                if serde_json::from_slice::<serde_json::Value>(bytes).is_ok() {
+                    let full = if trim_ws_start(bytes).first() == Some(&b'{') {
+                        parse_usage_full(bytes, &["usage"])
+                    } else {
+                        None
+                    };
+                    prop_assert_eq!(usage_at(bytes, &["usage"]), full, "{}", candidate);
+                }
+            }
+        }
+
+        /// Realistic bodies with arbitrary text in a content string still give their usage.
+        #[test]
+        fn arbitrary_content_text(text in ".{0,200}") {
+            let content = serde_json::to_string(&text).unwrap();
+            let body = format!(r#"{{"choices":[{{"message":{{"content":{content}}}}}],"usage":{{"prompt_tokens":3}},"tail":{content}}}"#);
+            prop_assert_eq!(
+                usage_from_json(ApiKind::ChatCompletions, body.as_bytes()).map(|u| u.input),
+                Some(3)
+            );
+        }
+    }
+}

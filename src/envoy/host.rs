@@ -1,0 +1,76 @@
+//! Every host call the filter makes, with Envoy's statuses mapped at the seam.
+//!
+//! The SDK's `hostcalls` panic on statuses they do not expect; each wrapper here is only called
+//! in the phases where Envoy answers `Ok`/`NotFound` for it (headers in their own callbacks,
+//! bodies with the size Envoy just announced, properties from HTTP contexts), and otherwise
+//! returns a value the caller treats as "not available".
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, Bytes, MapType, Status};
+
+use crate::reply::LocalReply;
+
+/// A request header, as bytes (`None` when absent).
+pub fn request_header(name: &str) -> Option<Bytes> {
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+}
+
+/// A response header, as bytes (`None` when absent).
+pub fn response_header(name: &str) -> Option<Bytes> {
+    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+        .ok()
+        .flatten()
+}
+
+/// Replaces (or, with `None`, removes) a request header.
+pub fn set_request_header(name: &str, value: Option<&[u8]>) -> Result<(), Status> {
+    hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, value)
+}
+
+/// The request body Envoy has buffered so far (`size` as announced by the callback).
+pub fn request_body(size: usize) -> Option<Bytes> {
+    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+        .ok()
+        .flatten()
+}
+
+/// The response body chunk of the current callback.
+pub fn response_body(size: usize) -> Option<Bytes> {
+    if size == 0 {
+        return None;
+    }
+    hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+        .ok()
+        .flatten()
+}
+
+/// The plugin configuration bytes, in `on_configure`.
+pub fn plugin_configuration(size: usize) -> Option<Bytes> {
+    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
+        .ok()
+        .flatten()
+}
+
+/// An Envoy property (`metadata.…`, `filter_state.…`, `request.…`).
+pub fn property(path: &[String]) -> Option<Bytes> {
+    hostcalls::get_property(path.iter().map(String::as_str).collect())
+        .ok()
+        .flatten()
+}
+
+/// Writes filter state `wasm.<name>` (printable with `%FILTER_STATE(wasm.<name>:PLAIN)%`).
+pub fn set_record_field(name: &str, value: &[u8]) -> Result<(), Status> {
+    hostcalls::set_property(vec![name], Some(value))
+}
+
+/// Answers the request locally.
+pub fn send_reply(reply: &LocalReply) -> Result<(), Status> {
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    hostcalls::send_http_response(reply.status, headers, Some(&reply.body))
+}

@@ -1,0 +1,47 @@
+//! The root context: validates the plugin configuration once and hands it to each request.
+
+use std::rc::Rc;
+
+use log::{error, info};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+
+use super::host;
+use super::http::TollgateHttp;
+use crate::config::Config;
+
+#[derive(Default)]
+pub struct TollgateRoot {
+    config: Option<Rc<Config>>,
+}
+
+impl Context for TollgateRoot {}
+
+impl RootContext for TollgateRoot {
+    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
+        let bytes = host::plugin_configuration(plugin_configuration_size).unwrap_or_default();
+        match Config::from_json(&bytes) {
+            Ok(config) => {
+                info!(
+                    "tollgate configured: {} tenants",
+                    config.identity.tenants.len()
+                );
+                self.config = Some(Rc::new(config));
+                true
+            }
+            Err(err) => {
+                error!("{err}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // Returning `None` would make the SDK panic: a missing configuration passes traffic through.
+        Some(Box::new(TollgateHttp::new(self.config.clone())))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

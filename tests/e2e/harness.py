@@ -1,0 +1,184 @@
+"""Processes for the e2e suite: the fake LLM upstream and the real Envoy with the built .wasm.
+
+Everything binds 127.0.0.1 on free ports and is stopped by PID.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "envoy"))
+import render  # noqa: E402
+
+ENVOY = os.path.join(ROOT, ".venv/bin/envoy")
+WASM = os.path.join(ROOT, "target/wasm32-wasip1/release/tollgate.wasm")
+FAKE = os.path.join(ROOT, "tests/fake_upstream.py")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method, url, body=None, headers=None, timeout=30):
+    """A plain request; returns (status, headers dict (lower-case), body bytes)."""
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
+
+
+class FakeUpstream:
+    def __init__(self, name="upstream"):
+        self.name = name
+        fd, self.port_file = tempfile.mkstemp(prefix="fake-port-")
+        os.close(fd)
+        os.unlink(self.port_file)
+        self.proc = subprocess.Popen(
+            [sys.executable, FAKE, "--port", "0", "--name", name, "--port-file", self.port_file],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            if os.path.exists(self.port_file) and open(self.port_file).read().strip():
+                self.port = int(open(self.port_file).read().strip())
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError("fake upstream exited")
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("fake upstream did not start")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def ledger(self):
+        return json.loads(http("GET", self.url + "/ledger")[2])
+
+    def entry(self, request_id, timeout=5.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for e in self.ledger():
+                if e["id"] == request_id:
+                    return e
+            time.sleep(0.05)
+        raise AssertionError(f"no ledger entry {request_id}")
+
+    def reset(self):
+        http("DELETE", self.url + "/ledger")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if os.path.exists(self.port_file):
+            os.unlink(self.port_file)
+
+
+class Envoy:
+    """The real Envoy 1.40 running a rendered config from envoy/."""
+
+    def __init__(self, plugin_config, upstream_port, template="tollgate.yaml", concurrency=2,
+                 extra=None, expect_failure=False):
+        self.dir = tempfile.mkdtemp(prefix="tollgate-envoy-")
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.access_log = os.path.join(self.dir, "access.log")
+        open(self.access_log, "w").close()
+        values = {
+            "ADMIN_PORT": str(self.admin_port),
+            "LISTEN_PORT": str(self.port),
+            "UPSTREAM_PORT": str(upstream_port),
+            "ACCESS_LOG": self.access_log,
+            "WASM_PATH": WASM,
+            "PLUGIN_CONFIG": json.dumps(
+                plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
+            ),
+        }
+        values.update(extra or {})
+        with open(os.path.join(ROOT, "envoy", template), encoding="utf-8") as f:
+            text = render.render(f.read(), values)
+        self.config_path = os.path.join(self.dir, "envoy.yaml")
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            f.write(text)
+        self.log_path = os.path.join(self.dir, "envoy.log")
+        self.log_file = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [ENVOY, "-c", self.config_path, "--concurrency", str(concurrency),
+             "--disable-hot-restart", "--log-level", "info", "--file-flush-interval-msec", "50"],
+            stdout=self.log_file, stderr=subprocess.STDOUT,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
+        if expect_failure:
+            return
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("envoy exited:\n" + self.log()[-4000:])
+            try:
+                if http("GET", self.admin + "/ready", timeout=1)[2].strip() == b"LIVE":
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("envoy did not become ready:\n" + self.log()[-4000:])
+
+    def wait_exit(self, timeout=60):
+        return self.proc.wait(timeout=timeout)
+
+    def log(self):
+        if not self.log_file.closed:
+            self.log_file.flush()
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def access_lines(self):
+        with open(self.access_log, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def access_line(self, request_id, timeout=5.0):
+        """The access-log line of the request sent with `x-request-id: request_id`."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for line in self.access_lines():
+                if line.get("request_id") == request_id:
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no access log line for {request_id}")
+
+    def stats(self, filter_regex=""):
+        """Admin /stats as {name: value} (counters and gauges)."""
+        body = http("GET", self.admin + "/stats?filter=" + filter_regex)[2].decode()
+        out = {}
+        for line in body.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().lstrip("-").isdigit():
+                out[name] = int(value)
+        return out
+
+    def prometheus(self):
+        return http("GET", self.admin + "/stats/prometheus")[2].decode()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log_file.close()
