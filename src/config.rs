@@ -121,12 +121,12 @@ impl Config {
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|err| {
             let path = err.path().to_string();
-            let field = if path == "." {
-                "(root)".to_string()
-            } else {
-                path
-            };
-            ConfigError::new(field, strip_position(&err.into_inner().to_string()))
+            let inner = err.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                return ConfigError::new("(root)", format!("not valid JSON: {inner}"));
+            }
+            let field = if path == "." { "(root)".to_string() } else { path };
+            ConfigError::new(field, strip_position(&inner.to_string()))
         })?;
         de.end()
             .map_err(|err| ConfigError::new("(root)", strip_position(&err.to_string())))?;
@@ -208,13 +208,13 @@ impl TryFrom<RawConfig> for Config {
                 TenantSource::ApiKey(keys)
             }
         };
-        if let Some(default) = &id.default_tenant {
-            if !declared(default) {
-                return Err(ConfigError::new(
-                    "identity.default_tenant",
-                    format!("tenant \"{default}\" is not declared under `tenants`"),
-                ));
-            }
+        if let Some(default) = &id.default_tenant
+            && !declared(default)
+        {
+            return Err(ConfigError::new(
+                "identity.default_tenant",
+                format!("tenant \"{default}\" is not declared under `tenants`"),
+            ));
         }
         if id.accept_undeclared && matches!(source, TenantSource::ApiKey(_)) {
             return Err(ConfigError::new(

@@ -910,65 +910,70 @@ mod tests {
         assert_eq!(outcome(&r), (None, true, 0, false));
     }
 
-    proptest! {
-        #[test]
-        fn any_split_matches_whole(
-            which in 0usize..18,
-            cuts in prop::collection::vec(any::<usize>(), 0..40),
-        ) {
-            let fixtures = stream_fixtures();
-            let (kind, text, ..) = &fixtures[which];
-            let bytes = text.as_bytes();
-            let chunks = split_at_cuts(bytes, &cuts);
-            prop_assert_eq!(run(*kind, 4096, &chunks), run(*kind, 4096, &[bytes]));
-        }
+    /// Named so that `cargo test --lib proptest` (the Makefile's fallback fuzzing) selects them.
+    mod proptests {
+        use super::*;
 
-        #[test]
-        fn any_split_matches_whole_with_small_max(
-            which in 0usize..18,
-            max in 0usize..400,
-            cuts in prop::collection::vec(any::<usize>(), 0..40),
-        ) {
-            let fixtures = stream_fixtures();
-            let (kind, text, ..) = &fixtures[which];
-            let bytes = text.as_bytes();
-            let chunks = split_at_cuts(bytes, &cuts);
-            prop_assert_eq!(run(*kind, max, &chunks), run(*kind, max, &[bytes]));
-        }
+        proptest! {
+            #[test]
+            fn any_split_matches_whole(
+                which in 0usize..18,
+                cuts in prop::collection::vec(any::<usize>(), 0..40),
+            ) {
+                let fixtures = stream_fixtures();
+                let (kind, text, ..) = &fixtures[which];
+                let bytes = text.as_bytes();
+                let chunks = split_at_cuts(bytes, &cuts);
+                prop_assert_eq!(run(*kind, 4096, &chunks), run(*kind, 4096, &[bytes]));
+            }
 
-        #[test]
-        fn arbitrary_bytes_never_panic_and_stay_bounded(
-            kind in prop::sample::select(vec![
-                ApiKind::ChatCompletions, ApiKind::Responses, ApiKind::Embeddings, ApiKind::Messages,
-            ]),
-            max in 0usize..256,
-            bytes in prop::collection::vec(any::<u8>(), 0..2048),
-            cuts in prop::collection::vec(any::<usize>(), 0..64),
-        ) {
-            let chunks = split_at_cuts(&bytes, &cuts);
-            let split = run(kind, max, &chunks);
-            prop_assert_eq!(split, run(kind, max, &[&bytes]));
-        }
+            #[test]
+            fn any_split_matches_whole_with_small_max(
+                which in 0usize..18,
+                max in 0usize..400,
+                cuts in prop::collection::vec(any::<usize>(), 0..40),
+            ) {
+                let fixtures = stream_fixtures();
+                let (kind, text, ..) = &fixtures[which];
+                let bytes = text.as_bytes();
+                let chunks = split_at_cuts(bytes, &cuts);
+                prop_assert_eq!(run(*kind, max, &chunks), run(*kind, max, &[bytes]));
+            }
 
-        #[test]
-        fn sse_like_streams_split_invariant(
-            kind in prop::sample::select(vec![
-                ApiKind::ChatCompletions, ApiKind::Responses, ApiKind::Messages,
-            ]),
-            max in prop::sample::select(vec![0usize, 8, 40, 4096]),
-            pieces in prop::collection::vec(prop::sample::select(vec![
-                "data: ", "data:", "event: ", "event: message_stop", "event: response.completed",
-                "\n", "\r", "\r\n", ": c", "[DONE]", "\u{FEFF}", "{\"type\":\"message_delta\",",
-                "\"usage\":{\"output_tokens\":5}}", "{\"choices\":[{\"delta\":{\"content\":\"x\"}}],",
-                "\"response\":{\"usage\":{\"input_tokens\":2}}}", "{\"type\":\"content_block_delta\"}",
-                "{\"type\":\"response.output_text.delta\"}", "\"", "\\", "}", "é",
-            ]), 0..60),
-            cuts in prop::collection::vec(any::<usize>(), 0..32),
-        ) {
-            let text = pieces.concat();
-            let bytes = text.as_bytes();
-            let chunks = split_at_cuts(bytes, &cuts);
-            prop_assert_eq!(run(kind, max, &chunks), run(kind, max, &[bytes]));
+            #[test]
+            fn arbitrary_bytes_never_panic_and_stay_bounded(
+                kind in prop::sample::select(vec![
+                    ApiKind::ChatCompletions, ApiKind::Responses, ApiKind::Embeddings, ApiKind::Messages,
+                ]),
+                max in 0usize..256,
+                bytes in prop::collection::vec(any::<u8>(), 0..2048),
+                cuts in prop::collection::vec(any::<usize>(), 0..64),
+            ) {
+                let chunks = split_at_cuts(&bytes, &cuts);
+                let split = run(kind, max, &chunks);
+                prop_assert_eq!(split, run(kind, max, &[&bytes]));
+            }
+
+            #[test]
+            fn sse_like_streams_split_invariant(
+                kind in prop::sample::select(vec![
+                    ApiKind::ChatCompletions, ApiKind::Responses, ApiKind::Messages,
+                ]),
+                max in prop::sample::select(vec![0usize, 8, 40, 4096]),
+                pieces in prop::collection::vec(prop::sample::select(vec![
+                    "data: ", "data:", "event: ", "event: message_stop", "event: response.completed",
+                    "\n", "\r", "\r\n", ": c", "[DONE]", "\u{FEFF}", "{\"type\":\"message_delta\",",
+                    "\"usage\":{\"output_tokens\":5}}", "{\"choices\":[{\"delta\":{\"content\":\"x\"}}],",
+                    "\"response\":{\"usage\":{\"input_tokens\":2}}}", "{\"type\":\"content_block_delta\"}",
+                    "{\"type\":\"response.output_text.delta\"}", "\"", "\\", "}", "é",
+                ]), 0..60),
+                cuts in prop::collection::vec(any::<usize>(), 0..32),
+            ) {
+                let text = pieces.concat();
+                let bytes = text.as_bytes();
+                let chunks = split_at_cuts(bytes, &cuts);
+                prop_assert_eq!(run(kind, max, &chunks), run(kind, max, &[bytes]));
+            }
         }
     }
 }

@@ -1129,63 +1129,68 @@ mod tests {
             })
     }
 
-    proptest! {
-        /// On valid documents the backward scan agrees with a full parse, and every tail gives
-        /// either the same answer or None.
-        #[test]
-        fn fast_path_agrees_on_valid_documents(doc in json_object()) {
-            let bytes = doc.as_bytes();
-            let full = parse_usage_full(bytes, &["usage"]);
-            prop_assert_eq!(usage_at(bytes, &["usage"]), full, "{}", doc);
-            for start in 1..bytes.len() {
-                let tail = usage_at(&bytes[start..], &["usage"]);
-                prop_assert!(tail.is_none() || tail == full, "{} from {}", doc, start);
-            }
-        }
+    /// Named so that `cargo test --lib proptest` (the Makefile's fallback fuzzing) selects them.
+    mod proptests {
+        use super::*;
 
-        #[test]
-        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-            for (kind, _, _) in fixtures() {
-                let _ = usage_from_json(kind, &bytes);
-            }
-            let _ = usage_at(&bytes, &["response", "usage"]);
-            let _ = top_level_string(&bytes, b"type");
-        }
-
-        #[test]
-        fn json_like_fragments_never_panic(s in json_fragment()) {
-            for (kind, _, _) in fixtures() {
-                let _ = usage_from_json(kind, s.as_bytes());
-            }
-            let _ = usage_at(s.as_bytes(), &["message", "usage"]);
-            let _ = top_level_string(s.as_bytes(), b"type");
-        }
-
-        /// On valid JSON the fast path agrees with a full parse.
-        #[test]
-        fn fast_path_agrees_with_full_parse(s in json_fragment(), prefix in json_fragment()) {
-            for candidate in [s.clone(), format!("{{{prefix}{s}}}"), format!("{{\"a\":[{s}],\"usage\":{s}}}")] {
-                let bytes = candidate.as_bytes();
-                if serde_json::from_slice::<serde_json::Value>(bytes).is_ok() {
-                    let full = if trim_ws_start(bytes).first() == Some(&b'{') {
-                        parse_usage_full(bytes, &["usage"])
-                    } else {
-                        None
-                    };
-                    prop_assert_eq!(usage_at(bytes, &["usage"]), full, "{}", candidate);
+        proptest! {
+            /// On valid documents the backward scan agrees with a full parse, and every tail gives
+            /// either the same answer or None.
+            #[test]
+            fn fast_path_agrees_on_valid_documents(doc in json_object()) {
+                let bytes = doc.as_bytes();
+                let full = parse_usage_full(bytes, &["usage"]);
+                prop_assert_eq!(usage_at(bytes, &["usage"]), full, "{}", doc);
+                for start in 1..bytes.len() {
+                    let tail = usage_at(&bytes[start..], &["usage"]);
+                    prop_assert!(tail.is_none() || tail == full, "{} from {}", doc, start);
                 }
             }
-        }
 
-        /// Realistic bodies with arbitrary text in a content string still give their usage.
-        #[test]
-        fn arbitrary_content_text(text in ".{0,200}") {
-            let content = serde_json::to_string(&text).unwrap();
-            let body = format!(r#"{{"choices":[{{"message":{{"content":{content}}}}}],"usage":{{"prompt_tokens":3}},"tail":{content}}}"#);
-            prop_assert_eq!(
-                usage_from_json(ApiKind::ChatCompletions, body.as_bytes()).map(|u| u.input),
-                Some(3)
-            );
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+                for (kind, _, _) in fixtures() {
+                    let _ = usage_from_json(kind, &bytes);
+                }
+                let _ = usage_at(&bytes, &["response", "usage"]);
+                let _ = top_level_string(&bytes, b"type");
+            }
+
+            #[test]
+            fn json_like_fragments_never_panic(s in json_fragment()) {
+                for (kind, _, _) in fixtures() {
+                    let _ = usage_from_json(kind, s.as_bytes());
+                }
+                let _ = usage_at(s.as_bytes(), &["message", "usage"]);
+                let _ = top_level_string(s.as_bytes(), b"type");
+            }
+
+            /// On valid JSON the fast path agrees with a full parse.
+            #[test]
+            fn fast_path_agrees_with_full_parse(s in json_fragment(), prefix in json_fragment()) {
+                for candidate in [s.clone(), format!("{{{prefix}{s}}}"), format!("{{\"a\":[{s}],\"usage\":{s}}}")] {
+                    let bytes = candidate.as_bytes();
+                    if serde_json::from_slice::<serde_json::Value>(bytes).is_ok() {
+                        let full = if trim_ws_start(bytes).first() == Some(&b'{') {
+                            parse_usage_full(bytes, &["usage"])
+                        } else {
+                            None
+                        };
+                        prop_assert_eq!(usage_at(bytes, &["usage"]), full, "{}", candidate);
+                    }
+                }
+            }
+
+            /// Realistic bodies with arbitrary text in a content string still give their usage.
+            #[test]
+            fn arbitrary_content_text(text in ".{0,200}") {
+                let content = serde_json::to_string(&text).unwrap();
+                let body = format!(r#"{{"choices":[{{"message":{{"content":{content}}}}}],"usage":{{"prompt_tokens":3}},"tail":{content}}}"#);
+                prop_assert_eq!(
+                    usage_from_json(ApiKind::ChatCompletions, body.as_bytes()).map(|u| u.input),
+                    Some(3)
+                );
+            }
         }
     }
 }

@@ -204,10 +204,10 @@ impl HttpContext for TollgateHttp {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if let State::Active(exchange) = &mut self.state {
-            if exchange.wants_response_body() {
-                if let Some(chunk) = host::response_body(body_size) {
-                    exchange.on_response_body(&chunk);
-                }
+            if exchange.wants_response_body()
+                && let Some(chunk) = host::response_body(body_size)
+            {
+                exchange.on_response_body(&chunk);
             }
             if end_of_stream {
                 self.write_record();

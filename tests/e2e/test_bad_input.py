@@ -1,0 +1,142 @@
+"""Bad input gets its documented status and an error body in the API's own shape."""
+import http.client
+import json
+import uuid
+
+import pytest
+
+from conftest import KEYS
+from harness import http as request
+
+
+def openai_error(data):
+    body = json.loads(data)
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def anthropic_error(data):
+    body = json.loads(data)
+    assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+    return body["error"]
+
+
+def post(envoy, path, body, headers=None, key=KEYS["team-a"]):
+    h = {"content-type": "application/json", "authorization": f"Bearer {key}", "x-request-id": str(uuid.uuid4())}
+    h.update(headers or {})
+    status, resp_headers, data = request("POST", envoy.url + path, body, h)
+    return status, resp_headers, data, h["x-request-id"]
+
+
+def test_malformed_json_is_400_openai(envoy, upstream):
+    status, headers, data, rid = post(envoy, "/v1/chat/completions", b'{"model": "gpt-4o", "messages": [')
+    assert status == 400
+    assert headers["content-type"] == "application/json"
+    err = openai_error(data)
+    assert err["type"] == "invalid_request_error" and "not valid JSON" in err["message"]
+    assert envoy.access_line(rid)["decision"] == "bad_request"
+    assert all(e["id"] != rid for e in upstream.ledger()), "a refused request reached the upstream"
+
+
+def test_malformed_json_is_400_anthropic(envoy):
+    status, _, data, _ = post(envoy, "/v1/messages", b"not json at all")
+    assert status == 400
+    assert anthropic_error(data)["type"] == "invalid_request_error"
+
+
+def test_missing_model_names_the_param(envoy):
+    status, _, data, _ = post(envoy, "/v1/chat/completions", {"messages": []})
+    assert status == 400
+    assert openai_error(data)["param"] == "model"
+
+
+def test_wrong_field_type_names_the_param(envoy):
+    status, _, data, _ = post(envoy, "/v1/responses", {"model": "m", "max_output_tokens": "lots"})
+    assert status == 400
+    assert openai_error(data)["param"] == "max_output_tokens"
+
+
+def test_body_over_cap_with_content_length_is_413(envoy):
+    big = {"model": "m", "input": "x" * 70000}
+    status, _, data, rid = post(envoy, "/v1/embeddings", big)
+    assert status == 413
+    err = openai_error(data)
+    assert err["code"] == "request_too_large" and "65536" in err["message"]
+    assert envoy.access_line(rid)["decision"] == "too_large"
+
+
+def test_chunked_body_over_cap_is_413(envoy):
+    conn = http.client.HTTPConnection("127.0.0.1", envoy.port, timeout=30)
+    chunks = [b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"'] + [b"y" * 8192] * 10 + [b'"}]}']
+    conn.request("POST", "/v1/messages", body=iter(chunks), encode_chunked=True,
+                 headers={"content-type": "application/json", "x-api-key": KEYS["team-a"]})
+    resp = conn.getresponse()
+    assert resp.status == 413
+    assert anthropic_error(resp.read())["type"] == "request_too_large"
+    conn.close()
+
+
+def test_chunked_body_under_cap_is_read(envoy, upstream):
+    rid = str(uuid.uuid4())
+    conn = http.client.HTTPConnection("127.0.0.1", envoy.port, timeout=30)
+    chunks = [b'{"model":"claude-x","max_tokens":5,', b'"messages":[{"role":"user","content":"hi"}]}']
+    conn.request("POST", "/v1/messages", body=iter(chunks), encode_chunked=True,
+                 headers={"content-type": "application/json", "x-api-key": KEYS["team-a"],
+                          "x-request-id": rid, "x-fake-request-id": rid})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.read()
+    conn.close()
+    line = envoy.access_line(rid)
+    assert line["model"] == "claude-x"
+    assert line["output_tokens"] == str(upstream.entry(rid)["usage"]["output"])
+
+
+@pytest.mark.parametrize("path,check", [("/v1/chat/completions", openai_error), ("/v1/messages", anthropic_error)])
+def test_unknown_tenant_is_401_in_api_shape(envoy, path, check):
+    status, _, data, rid = post(envoy, path, {"model": "m"}, key="sk-nobody")
+    assert status == 401
+    err = check(data)
+    assert err.get("code") == "invalid_api_key" or err["type"] == "authentication_error"
+    assert envoy.access_line(rid)["decision"] == "unauthenticated"
+
+
+def test_missing_key_is_401(envoy):
+    status, _, data = request("POST", envoy.url + "/v1/chat/completions", {"model": "m"},
+                              {"content-type": "application/json"})
+    assert status == 401
+    assert "No API key" in openai_error(data)["message"]
+
+
+def test_non_utf8_header_is_401_not_a_trap(envoy):
+    conn = http.client.HTTPConnection("127.0.0.1", envoy.port, timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("authorization", b"Bearer \xff\xfe\x80")
+    conn.putheader("content-type", "application/json")
+    conn.putheader("content-length", "13")
+    conn.endheaders(b'{"model":"m"}')
+    resp = conn.getresponse()
+    assert resp.status == 401
+    openai_error(resp.read())
+    conn.close()
+
+
+def test_non_llm_path_passes_through_untouched(envoy, upstream):
+    rid = str(uuid.uuid4())
+    status, _, data = request("GET", envoy.url + "/v1/models", None, {"x-request-id": rid})
+    assert status == 404  # the fake upstream's own answer: Tollgate did not intervene
+    assert b"Invalid URL" in data
+    line = envoy.access_line(rid)
+    assert line["tenant"] in (None, "-") and line["decision"] in (None, "-")
+
+
+def test_get_on_llm_path_passes_through(envoy):
+    status, _, _ = request("GET", envoy.url + "/v1/chat/completions", None, {})
+    assert status != 401  # no tenant check, no body read: not an LLM call
+
+
+def test_request_without_body_is_400(envoy):
+    status, _, data = request("POST", envoy.url + "/v1/chat/completions", None,
+                              {"authorization": f"Bearer {KEYS['team-a']}", "content-length": "0"})
+    assert status == 400
+    openai_error(data)
