@@ -22,6 +22,11 @@ DEFAULTS = {
     "ACCESS_LOG": "/dev/stdout",
     "WASM_PATH": os.path.join(ROOT, "target/wasm32-wasip1/release/tollgate.wasm"),
     "PLUGIN_CONFIG_FILE": os.path.join(HERE, "tollgate.json"),
+    # tollgate-jwt.yaml: a demo HS256 key ("tollgate-demo-secret-change-me"); use your IdP's JWKS.
+    "JWT_ISSUER": "https://idp.example.internal",
+    "JWKS": json.dumps(json.dumps({"keys": [{
+        "kty": "oct", "alg": "HS256", "kid": "demo",
+        "k": "dG9sbGdhdGUtZGVtby1zZWNyZXQtY2hhbmdlLW1l"}]})),
 }
 
 

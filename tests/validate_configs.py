@@ -19,7 +19,9 @@ def main():
     failed = 0
     for path in configs:
         with open(path, encoding="utf-8") as f:
-            text = render.render(f.read(), {})
+            plugin = path[: -len(".yaml")] + ".json"
+            values = {"PLUGIN_CONFIG_FILE": plugin} if os.path.exists(plugin) else {}
+            text = render.render(f.read(), values)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as out:
             out.write(text)
         proc = subprocess.run(
