@@ -9,7 +9,7 @@ ENVOY   := $(VENV)/bin/envoy
 WASM    := target/wasm32-wasip1/release/tollgate.wasm
 WASM_TARGET := wasm32-wasip1
 # Core tests on wasm32 run under Node's WASI (usize is 32 bits there).
-WASM_RUNNER := CARGO_TARGET_WASM32_WASIP1_RUNNER="node $(CURDIR)/tests/wasi-run.mjs"
+WASM_RUNNER := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/tests/wasi-run.mjs"
 FUZZ_SECONDS ?= 60
 
 .PHONY: build test lint test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz clean toolchain
@@ -63,7 +63,7 @@ fuzz:
 	fi
 
 demo: build envoy
-	$(PY) tests/demo.py
+	$(PY) examples/demo.py $(DEMO_ARGS)
 
 clean:
 	$(CARGO) clean

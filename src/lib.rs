@@ -19,5 +19,5 @@ pub mod exchange;
 pub mod reply;
 pub mod tenant;
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", not(test)))]
 mod envoy;

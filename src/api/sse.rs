@@ -705,14 +705,14 @@ mod tests {
         let mut r = SseUsageReader::new(ApiKind::Messages, 4096);
         assert_eq!(r.usage(), None);
         let first_event_end = MESSAGES.find("\n\n").unwrap() + 2;
-        r.feed(MESSAGES[..first_event_end].as_bytes());
+        r.feed(&MESSAGES.as_bytes()[..first_event_end]);
         let u = r.usage().unwrap();
         assert_eq!((u.input, u.output), (25 + 1200 + 3000, 1));
         assert!(!r.completed());
 
         let mut r = SseUsageReader::new(ApiKind::ChatCompletions, 4096);
         let first_event_end = CHAT.find("\n\n").unwrap() + 2;
-        r.feed(CHAT[..first_event_end].as_bytes());
+        r.feed(&CHAT.as_bytes()[..first_event_end]);
         assert_eq!(outcome(&r), (None, false, 0, false));
     }
 

@@ -97,11 +97,16 @@ impl TollgateHttp {
                 kind,
                 tenant,
                 reason,
-            } => vec![
-                ("tollgate.api", kind.as_str().to_string()),
-                ("tollgate.tenant", tenant.clone().unwrap_or_default()),
-                ("tollgate.decision", (*reason).to_string()),
-            ],
+            } => {
+                let mut fields = vec![
+                    ("tollgate.api", kind.as_str().to_string()),
+                    ("tollgate.decision", (*reason).to_string()),
+                ];
+                if let Some(tenant) = tenant {
+                    fields.push(("tollgate.tenant", tenant.clone()));
+                }
+                fields
+            }
         };
         self.recorded = true;
         for (name, value) in fields {
