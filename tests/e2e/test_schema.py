@@ -29,11 +29,13 @@ def test_schema_is_valid():
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "envoy/*.json"))) +
-                         sorted(glob.glob(os.path.join(ROOT, "examples/**/tollgate*.json"), recursive=True)))
+PLUGIN_CONFIGS = [p for p in sorted(glob.glob(os.path.join(ROOT, "envoy/*.json"))) +
+                  sorted(glob.glob(os.path.join(ROOT, "examples/**/tollgate*.json"), recursive=True))
+                  if not p.endswith(".schema.json")]
+
+
+@pytest.mark.parametrize("path", PLUGIN_CONFIGS)
 def test_shipped_plugin_configs_follow_the_schema(path):
-    if path.endswith(".schema.json"):
-        pytest.skip("the schema itself")
     with open(path, encoding="utf-8") as f:
         VALIDATOR.validate(json.load(f))
 
