@@ -125,7 +125,11 @@ impl Config {
             if inner.is_syntax() || inner.is_eof() {
                 return ConfigError::new("(root)", format!("not valid JSON: {inner}"));
             }
-            let field = if path == "." { "(root)".to_string() } else { path };
+            let field = if path == "." {
+                "(root)".to_string()
+            } else {
+                path
+            };
             ConfigError::new(field, strip_position(&inner.to_string()))
         })?;
         de.end()
