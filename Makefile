@@ -12,7 +12,7 @@ WASM_TARGET := wasm32-wasip1
 WASM_RUNNER := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/tests/wasi-run.mjs"
 FUZZ_SECONDS ?= 60
 
-.PHONY: build test lint test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz clean toolchain
+.PHONY: build test lint test-unit test-wasm test-e2e validate envoy demo fuzz bench clean toolchain
 
 toolchain:
 	@rustup target list --installed 2>/dev/null | grep -q $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -64,6 +64,13 @@ fuzz:
 
 demo: build envoy
 	$(PY) examples/demo.py $(DEMO_ARGS)
+
+# Not part of `make test`: timing is measured and printed, never asserted.
+BENCH_SECONDS ?= 10
+bench: build envoy
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(CARGO) build --release --target $(WASM_TARGET) --manifest-path tests/bench/noop/Cargo.toml
+	$(PY) tests/bench/bench.py --seconds $(BENCH_SECONDS)
 
 clean:
 	$(CARGO) clean

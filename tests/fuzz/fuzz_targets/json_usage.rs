@@ -1,6 +1,6 @@
 //! `usage_from_json` on arbitrary input: never panics, and on valid JSON objects agrees with a
 //! reference built on a full `serde_json::Value` parse (the last top-level `usage` member,
-//! re-serialised alone), as do all tails (suffixes) of the body, which give the same answer or None.
+//! re-serialised alone); tails (suffixes) of the body give the same answer or None.
 //!
 //! Input layout: byte 0 = mode (bit 0: 0 = raw bytes, 1 = each byte picks a JSON token from
 //! `TOKENS`); the rest is the body.
@@ -59,7 +59,9 @@ fuzz_target!(|data: &[u8]| {
         if let Some(reference_doc) = &reference_doc {
             let want = reference_doc.as_ref().and_then(|doc| usage_from_json(kind, doc));
             assert_eq!(got, want, "fast path disagrees with a full parse");
-            for start in 1..body.len() {
+            // Every start for small bodies; about 256 evenly spread ones for big ones.
+            let step = (body.len() / 256).max(1);
+            for start in (1..body.len()).step_by(step) {
                 let tail = usage_from_json(kind, &body[start..]);
                 assert!(tail.is_none() || tail == want, "tail from {start} misread");
             }
