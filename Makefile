@@ -55,8 +55,8 @@ test: lint test-unit test-wasm validate test-e2e
 
 fuzz:
 	@if rustup toolchain list | grep -q nightly && cargo +nightly fuzz --version >/dev/null 2>&1; then \
-		cd tests/fuzz && for t in $$(cargo +nightly fuzz list); do \
-			cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done; \
+		cd tests/fuzz && for t in $$(cargo +nightly fuzz list --fuzz-dir .); do \
+			cargo +nightly fuzz run --fuzz-dir . $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done; \
 	else \
 		echo "no nightly cargo-fuzz here: running the proptest fuzzers"; \
 		PROPTEST_CASES=20000 $(CARGO) test --lib proptest; \

@@ -58,7 +58,7 @@ impl Default for Limits {
         Limits {
             max_request_body_bytes: 4 * 1024 * 1024,
             max_response_buffer_bytes: 1024 * 1024,
-            max_sse_line_bytes: 256 * 1024,
+            max_sse_line_bytes: 1024 * 1024,
         }
     }
 }

@@ -80,6 +80,8 @@ pub struct Exchange {
     status: u32,
     decoder: Decoder,
     body: BodyReader,
+    /// The response body reached its end (not cut by a reset or a client abort).
+    complete: bool,
     finished: Option<(Usage, UsageSource)>,
 }
 
@@ -93,6 +95,7 @@ impl Exchange {
             status: 0,
             decoder: Decoder::Identity,
             body: BodyReader::Skip,
+            complete: false,
             finished: None,
         }
     }
@@ -143,6 +146,11 @@ impl Exchange {
         !matches!(self.body, BodyReader::Skip) && !matches!(self.decoder, Decoder::Broken)
     }
 
+    /// The response ended normally (`end_of_stream`), so a JSON body is whole.
+    pub fn on_response_complete(&mut self) {
+        self.complete = true;
+    }
+
     /// One response body chunk as it passes to the client.
     pub fn on_response_body(&mut self, chunk: &[u8]) {
         let decoded: Option<Vec<u8>> = match &mut self.decoder {
@@ -175,7 +183,8 @@ impl Exchange {
             return done;
         }
         let reported = match &mut self.body {
-            BodyReader::Json(buf) if !matches!(self.decoder, Decoder::Broken) => {
+            // A JSON body cut short could end inside a nested object: trust only whole bodies.
+            BodyReader::Json(buf) if self.complete && !matches!(self.decoder, Decoder::Broken) => {
                 usage_from_json(self.kind, &buf.bytes)
             }
             BodyReader::Sse(reader) => {
@@ -264,6 +273,7 @@ mod tests {
         for chunk in CHAT_JSON.chunks(5) {
             x.on_response_body(chunk);
         }
+        x.on_response_complete();
         let (usage, source) = x.finish();
         assert_eq!(source, UsageSource::Reported);
         assert_eq!((usage.input, usage.output, usage.cached_input), (11, 7, 3));
@@ -276,11 +286,13 @@ mod tests {
         for chunk in gzip(CHAT_JSON).chunks(3) {
             x.on_response_body(chunk);
         }
+        x.on_response_complete();
         assert_eq!(x.finish().0.output, 7);
         // In one piece, too: a decoder must not hold back its last output.
         let mut x = exchange(ApiKind::ChatCompletions);
         x.on_response_headers(200, Some(b"application/json"), Some(b"gzip"));
         x.on_response_body(&gzip(CHAT_JSON));
+        x.on_response_complete();
         assert_eq!(x.finish().0.output, 7);
     }
 
@@ -308,7 +320,17 @@ mod tests {
             }
         }
         x.on_response_body(br#""usage":{"prompt_tokens":1,"completion_tokens":2}}"#);
+        x.on_response_complete();
         assert_eq!(x.finish().0.output, 2);
+    }
+
+    #[test]
+    fn json_cut_short_is_not_trusted() {
+        let mut x = exchange(ApiKind::ChatCompletions);
+        x.on_response_headers(200, Some(b"application/json"), None);
+        x.on_response_body(CHAT_JSON);
+        // No end of stream: an upstream reset or a client abort.
+        assert_eq!(x.finish().1, UsageSource::None);
     }
 
     #[test]

@@ -201,6 +201,7 @@ impl HttpContext for TollgateHttp {
                 content_encoding.as_deref(),
             );
             if end_of_stream {
+                exchange.on_response_complete();
                 self.write_record();
             }
         }
@@ -215,6 +216,7 @@ impl HttpContext for TollgateHttp {
                 exchange.on_response_body(&chunk);
             }
             if end_of_stream {
+                exchange.on_response_complete();
                 self.write_record();
             }
         }
