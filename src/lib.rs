@@ -13,11 +13,16 @@
 //! Everything but `envoy/` is host-free and tested natively and on wasm32; `envoy/` is the only
 //! module that names `proxy_wasm`.
 
+pub mod admission;
 pub mod api;
+pub mod budget;
 pub mod config;
+pub mod cost;
 pub mod exchange;
 pub mod reply;
+pub mod store;
 pub mod tenant;
+pub mod window;
 
 #[cfg(all(target_arch = "wasm32", not(test)))]
 mod envoy;

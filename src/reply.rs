@@ -15,8 +15,22 @@ pub enum Refusal {
     },
     /// 401: no tenant could be identified.
     Unauthenticated { message: String },
+    /// 403: the tenant may not use this model.
+    Forbidden { message: String },
     /// 413: the request body exceeds the configured cap.
     TooLarge { limit: u64 },
+    /// 429: a window limit (tokens, concurrency) is reached; retry after the window resets.
+    RateLimited {
+        message: String,
+        retry_after_secs: u64,
+        /// OpenAI error `type`: `tokens` or `requests`.
+        kind: &'static str,
+    },
+    /// 429: a USD budget is spent. `x-should-retry: false`, so SDKs do not retry in a loop.
+    QuotaExceeded {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// 500: an internal failure of the gateway (never a trap).
     Internal { message: String },
 }
@@ -80,6 +94,30 @@ impl Refusal {
                 ("invalid_request_error", Some("invalid_api_key")),
                 "authentication_error",
             ),
+            Refusal::Forbidden { message } => (
+                403,
+                "model_not_allowed",
+                message.as_str(),
+                Some("model"),
+                ("invalid_request_error", Some("model_not_allowed")),
+                "permission_error",
+            ),
+            Refusal::RateLimited { message, kind, .. } => (
+                429,
+                "rate_limited",
+                message.as_str(),
+                None,
+                (*kind, Some("rate_limit_exceeded")),
+                "rate_limit_error",
+            ),
+            Refusal::QuotaExceeded { message, .. } => (
+                429,
+                "quota_exceeded",
+                message.as_str(),
+                None,
+                ("insufficient_quota", Some("insufficient_quota")),
+                "rate_limit_error",
+            ),
             Refusal::TooLarge { limit } => {
                 too_large =
                     format!("The request body exceeds this gateway's limit of {limit} bytes.");
@@ -119,9 +157,22 @@ impl Refusal {
             }),
         }
         .unwrap_or_default();
+        let mut headers = vec![("content-type", "application/json".to_string())];
+        match self {
+            Refusal::RateLimited {
+                retry_after_secs, ..
+            } => headers.push(("retry-after", retry_after_secs.to_string())),
+            Refusal::QuotaExceeded {
+                retry_after_secs, ..
+            } => {
+                headers.push(("retry-after", retry_after_secs.to_string()));
+                headers.push(("x-should-retry", "false".to_string()));
+            }
+            _ => {}
+        }
         LocalReply {
             status,
-            headers: vec![("content-type", "application/json".to_string())],
+            headers,
             body,
             reason,
         }
@@ -157,6 +208,31 @@ mod tests {
         let v = json(&r);
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], "request_too_large");
+    }
+
+    #[test]
+    fn rate_limits_carry_retry_after_and_quota_says_do_not_retry() {
+        let r = Refusal::RateLimited {
+            message: "slow down".into(),
+            retry_after_secs: 7,
+            kind: "tokens",
+        }
+        .reply(Family::OpenAi);
+        assert_eq!(r.status, 429);
+        assert!(r.headers.contains(&("retry-after", "7".to_string())));
+        assert_eq!(json(&r)["error"]["type"], "tokens");
+        assert_eq!(json(&r)["error"]["code"], "rate_limit_exceeded");
+        let q = Refusal::QuotaExceeded {
+            message: "spent".into(),
+            retry_after_secs: 3600,
+        };
+        let r = q.reply(Family::OpenAi);
+        assert_eq!(json(&r)["error"]["code"], "insufficient_quota");
+        assert!(r.headers.contains(&("x-should-retry", "false".to_string())));
+        assert_eq!(
+            json(&q.reply(Family::Anthropic))["error"]["type"],
+            "rate_limit_error"
+        );
     }
 
     #[test]

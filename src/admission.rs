@@ -1,0 +1,601 @@
+//! Admission of one request for one tenant: the per-request checks (model allow-list, max-tokens
+//! cap, clamp, strict mode), the estimate, the concurrency slot and the budget reservations; and
+//! the settlement that later replaces the estimate with what the request really used.
+
+use hashbrown::HashSet;
+
+use crate::api::request::RequestFacts;
+use crate::api::{ApiKind, Usage};
+use crate::budget::{self, Denial, Held, Limit, Unit};
+use crate::cost::Price;
+use crate::reply::Refusal;
+use crate::store::{SharedStore, UpdateError, update};
+use crate::window;
+
+/// What a tenant may do; declared tenants merge their own fields over `tenant_defaults`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantPolicy {
+    pub limits: Vec<Limit>,
+    /// In-flight requests at most.
+    pub max_concurrent: Option<u64>,
+    /// Per-request cap on the API's max-tokens field.
+    pub max_output_tokens: Option<u64>,
+    /// Output tokens reserved when a request names no max tokens.
+    pub default_output_tokens: u64,
+    /// Models this tenant may use (`None`: any).
+    pub models: Option<HashSet<String>>,
+    /// Clamp mode: lower max tokens to what is left instead of refusing, if at least this fits.
+    pub clamp_min_output_tokens: Option<u64>,
+    /// Strict mode: the estimate is a true upper bound, so admitted usage never passes a limit.
+    pub strict: bool,
+}
+
+impl Default for TenantPolicy {
+    fn default() -> Self {
+        TenantPolicy {
+            limits: Vec::new(),
+            max_concurrent: None,
+            max_output_tokens: None,
+            default_output_tokens: 4096,
+            models: None,
+            clamp_min_output_tokens: None,
+            strict: false,
+        }
+    }
+}
+
+/// The shared-data keys of one tenant, computed once at configuration time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantKeys {
+    /// One per limit, same order as `TenantPolicy::limits`.
+    pub buckets: Vec<String>,
+    pub concurrency: String,
+}
+
+impl TenantKeys {
+    /// `scope` is the tenant name, or a slot name for undeclared tenants.
+    pub fn new(scope: &str, policy: &TenantPolicy) -> TenantKeys {
+        TenantKeys {
+            buckets: policy
+                .limits
+                .iter()
+                .map(|l| format!("tg:b:{scope}:{}", l.name))
+                .collect(),
+            concurrency: format!("tg:c:{scope}"),
+        }
+    }
+
+    /// Every key, for creation at configuration time.
+    pub fn all(&self) -> impl Iterator<Item = &str> {
+        self.buckets
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(self.concurrency.as_str()))
+    }
+}
+
+/// The request-level decisions, before anything is reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Prompt tokens reserved (estimate, or the upper bound in strict mode).
+    pub prompt_tokens: u64,
+    /// Output tokens reserved.
+    pub output_tokens: u64,
+    /// Rewrite the API's max-tokens field to this value.
+    pub set_max_tokens: Option<u64>,
+    /// OpenAI chat stream that did not ask for usage: ask upstream, hide it from the client.
+    pub inject_include_usage: bool,
+}
+
+/// The API's max-tokens field name, for messages.
+pub fn max_tokens_field(kind: ApiKind) -> &'static str {
+    match kind {
+        ApiKind::ChatCompletions => "max_completion_tokens",
+        ApiKind::Responses => "max_output_tokens",
+        ApiKind::Messages | ApiKind::Embeddings => "max_tokens",
+    }
+}
+
+/// Checks the request against the tenant's per-request rules and decides what to reserve.
+pub fn plan(policy: &TenantPolicy, kind: ApiKind, facts: &RequestFacts) -> Result<Plan, Refusal> {
+    if let Some(models) = &policy.models
+        && !models.contains(&facts.model)
+    {
+        return Err(Refusal::Forbidden {
+            message: format!(
+                "The model '{}' is not allowed for this tenant.",
+                facts.model
+            ),
+        });
+    }
+    let prompt_tokens = if policy.strict {
+        facts.prompt_bound
+    } else {
+        facts.prompt_estimate
+    };
+    if kind == ApiKind::Embeddings {
+        return Ok(Plan {
+            prompt_tokens,
+            output_tokens: 0,
+            set_max_tokens: None,
+            inject_include_usage: false,
+        });
+    }
+    let cap = policy.max_output_tokens.unwrap_or(u64::MAX);
+    let (output_tokens, set_max_tokens) = match facts.max_tokens {
+        Some(asked) if asked > cap => {
+            if policy.clamp_min_output_tokens.is_none() {
+                return Err(Refusal::BadRequest {
+                    param: Some(max_tokens_field(kind).to_string()),
+                    message: format!(
+                        "{} is {asked}, above this tenant's per-request cap of {cap}.",
+                        max_tokens_field(kind)
+                    ),
+                });
+            }
+            (cap, Some(cap))
+        }
+        Some(asked) => (asked, None),
+        None => {
+            let reserve = policy.default_output_tokens.min(cap);
+            // Strict mode only holds if the upstream cannot produce more than was reserved.
+            (reserve, policy.strict.then_some(reserve))
+        }
+    };
+    Ok(Plan {
+        prompt_tokens,
+        output_tokens,
+        set_max_tokens,
+        inject_include_usage: kind == ApiKind::ChatCompletions
+            && facts.stream
+            && !facts.include_usage,
+    })
+}
+
+/// Rate-limit facts for the response headers: the tightest token limit after admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateInfo {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_ms: u64,
+}
+
+/// An admitted request: what it holds until settlement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    pub plan: Plan,
+    pub held: Vec<Held>,
+    pub concurrency: bool,
+    pub rate: Option<RateInfo>,
+}
+
+/// The amount a request's usage counts against `limit`.
+fn amount(limit: &Limit, usage: &Usage, price: Option<&Price>, strict: bool) -> u64 {
+    match limit.unit {
+        Unit::Tokens => usage.input.saturating_add(usage.output),
+        Unit::PicoUsd => {
+            let cost = match price {
+                Some(p) if strict => p.cost_upper_bound(usage.input, usage.output),
+                Some(p) => p.cost(usage),
+                None => 0,
+            };
+            u64::try_from(cost).unwrap_or(u64::MAX)
+        }
+    }
+}
+
+/// Reserves a concurrency slot and every applicable budget, or refuses with a 429 (or a 400
+/// when a USD budget applies to a model without a price).
+#[allow(clippy::too_many_arguments)]
+pub fn admit<S: SharedStore + ?Sized>(
+    store: &S,
+    policy: &TenantPolicy,
+    keys: &TenantKeys,
+    model: &str,
+    price: Option<&Price>,
+    mut plan: Plan,
+    now_ms: u64,
+) -> Result<Admitted, Refusal> {
+    let applicable: Vec<usize> = policy
+        .limits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.applies_to(model))
+        .map(|(i, _)| i)
+        .collect();
+    if price.is_none()
+        && applicable.iter().any(|&i| {
+            policy
+                .limits
+                .get(i)
+                .is_some_and(|l| l.unit == Unit::PicoUsd)
+        })
+    {
+        return Err(Refusal::BadRequest {
+            param: Some("model".into()),
+            message: format!(
+                "The model '{model}' has no price, so its USD budget cannot be enforced."
+            ),
+        });
+    }
+    let concurrency = match policy.max_concurrent {
+        Some(max) => {
+            acquire_slot(store, &keys.concurrency, max)?;
+            true
+        }
+        None => false,
+    };
+    let mut clamped = false;
+    loop {
+        let estimate = Usage {
+            input: plan.prompt_tokens,
+            output: plan.output_tokens,
+            ..Usage::default()
+        };
+        let targets: Vec<(usize, &str, u64)> = applicable
+            .iter()
+            .filter_map(|&i| {
+                let limit = policy.limits.get(i)?;
+                let key = keys.buckets.get(i)?;
+                Some((
+                    i,
+                    key.as_str(),
+                    amount(limit, &estimate, price, policy.strict),
+                ))
+            })
+            .collect();
+        match budget::reserve_all(store, &policy.limits, &targets, now_ms) {
+            Ok(held) => {
+                let rate = tightest_tokens(policy, &held, now_ms);
+                return Ok(Admitted {
+                    plan,
+                    held,
+                    concurrency,
+                    rate,
+                });
+            }
+            Err(denial) => {
+                // Clamp mode: one more try with the output that still fits everywhere.
+                if !clamped
+                    && let Some(min) = policy.clamp_min_output_tokens
+                    && let Some(fit) =
+                        output_that_fits(store, policy, keys, &applicable, &plan, price, now_ms)
+                    && fit >= min
+                    && fit < plan.output_tokens
+                {
+                    plan.output_tokens = fit;
+                    plan.set_max_tokens = Some(fit);
+                    clamped = true;
+                    continue;
+                }
+                if concurrency {
+                    release_slot(store, &keys.concurrency);
+                }
+                return Err(refusal(policy, denial, now_ms));
+            }
+        }
+    }
+}
+
+/// The largest output reservation every applicable limit still has room for.
+fn output_that_fits<S: SharedStore + ?Sized>(
+    store: &S,
+    policy: &TenantPolicy,
+    keys: &TenantKeys,
+    applicable: &[usize],
+    plan: &Plan,
+    price: Option<&Price>,
+    now_ms: u64,
+) -> Option<u64> {
+    let mut fit = u64::MAX;
+    for &i in applicable {
+        let limit = policy.limits.get(i)?;
+        let left = budget::read(store, keys.buckets.get(i)?, limit, now_ms).remaining(limit.amount);
+        let prompt_only = Usage {
+            input: plan.prompt_tokens,
+            ..Usage::default()
+        };
+        let left_after_prompt =
+            left.checked_sub(amount(limit, &prompt_only, price, policy.strict))?;
+        let per_output_token = match limit.unit {
+            Unit::Tokens => 1,
+            Unit::PicoUsd => price.map_or(0, |p| p.output),
+        };
+        if per_output_token > 0 {
+            fit = fit.min(left_after_prompt / per_output_token);
+        }
+    }
+    Some(fit)
+}
+
+fn refusal(policy: &TenantPolicy, denial: Denial, now_ms: u64) -> Refusal {
+    match denial {
+        Denial::Exhausted {
+            limit,
+            remaining,
+            reset_ms,
+        } => {
+            let retry_after_secs = window::retry_after_secs(now_ms, reset_ms);
+            match policy.limits.get(limit) {
+                Some(l) if l.unit == Unit::PicoUsd => Refusal::QuotaExceeded {
+                    message: format!(
+                        "You exceeded your current quota: the {} budget '{}' is spent until it resets in {retry_after_secs}s.",
+                        l.window.as_str(),
+                        l.name
+                    ),
+                    retry_after_secs,
+                },
+                Some(l) => Refusal::RateLimited {
+                    message: format!(
+                        "Rate limit reached on tokens per {} ('{}'): limit {}, remaining {remaining}. Please try again in {retry_after_secs}s.",
+                        l.window.as_str(),
+                        l.name,
+                        l.amount
+                    ),
+                    retry_after_secs,
+                    kind: "tokens",
+                },
+                None => contended(),
+            }
+        }
+        Denial::Contended => contended(),
+    }
+}
+
+fn contended() -> Refusal {
+    Refusal::RateLimited {
+        message: "The budget store is busy; please retry.".into(),
+        retry_after_secs: 1,
+        kind: "tokens",
+    }
+}
+
+fn tightest_tokens(policy: &TenantPolicy, held: &[Held], now_ms: u64) -> Option<RateInfo> {
+    held.iter()
+        .filter_map(|h| {
+            let limit = policy.limits.get(h.limit)?;
+            (limit.unit == Unit::Tokens).then(|| RateInfo {
+                limit: limit.amount,
+                remaining: h.after.remaining(limit.amount),
+                reset_ms: limit.window.end(now_ms),
+            })
+        })
+        .min_by_key(|r| r.remaining)
+}
+
+fn acquire_slot<S: SharedStore + ?Sized>(store: &S, key: &str, max: u64) -> Result<(), Refusal> {
+    let result = update(store, key, |bytes| {
+        let n = read_count(bytes);
+        if n >= max {
+            return Err(());
+        }
+        Ok((n.saturating_add(1).to_le_bytes().to_vec(), ()))
+    });
+    result.map_err(|err| match err {
+        UpdateError::Refused(()) => Refusal::RateLimited {
+            message: format!("Too many concurrent requests for this tenant (limit {max})."),
+            retry_after_secs: 1,
+            kind: "requests",
+        },
+        UpdateError::Contended => contended(),
+    })
+}
+
+fn release_slot<S: SharedStore + ?Sized>(store: &S, key: &str) -> bool {
+    let result: Result<(), UpdateError<()>> = update(store, key, |bytes| {
+        Ok((
+            read_count(bytes).saturating_sub(1).to_le_bytes().to_vec(),
+            (),
+        ))
+    });
+    result.is_ok()
+}
+
+/// In-flight requests of a tenant (the concurrency key).
+pub fn read_count(bytes: Option<&[u8]>) -> u64 {
+    bytes
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// Settles an admitted request with the usage it is charged for. Returns how many writes
+/// failed under contention (for the log; nothing panics).
+pub fn settle<S: SharedStore + ?Sized>(
+    store: &S,
+    policy: &TenantPolicy,
+    keys: &TenantKeys,
+    admitted: &Admitted,
+    charged: &Usage,
+    price: Option<&Price>,
+    now_ms: u64,
+) -> usize {
+    let actual: Vec<u64> = admitted
+        .held
+        .iter()
+        .map(|h| {
+            policy
+                .limits
+                .get(h.limit)
+                .map_or(0, |l| amount(l, charged, price, false))
+        })
+        .collect();
+    let key_refs: Vec<(usize, &str)> = admitted
+        .held
+        .iter()
+        .filter_map(|h| Some((h.limit, keys.buckets.get(h.limit)?.as_str())))
+        .collect();
+    let mut failed = budget::settle_all(
+        store,
+        &policy.limits,
+        &key_refs,
+        &admitted.held,
+        &actual,
+        now_ms,
+    );
+    if admitted.concurrency && !release_slot(store, &keys.concurrency) {
+        failed += 1;
+    }
+    failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::request::parse_request;
+    use crate::store::MemStore;
+    use crate::window::Window;
+
+    fn limit(name: &str, unit: Unit, amount: u64) -> Limit {
+        Limit {
+            name: name.into(),
+            unit,
+            amount,
+            window: Window::Minute,
+            model: None,
+        }
+    }
+
+    fn facts(body: &str) -> RequestFacts {
+        parse_request(ApiKind::ChatCompletions, body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn allow_list_and_cap() {
+        let policy = TenantPolicy {
+            models: Some(["a".to_string()].into_iter().collect()),
+            max_output_tokens: Some(100),
+            ..TenantPolicy::default()
+        };
+        let f = facts(r#"{"model":"b"}"#);
+        assert!(matches!(
+            plan(&policy, ApiKind::ChatCompletions, &f),
+            Err(Refusal::Forbidden { .. })
+        ));
+        let f = facts(r#"{"model":"a","max_tokens":500}"#);
+        assert!(matches!(
+            plan(&policy, ApiKind::ChatCompletions, &f),
+            Err(Refusal::BadRequest { .. })
+        ));
+        let f = facts(r#"{"model":"a"}"#);
+        let p = plan(&policy, ApiKind::ChatCompletions, &f).unwrap();
+        assert_eq!((p.output_tokens, p.set_max_tokens), (100, None));
+    }
+
+    #[test]
+    fn strict_mode_bounds_and_forces_max_tokens() {
+        let policy = TenantPolicy {
+            strict: true,
+            default_output_tokens: 50,
+            ..TenantPolicy::default()
+        };
+        let body = r#"{"model":"a","stream":true}"#;
+        let p = plan(&policy, ApiKind::ChatCompletions, &facts(body)).unwrap();
+        assert_eq!(p.prompt_tokens, body.len() as u64);
+        assert_eq!(p.set_max_tokens, Some(50));
+        assert!(p.inject_include_usage);
+    }
+
+    #[test]
+    fn admit_settle_and_refuse() {
+        let store = MemStore::default();
+        let policy = TenantPolicy {
+            limits: vec![limit("tpm", Unit::Tokens, 100)],
+            max_concurrent: Some(1),
+            ..TenantPolicy::default()
+        };
+        let keys = TenantKeys::new("t", &policy);
+        let p = Plan {
+            prompt_tokens: 10,
+            output_tokens: 50,
+            set_max_tokens: None,
+            inject_include_usage: false,
+        };
+        let a = admit(&store, &policy, &keys, "m", None, p, 0).unwrap();
+        assert_eq!(a.rate.unwrap().remaining, 40);
+        // The concurrency slot is taken.
+        assert!(matches!(
+            admit(&store, &policy, &keys, "m", None, p, 0),
+            Err(Refusal::RateLimited {
+                kind: "requests",
+                ..
+            })
+        ));
+        let used = Usage {
+            input: 10,
+            output: 20,
+            ..Usage::default()
+        };
+        assert_eq!(settle(&store, &policy, &keys, &a, &used, None, 1), 0);
+        // 30 used, 70 left: 60 fits, a second 60 does not.
+        let a2 = admit(&store, &policy, &keys, "m", None, p, 2).unwrap();
+        settle(
+            &store,
+            &policy,
+            &keys,
+            &a2,
+            &Usage {
+                input: 10,
+                output: 50,
+                ..Usage::default()
+            },
+            None,
+            3,
+        );
+        let refused = admit(&store, &policy, &keys, "m", None, p, 4).unwrap_err();
+        assert!(matches!(
+            refused,
+            Refusal::RateLimited {
+                kind: "tokens",
+                retry_after_secs: 60,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn clamp_lowers_max_tokens_to_what_fits() {
+        let store = MemStore::default();
+        let policy = TenantPolicy {
+            limits: vec![limit("tpm", Unit::Tokens, 100)],
+            clamp_min_output_tokens: Some(10),
+            ..TenantPolicy::default()
+        };
+        let keys = TenantKeys::new("t", &policy);
+        let big = Plan {
+            prompt_tokens: 20,
+            output_tokens: 500,
+            set_max_tokens: None,
+            inject_include_usage: false,
+        };
+        let a = admit(&store, &policy, &keys, "m", None, big, 0).unwrap();
+        assert_eq!(a.plan.set_max_tokens, Some(80));
+        // Nothing left: below the clamp minimum, refused.
+        assert!(admit(&store, &policy, &keys, "m", None, big, 0).is_err());
+    }
+
+    #[test]
+    fn usd_budget_needs_a_price_and_refuses_as_quota() {
+        let store = MemStore::default();
+        let policy = TenantPolicy {
+            limits: vec![limit("daily", Unit::PicoUsd, 1_000_000)],
+            ..TenantPolicy::default()
+        };
+        let keys = TenantKeys::new("t", &policy);
+        let p = Plan {
+            prompt_tokens: 1,
+            output_tokens: 1,
+            set_max_tokens: None,
+            inject_include_usage: false,
+        };
+        assert!(matches!(
+            admit(&store, &policy, &keys, "m", None, p, 0),
+            Err(Refusal::BadRequest { .. })
+        ));
+        let price = Price::new(400_000, 600_000, None, None);
+        assert!(admit(&store, &policy, &keys, "m", Some(&price), p, 0).is_ok());
+        assert!(matches!(
+            admit(&store, &policy, &keys, "m", Some(&price), p, 0),
+            Err(Refusal::QuotaExceeded { .. })
+        ));
+    }
+}

@@ -1,0 +1,328 @@
+//! Token and cost budgets: one bucket per (tenant, limit) in shared data, reserved before a
+//! request goes upstream and settled exactly once with what it really used.
+//!
+//! A bucket holds `{window_start, used, reserved}`. Admission needs, for every applicable limit,
+//! `used + reserved + estimate <= amount` and adds the estimate to `reserved` with
+//! compare-and-swap, so concurrent workers can never reserve past a limit. Settlement moves the
+//! request's estimate out of `reserved` and its actual usage into `used`. A new window resets
+//! `used` but carries `reserved` over: requests admitted in the old window are still in flight,
+//! and their settlement lands in the window where it happens.
+
+use crate::store::{SharedStore, UpdateError, update};
+use crate::window::Window;
+
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// Input + output tokens.
+    Tokens,
+    /// Cost in picodollars (1e-12 USD).
+    PicoUsd,
+}
+
+/// One configured limit of a tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    /// Stable name: part of the shared-data key, so usage survives config edits that keep it.
+    pub name: String,
+    pub unit: Unit,
+    pub amount: u64,
+    pub window: Window,
+    /// Only requests for this model count against it.
+    pub model: Option<String>,
+}
+
+impl Limit {
+    pub fn applies_to(&self, model: &str) -> bool {
+        self.model.as_deref().is_none_or(|m| m == model)
+    }
+}
+
+/// The shared-data value of one (tenant, limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bucket {
+    /// Start of the window `used` belongs to, ms since the epoch.
+    pub window_start: u64,
+    pub used: u64,
+    pub reserved: u64,
+}
+
+const BUCKET_BYTES: usize = 24;
+
+impl Bucket {
+    /// Decodes a stored bucket; absent or foreign bytes read as an empty bucket.
+    pub fn decode(bytes: Option<&[u8]>) -> Bucket {
+        let field = |i: usize| -> u64 {
+            bytes
+                .and_then(|b| b.get(i * 8..i * 8 + 8))
+                .and_then(|s| <[u8; 8]>::try_from(s).ok())
+                .map_or(0, u64::from_le_bytes)
+        };
+        match bytes {
+            Some(b) if b.len() == BUCKET_BYTES => Bucket {
+                window_start: field(0),
+                used: field(1),
+                reserved: field(2),
+            },
+            _ => Bucket::default(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(BUCKET_BYTES);
+        out.extend_from_slice(&self.window_start.to_le_bytes());
+        out.extend_from_slice(&self.used.to_le_bytes());
+        out.extend_from_slice(&self.reserved.to_le_bytes());
+        out
+    }
+
+    /// The bucket as of `now`: a new window starts with nothing used, reservations kept.
+    pub fn at(self, window: Window, now_ms: u64) -> Bucket {
+        let start = window.start(now_ms);
+        if start > self.window_start {
+            Bucket {
+                window_start: start,
+                used: 0,
+                reserved: self.reserved,
+            }
+        } else {
+            self
+        }
+    }
+
+    /// What is left of `amount` after what is used and reserved.
+    pub fn remaining(&self, amount: u64) -> u64 {
+        amount.saturating_sub(self.used.saturating_add(self.reserved))
+    }
+}
+
+/// A reservation held against one limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// Index of the limit in the tenant's list.
+    pub limit: usize,
+    pub amount: u64,
+    /// The bucket right after the reservation (for rate-limit headers).
+    pub after: Bucket,
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// Limit `limit` has less than the estimate left; it frees up at `reset_ms` at the latest.
+    Exhausted {
+        limit: usize,
+        remaining: u64,
+        reset_ms: u64,
+    },
+    /// The store stayed contended (the request is refused, nothing is held).
+    Contended,
+}
+
+/// Reserves `amounts[i]` against each `(limit index, key)` in `targets`, all or nothing: on a
+/// refusal every reservation already made is released again.
+pub fn reserve_all<S: SharedStore + ?Sized>(
+    store: &S,
+    limits: &[Limit],
+    targets: &[(usize, &str, u64)],
+    now_ms: u64,
+) -> Result<Vec<Held>, Denial> {
+    let mut held: Vec<Held> = Vec::with_capacity(targets.len());
+    for &(index, key, amount) in targets {
+        let Some(limit) = limits.get(index) else {
+            continue;
+        };
+        let result = update(store, key, |bytes| {
+            let bucket = Bucket::decode(bytes).at(limit.window, now_ms);
+            let remaining = bucket.remaining(limit.amount);
+            if amount > remaining {
+                return Err(Denial::Exhausted {
+                    limit: index,
+                    remaining,
+                    reset_ms: limit.window.end(now_ms),
+                });
+            }
+            let after = Bucket {
+                reserved: bucket.reserved.saturating_add(amount),
+                ..bucket
+            };
+            Ok((after.encode(), after))
+        });
+        match result {
+            Ok(after) => held.push(Held {
+                limit: index,
+                amount,
+                after,
+            }),
+            Err(err) => {
+                let keys: Vec<(usize, &str)> = targets.iter().map(|&(i, k, _)| (i, k)).collect();
+                let zeros = vec![0; held.len()];
+                settle_all(store, limits, &keys, &held, &zeros, now_ms);
+                return Err(match err {
+                    UpdateError::Refused(denial) => denial,
+                    UpdateError::Contended => Denial::Contended,
+                });
+            }
+        }
+    }
+    Ok(held)
+}
+
+/// Settles reservations: `actual[i]` replaces `held[i].amount`. Returns how many buckets could
+/// not be written (contention past the retry bound; logged by the caller).
+pub fn settle_all<S: SharedStore + ?Sized>(
+    store: &S,
+    limits: &[Limit],
+    keys: &[(usize, &str)],
+    held: &[Held],
+    actual: &[u64],
+    now_ms: u64,
+) -> usize {
+    let mut failed = 0;
+    for (h, &used) in held.iter().zip(actual) {
+        let Some(limit) = limits.get(h.limit) else {
+            continue;
+        };
+        let Some(&(_, key)) = keys.iter().find(|(i, _)| *i == h.limit) else {
+            continue;
+        };
+        let result: Result<(), UpdateError<()>> = update(store, key, |bytes| {
+            let bucket = Bucket::decode(bytes).at(limit.window, now_ms);
+            let after = Bucket {
+                used: bucket.used.saturating_add(used),
+                reserved: bucket.reserved.saturating_sub(h.amount),
+                ..bucket
+            };
+            Ok((after.encode(), ()))
+        });
+        failed += usize::from(result.is_err());
+    }
+    failed
+}
+
+/// Reads a bucket as of `now` (for views and headers).
+pub fn read<S: SharedStore + ?Sized>(store: &S, key: &str, limit: &Limit, now_ms: u64) -> Bucket {
+    Bucket::decode(store.get(key).0.as_deref()).at(limit.window, now_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemStore;
+
+    fn tokens(amount: u64) -> Limit {
+        Limit {
+            name: "tpm".into(),
+            unit: Unit::Tokens,
+            amount,
+            window: Window::Minute,
+            model: None,
+        }
+    }
+
+    const MIN: u64 = 60_000;
+
+    #[test]
+    fn bucket_round_trips_and_ignores_garbage() {
+        let b = Bucket {
+            window_start: 7,
+            used: u64::MAX,
+            reserved: 3,
+        };
+        assert_eq!(Bucket::decode(Some(&b.encode())), b);
+        assert_eq!(Bucket::decode(Some(b"short")), Bucket::default());
+        assert_eq!(Bucket::decode(None), Bucket::default());
+    }
+
+    #[test]
+    fn reserve_until_full_then_refuse_with_reset() {
+        let store = MemStore::default();
+        let limits = [tokens(100)];
+        let now = 10 * MIN + 5_000;
+        assert!(reserve_all(&store, &limits, &[(0, "k", 60)], now).is_ok());
+        assert!(reserve_all(&store, &limits, &[(0, "k", 40)], now).is_ok());
+        let denied = reserve_all(&store, &limits, &[(0, "k", 1)], now).unwrap_err();
+        assert_eq!(
+            denied,
+            Denial::Exhausted {
+                limit: 0,
+                remaining: 0,
+                reset_ms: 11 * MIN
+            }
+        );
+    }
+
+    #[test]
+    fn settle_replaces_the_estimate_with_actual_usage() {
+        let store = MemStore::default();
+        let limits = [tokens(100)];
+        let held = reserve_all(&store, &limits, &[(0, "k", 80)], 0).unwrap();
+        assert_eq!(settle_all(&store, &limits, &[(0, "k")], &held, &[30], 1), 0);
+        let b = read(&store, "k", &limits[0], 2);
+        assert_eq!((b.used, b.reserved), (30, 0));
+        assert!(reserve_all(&store, &limits, &[(0, "k", 70)], 3).is_ok());
+    }
+
+    #[test]
+    fn all_or_nothing_across_limits() {
+        let store = MemStore::default();
+        let limits = [tokens(1000), tokens(50)];
+        let targets = [(0, "a", 60), (1, "b", 60)];
+        assert!(matches!(
+            reserve_all(&store, &limits, &targets, 0),
+            Err(Denial::Exhausted { limit: 1, .. })
+        ));
+        // The first limit's reservation was released again.
+        assert_eq!(read(&store, "a", &limits[0], 0), Bucket::default());
+    }
+
+    #[test]
+    fn new_window_resets_used_and_keeps_reservations() {
+        let store = MemStore::default();
+        let limits = [tokens(100)];
+        let held = reserve_all(&store, &limits, &[(0, "k", 50)], 30_000).unwrap();
+        let done = reserve_all(&store, &limits, &[(0, "k", 50)], 31_000).unwrap();
+        settle_all(&store, &limits, &[(0, "k")], &done, &[50], 32_000);
+        assert!(reserve_all(&store, &limits, &[(0, "k", 1)], 33_000).is_err());
+        // Next minute: used is gone, the first request's reservation is still held.
+        let b = read(&store, "k", &limits[0], MIN + 1);
+        assert_eq!((b.used, b.reserved), (0, 50));
+        assert!(reserve_all(&store, &limits, &[(0, "k", 51)], MIN + 1).is_err());
+        settle_all(&store, &limits, &[(0, "k")], &held, &[20], MIN + 2);
+        let b = read(&store, "k", &limits[0], MIN + 3);
+        assert_eq!((b.used, b.reserved), (20, 0));
+    }
+
+    #[test]
+    fn model_scoped_limits() {
+        let mut l = tokens(1);
+        l.model = Some("gpt-4o".into());
+        assert!(l.applies_to("gpt-4o") && !l.applies_to("gpt-4o-mini"));
+        assert!(tokens(1).applies_to("anything"));
+    }
+
+    proptest::proptest! {
+        /// Any interleaving of reservations and settlements: reserved never goes below what is
+        /// still held, and admission never pushes used + reserved past the amount while every
+        /// settlement is at most its estimate (strict mode's premise).
+        #[test]
+        fn never_over_the_limit(ops in proptest::collection::vec((1u64..40, 0u64..=100, proptest::bool::ANY), 1..200)) {
+            let store = MemStore::default();
+            let limits = [tokens(100)];
+            let mut open: Vec<Vec<Held>> = Vec::new();
+            for (amount, used_pct, settle) in ops {
+                if settle && !open.is_empty() {
+                    let held = open.remove(0);
+                    let actual = held.first().map_or(0, |h| h.amount * used_pct / 100);
+                    settle_all(&store, &limits, &[(0, "k")], &held, &[actual], 0);
+                } else if let Ok(held) = reserve_all(&store, &limits, &[(0, "k", amount)], 0) {
+                    open.push(held);
+                }
+                let b = read(&store, "k", &limits[0], 0);
+                proptest::prop_assert!(b.used + b.reserved <= 100);
+                let outstanding: u64 = open.iter().flatten().map(|h| h.amount).sum();
+                proptest::prop_assert_eq!(b.reserved, outstanding);
+            }
+        }
+    }
+}
