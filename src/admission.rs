@@ -301,8 +301,8 @@ fn output_that_fits<S: SharedStore + ?Sized>(
             Unit::Tokens => 1,
             Unit::PicoUsd => price.map_or(0, |p| p.output),
         };
-        if per_output_token > 0 {
-            fit = fit.min(left_after_prompt / per_output_token);
+        if let Some(tokens) = left_after_prompt.checked_div(per_output_token) {
+            fit = fit.min(tokens);
         }
     }
     Some(fit)
