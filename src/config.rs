@@ -7,7 +7,11 @@ use std::fmt;
 use hashbrown::HashMap;
 use serde::Deserialize;
 
+use crate::admission::{TenantKeys, TenantPolicy};
+use crate::budget::{Limit, Unit};
+use crate::cost::{self, Price};
 use crate::tenant::{Identity, KeyDigest, TenantSource};
+use crate::window;
 
 /// A configuration error: the dotted path of the offending field and why it is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +44,65 @@ impl fmt::Display for ConfigError {
 pub struct Config {
     pub identity: Identity,
     pub limits: Limits,
+    /// Declared tenants: their policy (own fields over `tenant_defaults`) and shared-data keys.
+    pub tenants: HashMap<String, Tenant>,
+    /// The policy of undeclared tenants (`identity.accept_undeclared`), from `tenant_defaults`.
+    pub undeclared_policy: TenantPolicy,
+    /// Undeclared tenants share this many budget slots (by hash of the name).
+    pub undeclared_slots: u64,
+    /// USD per token by model (`*`: any other model).
+    pub prices: HashMap<String, Price>,
+    /// The usage view: a path answered with every tenant's budgets, guarded by a token digest.
+    pub usage_view: Option<UsageView>,
+}
+
+/// A declared tenant.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub policy: TenantPolicy,
+    pub keys: TenantKeys,
+}
+
+/// `usage_view`: where and for whom.
+#[derive(Debug, Clone)]
+pub struct UsageView {
+    pub path: String,
+    pub token: KeyDigest,
+}
+
+impl Config {
+    /// The price of `model`, or the `*` price.
+    pub fn price(&self, model: &str) -> Option<&Price> {
+        self.prices.get(model).or_else(|| self.prices.get("*"))
+    }
+
+    /// Every shared-data key the configuration implies (created in `on_configure`).
+    pub fn shared_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .tenants
+            .values()
+            .flat_map(|t| t.keys.all().map(str::to_string))
+            .collect();
+        if self.identity.accept_undeclared {
+            for slot in 0..self.undeclared_slots {
+                let k = TenantKeys::new(&undeclared_scope(slot), &self.undeclared_policy);
+                keys.extend(k.all().map(str::to_string));
+            }
+        }
+        keys
+    }
+
+    /// The budget scope of an undeclared tenant: one of `undeclared_slots` slots. Two tenants in
+    /// one slot share their budgets (stricter for both, never looser).
+    pub fn undeclared_keys(&self, tenant: &str) -> TenantKeys {
+        let digest = KeyDigest::of_key(tenant.as_bytes());
+        let slot = digest.prefix_u64() % self.undeclared_slots.max(1);
+        TenantKeys::new(&undeclared_scope(slot), &self.undeclared_policy)
+    }
+}
+
+fn undeclared_scope(slot: u64) -> String {
+    format!("~{slot}")
 }
 
 /// Size limits that keep every request's memory bounded.
@@ -70,9 +133,52 @@ impl Default for Limits {
 struct RawConfig {
     identity: RawIdentity,
     #[serde(default)]
-    tenants: BTreeMap<String, RawTenant>,
+    tenants: BTreeMap<String, RawPolicy>,
+    #[serde(default)]
+    tenant_defaults: RawPolicy,
+    #[serde(default)]
+    prices: BTreeMap<String, RawPrice>,
     #[serde(default)]
     limits: RawLimits,
+    usage_view: Option<RawUsageView>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    limits: Option<Vec<RawLimit>>,
+    max_concurrent: Option<u64>,
+    max_output_tokens: Option<u64>,
+    default_output_tokens: Option<u64>,
+    models: Option<Vec<String>>,
+    clamp_min_output_tokens: Option<u64>,
+    strict: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    name: Option<String>,
+    tokens: Option<u64>,
+    usd: Option<String>,
+    window: String,
+    model: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    input: String,
+    output: String,
+    cached_input: Option<String>,
+    cache_write_input: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUsageView {
+    path: String,
+    admin_token_sha256: String,
 }
 
 #[derive(Deserialize)]
@@ -94,6 +200,7 @@ struct RawIdentity {
     default_tenant: Option<String>,
     #[serde(default)]
     accept_undeclared: bool,
+    undeclared_slots: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -102,10 +209,6 @@ struct RawApiKey {
     sha256: String,
     tenant: String,
 }
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawTenant {}
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -251,8 +354,183 @@ impl TryFrom<RawConfig> for Config {
                 defaults.max_sse_line_bytes,
             )?,
         };
-        Ok(Config { identity, limits })
+        let mut prices = HashMap::with_capacity(raw.prices.len());
+        for (model, p) in &raw.prices {
+            let field = |name: &str| format!("prices.{model}.{name}");
+            let parse = |name: &str, v: &str| {
+                cost::parse_usd_per_million(v).map_err(|r| ConfigError::new(field(name), r))
+            };
+            let optional =
+                |name: &str, v: &Option<String>| v.as_deref().map(|v| parse(name, v)).transpose();
+            prices.insert(
+                model.clone(),
+                Price::new(
+                    parse("input", &p.input)?,
+                    parse("output", &p.output)?,
+                    optional("cached_input", &p.cached_input)?,
+                    optional("cache_write_input", &p.cache_write_input)?,
+                ),
+            );
+        }
+
+        let defaults = policy(
+            "tenant_defaults",
+            &raw.tenant_defaults,
+            &TenantPolicy::default(),
+        )?;
+        let mut tenants = HashMap::with_capacity(raw.tenants.len());
+        for (name, own) in &raw.tenants {
+            let policy = policy(&format!("tenants.{name}"), own, &defaults)?;
+            let keys = TenantKeys::new(name, &policy);
+            tenants.insert(name.clone(), Tenant { policy, keys });
+        }
+        let undeclared_slots = match id.undeclared_slots {
+            None => 1024,
+            Some(n) if (1..=65536).contains(&n) => n,
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "identity.undeclared_slots",
+                    "must be between 1 and 65536",
+                ));
+            }
+        };
+        let usage_view = match raw.usage_view {
+            None => None,
+            Some(v) => {
+                if !v.path.starts_with('/') || v.path.len() < 2 {
+                    return Err(ConfigError::new(
+                        "usage_view.path",
+                        "must be an absolute path such as \"/tollgate/usage\"",
+                    ));
+                }
+                let token = KeyDigest::from_hex(&v.admin_token_sha256).ok_or_else(|| {
+                    ConfigError::new(
+                        "usage_view.admin_token_sha256",
+                        "must be 64 hexadecimal characters (the SHA-256 of the admin token)",
+                    )
+                })?;
+                Some(UsageView {
+                    path: v.path,
+                    token,
+                })
+            }
+        };
+        Ok(Config {
+            identity,
+            limits,
+            tenants,
+            undeclared_policy: defaults,
+            undeclared_slots,
+            prices,
+            usage_view,
+        })
     }
+}
+
+/// A tenant's policy: its own fields over `base` (a list such as `limits` replaces the base's).
+fn policy(at: &str, raw: &RawPolicy, base: &TenantPolicy) -> Result<TenantPolicy, ConfigError> {
+    let field = |name: &str| format!("{at}.{name}");
+    let mut out = base.clone();
+    if let Some(limits) = &raw.limits {
+        out.limits = Vec::with_capacity(limits.len());
+        for (i, l) in limits.iter().enumerate() {
+            let at = field(&format!("limits[{i}]"));
+            let limit = limit(&at, l)?;
+            if out.limits.iter().any(|o| o.name == limit.name) {
+                return Err(ConfigError::new(
+                    format!("{at}.name"),
+                    format!(
+                        "two limits are named \"{}\"; give each a distinct name",
+                        limit.name
+                    ),
+                ));
+            }
+            out.limits.push(limit);
+        }
+    }
+    let positive = |name: &str, v: Option<u64>| match v {
+        Some(0) => Err(ConfigError::new(field(name), "must be greater than 0")),
+        v => Ok(v),
+    };
+    if let Some(n) = positive("max_concurrent", raw.max_concurrent)? {
+        out.max_concurrent = Some(n);
+    }
+    if let Some(n) = positive("max_output_tokens", raw.max_output_tokens)? {
+        out.max_output_tokens = Some(n);
+    }
+    if let Some(n) = positive("default_output_tokens", raw.default_output_tokens)? {
+        out.default_output_tokens = n;
+    }
+    if let Some(n) = positive("clamp_min_output_tokens", raw.clamp_min_output_tokens)? {
+        out.clamp_min_output_tokens = Some(n);
+    }
+    if let Some(models) = &raw.models {
+        if models.iter().any(String::is_empty) {
+            return Err(ConfigError::new(
+                field("models"),
+                "model names must not be empty",
+            ));
+        }
+        out.models = Some(models.iter().cloned().collect());
+    }
+    if let Some(strict) = raw.strict {
+        out.strict = strict;
+    }
+    Ok(out)
+}
+
+fn limit(at: &str, raw: &RawLimit) -> Result<Limit, ConfigError> {
+    let window =
+        window::parse(&raw.window).map_err(|r| ConfigError::new(format!("{at}.window"), r))?;
+    let (unit, amount) = match (raw.tokens, &raw.usd) {
+        (Some(0), None) => {
+            return Err(ConfigError::new(
+                format!("{at}.tokens"),
+                "must be greater than 0",
+            ));
+        }
+        (Some(tokens), None) => (Unit::Tokens, tokens),
+        (None, Some(usd)) => (
+            Unit::PicoUsd,
+            cost::parse_usd(usd).map_err(|r| ConfigError::new(format!("{at}.usd"), r))?,
+        ),
+        _ => {
+            return Err(ConfigError::new(
+                at,
+                "give exactly one of `tokens` (a count) or `usd` (a decimal string such as \"25.00\")",
+            ));
+        }
+    };
+    let unit_name = match unit {
+        Unit::Tokens => "tokens",
+        Unit::PicoUsd => "usd",
+    };
+    let name = match &raw.name {
+        Some(n)
+            if !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
+        {
+            n.clone()
+        }
+        Some(_) => {
+            return Err(ConfigError::new(
+                format!("{at}.name"),
+                "names are [A-Za-z0-9._-]+",
+            ));
+        }
+        None => match &raw.model {
+            Some(model) => format!("{unit_name}-{}-{model}", window.as_str()),
+            None => format!("{unit_name}-{}", window.as_str()),
+        },
+    };
+    Ok(Limit {
+        name,
+        unit,
+        amount,
+        window,
+        model: raw.model.clone(),
+    })
 }
 
 fn positive(field: &str, value: Option<u64>, default: u64) -> Result<u64, ConfigError> {

@@ -1,6 +1,7 @@
 //! One LLM request/response exchange, host-free: the request facts, the response as it streams
-//! past (decompressed when the upstream ignored our identity request), the usage found in it and
-//! the per-request record written to filter state for the access log.
+//! past (decompressed when the upstream ignored our identity request), the usage found in it, the
+//! usage the request is charged (with the documented fallbacks) and the per-request record
+//! written to filter state for the access log.
 
 use std::io::Write;
 
@@ -8,22 +9,28 @@ use flate2::write::{GzDecoder, ZlibDecoder};
 
 use crate::api::request::RequestFacts;
 use crate::api::sse::SseUsageReader;
+use crate::api::strip::UsageChunkStripper;
 use crate::api::usage::usage_from_json;
 use crate::api::{ApiKind, Usage};
 use crate::config::Limits;
 
 /// How much of an over-long JSON response is kept: usage sits at the end of every API's body.
 const JSON_TAIL_BYTES: usize = 64 * 1024;
+/// How much of one SSE event the usage-chunk stripper may hold back (usage chunks are < 1 KiB).
+const STRIP_HOLD_BYTES: usize = 64 * 1024;
 
-/// Where the recorded usage came from.
+/// Where the charged usage came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UsageSource {
     /// The upstream reported it (JSON `usage`, final SSE event).
     Reported,
     /// No usage arrived; output counted from streamed deltas (input from the prompt estimate).
     Observed,
-    /// Nothing usable: no usage and nothing streamed (errors, resets before any output).
-    None,
+    /// No usage and no output, but the upstream may have done the work (2xx without usage, or
+    /// the client left before an answer): the reservation is charged.
+    Reservation,
+    /// An upstream error (non-2xx status, or a reset before any output): nothing is charged.
+    Refunded,
 }
 
 impl UsageSource {
@@ -31,7 +38,8 @@ impl UsageSource {
         match self {
             UsageSource::Reported => "reported",
             UsageSource::Observed => "observed",
-            UsageSource::None => "none",
+            UsageSource::Reservation => "reservation",
+            UsageSource::Refunded => "refunded",
         }
     }
 }
@@ -82,6 +90,12 @@ pub struct Exchange {
     body: BodyReader,
     /// The response body reached its end (not cut by a reset or a client abort).
     complete: bool,
+    /// What was reserved for this request (charged when nothing better is known).
+    reservation: Usage,
+    /// Removes the usage chunk Tollgate asked for from what the client receives.
+    stripper: Option<UsageChunkStripper>,
+    /// Tollgate injected `stream_options.include_usage`.
+    include_usage_injected: bool,
     finished: Option<(Usage, UsageSource)>,
 }
 
@@ -96,8 +110,25 @@ impl Exchange {
             decoder: Decoder::Identity,
             body: BodyReader::Skip,
             complete: false,
+            reservation: Usage::default(),
+            stripper: None,
+            include_usage_injected: false,
             finished: None,
         }
+    }
+
+    /// What was reserved (charged when neither usage nor output is known).
+    pub fn set_reservation(&mut self, prompt_tokens: u64, output_tokens: u64) {
+        self.reservation = Usage {
+            input: prompt_tokens,
+            output: output_tokens,
+            ..Usage::default()
+        };
+    }
+
+    /// Tollgate asked the upstream for `include_usage`: the client must not see that chunk.
+    pub fn set_include_usage_injected(&mut self) {
+        self.include_usage_injected = true;
     }
 
     /// Response headers: status, `content-type`, `content-encoding`.
@@ -127,6 +158,11 @@ impl Exchange {
             }
             Some(_) => Decoder::Broken,
         };
+        self.stripper = (self.include_usage_injected
+            && is_sse
+            && (200..300).contains(&status)
+            && matches!(self.decoder, Decoder::Identity))
+        .then(|| UsageChunkStripper::new(STRIP_HOLD_BYTES));
         self.body = if !(200..300).contains(&status) {
             BodyReader::Skip
         } else if is_sse {
@@ -143,7 +179,25 @@ impl Exchange {
 
     /// Whether response body chunks are worth reading at all.
     pub fn wants_response_body(&self) -> bool {
-        !matches!(self.body, BodyReader::Skip) && !matches!(self.decoder, Decoder::Broken)
+        self.stripper.is_some()
+            || (!matches!(self.body, BodyReader::Skip) && !matches!(self.decoder, Decoder::Broken))
+    }
+
+    /// One response body chunk; returns the bytes to send instead when the client's stream must
+    /// differ from the upstream's (the injected usage chunk removed).
+    pub fn on_response_chunk(&mut self, chunk: &[u8], end_of_stream: bool) -> Option<Vec<u8>> {
+        self.on_response_body(chunk);
+        let stripper = self.stripper.as_mut()?;
+        let out = stripper.push(chunk);
+        let unchanged = matches!(out, std::borrow::Cow::Borrowed(b) if b.len() == chunk.len());
+        if unchanged && !end_of_stream {
+            return None;
+        }
+        let mut out = out.into_owned();
+        if end_of_stream {
+            out.extend_from_slice(&stripper.finish());
+        }
+        Some(out)
     }
 
     /// The response ended normally (`end_of_stream`), so a JSON body is whole.
@@ -176,9 +230,15 @@ impl Exchange {
         }
     }
 
-    /// End of the response (or of the exchange, for aborted streams): settle what usage is known.
-    /// Idempotent: the first call decides.
-    pub fn finish(&mut self) -> (Usage, UsageSource) {
+    /// End of the response (or of the exchange, for aborted streams): the usage this request is
+    /// charged. Idempotent: the first call decides. `upstream_failed`: the upstream reset or
+    /// could not be reached (Envoy's response details say so).
+    ///
+    /// 1. usage reported by the upstream → that usage;
+    /// 2. else output observed while streaming → prompt estimate + observed output;
+    /// 3. else a non-2xx status or an upstream failure → nothing (refund);
+    /// 4. else (2xx without usage, or the client left before any answer) → the reservation.
+    pub fn finish(&mut self, upstream_failed: bool) -> (Usage, UsageSource) {
         if let Some(done) = self.finished {
             return done;
         }
@@ -197,6 +257,7 @@ impl Exchange {
             BodyReader::Sse(reader) => reader.observed_output(),
             _ => 0,
         };
+        let answered_ok = self.status == 0 || (200..300).contains(&self.status);
         let done = match reported {
             Some(usage) => (usage, UsageSource::Reported),
             None if observed > 0 => (
@@ -207,7 +268,8 @@ impl Exchange {
                 },
                 UsageSource::Observed,
             ),
-            None => (Usage::default(), UsageSource::None),
+            None if answered_ok && !upstream_failed => (self.reservation, UsageSource::Reservation),
+            None => (Usage::default(), UsageSource::Refunded),
         };
         self.finished = Some(done);
         done
@@ -219,7 +281,7 @@ impl Exchange {
 
     /// The per-request record, as (filter state name, plain-text value) pairs.
     pub fn record(&mut self) -> Vec<(&'static str, String)> {
-        let (usage, source) = self.finish();
+        let (usage, source) = self.finish(false);
         vec![
             ("tollgate.tenant", self.tenant.clone()),
             ("tollgate.api", self.kind.as_str().to_string()),
@@ -274,7 +336,7 @@ mod tests {
             x.on_response_body(chunk);
         }
         x.on_response_complete();
-        let (usage, source) = x.finish();
+        let (usage, source) = x.finish(false);
         assert_eq!(source, UsageSource::Reported);
         assert_eq!((usage.input, usage.output, usage.cached_input), (11, 7, 3));
     }
@@ -287,13 +349,13 @@ mod tests {
             x.on_response_body(chunk);
         }
         x.on_response_complete();
-        assert_eq!(x.finish().0.output, 7);
+        assert_eq!(x.finish(false).0.output, 7);
         // In one piece, too: a decoder must not hold back its last output.
         let mut x = exchange(ApiKind::ChatCompletions);
         x.on_response_headers(200, Some(b"application/json"), Some(b"gzip"));
         x.on_response_body(&gzip(CHAT_JSON));
         x.on_response_complete();
-        assert_eq!(x.finish().0.output, 7);
+        assert_eq!(x.finish(false).0.output, 7);
     }
 
     #[test]
@@ -301,7 +363,7 @@ mod tests {
         let mut x = exchange(ApiKind::ChatCompletions);
         x.on_response_headers(200, Some(b"application/json"), Some(b"gzip"));
         x.on_response_body(b"definitely not gzip");
-        assert_eq!(x.finish().1, UsageSource::None);
+        assert_eq!(x.finish(false).1, UsageSource::Reservation);
     }
 
     #[test]
@@ -321,7 +383,7 @@ mod tests {
         }
         x.on_response_body(br#""usage":{"prompt_tokens":1,"completion_tokens":2}}"#);
         x.on_response_complete();
-        assert_eq!(x.finish().0.output, 2);
+        assert_eq!(x.finish(false).0.output, 2);
     }
 
     #[test]
@@ -329,8 +391,57 @@ mod tests {
         let mut x = exchange(ApiKind::ChatCompletions);
         x.on_response_headers(200, Some(b"application/json"), None);
         x.on_response_body(CHAT_JSON);
-        // No end of stream: an upstream reset or a client abort.
-        assert_eq!(x.finish().1, UsageSource::None);
+        // No end of stream: a client abort charges the reservation, an upstream reset nothing.
+        x.set_reservation(40, 60);
+        let mut y = exchange(ApiKind::ChatCompletions);
+        y.on_response_headers(200, Some(b"application/json"), None);
+        y.on_response_body(CHAT_JSON);
+        assert_eq!(
+            x.finish(false),
+            (
+                Usage {
+                    input: 40,
+                    output: 60,
+                    ..Usage::default()
+                },
+                UsageSource::Reservation
+            )
+        );
+        assert_eq!(y.finish(true).1, UsageSource::Refunded);
+    }
+
+    #[test]
+    fn injected_usage_chunk_is_hidden_from_the_client() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let usage_event =
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n";
+        for split in 1..stream.len() {
+            let mut x = exchange(ApiKind::ChatCompletions);
+            x.set_include_usage_injected();
+            x.on_response_headers(200, Some(b"text/event-stream"), None);
+            let (a, b) = stream.as_bytes().split_at(split);
+            let mut client = Vec::new();
+            for (chunk, end) in [(a, false), (b, true)] {
+                match x.on_response_chunk(chunk, end) {
+                    Some(replaced) => client.extend_from_slice(&replaced),
+                    None => client.extend_from_slice(chunk),
+                }
+            }
+            assert_eq!(
+                String::from_utf8(client).unwrap(),
+                stream.replace(usage_event, "")
+            );
+            x.on_response_complete();
+            assert_eq!(
+                x.finish(false).0.input,
+                5,
+                "usage still read at split {split}"
+            );
+        }
     }
 
     #[test]
@@ -338,7 +449,7 @@ mod tests {
         let mut x = exchange(ApiKind::Messages);
         x.on_response_headers(500, Some(b"application/json"), None);
         assert!(!x.wants_response_body());
-        assert_eq!(x.finish().1, UsageSource::None);
+        assert_eq!(x.finish(false).1, UsageSource::Refunded);
         assert!(x.is_finished());
         assert_eq!(x.record().len(), 10);
     }

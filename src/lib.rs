@@ -22,6 +22,7 @@ pub mod exchange;
 pub mod reply;
 pub mod store;
 pub mod tenant;
+pub mod view;
 pub mod window;
 
 #[cfg(all(target_arch = "wasm32", not(test)))]

@@ -14,6 +14,12 @@ impl KeyDigest {
         KeyDigest(Sha256::digest(key).into())
     }
 
+    /// The first eight bytes as a number (slot selection).
+    pub fn prefix_u64(&self) -> u64 {
+        let [a, b, c, d, e, f, g, h, ..] = self.0;
+        u64::from_le_bytes([a, b, c, d, e, f, g, h])
+    }
+
     /// Parses 64 hex digits (either case).
     pub fn from_hex(hex: &str) -> Option<KeyDigest> {
         let bytes = hex.as_bytes();

@@ -2,7 +2,9 @@
 //! request asks for, and how many tokens a response used (JSON bodies and incremental SSE).
 
 pub mod request;
+pub mod rewrite;
 pub mod sse;
+pub mod strip;
 pub mod usage;
 
 /// The API family decides the error shape and header names used towards the client.

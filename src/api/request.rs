@@ -56,6 +56,13 @@ struct RawStreamOptions {
 
 /// Reads the request facts of `kind` from a complete JSON body.
 pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, RequestError> {
+    // serde would read a struct from a JSON array too; every API's body is an object.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(RequestError {
+            param: None,
+            message: "The request body is not valid JSON: expected a JSON object".into(),
+        });
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let raw: RawRequest<'_> = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
@@ -160,6 +167,7 @@ mod tests {
         let e = parse_request(ApiKind::Messages, br#"{"model":"m"} {}"#).unwrap_err();
         assert_eq!(e.param, None);
         assert!(parse_request(ApiKind::Messages, b"[1,2]").is_err());
+        assert!(parse_request(ApiKind::Messages, br#"["gpt-4o"]"#).is_err());
         assert!(parse_request(ApiKind::Messages, b"\xff").is_err());
     }
 

@@ -9,6 +9,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, Bytes, MapType, Status};
 
 use crate::reply::LocalReply;
+use crate::store::{SharedStore, Versioned};
 
 /// A request header, as bytes (`None` when absent).
 pub fn request_header(name: &str) -> Option<Bytes> {
@@ -73,4 +74,43 @@ pub fn send_reply(reply: &LocalReply) -> Result<(), Status> {
         .map(|(name, value)| (*name, value.as_str()))
         .collect();
     hostcalls::send_http_response(reply.status, headers, Some(&reply.body))
+}
+
+/// Replaces the buffered request body (the whole of it, `size` as announced).
+pub fn set_request_body(size: usize, body: &[u8]) -> Result<(), Status> {
+    hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body)
+}
+
+/// Replaces the current response body chunk.
+pub fn set_response_body(size: usize, body: &[u8]) -> Result<(), Status> {
+    hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, body)
+}
+
+/// Replaces (or adds) a response header, in the response headers callback.
+pub fn set_response_header(name: &str, value: &[u8]) -> Result<(), Status> {
+    hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, Some(value))
+}
+
+/// Milliseconds since the Unix epoch, by Envoy's clock.
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Envoy's proxy-wasm shared data (per `vm_id`, shared by all workers) as a [`SharedStore`].
+pub struct EnvoyStore;
+
+impl SharedStore for EnvoyStore {
+    fn get(&self, key: &str) -> Versioned {
+        match hostcalls::get_shared_data(key) {
+            Ok((value, cas)) => (value, cas.unwrap_or(0)),
+            Err(_) => (None, 0),
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), ()> {
+        hostcalls::set_shared_data(key, Some(value), (cas != 0).then_some(cas)).map_err(|_| ())
+    }
 }

@@ -1,19 +1,24 @@
 //! Envoy's HTTP callbacks, mapped onto the core: classify the path, identify the tenant, read the
-//! request body, watch the response for usage, write the per-request record.
+//! request body, admit it against the tenant's budgets, watch the response for usage, settle the
+//! reservation exactly once and write the per-request record.
 
+use std::borrow::Cow;
 use std::rc::Rc;
 
 use log::{debug, warn};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
-use super::host;
-use crate::api::ApiKind;
+use super::host::{self, EnvoyStore};
+use crate::admission::{self, Admitted, TenantKeys, TenantPolicy};
 use crate::api::request::parse_request;
+use crate::api::rewrite::{Edits, rewrite};
+use crate::api::{ApiKind, Family};
 use crate::config::Config;
 use crate::exchange::Exchange;
-use crate::reply::Refusal;
-use crate::tenant::{API_KEY_HEADERS, TenantSource};
+use crate::reply::{LocalReply, Refusal};
+use crate::tenant::{API_KEY_HEADERS, KeyDigest, TenantSource};
+use crate::{view, window};
 
 enum State {
     /// Not an LLM request (or no configuration): Tollgate stays out of the way.
@@ -21,7 +26,7 @@ enum State {
     /// Identified, waiting for the whole request body.
     AwaitingBody { kind: ApiKind, tenant: String },
     /// Admitted; the response is being watched.
-    Active(Box<Exchange>),
+    Active(Box<Active>),
     /// Answered locally; `reason` goes to the record.
     Refused {
         kind: ApiKind,
@@ -30,10 +35,26 @@ enum State {
     },
 }
 
+struct Active {
+    exchange: Exchange,
+    admitted: Admitted,
+}
+
 pub struct TollgateHttp {
     config: Option<Rc<Config>>,
     state: State,
     recorded: bool,
+}
+
+/// A tenant's policy and keys (declared tenants borrow them from the configuration).
+fn tenant_budget<'c>(config: &'c Config, tenant: &str) -> (&'c TenantPolicy, Cow<'c, TenantKeys>) {
+    match config.tenants.get(tenant) {
+        Some(t) => (&t.policy, Cow::Borrowed(&t.keys)),
+        None => (
+            &config.undeclared_policy,
+            Cow::Owned(config.undeclared_keys(tenant)),
+        ),
+    }
 }
 
 impl TollgateHttp {
@@ -62,6 +83,12 @@ impl TollgateHttp {
         })
     }
 
+    fn send(reply: &LocalReply) {
+        if let Err(status) = host::send_reply(reply) {
+            warn!("tollgate could not send its local reply: {status:?}");
+        }
+    }
+
     /// Sends the refusal and remembers it for the record.
     fn refuse(&mut self, kind: ApiKind, tenant: Option<String>, refusal: &Refusal) -> Action {
         let reply = refusal.reply(kind.family());
@@ -70,9 +97,7 @@ impl TollgateHttp {
             kind.as_str(),
             reply.reason
         );
-        if let Err(status) = host::send_reply(&reply) {
-            warn!("tollgate could not send its local reply: {status:?}");
-        }
+        Self::send(&reply);
         self.state = State::Refused {
             kind,
             tenant,
@@ -81,15 +106,128 @@ impl TollgateHttp {
         Action::Pause
     }
 
-    /// Writes the per-request record to filter state, once.
-    fn write_record(&mut self) {
+    /// The usage view: `GET <usage_view.path>` with `Authorization: Bearer <admin token>`.
+    fn serve_usage_view(config: &Config) -> Action {
+        let authorized = config.usage_view.as_ref().is_some_and(|v| {
+            host::request_header("authorization")
+                .as_deref()
+                .and_then(|a| a.strip_prefix(b"Bearer "))
+                .is_some_and(|token| KeyDigest::of_key(token.trim_ascii()) == v.token)
+        });
+        let reply = if authorized {
+            LocalReply {
+                status: 200,
+                headers: vec![("content-type", "application/json".to_string())],
+                body: view::render(&EnvoyStore, config, host::now_ms()),
+                reason: "usage_view",
+            }
+        } else {
+            Refusal::Unauthenticated {
+                message: "The usage view needs its admin token.".into(),
+            }
+            .reply(Family::OpenAi)
+        };
+        Self::send(&reply);
+        Action::Pause
+    }
+
+    /// Reads the whole request body, admits it and prepares the exchange.
+    fn admit(
+        &mut self,
+        config: &Config,
+        kind: ApiKind,
+        tenant: String,
+        body_size: usize,
+    ) -> Action {
+        let body = host::request_body(body_size).unwrap_or_default();
+        let facts = match parse_request(kind, &body) {
+            Ok(facts) => facts,
+            Err(err) => {
+                let refusal = Refusal::BadRequest {
+                    param: err.param,
+                    message: err.message,
+                };
+                return self.refuse(kind, Some(tenant), &refusal);
+            }
+        };
+        let (policy, keys) = tenant_budget(config, &tenant);
+        let price = config.price(&facts.model);
+        let admitted = match admission::plan(policy, kind, &facts).and_then(|plan| {
+            admission::admit(
+                &EnvoyStore,
+                policy,
+                &keys,
+                &facts.model,
+                price,
+                plan,
+                host::now_ms(),
+            )
+        }) {
+            Ok(admitted) => admitted,
+            Err(refusal) => return self.refuse(kind, Some(tenant), &refusal),
+        };
+        let edits = Edits {
+            max_tokens: admitted.plan.set_max_tokens,
+            include_usage: admitted.plan.inject_include_usage,
+            model: None,
+        };
+        if !edits.is_empty() {
+            let rewritten = rewrite(kind, &body, &edits).and_then(|new| {
+                host::set_request_body(body_size, &new).ok()?;
+                host::set_request_header("content-length", Some(new.len().to_string().as_bytes()))
+                    .ok()
+            });
+            if rewritten.is_none() {
+                admission::settle(
+                    &EnvoyStore,
+                    policy,
+                    &keys,
+                    &admitted,
+                    &crate::api::Usage::default(),
+                    price,
+                    host::now_ms(),
+                );
+                let refusal = Refusal::Internal {
+                    message: "The gateway could not rewrite the request body.".into(),
+                };
+                return self.refuse(kind, Some(tenant), &refusal);
+            }
+        }
+        let mut exchange = Exchange::new(kind, tenant, facts, config.limits);
+        exchange.set_reservation(admitted.plan.prompt_tokens, admitted.plan.output_tokens);
+        if admitted.plan.inject_include_usage {
+            exchange.set_include_usage_injected();
+        }
+        self.state = State::Active(Box::new(Active { exchange, admitted }));
+        Action::Continue
+    }
+
+    /// Settles the reservation and writes the per-request record to filter state, once.
+    fn finalize(&mut self, upstream_failed: bool) {
         if self.recorded {
             return;
         }
         let fields = match &mut self.state {
             State::PassThrough | State::AwaitingBody { .. } => return,
-            State::Active(exchange) => {
-                let mut fields = exchange.record();
+            State::Active(active) => {
+                let (charged, _) = active.exchange.finish(upstream_failed);
+                if let Some(config) = &self.config {
+                    let (policy, keys) = tenant_budget(config, &active.exchange.tenant);
+                    let price = config.price(&active.exchange.facts.model);
+                    let failed = admission::settle(
+                        &EnvoyStore,
+                        policy,
+                        &keys,
+                        &active.admitted,
+                        &charged,
+                        price,
+                        host::now_ms(),
+                    );
+                    if failed > 0 {
+                        warn!("tollgate could not settle {failed} budget buckets under contention");
+                    }
+                }
+                let mut fields = active.exchange.record();
                 fields.push(("tollgate.decision", "admitted".to_string()));
                 fields
             }
@@ -124,7 +262,15 @@ impl HttpContext for TollgateHttp {
         let Some(config) = self.config.clone() else {
             return Action::Continue;
         };
-        let Some(kind) = host::request_header(":path").and_then(|p| ApiKind::from_path(&p)) else {
+        let Some(path) = host::request_header(":path") else {
+            return Action::Continue;
+        };
+        if let Some(view) = &config.usage_view
+            && path.split(|b| *b == b'?').next() == Some(view.path.as_bytes())
+        {
+            return Self::serve_usage_view(&config);
+        }
+        let Some(kind) = ApiKind::from_path(&path) else {
             return Action::Continue;
         };
         if host::request_header(":method").as_deref() != Some(b"POST") {
@@ -171,60 +317,86 @@ impl HttpContext for TollgateHttp {
         if !end_of_stream {
             return Action::Pause;
         }
-        let body = host::request_body(body_size).unwrap_or_default();
-        match parse_request(kind, &body) {
-            Ok(facts) => {
-                self.state =
-                    State::Active(Box::new(Exchange::new(kind, tenant, facts, config.limits)));
-                Action::Continue
-            }
-            Err(err) => {
-                let refusal = Refusal::BadRequest {
-                    param: err.param,
-                    message: err.message,
-                };
-                self.refuse(kind, Some(tenant), &refusal)
-            }
-        }
+        self.admit(&config, kind, tenant, body_size)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        if let State::Active(exchange) = &mut self.state {
-            let status = host::response_header(":status")
-                .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok())
-                .unwrap_or(0);
-            let content_type = host::response_header("content-type");
-            let content_encoding = host::response_header("content-encoding");
-            exchange.on_response_headers(
-                status,
-                content_type.as_deref(),
-                content_encoding.as_deref(),
-            );
-            if end_of_stream {
-                exchange.on_response_complete();
-                self.write_record();
+        let State::Active(active) = &mut self.state else {
+            return Action::Continue;
+        };
+        let status = host::response_header(":status")
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok())
+            .unwrap_or(0);
+        let content_type = host::response_header("content-type");
+        let content_encoding = host::response_header("content-encoding");
+        active.exchange.on_response_headers(
+            status,
+            content_type.as_deref(),
+            content_encoding.as_deref(),
+        );
+        if let Some(rate) = active.admitted.rate {
+            let reset_in = rate.reset_ms.saturating_sub(host::now_ms());
+            let headers: [(&str, String); 3] = match active.exchange.kind.family() {
+                Family::OpenAi => [
+                    ("x-ratelimit-limit-tokens", rate.limit.to_string()),
+                    ("x-ratelimit-remaining-tokens", rate.remaining.to_string()),
+                    (
+                        "x-ratelimit-reset-tokens",
+                        window::openai_duration(reset_in),
+                    ),
+                ],
+                Family::Anthropic => [
+                    ("anthropic-ratelimit-tokens-limit", rate.limit.to_string()),
+                    (
+                        "anthropic-ratelimit-tokens-remaining",
+                        rate.remaining.to_string(),
+                    ),
+                    (
+                        "anthropic-ratelimit-tokens-reset",
+                        window::rfc3339(rate.reset_ms),
+                    ),
+                ],
+            };
+            for (name, value) in headers {
+                if let Err(status) = host::set_response_header(name, value.as_bytes()) {
+                    warn!("tollgate could not set {name}: {status:?}");
+                }
             }
+        }
+        if end_of_stream {
+            active.exchange.on_response_complete();
+            self.finalize(false);
         }
         Action::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if let State::Active(exchange) = &mut self.state {
-            if exchange.wants_response_body()
-                && let Some(chunk) = host::response_body(body_size)
+        let State::Active(active) = &mut self.state else {
+            return Action::Continue;
+        };
+        if active.exchange.wants_response_body() {
+            // An empty last chunk still has to flush what the usage-chunk stripper holds.
+            let chunk = host::response_body(body_size).unwrap_or_default();
+            if let Some(replacement) = active.exchange.on_response_chunk(&chunk, end_of_stream)
+                && let Err(status) = host::set_response_body(body_size, &replacement)
             {
-                exchange.on_response_body(&chunk);
+                warn!("tollgate could not rewrite a response chunk: {status:?}");
             }
-            if end_of_stream {
-                exchange.on_response_complete();
-                self.write_record();
-            }
+        }
+        if end_of_stream {
+            active.exchange.on_response_complete();
+            self.finalize(false);
         }
         Action::Continue
     }
 
     fn on_log(&mut self) {
         // Aborted streams and upstream resets never see end_of_stream: settle them here.
-        self.write_record();
+        if self.recorded || !matches!(self.state, State::Active(_)) {
+            return self.finalize(false);
+        }
+        let details = host::property(&["response".to_string(), "code_details".to_string()]);
+        let upstream_failed = details.is_some_and(|d| d.windows(8).any(|w| w == b"upstream"));
+        self.finalize(upstream_failed);
     }
 }

@@ -6,9 +6,10 @@ use log::{error, info};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
-use super::host;
+use super::host::{self, EnvoyStore};
 use super::http::TollgateHttp;
 use crate::config::Config;
+use crate::store;
 
 #[derive(Default)]
 pub struct TollgateRoot {

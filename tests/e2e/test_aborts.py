@@ -62,4 +62,4 @@ def test_upstream_reset_after_headers_logs_no_usage(envoy, upstream):
         pass
     line = envoy.access_line(rid, timeout=15)
     assert "UR" in line["response_flags"] or "UPE" in line["response_flags"], line
-    assert line["usage_source"] == "none" and line["output_tokens"] == "0"
+    assert line["usage_source"] == "refunded" and line["output_tokens"] == "0"

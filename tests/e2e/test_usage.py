@@ -109,5 +109,5 @@ def test_upstream_error_records_no_usage(envoy, upstream):
     rid, status, _, data = send(envoy, "messages", False, {"x-fake-status": "500"})
     assert status == 500
     line = envoy.access_line(rid)
-    assert line["usage_source"] == "none"
+    assert line["usage_source"] == "refunded"
     assert line["output_tokens"] == "0"

@@ -1,0 +1,130 @@
+//! The usage view: every declared tenant's limits, what is used and reserved, and when each
+//! window resets, as JSON for operators (served on `usage_view.path` behind a token digest).
+
+use serde::Serialize;
+
+use crate::admission::read_count;
+use crate::budget::{self, Unit};
+use crate::config::Config;
+use crate::cost::format_usd;
+use crate::store::SharedStore;
+use crate::window::rfc3339;
+
+#[derive(Serialize)]
+struct View<'a> {
+    now: String,
+    tenants: Vec<TenantView<'a>>,
+}
+
+#[derive(Serialize)]
+struct TenantView<'a> {
+    tenant: &'a str,
+    in_flight: u64,
+    max_concurrent: Option<u64>,
+    limits: Vec<LimitView<'a>>,
+}
+
+#[derive(Serialize)]
+struct LimitView<'a> {
+    name: &'a str,
+    unit: &'static str,
+    window: String,
+    model: Option<&'a str>,
+    /// Token counts as integers; USD amounts as exact decimal strings.
+    limit: serde_json::Value,
+    used: serde_json::Value,
+    reserved: serde_json::Value,
+    remaining: serde_json::Value,
+    resets_at: String,
+}
+
+fn amount(unit: Unit, value: u64) -> serde_json::Value {
+    match unit {
+        Unit::Tokens => value.into(),
+        Unit::PicoUsd => format_usd(u128::from(value)).into(),
+    }
+}
+
+/// Renders the view as of `now_ms`, tenants sorted by name.
+pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) -> Vec<u8> {
+    let mut names: Vec<&String> = config.tenants.keys().collect();
+    names.sort();
+    let tenants = names
+        .into_iter()
+        .filter_map(|name| {
+            let tenant = config.tenants.get(name)?;
+            let limits = tenant
+                .policy
+                .limits
+                .iter()
+                .zip(&tenant.keys.buckets)
+                .map(|(limit, key)| {
+                    let b = budget::read(store, key, limit, now_ms);
+                    LimitView {
+                        name: &limit.name,
+                        unit: match limit.unit {
+                            Unit::Tokens => "tokens",
+                            Unit::PicoUsd => "usd",
+                        },
+                        window: limit.window.as_str(),
+                        model: limit.model.as_deref(),
+                        limit: amount(limit.unit, limit.amount),
+                        used: amount(limit.unit, b.used),
+                        reserved: amount(limit.unit, b.reserved),
+                        remaining: amount(limit.unit, b.remaining(limit.amount)),
+                        resets_at: rfc3339(limit.window.end(now_ms)),
+                    }
+                })
+                .collect();
+            Some(TenantView {
+                tenant: name,
+                in_flight: read_count(store.get(&tenant.keys.concurrency).0.as_deref()),
+                max_concurrent: tenant.policy.max_concurrent,
+                limits,
+            })
+        })
+        .collect();
+    serde_json::to_vec(&View {
+        now: rfc3339(now_ms),
+        tenants,
+    })
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::{Plan, admit};
+    use crate::store::MemStore;
+
+    #[test]
+    fn shows_used_reserved_and_remaining() {
+        let config = Config::from_json(
+            br#"{"identity":{"source":"header","header":"x-t"},
+                 "tenants":{"a":{"limits":[{"name":"tpm","tokens":100,"window":"minute"},
+                                           {"usd":"2.5","window":"day"}]}},
+                 "prices":{"*":{"input":"1","output":"2"}}}"#,
+        )
+        .unwrap();
+        let store = MemStore::default();
+        let t = &config.tenants["a"];
+        let plan = Plan {
+            prompt_tokens: 10,
+            output_tokens: 20,
+            set_max_tokens: None,
+            inject_include_usage: false,
+        };
+        admit(&store, &t.policy, &t.keys, "m", config.price("m"), plan, 0).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&render(&store, &config, 0)).unwrap();
+        let tpm = &v["tenants"][0]["limits"][0];
+        assert_eq!(
+            (tpm["reserved"].as_u64(), tpm["remaining"].as_u64()),
+            (Some(30), Some(70))
+        );
+        assert_eq!(tpm["resets_at"], "1970-01-01T00:01:00Z");
+        let usd = &v["tenants"][0]["limits"][1];
+        assert_eq!(usd["name"], "usd-day");
+        assert_eq!(usd["reserved"], "0.00005");
+        assert_eq!(usd["limit"], "2.5");
+    }
+}
