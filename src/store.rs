@@ -19,6 +19,8 @@ pub trait SharedStore {
     /// `Err(())` on a version mismatch (someone else wrote first).
     #[allow(clippy::result_unit_err)]
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), ()>;
+    /// Told when an update or `ensure` created `key` (keys are never deleted: counted).
+    fn created(&self, _key: &str) {}
 }
 
 /// Why an update did not happen.
@@ -42,6 +44,9 @@ where
         let (current, cas) = store.get(key);
         let (next, out) = apply(current.as_deref()).map_err(UpdateError::Refused)?;
         if store.set(key, &next, cas).is_ok() {
+            if current.is_none() {
+                store.created(key);
+            }
             return Ok(out);
         }
     }
@@ -53,7 +58,13 @@ where
 pub fn ensure<S: SharedStore + ?Sized>(store: &S, key: &str, initial: &[u8]) -> bool {
     match store.get(key) {
         (Some(_), _) => false,
-        (None, _) => store.set(key, initial, 0).is_ok(),
+        (None, _) => {
+            let created = store.set(key, initial, 0).is_ok();
+            if created {
+                store.created(key);
+            }
+            created
+        }
     }
 }
 

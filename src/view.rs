@@ -13,7 +13,15 @@ use crate::window::rfc3339;
 #[derive(Serialize)]
 struct View<'a> {
     now: String,
+    /// The shared-data keys the configuration implies, and how many of them exist.
+    shared_keys: KeyCount,
     tenants: Vec<TenantView<'a>>,
+}
+
+#[derive(Serialize)]
+struct KeyCount {
+    bound: usize,
+    present: usize,
 }
 
 #[derive(Serialize)]
@@ -84,8 +92,14 @@ pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) 
             })
         })
         .collect();
+    let implied = config.shared_keys();
+    let present = implied.iter().filter(|k| store.get(k).0.is_some()).count();
     serde_json::to_vec(&View {
         now: rfc3339(now_ms),
+        shared_keys: KeyCount {
+            bound: implied.len(),
+            present,
+        },
         tenants,
     })
     .unwrap_or_default()

@@ -23,9 +23,18 @@ impl RootContext for TollgateRoot {
         let bytes = host::plugin_configuration(plugin_configuration_size).unwrap_or_default();
         match Config::from_json(&bytes) {
             Ok(config) => {
+                host::define_counters();
+                // Create every budget key before traffic: a key created by two workers at once
+                // could lose a reservation; an existing key is never touched.
+                let keys = config.shared_keys();
+                let created = keys
+                    .iter()
+                    .filter(|key| store::ensure(&EnvoyStore, key, &[]))
+                    .count();
                 info!(
-                    "tollgate configured: {} tenants",
-                    config.identity.tenants.len()
+                    "tollgate configured: {} tenants, {} shared-data keys ({created} created)",
+                    config.tenants.len(),
+                    keys.len()
                 );
                 self.config = Some(Rc::new(config));
                 true
