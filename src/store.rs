@@ -9,6 +9,10 @@ use hashbrown::HashMap;
 /// How many times a contended update is retried before giving up (never a trap, never a spin).
 pub const MAX_CAS_RETRIES: usize = 64;
 
+/// The value keys are created with. Not empty: the SDK reads an empty value back as absent.
+/// Every reader decodes it as zero (a bucket with nothing used, no request in flight).
+pub const FRESH: &[u8] = &[0];
+
 /// A value and the version it was read at (`0` means "absent").
 pub type Versioned = (Option<Vec<u8>>, u32);
 
@@ -88,6 +92,8 @@ impl MemStore {
 impl SharedStore for MemStore {
     fn get(&self, key: &str) -> Versioned {
         match self.map.borrow().get(key) {
+            // Like the SDK: an empty value reads as absent (with its version).
+            Some((value, cas)) if value.is_empty() => (None, *cas),
             Some((value, cas)) => (Some(value.clone()), *cas),
             None => (None, 0),
         }

@@ -29,7 +29,7 @@ impl RootContext for TollgateRoot {
                 let keys = config.shared_keys();
                 let created = keys
                     .iter()
-                    .filter(|key| store::ensure(&EnvoyStore, key, &[]))
+                    .filter(|key| store::ensure(&EnvoyStore, key, store::FRESH))
                     .count();
                 info!(
                     "tollgate configured: {} tenants, {} shared-data keys ({created} created)",
