@@ -17,12 +17,28 @@ VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 SEMANTIC_ONLY = {"undeclared tenant"}  # cross-field rules only the filter checks
 
 
+def resolve(node):
+    ref = node.get("$ref", "")
+    return SCHEMA["$defs"][ref.split("/")[-1]] if ref.startswith("#/$defs/") else node
+
+
 def schema_paths(node, prefix=""):
+    """Documented field paths: `a.b`, `a[].b` for array items, `a.*` for map values. A tenant's
+    own fields are those of `tenant_defaults`, so `tenants.*` is one row."""
+    node = resolve(node)
     for name, sub in node.get("properties", {}).items():
         path = f"{prefix}{name}"
         yield path
-        target = sub.get("items", sub) if sub.get("type") == "array" else sub
-        yield from schema_paths(target, path + ("[]." if sub.get("type") == "array" else "."))
+        sub_r = resolve(sub)
+        if sub_r.get("type") == "array":
+            yield from schema_paths(resolve(sub_r.get("items", {})), path + "[].")
+        else:
+            yield from schema_paths(sub_r, path + ".")
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict) and extra:
+        yield f"{prefix}*"
+        if extra.get("$ref") != "#/$defs/policy":
+            yield from schema_paths(extra, f"{prefix}*.")
 
 
 def test_schema_is_valid():
