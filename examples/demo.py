@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests/e2e"))
 
 import anthropic  # noqa: E402
 import openai  # noqa: E402
-from harness import Envoy, FakeUpstream  # noqa: E402
+from harness import Envoy, FakeUpstream, http  # noqa: E402
 
 KEY_A, KEY_B = "sk-demo-team-a", "sk-demo-team-b"  # envoy/tollgate.json holds their SHA-256
 
@@ -45,6 +45,23 @@ def main():
             text = "".join(stream.text_stream)
         print(f"  streamed: {text!r}")
 
+        step("team-b asks for more than is left of its 2,000 tokens per minute: 429")
+        oai_b = openai.OpenAI(base_url=envoy.url + "/v1", api_key=KEY_B, max_retries=0)
+        try:
+            oai_b.chat.completions.create(model="gpt-4o-mini", max_tokens=1990,
+                                          messages=[{"role": "user", "content": "a long essay"}])
+        except openai.RateLimitError as err:
+            print(f"  openai.RateLimitError {err.status_code} ({err.code}), retry-after "
+                  f"{err.response.headers['retry-after']}s: {err.body['message']}")
+
+        step("the usage view: each tenant's budgets (GET /tollgate/usage with the admin token)")
+        view = json.loads(http("GET", envoy.url + "/tollgate/usage", None,
+                               {"authorization": "Bearer tollgate-admin-demo"})[2])
+        for tenant in view["tenants"]:
+            for limit in tenant["limits"]:
+                print(f"  {tenant['tenant']:7} {limit['name']:10} used {limit['used']:>10} of {limit['limit']:>8}"
+                      f"  reserved {limit['reserved']}  resets {limit['resets_at']}")
+
         step("an unknown API key is refused in the API's own error shape")
         try:
             openai.OpenAI(base_url=envoy.url + "/v1", api_key="sk-stolen", max_retries=0).chat.completions.create(
@@ -54,18 +71,19 @@ def main():
 
         step("the access log: one JSON line per request (tenant, API, model, tokens)")
         time.sleep(0.3)
-        for line in envoy.access_lines():
+        lines = [line for line in envoy.access_lines() if line["api"]]
+        for line in lines:
             keep = {k: line[k] for k in ("status", "tenant", "api", "model", "stream", "input_tokens",
                                          "output_tokens", "usage_source", "decision")}
             print("  " + json.dumps(keep))
-        ok = len(envoy.access_lines()) == 3
+        ok = len(lines) == 4
         if serve:
             step(f"serving: try  curl {envoy.url}/v1/chat/completions -H 'authorization: Bearer {KEY_A}' "
                  "-d '{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'")
             print("  Ctrl-C stops Envoy and the upstream.")
             while True:
                 time.sleep(3600)
-        step("demo done" if ok else "demo FAILED: expected 3 access-log lines")
+        step("demo done" if ok else "demo FAILED: expected 4 access-log lines")
         return 0 if ok else 1
     except KeyboardInterrupt:
         return 0

@@ -31,8 +31,11 @@ enum State {
     Refused {
         kind: ApiKind,
         tenant: Option<String>,
+        model: Option<String>,
         reason: &'static str,
     },
+    /// The usage view was served (or refused) by Tollgate itself.
+    Served { reason: &'static str },
 }
 
 struct Active {
@@ -91,6 +94,17 @@ impl TollgateHttp {
 
     /// Sends the refusal and remembers it for the record.
     fn refuse(&mut self, kind: ApiKind, tenant: Option<String>, refusal: &Refusal) -> Action {
+        self.refuse_model(kind, tenant, None, refusal)
+    }
+
+    /// [`Self::refuse`] once the requested model is known (it goes to the record too).
+    fn refuse_model(
+        &mut self,
+        kind: ApiKind,
+        tenant: Option<String>,
+        model: Option<String>,
+        refusal: &Refusal,
+    ) -> Action {
         let reply = refusal.reply(kind.family());
         debug!(
             "tollgate refuses {} request: {}",
@@ -101,13 +115,14 @@ impl TollgateHttp {
         self.state = State::Refused {
             kind,
             tenant,
+            model,
             reason: reply.reason,
         };
         Action::Pause
     }
 
     /// The usage view: `GET <usage_view.path>` with `Authorization: Bearer <admin token>`.
-    fn serve_usage_view(config: &Config) -> Action {
+    fn serve_usage_view(&mut self, config: &Config) -> Action {
         let authorized = config.usage_view.as_ref().is_some_and(|v| {
             host::request_header("authorization")
                 .as_deref()
@@ -128,6 +143,9 @@ impl TollgateHttp {
             .reply(Family::OpenAi)
         };
         Self::send(&reply);
+        self.state = State::Served {
+            reason: reply.reason,
+        };
         Action::Pause
     }
 
@@ -164,7 +182,9 @@ impl TollgateHttp {
             )
         }) {
             Ok(admitted) => admitted,
-            Err(refusal) => return self.refuse(kind, Some(tenant), &refusal),
+            Err(refusal) => {
+                return self.refuse_model(kind, Some(tenant), Some(facts.model), &refusal);
+            }
         };
         let edits = Edits {
             max_tokens: admitted.plan.set_max_tokens,
@@ -190,7 +210,7 @@ impl TollgateHttp {
                 let refusal = Refusal::Internal {
                     message: "The gateway could not rewrite the request body.".into(),
                 };
-                return self.refuse(kind, Some(tenant), &refusal);
+                return self.refuse_model(kind, Some(tenant), Some(facts.model), &refusal);
             }
         }
         let mut exchange = Exchange::new(kind, tenant, facts, config.limits);
@@ -234,6 +254,7 @@ impl TollgateHttp {
             State::Refused {
                 kind,
                 tenant,
+                model,
                 reason,
             } => {
                 let mut fields = vec![
@@ -243,8 +264,12 @@ impl TollgateHttp {
                 if let Some(tenant) = tenant {
                     fields.push(("tollgate.tenant", tenant.clone()));
                 }
+                if let Some(model) = model {
+                    fields.push(("tollgate.model", model.clone()));
+                }
                 fields
             }
+            State::Served { reason } => vec![("tollgate.decision", (*reason).to_string())],
         };
         self.recorded = true;
         for (name, value) in fields {
@@ -268,7 +293,7 @@ impl HttpContext for TollgateHttp {
         if let Some(view) = &config.usage_view
             && path.split(|b| *b == b'?').next() == Some(view.path.as_bytes())
         {
-            return Self::serve_usage_view(&config);
+            return self.serve_usage_view(&config);
         }
         let Some(kind) = ApiKind::from_path(&path) else {
             return Action::Continue;
