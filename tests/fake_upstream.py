@@ -42,6 +42,8 @@ x-fake-status: NNN                 error NNN in the API's shape (429 adds
 x-fake-reset-after: N              SSE: send N events, then RST the
                                    connection (no terminating chunk). JSON:
                                    send headers + first N body bytes, then RST
+x-fake-record-body: 1              SSE: keep the exact bytes sent (`sse_body`) and the
+                                   usage event (`usage_event`) in the ledger entry
 x-fake-gzip: 1                     gzip the body (content-encoding: gzip)
                                    whatever accept-encoding says; SSE is
                                    gzip-sync-flushed per event
@@ -571,6 +573,10 @@ class Handler(BaseHTTPRequestHandler):
                 pos += n
         usage_sent = usage_idx is not None and usage_idx < len(events)
         ledger.update(entry, events=total)
+        if _flag(self.headers, "x-fake-record-body") and not gz:
+            # The exact SSE bytes sent (tests compare what the client received against them).
+            ledger.update(entry, sse_body=b"".join(events).decode("utf-8"),
+                          usage_event=events[usage_idx].decode("utf-8") if usage_sent else None)
         for i, blob in enumerate(blobs):
             if i and split is not None:
                 time.sleep(SPLIT_SLEEP_S)

@@ -44,7 +44,7 @@ PRICE_IN, PRICE_OUT = Decimal("1.00"), Decimal("2.00")  # USD per million tokens
 CONFIG = {
     "identity": {"source": "header", "header": "x-tenant"},
     "tenant_defaults": {
-        "limits": [{"name": "tph", "tokens": 9000, "window": "hour"}],
+        "limits": [{"name": "tph", "tokens": 15000, "window": "hour"}],
         "strict": True,
         "default_output_tokens": DEFAULT_OUTPUT,
     },
@@ -52,18 +52,18 @@ CONFIG = {
         # Defaults only.
         "t1": {},
         # A token limit and a USD limit; the USD one binds first.
-        "t2": {"limits": [{"name": "tph", "tokens": 12000, "window": "hour"},
-                          {"name": "usd", "usd": "0.0065", "window": "day"}]},
+        "t2": {"limits": [{"name": "tph", "tokens": 20000, "window": "hour"},
+                          {"name": "usd", "usd": "0.011", "window": "day"}]},
         # A daily token limit and a concurrency cap.
-        "t3": {"limits": [{"name": "tpd", "tokens": 7000, "window": "day"}], "max_concurrent": 4},
+        "t3": {"limits": [{"name": "tpd", "tokens": 11000, "window": "day"}], "max_concurrent": 4},
         # Not strict: admission uses the estimate, so settlement may overshoot.
-        "t4": {"strict": False, "limits": [{"name": "tph", "tokens": 6000, "window": "hour"}]},
+        "t4": {"strict": False, "limits": [{"name": "tph", "tokens": 10000, "window": "hour"}]},
         # A tenant-wide limit and a model-scoped one.
-        "t5": {"limits": [{"name": "tph", "tokens": 10000, "window": "hour"},
-                          {"name": "mini", "tokens": 3500, "window": "hour", "model": "gpt-4o-mini"}]},
+        "t5": {"limits": [{"name": "tph", "tokens": 16000, "window": "hour"},
+                          {"name": "mini", "tokens": 5500, "window": "hour", "model": "gpt-4o-mini"}]},
         # Two windows, and a smaller default output reservation (still >= 2 * 20 + 1).
-        "t6": {"limits": [{"name": "tph", "tokens": 8000, "window": "hour"},
-                          {"name": "tpd", "tokens": 6500, "window": "day"}],
+        "t6": {"limits": [{"name": "tph", "tokens": 13000, "window": "hour"},
+                          {"name": "tpd", "tokens": 10500, "window": "day"}],
                "default_output_tokens": 48},
     },
     "prices": {"*": {"input": str(PRICE_IN), "output": str(PRICE_OUT)}},
@@ -98,7 +98,7 @@ def plan_requests(rng):
         api = rng.choices(["chat_completions", "responses", "messages"], [4, 3, 3])[0]
         mode = rng.choices(
             ["normal", "abort", "early_abort", "reset", "no_usage", "error"],
-            [50, 26, 2, 13, 5, 4],
+            [40, 32, 2, 16, 5, 5],
         )[0]
         stream = mode in ("abort",) or (mode != "abort" and rng.random() < 0.55)
         if mode == "abort":
