@@ -2,13 +2,14 @@
 //! cap, clamp, strict mode), the estimate, the concurrency slot and the budget reservations; and
 //! the settlement that later replaces the estimate with what the request really used.
 
-use hashbrown::HashSet;
+use hashbrown::{HashMap, HashSet};
 
 use crate::api::request::RequestFacts;
 use crate::api::{ApiKind, Usage};
 use crate::budget::{self, Denial, Held, Limit, Unit};
 use crate::cost::Price;
 use crate::reply::Refusal;
+use crate::routing::Alias;
 use crate::store::{SharedStore, UpdateError, update};
 use crate::window;
 
@@ -28,6 +29,35 @@ pub struct TenantPolicy {
     pub clamp_min_output_tokens: Option<u64>,
     /// Strict mode: the estimate is a true upper bound, so admitted usage never passes a limit.
     pub strict: bool,
+    /// This tenant's own aliases (over the routing table's).
+    pub aliases: HashMap<String, Alias>,
+    /// Aliases downgrade once any applicable budget is this many thousandths used.
+    pub downgrade_at_permille: Option<u64>,
+}
+
+impl TenantPolicy {
+    /// Whether any limit applying to `model` is at least `downgrade_at_permille` used
+    /// (counting reservations).
+    pub fn past_downgrade_threshold<S: SharedStore + ?Sized>(
+        &self,
+        store: &S,
+        keys: &TenantKeys,
+        model: &str,
+        now_ms: u64,
+    ) -> bool {
+        let Some(permille) = self.downgrade_at_permille else {
+            return false;
+        };
+        self.limits
+            .iter()
+            .zip(&keys.buckets)
+            .filter(|(limit, _)| limit.applies_to(model))
+            .any(|(limit, key)| {
+                let b = budget::read(store, key, limit, now_ms);
+                let taken = u128::from(b.used.saturating_add(b.reserved)) * 1000;
+                taken >= u128::from(limit.amount) * u128::from(permille)
+            })
+    }
 }
 
 impl Default for TenantPolicy {
@@ -40,6 +70,8 @@ impl Default for TenantPolicy {
             models: None,
             clamp_min_output_tokens: None,
             strict: false,
+            aliases: HashMap::new(),
+            downgrade_at_permille: None,
         }
     }
 }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::admission::{TenantKeys, TenantPolicy};
 use crate::budget::{Limit, Unit};
 use crate::cost::{self, Price};
+use crate::routing::{Alias, ModelRoute, Routing, Target, UnknownModel};
 use crate::tenant::{Identity, KeyDigest, TenantSource};
 use crate::window;
 
@@ -54,6 +55,8 @@ pub struct Config {
     pub prices: HashMap<String, Price>,
     /// The usage view: a path answered with every tenant's budgets, guarded by a token digest.
     pub usage_view: Option<UsageView>,
+    /// Model routing (`None`: models pass through unrouted).
+    pub routing: Option<Routing>,
 }
 
 /// A declared tenant.
@@ -141,6 +144,7 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     usage_view: Option<RawUsageView>,
+    routing: Option<RawRouting>,
 }
 
 #[derive(Deserialize, Default)]
@@ -153,6 +157,41 @@ struct RawPolicy {
     models: Option<Vec<String>>,
     clamp_min_output_tokens: Option<u64>,
     strict: Option<bool>,
+    aliases: Option<BTreeMap<String, RawAlias>>,
+    downgrade_at: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    header: Option<String>,
+    model_header: Option<String>,
+    conversation_header: Option<String>,
+    models: BTreeMap<String, RawModelRoute>,
+    #[serde(default)]
+    aliases: BTreeMap<String, RawAlias>,
+    unknown_model_route: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModelRoute {
+    route: String,
+    upstream_model: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlias {
+    targets: Vec<RawTarget>,
+    downgrade_to: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    model: String,
+    weight: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -373,14 +412,17 @@ impl TryFrom<RawConfig> for Config {
             );
         }
 
+        let routing = raw.routing.as_ref().map(build_routing).transpose()?;
+        let models = routing.as_ref().map(|r| &r.models);
         let defaults = policy(
             "tenant_defaults",
             &raw.tenant_defaults,
             &TenantPolicy::default(),
+            models,
         )?;
         let mut tenants = HashMap::with_capacity(raw.tenants.len());
         for (name, own) in &raw.tenants {
-            let policy = policy(&format!("tenants.{name}"), own, &defaults)?;
+            let policy = policy(&format!("tenants.{name}"), own, &defaults, models)?;
             let keys = TenantKeys::new(name, &policy);
             tenants.insert(name.clone(), Tenant { policy, keys });
         }
@@ -423,14 +465,151 @@ impl TryFrom<RawConfig> for Config {
             undeclared_slots,
             prices,
             usage_view,
+            routing,
         })
     }
 }
 
+fn build_routing(raw: &RawRouting) -> Result<Routing, ConfigError> {
+    let header_field = |name: &str, value: &Option<String>, default: &str| match value {
+        None => Ok(default.to_string()),
+        Some(h) => check_header_name(h).map_err(|r| ConfigError::new(format!("routing.{name}"), r)),
+    };
+    if raw.models.is_empty() {
+        return Err(ConfigError::new(
+            "routing.models",
+            "name at least one model",
+        ));
+    }
+    let mut models = HashMap::with_capacity(raw.models.len());
+    for (name, m) in &raw.models {
+        if m.route.is_empty() {
+            return Err(ConfigError::new(
+                format!("routing.models.{name}.route"),
+                "must not be empty",
+            ));
+        }
+        models.insert(
+            name.clone(),
+            ModelRoute {
+                route: m.route.clone(),
+                upstream_model: m.upstream_model.clone().unwrap_or_else(|| name.clone()),
+            },
+        );
+    }
+    let aliases = aliases("routing.aliases", &raw.aliases, &models)?;
+    Ok(Routing {
+        header: header_field("header", &raw.header, "x-tollgate-route")?,
+        model_header: header_field("model_header", &raw.model_header, "x-tollgate-model")?,
+        conversation_header: raw
+            .conversation_header
+            .as_ref()
+            .map(|h| {
+                check_header_name(h).map_err(|r| ConfigError::new("routing.conversation_header", r))
+            })
+            .transpose()?,
+        models,
+        aliases,
+        unknown: match &raw.unknown_model_route {
+            None => UnknownModel::Reject,
+            Some(route) if route.is_empty() => {
+                return Err(ConfigError::new(
+                    "routing.unknown_model_route",
+                    "must not be empty",
+                ));
+            }
+            Some(route) => UnknownModel::Route(route.clone()),
+        },
+    })
+}
+
+fn aliases(
+    at: &str,
+    raw: &BTreeMap<String, RawAlias>,
+    models: &HashMap<String, ModelRoute>,
+) -> Result<HashMap<String, Alias>, ConfigError> {
+    let mut out = HashMap::with_capacity(raw.len());
+    for (name, a) in raw {
+        let at = format!("{at}.{name}");
+        if models.contains_key(name) {
+            return Err(ConfigError::new(
+                at,
+                "an alias cannot have the name of a model",
+            ));
+        }
+        if a.targets.is_empty() {
+            return Err(ConfigError::new(
+                format!("{at}.targets"),
+                "name at least one target",
+            ));
+        }
+        let known = |field: String, model: &str| {
+            if models.contains_key(model) {
+                Ok(())
+            } else {
+                Err(ConfigError::new(
+                    field,
+                    format!("\"{model}\" is not a model of routing.models"),
+                ))
+            }
+        };
+        let mut targets = Vec::with_capacity(a.targets.len());
+        for (i, t) in a.targets.iter().enumerate() {
+            known(format!("{at}.targets[{i}].model"), &t.model)?;
+            let weight = t.weight.unwrap_or(1);
+            if weight == 0 || weight > 1_000_000 {
+                return Err(ConfigError::new(
+                    format!("{at}.targets[{i}].weight"),
+                    "must be between 1 and 1000000",
+                ));
+            }
+            targets.push(Target {
+                model: t.model.clone(),
+                weight,
+            });
+        }
+        if let Some(cheaper) = &a.downgrade_to {
+            known(format!("{at}.downgrade_to"), cheaper)?;
+        }
+        out.insert(
+            name.clone(),
+            Alias {
+                targets,
+                downgrade_to: a.downgrade_to.clone(),
+            },
+        );
+    }
+    Ok(out)
+}
+
 /// A tenant's policy: its own fields over `base` (a list such as `limits` replaces the base's).
-fn policy(at: &str, raw: &RawPolicy, base: &TenantPolicy) -> Result<TenantPolicy, ConfigError> {
+fn policy(
+    at: &str,
+    raw: &RawPolicy,
+    base: &TenantPolicy,
+    models: Option<&HashMap<String, ModelRoute>>,
+) -> Result<TenantPolicy, ConfigError> {
     let field = |name: &str| format!("{at}.{name}");
     let mut out = base.clone();
+    if let Some(own) = &raw.aliases {
+        let Some(models) = models else {
+            return Err(ConfigError::new(
+                field("aliases"),
+                "needs a `routing` section",
+            ));
+        };
+        out.aliases = aliases(&field("aliases"), own, models)?;
+    }
+    if let Some(at) = raw.downgrade_at {
+        if !(at > 0.0 && at <= 1.0) {
+            return Err(ConfigError::new(
+                field("downgrade_at"),
+                "must be a fraction in (0, 1], e.g. 0.8",
+            ));
+        }
+        // Thousandths: integer comparisons on the request path.
+        out.downgrade_at_permille = Some((at * 1000.0).round() as u64);
+    }
     if let Some(limits) = &raw.limits {
         out.limits = Vec::with_capacity(limits.len());
         for (i, l) in limits.iter().enumerate() {

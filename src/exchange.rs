@@ -234,7 +234,8 @@ impl Exchange {
     /// charged. Idempotent: the first call decides. `upstream_failed`: the upstream reset or
     /// could not be reached (Envoy's response details say so).
     ///
-    /// 1. usage reported by the upstream → that usage;
+    /// 1. usage reported by the upstream → that usage (a stream cut short: with at least the
+    ///    output deltas that passed);
     /// 2. else output observed while streaming → prompt estimate + observed output;
     /// 3. else a non-2xx status or an upstream failure → nothing (refund);
     /// 4. else (2xx without usage, or the client left before any answer) → the reservation.
@@ -253,10 +254,19 @@ impl Exchange {
             }
             _ => None,
         };
-        let observed = match &self.body {
-            BodyReader::Sse(reader) => reader.observed_output(),
-            _ => 0,
+        let (observed, stream_cut) = match &self.body {
+            BodyReader::Sse(reader) => (reader.observed_output(), !reader.completed()),
+            _ => (0, false),
         };
+        // A stream cut before its end may have reported only part of its usage (Anthropic's
+        // `message_start` carries the input and a placeholder output of 1): never charge less
+        // output than the deltas that passed.
+        let reported = reported.map(|mut usage| {
+            if stream_cut {
+                usage.output = usage.output.max(observed);
+            }
+            usage
+        });
         let answered_ok = self.status == 0 || (200..300).contains(&self.status);
         let done = match reported {
             Some(usage) => (usage, UsageSource::Reported),
@@ -442,6 +452,22 @@ mod tests {
                 "usage still read at split {split}"
             );
         }
+    }
+
+    #[test]
+    fn cut_anthropic_stream_charges_the_deltas_that_passed() {
+        let mut x = exchange(ApiKind::Messages);
+        x.on_response_headers(200, Some(b"text/event-stream"), None);
+        x.on_response_body(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":30,\"output_tokens\":1}}}\n\n");
+        for _ in 0..5 {
+            x.on_response_body(b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n");
+        }
+        // The client left before message_delta.
+        let (usage, source) = x.finish(false);
+        assert_eq!(
+            (usage.input, usage.output, source),
+            (30, 5, UsageSource::Reported)
+        );
     }
 
     #[test]

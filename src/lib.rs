@@ -20,6 +20,7 @@ pub mod config;
 pub mod cost;
 pub mod exchange;
 pub mod reply;
+pub mod routing;
 pub mod store;
 pub mod tenant;
 pub mod view;
