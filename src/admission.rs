@@ -129,9 +129,16 @@ pub fn max_tokens_field(kind: ApiKind) -> &'static str {
 }
 
 /// Checks the request against the tenant's per-request rules and decides what to reserve.
-pub fn plan(policy: &TenantPolicy, kind: ApiKind, facts: &RequestFacts) -> Result<Plan, Refusal> {
+/// `served` is the model routing resolved `facts.model` to: the allow-list accepts either name.
+pub fn plan(
+    policy: &TenantPolicy,
+    kind: ApiKind,
+    facts: &RequestFacts,
+    served: &str,
+) -> Result<Plan, Refusal> {
     if let Some(models) = &policy.models
         && !models.contains(&facts.model)
+        && !models.contains(served)
     {
         return Err(Refusal::Forbidden {
             message: format!(
@@ -500,16 +507,16 @@ mod tests {
         };
         let f = facts(r#"{"model":"b"}"#);
         assert!(matches!(
-            plan(&policy, ApiKind::ChatCompletions, &f),
+            plan(&policy, ApiKind::ChatCompletions, &f, &f.model),
             Err(Refusal::Forbidden { .. })
         ));
         let f = facts(r#"{"model":"a","max_tokens":500}"#);
         assert!(matches!(
-            plan(&policy, ApiKind::ChatCompletions, &f),
+            plan(&policy, ApiKind::ChatCompletions, &f, &f.model),
             Err(Refusal::BadRequest { .. })
         ));
         let f = facts(r#"{"model":"a"}"#);
-        let p = plan(&policy, ApiKind::ChatCompletions, &f).unwrap();
+        let p = plan(&policy, ApiKind::ChatCompletions, &f, &f.model).unwrap();
         assert_eq!((p.output_tokens, p.set_max_tokens), (100, None));
     }
 
@@ -521,7 +528,7 @@ mod tests {
             ..TenantPolicy::default()
         };
         let body = r#"{"model":"a","stream":true}"#;
-        let p = plan(&policy, ApiKind::ChatCompletions, &facts(body)).unwrap();
+        let p = plan(&policy, ApiKind::ChatCompletions, &facts(body), "a").unwrap();
         assert_eq!(p.prompt_tokens, body.len() as u64);
         assert_eq!(p.set_max_tokens, Some(50));
         assert!(p.inject_include_usage);

@@ -96,6 +96,8 @@ pub struct Exchange {
     stripper: Option<UsageChunkStripper>,
     /// Tollgate injected `stream_options.include_usage`.
     include_usage_injected: bool,
+    /// The model that served the request and its route, when routing resolved one.
+    served: Option<(String, String)>,
     finished: Option<(Usage, UsageSource)>,
 }
 
@@ -113,6 +115,7 @@ impl Exchange {
             reservation: Usage::default(),
             stripper: None,
             include_usage_injected: false,
+            served: None,
             finished: None,
         }
     }
@@ -124,6 +127,16 @@ impl Exchange {
             output: output_tokens,
             ..Usage::default()
         };
+    }
+
+    /// Routing resolved the request to `model` on `route`.
+    pub fn set_served(&mut self, model: String, route: String) {
+        self.served = Some((model, route));
+    }
+
+    /// The served model: the routed one, else the requested one.
+    pub fn served_model(&self) -> &str {
+        self.served.as_ref().map_or(&self.facts.model, |(m, _)| m)
     }
 
     /// Tollgate asked the upstream for `include_usage`: the client must not see that chunk.
@@ -296,6 +309,13 @@ impl Exchange {
             ("tollgate.tenant", self.tenant.clone()),
             ("tollgate.api", self.kind.as_str().to_string()),
             ("tollgate.model", self.facts.model.clone()),
+            ("tollgate.served_model", self.served_model().to_string()),
+            (
+                "tollgate.route",
+                self.served
+                    .as_ref()
+                    .map_or_else(String::new, |(_, r)| r.clone()),
+            ),
             ("tollgate.stream", self.facts.stream.to_string()),
             ("tollgate.input_tokens", usage.input.to_string()),
             ("tollgate.output_tokens", usage.output.to_string()),
@@ -477,6 +497,6 @@ mod tests {
         assert!(!x.wants_response_body());
         assert_eq!(x.finish(false).1, UsageSource::Refunded);
         assert!(x.is_finished());
-        assert_eq!(x.record().len(), 10);
+        assert_eq!(x.record().len(), 12);
     }
 }

@@ -13,6 +13,8 @@ pub enum Refusal {
         param: Option<String>,
         message: String,
     },
+    /// 400: the model is neither a model nor an alias of the routing table.
+    ModelNotFound { model: String },
     /// 401: no tenant could be identified.
     Unauthenticated { message: String },
     /// 403: the tenant may not use this model.
@@ -77,7 +79,20 @@ impl Refusal {
     /// Builds the reply in the shape of `family`.
     pub fn reply(&self, family: Family) -> LocalReply {
         let too_large;
+        let not_found;
         let (status, reason, message, param, openai, anthropic) = match self {
+            Refusal::ModelNotFound { model } => {
+                not_found =
+                    format!("The model '{model}' does not exist or you do not have access to it.");
+                (
+                    400,
+                    "model_not_found",
+                    not_found.as_str(),
+                    Some("model"),
+                    ("invalid_request_error", Some("model_not_found")),
+                    "invalid_request_error",
+                )
+            }
             Refusal::BadRequest { param, message } => (
                 400,
                 "bad_request",

@@ -136,3 +136,8 @@ pub fn define_counters() {
         KEYS_CREATED.with(|cell| cell.set(Some(id)));
     }
 }
+
+/// Makes Envoy match the route table again (after the routing header was set).
+pub fn clear_route_cache() -> Result<(), Status> {
+    hostcalls::call_foreign_function("clear_route_cache", None).map(|_| ())
+}

@@ -3,6 +3,7 @@
 //! reservation exactly once and write the per-request record.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::rc::Rc;
 
 use log::{debug, warn};
@@ -17,6 +18,7 @@ use crate::api::{ApiKind, Family};
 use crate::config::Config;
 use crate::exchange::Exchange;
 use crate::reply::{LocalReply, Refusal};
+use crate::routing::{Draw, Resolved};
 use crate::tenant::{API_KEY_HEADERS, KeyDigest, TenantSource};
 use crate::{view, window};
 
@@ -45,6 +47,8 @@ struct Active {
 
 pub struct TollgateHttp {
     config: Option<Rc<Config>>,
+    /// This worker's weighted-draw counter (shared by its requests).
+    draws: Rc<Cell<u64>>,
     state: State,
     recorded: bool,
 }
@@ -61,9 +65,10 @@ fn tenant_budget<'c>(config: &'c Config, tenant: &str) -> (&'c TenantPolicy, Cow
 }
 
 impl TollgateHttp {
-    pub fn new(config: Option<Rc<Config>>) -> TollgateHttp {
+    pub fn new(config: Option<Rc<Config>>, draws: Rc<Cell<u64>>) -> TollgateHttp {
         TollgateHttp {
             config,
+            draws,
             state: State::PassThrough,
             recorded: false,
         }
@@ -169,18 +174,20 @@ impl TollgateHttp {
             }
         };
         let (policy, keys) = tenant_budget(config, &tenant);
-        let price = config.price(&facts.model);
-        let admitted = match admission::plan(policy, kind, &facts).and_then(|plan| {
-            admission::admit(
-                &EnvoyStore,
-                policy,
-                &keys,
-                &facts.model,
-                price,
-                plan,
-                host::now_ms(),
-            )
-        }) {
+        let now = host::now_ms();
+        let resolved = match self.route(config, policy, &keys, &facts.model, now) {
+            Ok(resolved) => resolved,
+            Err(refusal) => {
+                return self.refuse_model(kind, Some(tenant), Some(facts.model), &refusal);
+            }
+        };
+        let served = resolved
+            .as_ref()
+            .map_or(facts.model.as_str(), |r| r.model.as_str());
+        let price = config.price(served);
+        let admitted = match admission::plan(policy, kind, &facts, served)
+            .and_then(|plan| admission::admit(&EnvoyStore, policy, &keys, served, price, plan, now))
+        {
             Ok(admitted) => admitted,
             Err(refusal) => {
                 return self.refuse_model(kind, Some(tenant), Some(facts.model), &refusal);
@@ -189,7 +196,10 @@ impl TollgateHttp {
         let edits = Edits {
             max_tokens: admitted.plan.set_max_tokens,
             include_usage: admitted.plan.inject_include_usage,
-            model: None,
+            model: resolved
+                .as_ref()
+                .filter(|r| r.upstream_model != facts.model)
+                .map(|r| r.upstream_model.clone()),
         };
         if !edits.is_empty() {
             let rewritten = rewrite(kind, &body, &edits).and_then(|new| {
@@ -213,13 +223,62 @@ impl TollgateHttp {
                 return self.refuse_model(kind, Some(tenant), Some(facts.model), &refusal);
             }
         }
+        if let (Some(routing), Some(r)) = (&config.routing, &resolved)
+            && let Err(status) = host::set_request_header(&routing.header, Some(r.route.as_bytes()))
+                .and_then(|()| {
+                    host::set_request_header(&routing.model_header, Some(r.model.as_bytes()))
+                })
+                .and_then(|()| host::clear_route_cache())
+        {
+            warn!("tollgate could not route the request: {status:?}");
+        }
         let mut exchange = Exchange::new(kind, tenant, facts, config.limits);
+        if let Some(r) = resolved {
+            exchange.set_served(r.model, r.route);
+        }
         exchange.set_reservation(admitted.plan.prompt_tokens, admitted.plan.output_tokens);
         if admitted.plan.inject_include_usage {
             exchange.set_include_usage_injected();
         }
         self.state = State::Active(Box::new(Active { exchange, admitted }));
         Action::Continue
+    }
+
+    /// Resolves the requested model to a route (`None` without a routing table).
+    fn route(
+        &self,
+        config: &Config,
+        policy: &TenantPolicy,
+        keys: &TenantKeys,
+        requested: &str,
+        now: u64,
+    ) -> Result<Option<Resolved>, Refusal> {
+        let Some(routing) = &config.routing else {
+            return Ok(None);
+        };
+        let overrides = (!policy.aliases.is_empty()).then_some(&policy.aliases);
+        // Reading the budget costs host calls: only for aliases that can downgrade.
+        let downgrade = routing.may_downgrade(overrides, requested)
+            && policy.past_downgrade_threshold(&EnvoyStore, keys, requested, now);
+        let conversation = routing
+            .conversation_header
+            .as_deref()
+            .and_then(host::request_header)
+            .filter(|id| !id.is_empty());
+        let draw = match &conversation {
+            Some(id) => Draw::Conversation(id),
+            None => {
+                let n = self.draws.get();
+                self.draws.set(n.wrapping_add(1));
+                Draw::Sequence(n)
+            }
+        };
+        routing
+            .resolve(overrides, requested, draw, downgrade)
+            .map(Some)
+            .ok_or_else(|| Refusal::ModelNotFound {
+                model: requested.to_string(),
+            })
     }
 
     /// Settles the reservation and writes the per-request record to filter state, once.
@@ -233,7 +292,7 @@ impl TollgateHttp {
                 let (charged, _) = active.exchange.finish(upstream_failed);
                 if let Some(config) = &self.config {
                     let (policy, keys) = tenant_budget(config, &active.exchange.tenant);
-                    let price = config.price(&active.exchange.facts.model);
+                    let price = config.price(active.exchange.served_model());
                     let failed = admission::settle(
                         &EnvoyStore,
                         policy,
@@ -318,6 +377,15 @@ impl HttpContext for TollgateHttp {
             };
             return self.refuse(kind, Some(tenant), &refusal);
         }
+        // A client must never pick the cluster: drop its routing header (Tollgate sets its own
+        // once the body is read).
+        let route_header = config
+            .routing
+            .as_ref()
+            .map_or("x-tollgate-route", |r| r.header.as_str());
+        if let Err(status) = host::set_request_header(route_header, None) {
+            warn!("tollgate could not remove {route_header}: {status:?}");
+        }
         // Usage is read from the response: ask for it uncompressed (gzip is still decoded
         // when an upstream ignores this).
         if let Err(status) = host::set_request_header("accept-encoding", Some(b"identity")) {
@@ -359,6 +427,17 @@ impl HttpContext for TollgateHttp {
             content_type.as_deref(),
             content_encoding.as_deref(),
         );
+        if let Some(routing) = self.config.as_ref().and_then(|c| c.routing.as_ref())
+            && let Err(status) = host::set_response_header(
+                &routing.model_header,
+                active.exchange.served_model().as_bytes(),
+            )
+        {
+            warn!(
+                "tollgate could not set {}: {status:?}",
+                routing.model_header
+            );
+        }
         if let Some(rate) = active.admitted.rate {
             let reset_in = rate.reset_ms.saturating_sub(host::now_ms());
             let headers: [(&str, String); 3] = match active.exchange.kind.family() {

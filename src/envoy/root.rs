@@ -1,5 +1,6 @@
 //! The root context: validates the plugin configuration once and hands it to each request.
 
+use std::cell::Cell;
 use std::rc::Rc;
 
 use log::{error, info};
@@ -14,6 +15,8 @@ use crate::store;
 #[derive(Default)]
 pub struct TollgateRoot {
     config: Option<Rc<Config>>,
+    /// The weighted-draw sequence of this worker (seeded by the clock so workers differ).
+    draws: Rc<Cell<u64>>,
 }
 
 impl Context for TollgateRoot {}
@@ -24,6 +27,7 @@ impl RootContext for TollgateRoot {
         match Config::from_json(&bytes) {
             Ok(config) => {
                 host::define_counters();
+                self.draws.set(host::now_ms());
                 // Create every budget key before traffic: a key created by two workers at once
                 // could lose a reservation; an existing key is never touched.
                 let keys = config.shared_keys();
@@ -48,7 +52,10 @@ impl RootContext for TollgateRoot {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Returning `None` would make the SDK panic: a missing configuration passes traffic through.
-        Some(Box::new(TollgateHttp::new(self.config.clone())))
+        Some(Box::new(TollgateHttp::new(
+            self.config.clone(),
+            self.draws.clone(),
+        )))
     }
 
     fn get_type(&self) -> Option<ContextType> {
