@@ -5,6 +5,11 @@
 
 PLUGIN_CONFIG_FILE (a JSON file) becomes PLUGIN_CONFIG, the plugin configuration string;
 every field without a value takes the default below. Unknown ${NAME}s are an error.
+The *_ENDPOINTS fields take "IP:PORT,IP:PORT…" (STATIC clusters: IP addresses; a bare PORT means
+127.0.0.1) and become a YAML flow list of lb_endpoints; left empty, they are one endpoint at
+127.0.0.1:UPSTREAM_PORT.
+
+    python3 envoy/render.py envoy/tollgate.yaml OPENAI_ENDPOINTS=127.0.0.1:18001,127.0.0.1:18002
 """
 import json
 import os
@@ -27,7 +32,37 @@ DEFAULTS = {
     "JWKS": json.dumps(json.dumps({"keys": [{
         "kty": "oct", "alg": "HS256", "kid": "demo",
         "k": "dG9sbGdhdGUtZGVtby1zZWNyZXQtY2hhbmdlLW1l"}]})),
+    # tollgate.yaml / tollgate-jwt.yaml upstream clusters (see ENDPOINT_FIELDS);
+    # empty: 127.0.0.1:UPSTREAM_PORT.
+    "OPENAI_ENDPOINTS": "",
+    "OPENAI_BACKUP_ENDPOINTS": "",
+    "ANTHROPIC_ENDPOINTS": "",
+    "SELFHOSTED_ENDPOINTS": "",
+    # tollgate-providers.yaml: SDS files with the provider API keys, and the Azure OpenAI resource.
+    "SECRETS_DIR": os.path.join(HERE, "secrets"),
+    "AZURE_OPENAI_HOST": "example.openai.azure.com",
 }
+
+# Fields given as "IP:PORT,…" and rendered as a YAML flow list of Envoy lb_endpoints.
+ENDPOINT_FIELDS = ("OPENAI_ENDPOINTS", "OPENAI_BACKUP_ENDPOINTS", "ANTHROPIC_ENDPOINTS",
+                   "SELFHOSTED_ENDPOINTS")
+
+
+def lb_endpoints(spec):
+    """ "127.0.0.1:18001,[::1]:18002,18003" -> a one-line YAML list of lb_endpoints."""
+    items = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        host, sep, port = part.rpartition(":")
+        host = host.strip("[]") if sep else "127.0.0.1"
+        if not port.isdigit() or not 0 < int(port) < 65536 or not host:
+            raise ValueError(f"bad endpoint {part!r}: want IP:PORT")
+        items.append('{endpoint: {address: {socket_address: {address: "%s", port_value: %d}}}}'
+                     % (host, int(port)))
+    if not items:
+        raise ValueError(f"no endpoint in {spec!r}")
+    return "[" + ", ".join(items) + "]"
 
 
 def render(template_text, values):
@@ -37,6 +72,9 @@ def render(template_text, values):
         with open(merged["PLUGIN_CONFIG_FILE"], encoding="utf-8") as f:
             config = json.load(f)
         merged["PLUGIN_CONFIG"] = json.dumps(json.dumps(config, separators=(",", ":")))
+    for name in ENDPOINT_FIELDS:
+        if "${%s}" % name in template_text:
+            merged[name] = lb_endpoints(merged[name] or "127.0.0.1:%s" % merged["UPSTREAM_PORT"])
     return string.Template(template_text).substitute(merged)
 
 

@@ -37,6 +37,7 @@ x-fake-split: SEED                 SSE: cut the body at random byte offsets
 x-fake-no-usage: 1                 omit usage (chat stream: no usage chunk;
                                    JSON: no usage key; responses: usage null;
                                    anthropic: no usage in message_start/delta)
+x-fake-status-server: NAME         apply x-fake-status only on the server named NAME
 x-fake-status: NNN                 error NNN in the API's shape (429 adds
                                    retry-after: 1)
 x-fake-reset-after: N              SSE: send N events, then RST the
@@ -518,6 +519,9 @@ class Handler(BaseHTTPRequestHandler):
             reset_after = _int_knob(h, "x-fake-reset-after", None)
             delay = _int_knob(h, "x-fake-delay-ms", 0)
             status = 400 if error else _int_knob(h, "x-fake-status", 200)
+            only = h.get("x-fake-status-server")
+            if only and only != self.server.name:
+                status = 200  # the error knob is for another server (retry tests)
             if not 200 <= status < 600:
                 raise KnobError("x-fake-status must be a valid HTTP status")
             if status < 300:
