@@ -22,23 +22,28 @@ def resolve(node):
     return SCHEMA["$defs"][ref.split("/")[-1]] if ref.startswith("#/$defs/") else node
 
 
-def schema_paths(node, prefix=""):
-    """Documented field paths: `a.b`, `a[].b` for array items, `a.*` for map values. A tenant's
-    own fields are those of `tenant_defaults`, so `tenants.*` is one row."""
+def schema_paths(node, prefix="", seen=None):
+    """Documented field paths: `a.b`, `a[].b` for array items, `a.*` for map values. A shared
+    definition is expanded where it first appears (`tenants.*` takes the fields of
+    `tenant_defaults`, a tenant's `aliases.*` those of `routing.aliases.*`)."""
+    seen = set() if seen is None else seen
+    ref = node.get("$ref")
+    if ref:
+        if ref in seen:
+            return
+        seen.add(ref)
     node = resolve(node)
     for name, sub in node.get("properties", {}).items():
         path = f"{prefix}{name}"
         yield path
-        sub_r = resolve(sub)
-        if sub_r.get("type") == "array":
-            yield from schema_paths(resolve(sub_r.get("items", {})), path + "[].")
+        if resolve(sub).get("type") == "array":
+            yield from schema_paths(resolve(sub).get("items", {}), path + "[].", seen)
         else:
-            yield from schema_paths(sub_r, path + ".")
+            yield from schema_paths(sub, path + ".", seen)
     extra = node.get("additionalProperties")
     if isinstance(extra, dict) and extra:
         yield f"{prefix}*"
-        if extra.get("$ref") != "#/$defs/policy":
-            yield from schema_paths(extra, f"{prefix}*.")
+        yield from schema_paths(extra, f"{prefix}*.", seen)
 
 
 def test_schema_is_valid():
