@@ -38,6 +38,12 @@ def main():
         print(f"  answer: {r.choices[0].message.content!r}\n  usage:  {r.usage.prompt_tokens} in, "
               f"{r.usage.completion_tokens} out")
 
+        step("team-a asks for the alias 'smart': Tollgate routes it, Envoy's route table serves it")
+        raw = oai.chat.completions.with_raw_response.create(
+            model="smart", messages=[{"role": "user", "content": "Think hard."}])
+        print(f"  x-tollgate-model: {raw.headers['x-tollgate-model']}  "
+              f"(upstream saw model {raw.parse().model!r})")
+
         step("team-b: Anthropic streaming message through Envoy")
         claude = anthropic.Anthropic(base_url=envoy.url, api_key=KEY_B, max_retries=0)
         with claude.messages.stream(model="claude-3-5-haiku", max_tokens=64,
@@ -73,17 +79,17 @@ def main():
         time.sleep(0.3)
         lines = [line for line in envoy.access_lines() if line["api"]]
         for line in lines:
-            keep = {k: line[k] for k in ("status", "tenant", "api", "model", "stream", "input_tokens",
+            keep = {k: line[k] for k in ("status", "tenant", "api", "model", "served_model", "stream", "input_tokens",
                                          "output_tokens", "usage_source", "decision")}
             print("  " + json.dumps(keep))
-        ok = len(lines) == 4
+        ok = len(lines) == 5
         if serve:
             step(f"serving: try  curl {envoy.url}/v1/chat/completions -H 'authorization: Bearer {KEY_A}' "
                  "-d '{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'")
             print("  Ctrl-C stops Envoy and the upstream.")
             while True:
                 time.sleep(3600)
-        step("demo done" if ok else "demo FAILED: expected 4 access-log lines")
+        step("demo done" if ok else "demo FAILED: expected 5 access-log lines")
         return 0 if ok else 1
     except KeyboardInterrupt:
         return 0
