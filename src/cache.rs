@@ -7,7 +7,7 @@
 //!   SHA-256 key of a request, `None` when the body is not a JSON object or the request refers to
 //!   mutable server-side state (never cacheable).
 //! - [`deterministic`]`(body) -> bool`: the request asks for greedy decoding (eligibility helper;
-//!   the caller decides per config whether to require it; embeddings are always deterministic).
+//!   the caller decides per config whether to require it; embeddings need no such check).
 //! - [`all_keys`]`(cfg)`: every shared-data key the cache uses, to `store::ensure` with
 //!   `store::FRESH` at configuration time.
 //! - [`lookup`]`(store, cfg, key, now_ms) -> Option<Hit>`.
@@ -66,13 +66,14 @@
 //! entries included: Envoy keeps them in memory until overwritten) whenever no insert is midway,
 //! and `Σ size of data values <= bytes_held <= max_bytes` at every instant: growth is reserved in
 //! the meta key before the data is written, shrinkage released after. `entries` counts slots
-//! holding an entry (expired ones included) and is clamped to the slot count.
+//! holding an entry (expired ones included) and is clamped to the largest slot count ever used.
 //!
 //! # Insert (every step compare-and-swap; contention gives up, never blocks)
-//! 1. Read the set's headers and pick a victim: a live entry with the same key, or one being
-//!    written, means [`StoreOutcome::AlreadyPresent`]; else the same key expired; else the
-//!    stale slot (expired, or a write abandoned for [`WRITE_TIMEOUT_MS`]) holding most bytes;
-//!    else an empty slot; else the least recently used live entry (LRU eviction).
+//! 1. Read the set's headers and pick a victim: a live entry with the same key, or the same key
+//!    being written by another worker, means [`StoreOutcome::AlreadyPresent`]; else the same key
+//!    expired; else the stale slot (expired, or a write abandoned for [`WRITE_TIMEOUT_MS`])
+//!    holding most bytes; else an empty slot; else the least recently used live entry (LRU
+//!    eviction).
 //! 2. Claim it: header → `writing` with the new key, keeping the old `held`/counted (so an
 //!    abandoned claim is taken over with the right accounting). A lost race re-reads the set (up
 //!    to three times), then [`StoreOutcome::Contended`].
@@ -284,7 +285,10 @@ impl Geometry {
         if self.sets == 0 {
             return 0..0;
         }
-        let hash = key.0.first_chunk::<8>().map_or(0, |b| u64::from_le_bytes(*b));
+        let hash = key
+            .0
+            .first_chunk::<8>()
+            .map_or(0, |b| u64::from_le_bytes(*b));
         let set = u32::try_from(hash % u64::from(self.sets)).unwrap_or(0);
         let start = set.saturating_mul(self.ways);
         start..start.saturating_add(self.ways).min(self.slots)
@@ -485,14 +489,6 @@ fn decode_data(data: Option<Vec<u8>>, key: &CacheKey, held: u32) -> Option<(u16,
     Some((status, content_type, data))
 }
 
-/// The bytes a data value counts for: the placeholder and anything not ours count 0.
-fn accounted(data: &[u8]) -> u64 {
-    match data.first() {
-        Some(&DATA_MAGIC) => u64::try_from(data.len()).unwrap_or(u64::MAX),
-        _ => 0,
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Meta {
     entries: u32,
@@ -605,7 +601,10 @@ pub fn insert<S: SharedStore + ?Sized>(
     now_ms: u64,
 ) -> StoreOutcome {
     let geo = Geometry::of(cfg);
-    let Some(status) = u16::try_from(status).ok().filter(|s| (200..=299).contains(s)) else {
+    let Some(status) = u16::try_from(status)
+        .ok()
+        .filter(|s| (200..=299).contains(s))
+    else {
         return StoreOutcome::Rejected;
     };
     if geo.slots == 0 || cfg.ttl_ms == 0 || content_type.len() > usize::from(u8::MAX) {
@@ -641,14 +640,23 @@ pub fn insert<S: SharedStore + ?Sized>(
             continue;
         }
         let evicted = old.live(now_ms) && old.key != key.0;
-        return write_claimed(store, cfg, &geo, key, slot, old, claim, Pending {
-            size: size32,
-            status,
-            content_type,
-            body,
-            evicted,
-            now_ms,
-        });
+        return write_claimed(
+            store,
+            cfg,
+            &geo,
+            key,
+            slot,
+            old,
+            claim,
+            Pending {
+                size: size32,
+                status,
+                content_type,
+                body,
+                evicted,
+                now_ms,
+            },
+        );
     }
     StoreOutcome::Contended
 }
@@ -935,6 +943,14 @@ mod tests {
         cache_key("acme", "default", "gpt-4o", CHAT, body.as_bytes())
     }
 
+    /// The bytes a data value counts for: the placeholder and anything not ours count 0.
+    fn accounted(data: &[u8]) -> u64 {
+        match data.first() {
+            Some(&DATA_MAGIC) => u64::try_from(data.len()).unwrap_or(u64::MAX),
+            _ => 0,
+        }
+    }
+
     /// Slots a table of `cfg` has ever had keys for.
     fn slots_in(store: &MemStore) -> u32 {
         let mut n = 0;
@@ -997,10 +1013,18 @@ mod tests {
             chat_key(
                 r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0,"stream":true}"#,
             ),
-            chat_key(r#"{"model":"m","messages":[{"role":"user","content":"ho"}],"temperature":0}"#),
-            chat_key(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0,"seed":1}"#),
-            chat_key(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0,"store":true}"#),
-            chat_key(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0,"service_tier":"flex"}"#),
+            chat_key(
+                r#"{"model":"m","messages":[{"role":"user","content":"ho"}],"temperature":0}"#,
+            ),
+            chat_key(
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0,"seed":1}"#,
+            ),
+            chat_key(
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0,"store":true}"#,
+            ),
+            chat_key(
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0,"service_tier":"flex"}"#,
+            ),
         ];
         for (i, other) in others.iter().enumerate() {
             assert_ne!(other.unwrap(), base, "case {i}");
@@ -1018,7 +1042,9 @@ mod tests {
 
     #[test]
     fn key_ignores_order_whitespace_and_identity_fields() {
-        let base = chat_key(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}"#);
+        let base = chat_key(
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}"#,
+        );
         let same = [
             r#"{ "temperature": 0, "messages": [ {"content": "hi", "role": "user"} ], "model": "m" }"#,
             r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0,"user":"u1"}"#,
@@ -1137,7 +1163,15 @@ mod tests {
         let store = fresh(&c);
         let k = chat_key(r#"{"model":"m","temperature":0}"#).unwrap();
         assert_eq!(lookup(&store, &c, &k, 0), None);
-        let out = insert(&store, &c, &k, 200, "text/event-stream", b"data: hi\n\n", 1_000);
+        let out = insert(
+            &store,
+            &c,
+            &k,
+            200,
+            "text/event-stream",
+            b"data: hi\n\n",
+            1_000,
+        );
         assert_eq!(out, StoreOutcome::Stored { evicted: false });
         let hit = lookup(&store, &c, &k, 3_000).unwrap();
         assert_eq!(
@@ -1176,7 +1210,10 @@ mod tests {
     fn expired_slots_are_reused_before_empty_ones() {
         let c = cfg(4, 1 << 20, 1 << 16, 4);
         let store = fresh(&c);
-        assert!(matches!(insert(&store, &c, &key(1), 200, JSON, &[1; 100], 0), StoreOutcome::Stored { .. }));
+        assert!(matches!(
+            insert(&store, &c, &key(1), 200, JSON, &[1; 100], 0),
+            StoreOutcome::Stored { .. }
+        ));
         let later = c.ttl_ms;
         assert_eq!(
             insert(&store, &c, &key(2), 200, JSON, &[2; 10], later),
@@ -1226,7 +1263,13 @@ mod tests {
         let before: Vec<_> = all_keys(&c).iter().map(|k| store.get(k)).collect();
         let max_body = 200 - DATA_PREFIX_BYTES - JSON.len();
         let cases = [
-            (key(2), 200, JSON, vec![0; max_body + 1], StoreOutcome::TooLarge),
+            (
+                key(2),
+                200,
+                JSON,
+                vec![0; max_body + 1],
+                StoreOutcome::TooLarge,
+            ),
             (key(2), 404, JSON, vec![0; 1], StoreOutcome::Rejected),
             (key(2), 199, JSON, vec![0; 1], StoreOutcome::Rejected),
             (key(2), 70_000, JSON, vec![0; 1], StoreOutcome::Rejected),
@@ -1235,9 +1278,15 @@ mod tests {
             assert_eq!(insert(&store, &c, &k, status, ct, &body, 1), want);
         }
         let long_ct = "x".repeat(256);
-        assert_eq!(insert(&store, &c, &key(2), 200, &long_ct, b"", 1), StoreOutcome::Rejected);
+        assert_eq!(
+            insert(&store, &c, &key(2), 200, &long_ct, b"", 1),
+            StoreOutcome::Rejected
+        );
         let zero_ttl = CacheConfig { ttl_ms: 0, ..c };
-        assert_eq!(insert(&store, &zero_ttl, &key(2), 200, JSON, b"", 1), StoreOutcome::Rejected);
+        assert_eq!(
+            insert(&store, &zero_ttl, &key(2), 200, JSON, b"", 1),
+            StoreOutcome::Rejected
+        );
         let after: Vec<_> = all_keys(&c).iter().map(|k| store.get(k)).collect();
         assert_eq!(before, after);
         // Exactly at the entry cap is fine.
@@ -1247,12 +1296,18 @@ mod tests {
         ));
         // An entry bigger than the whole cache can never fit.
         let tiny = cfg(4, 100, 1_000, 4);
-        assert_eq!(insert(&fresh(&tiny), &tiny, &key(2), 200, JSON, &[0; 100], 1), StoreOutcome::TooLarge);
+        assert_eq!(
+            insert(&fresh(&tiny), &tiny, &key(2), 200, JSON, &[0; 100], 1),
+            StoreOutcome::TooLarge
+        );
         // No slots: nothing to do, nothing to find.
         let none = cfg(0, 1_000, 1_000, 4);
         let store = fresh(&none);
         assert_eq!(store.len(), 1);
-        assert_eq!(insert(&store, &none, &key(2), 200, JSON, b"", 1), StoreOutcome::Rejected);
+        assert_eq!(
+            insert(&store, &none, &key(2), 200, JSON, b"", 1),
+            StoreOutcome::Rejected
+        );
         assert_eq!(lookup(&store, &none, &key(2), 1), None);
     }
 
@@ -1263,7 +1318,15 @@ mod tests {
         let store = fresh(&c);
         let body = 300 - DATA_PREFIX_BYTES - JSON.len();
         for id in 1..=4 {
-            insert(&store, &c, &key(id), 200, JSON, &body_of(id, body), u64::from(id));
+            insert(
+                &store,
+                &c,
+                &key(id),
+                200,
+                JSON,
+                &body_of(id, body),
+                u64::from(id),
+            );
         }
         assert_eq!(stats(&store).bytes_held, 1_200);
         let before = snapshot(&store, &c);
@@ -1294,7 +1357,10 @@ mod tests {
             (a, b)
         };
         insert(&store, &c, &key(a), 200, JSON, &body_of(a, 900), 0);
-        assert_eq!(insert(&store, &c, &key(b), 200, JSON, &body_of(b, 500), 1), StoreOutcome::NoRoom);
+        assert_eq!(
+            insert(&store, &c, &key(b), 200, JSON, &body_of(b, 500), 1),
+            StoreOutcome::NoRoom
+        );
         check(&store, &c);
         assert_eq!(
             insert(&store, &c, &key(b), 200, JSON, &body_of(b, 500), c.ttl_ms),
@@ -1364,7 +1430,15 @@ mod tests {
         let c = cfg(8, 1 << 20, 1 << 16, 4);
         let store = MemStore::default();
         for id in 0..50 {
-            insert(&store, &c, &key(id), 200, JSON, &body_of(id, 20), u64::from(id));
+            insert(
+                &store,
+                &c,
+                &key(id),
+                200,
+                JSON,
+                &body_of(id, 20),
+                u64::from(id),
+            );
             lookup(&store, &c, &key(id), u64::from(id));
         }
         assert!(store.len() <= 2 * 8 + 1);
@@ -1400,13 +1474,15 @@ mod tests {
         }
     }
 
+    type Hook<'a> = Box<dyn FnOnce(&MemStore) + 'a>;
+
     /// A store that runs `hook` on the inner store right before its `at`-th call: another worker
     /// acting between two steps of this one.
     struct Meddler<'a> {
         inner: &'a MemStore,
         calls: Cell<usize>,
         at: usize,
-        hook: RefCell<Option<Box<dyn FnOnce(&MemStore) + 'a>>>,
+        hook: RefCell<Option<Hook<'a>>>,
     }
 
     impl<'a> Meddler<'a> {
@@ -1422,10 +1498,10 @@ mod tests {
         fn tick(&self) {
             let n = self.calls.get();
             self.calls.set(n + 1);
-            if n == self.at {
-                if let Some(hook) = self.hook.borrow_mut().take() {
-                    hook(self.inner);
-                }
+            if n == self.at
+                && let Some(hook) = self.hook.borrow_mut().take()
+            {
+                hook(self.inner);
             }
         }
     }
@@ -1528,6 +1604,12 @@ mod tests {
             }
             let now = 1_000 + dt * 600;
             let meddler = Meddler::new(&store, at, |inner| {
+                // Midway through the other insert: what is stored never exceeds what is counted.
+                let meta = Meta::decode(inner.get(META_KEY).0.as_deref());
+                let stored: u64 = (0..4)
+                    .map(|slot| accounted(&inner.get(&data_key(slot)).0.unwrap()))
+                    .sum();
+                assert!(stored <= meta.bytes_held && meta.bytes_held <= c.max_bytes);
                 if b_lookup {
                     if let Some(hit) = lookup(inner, &c, &key(b), now) {
                         assert_hit_matches(&hit, b);

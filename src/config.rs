@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::admission::{TenantKeys, TenantPolicy};
 use crate::budget::{Limit, Unit};
 use crate::cost::{self, Price};
+use crate::metrics::Labels;
 use crate::routing::{Alias, ModelRoute, Routing, Target, UnknownModel};
 use crate::tenant::{Identity, KeyDigest, TenantSource};
 use crate::window;
@@ -57,6 +58,8 @@ pub struct Config {
     pub usage_view: Option<UsageView>,
     /// Model routing (`None`: models pass through unrouted).
     pub routing: Option<Routing>,
+    /// Metric label values (bounded by the configuration).
+    pub labels: Labels,
 }
 
 /// A declared tenant.
@@ -145,6 +148,15 @@ struct RawConfig {
     limits: RawLimits,
     usage_view: Option<RawUsageView>,
     routing: Option<RawRouting>,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    max_tenant_labels: Option<u64>,
+    max_model_labels: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -457,10 +469,35 @@ impl TryFrom<RawConfig> for Config {
                 })
             }
         };
+        let label_cap = |field: &str, value: Option<u64>, default: usize| match value {
+            None => Ok(default),
+            Some(n) if (1..=10_000).contains(&n) => Ok(usize::try_from(n).unwrap_or(default)),
+            Some(_) => Err(ConfigError::new(field, "must be between 1 and 10000")),
+        };
+        let max_tenants = label_cap(
+            "metrics.max_tenant_labels",
+            raw.metrics.max_tenant_labels,
+            100,
+        )?;
+        let max_models = label_cap("metrics.max_model_labels", raw.metrics.max_model_labels, 50)?;
+        let model_names: Vec<&String> = routing
+            .as_ref()
+            .map(|r| r.models.keys().collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(prices.keys().filter(|m| m.as_str() != "*"))
+            .collect();
+        let labels = Labels::new(
+            tenants.keys(),
+            model_names.into_iter(),
+            max_tenants,
+            max_models,
+        );
         Ok(Config {
             identity,
             limits,
             tenants,
+            labels,
             undeclared_policy: defaults,
             undeclared_slots,
             prices,

@@ -70,6 +70,19 @@ pub fn to_micro_usd(pico: u128) -> u64 {
     u64::try_from(pico / u128::from(PICO_PER_MICRO_USD)).unwrap_or(u64::MAX)
 }
 
+/// The billed cost of one request: its exact picodollars rounded half-up to a microdollar. The
+/// ledger (`llm_cost_usd`) and the cost metrics both use it, so they add up to the same sum;
+/// budgets keep the exact picodollars.
+pub fn billed_micro_usd(pico: u128) -> u64 {
+    let half = u128::from(PICO_PER_MICRO_USD / 2);
+    to_micro_usd(pico.saturating_add(half))
+}
+
+/// Microdollars as a USD decimal string with six decimals (`"0.000123"`, `"12.500000"`).
+pub fn format_micro_usd(micro: u64) -> String {
+    format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
+}
+
 /// A model's prices, in picodollars per token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Price {
@@ -397,6 +410,16 @@ mod tests {
         for (pico, want) in cases {
             assert_eq!(format_usd(pico), want, "{pico}");
         }
+    }
+
+    #[test]
+    fn billed_cost_rounds_half_up_to_the_microdollar() {
+        assert_eq!(billed_micro_usd(499_999), 0);
+        assert_eq!(billed_micro_usd(500_000), 1);
+        assert_eq!(billed_micro_usd(1_499_999), 1);
+        assert_eq!(format_micro_usd(0), "0.000000");
+        assert_eq!(format_micro_usd(123), "0.000123");
+        assert_eq!(format_micro_usd(12_500_000), "12.500000");
     }
 
     #[test]

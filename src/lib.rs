@@ -16,9 +16,11 @@
 pub mod admission;
 pub mod api;
 pub mod budget;
+pub mod cache;
 pub mod config;
 pub mod cost;
 pub mod exchange;
+pub mod metrics;
 pub mod reply;
 pub mod routing;
 pub mod store;

@@ -11,12 +11,15 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use super::host::{self, EnvoyStore};
+use super::metrics;
 use crate::admission::{self, Admitted, TenantKeys, TenantPolicy};
 use crate::api::request::parse_request;
 use crate::api::rewrite::{Edits, rewrite};
-use crate::api::{ApiKind, Family};
+use crate::api::{ApiKind, Family, Usage};
 use crate::config::Config;
+use crate::cost;
 use crate::exchange::Exchange;
+use crate::metrics::{Counter, Histogram};
 use crate::reply::{LocalReply, Refusal};
 use crate::routing::{Draw, Resolved};
 use crate::tenant::{API_KEY_HEADERS, KeyDigest, TenantSource};
@@ -43,6 +46,10 @@ enum State {
 struct Active {
     exchange: Exchange,
     admitted: Admitted,
+    /// When the request was admitted (time to first token).
+    started_ms: u64,
+    first_byte_seen: bool,
+    conversation: Option<String>,
 }
 
 pub struct TollgateHttp {
@@ -240,7 +247,23 @@ impl TollgateHttp {
         if admitted.plan.inject_include_usage {
             exchange.set_include_usage_injected();
         }
-        self.state = State::Active(Box::new(Active { exchange, admitted }));
+        let conversation = config
+            .routing
+            .as_ref()
+            .and_then(|r| r.conversation_header.as_deref())
+            .and_then(host::request_header)
+            .map(|id| String::from_utf8_lossy(&id).into_owned());
+        metrics::gauge_add(
+            crate::metrics::in_flight_name(&config.labels.tenant(&exchange.tenant)),
+            1,
+        );
+        self.state = State::Active(Box::new(Active {
+            exchange,
+            admitted,
+            started_ms: now,
+            first_byte_seen: false,
+            conversation,
+        }));
         Action::Continue
     }
 
@@ -290,9 +313,12 @@ impl TollgateHttp {
             State::PassThrough | State::AwaitingBody { .. } => return,
             State::Active(active) => {
                 let (charged, _) = active.exchange.finish(upstream_failed);
+                let mut billed_micro = 0;
                 if let Some(config) = &self.config {
                     let (policy, keys) = tenant_budget(config, &active.exchange.tenant);
                     let price = config.price(active.exchange.served_model());
+                    billed_micro = price.map_or(0, |p| cost::billed_micro_usd(p.cost(&charged)));
+                    count_usage(config, &active.exchange, &charged, billed_micro);
                     let failed = admission::settle(
                         &EnvoyStore,
                         policy,
@@ -308,6 +334,10 @@ impl TollgateHttp {
                 }
                 let mut fields = active.exchange.record();
                 fields.push(("tollgate.decision", "admitted".to_string()));
+                fields.push(("tollgate.cost_usd", cost::format_micro_usd(billed_micro)));
+                if let Some(conversation) = &active.conversation {
+                    fields.push(("tollgate.conversation_id", conversation.clone()));
+                }
                 fields
             }
             State::Refused {
@@ -326,6 +356,12 @@ impl TollgateHttp {
                 if let Some(model) = model {
                     fields.push(("tollgate.model", model.clone()));
                 }
+                if let Some(config) = &self.config {
+                    let label = tenant
+                        .as_deref()
+                        .map_or(Cow::Borrowed("_unknown"), |t| config.labels.tenant(t));
+                    metrics::count(crate::metrics::denial_name(&label, reason), 1);
+                }
                 fields
             }
             State::Served { reason } => vec![("tollgate.decision", (*reason).to_string())],
@@ -337,6 +373,34 @@ impl TollgateHttp {
             }
         }
     }
+}
+
+/// The usage metrics of one finished exchange.
+fn count_usage(config: &Config, exchange: &Exchange, charged: &Usage, billed_micro: u64) {
+    let tenant = config.labels.tenant(&exchange.tenant);
+    let model = config.labels.model(exchange.served_model());
+    for (counter, value) in [
+        (Counter::Requests, 1),
+        (Counter::InputTokens, charged.input),
+        (Counter::OutputTokens, charged.output),
+        (Counter::CachedInputTokens, charged.cached_input),
+        (Counter::CacheWriteInputTokens, charged.cache_write_input),
+        (Counter::CostMicroUsd, billed_micro),
+    ] {
+        metrics::count(
+            crate::metrics::counter_name(counter, &tenant, &model),
+            value,
+        );
+    }
+    metrics::sample(
+        crate::metrics::histogram_name(Histogram::TokensPerRequest, &tenant),
+        charged.input.saturating_add(charged.output),
+    );
+    metrics::sample(
+        crate::metrics::histogram_name(Histogram::CostMicroUsdPerRequest, &tenant),
+        billed_micro,
+    );
+    metrics::gauge_add(crate::metrics::in_flight_name(&tenant), -1);
 }
 
 impl Context for TollgateHttp {}
@@ -478,6 +542,19 @@ impl HttpContext for TollgateHttp {
         let State::Active(active) = &mut self.state else {
             return Action::Continue;
         };
+        if !active.first_byte_seen
+            && body_size > 0
+            && let Some(config) = &self.config
+        {
+            active.first_byte_seen = true;
+            metrics::sample(
+                crate::metrics::histogram_name(
+                    Histogram::TimeToFirstTokenMs,
+                    &config.labels.tenant(&active.exchange.tenant),
+                ),
+                host::now_ms().saturating_sub(active.started_ms),
+            );
+        }
         if active.exchange.wants_response_body() {
             // An empty last chunk still has to flush what the usage-chunk stripper holds.
             let chunk = host::response_body(body_size).unwrap_or_default();

@@ -1,0 +1,185 @@
+//! Metric names with bounded labels. Envoy's stats carry no tags, so labels are encoded in the
+//! name (`tollgate.tenant.<t>.model.<m>.requests`) and extracted again by `stats_tags` in the
+//! shipped Envoy config, giving Prometheus families such as
+//! `envoy_wasmcustom_tollgate_requests{tenant="…",model="…"}`.
+//!
+//! Cardinality is bounded by the configuration: the first `max_tenant_labels` declared tenants
+//! (by name) and the first `max_model_labels` configured models (routing table and price table)
+//! get their own label value; every other tenant or model is `_other`.
+
+use std::borrow::Cow;
+
+use hashbrown::HashSet;
+
+/// The label value shared by everything past the label caps.
+pub const OTHER: &str = "_other";
+
+/// Counters labelled by tenant and served model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Counter {
+    Requests,
+    InputTokens,
+    OutputTokens,
+    CachedInputTokens,
+    CacheWriteInputTokens,
+    CostMicroUsd,
+    CacheHits,
+    CacheMisses,
+    CacheSavedTokens,
+    CacheSavedMicroUsd,
+}
+
+impl Counter {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Counter::Requests => "requests",
+            Counter::InputTokens => "input_tokens",
+            Counter::OutputTokens => "output_tokens",
+            Counter::CachedInputTokens => "cached_input_tokens",
+            Counter::CacheWriteInputTokens => "cache_write_input_tokens",
+            Counter::CostMicroUsd => "cost_micro_usd",
+            Counter::CacheHits => "cache_hits",
+            Counter::CacheMisses => "cache_misses",
+            Counter::CacheSavedTokens => "cache_saved_tokens",
+            Counter::CacheSavedMicroUsd => "cache_saved_micro_usd",
+        }
+    }
+}
+
+/// Histograms labelled by tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Histogram {
+    TokensPerRequest,
+    CostMicroUsdPerRequest,
+    TimeToFirstTokenMs,
+}
+
+impl Histogram {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Histogram::TokensPerRequest => "tokens_per_request",
+            Histogram::CostMicroUsdPerRequest => "cost_micro_usd_per_request",
+            Histogram::TimeToFirstTokenMs => "time_to_first_token_ms",
+        }
+    }
+}
+
+/// The label values that get their own series.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels {
+    tenants: HashSet<String>,
+    models: HashSet<String>,
+}
+
+impl Labels {
+    /// `tenants` and `models` in any order; the first `max_*` of each, sorted by name, keep
+    /// their names.
+    pub fn new<'a>(
+        tenants: impl Iterator<Item = &'a String>,
+        models: impl Iterator<Item = &'a String>,
+        max_tenant_labels: usize,
+        max_model_labels: usize,
+    ) -> Labels {
+        let first = |names: &mut dyn Iterator<Item = &'a String>, max: usize| -> HashSet<String> {
+            let mut all: Vec<&String> = names.collect();
+            all.sort();
+            all.dedup();
+            all.into_iter().take(max).cloned().collect()
+        };
+        let mut tenants = tenants;
+        let mut models = models;
+        Labels {
+            tenants: first(&mut tenants, max_tenant_labels),
+            models: first(&mut models, max_model_labels),
+        }
+    }
+
+    pub fn tenant<'a>(&self, name: &'a str) -> Cow<'a, str> {
+        if self.tenants.contains(name) {
+            sanitize(name)
+        } else {
+            Cow::Borrowed(OTHER)
+        }
+    }
+
+    pub fn model<'a>(&self, name: &'a str) -> Cow<'a, str> {
+        if self.models.contains(name) {
+            sanitize(name)
+        } else {
+            Cow::Borrowed(OTHER)
+        }
+    }
+}
+
+/// A label value safe inside a dotted stat name: anything but `[A-Za-z0-9_-]` becomes `_`
+/// (`gpt-4.1` → `gpt-4_1`).
+pub fn sanitize(value: &str) -> Cow<'_, str> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    if !value.is_empty() && value.chars().all(ok) {
+        Cow::Borrowed(value)
+    } else if value.is_empty() {
+        Cow::Borrowed("_")
+    } else {
+        Cow::Owned(value.chars().map(|c| if ok(c) { c } else { '_' }).collect())
+    }
+}
+
+pub fn counter_name(counter: Counter, tenant: &str, model: &str) -> String {
+    format!(
+        "tollgate.tenant.{tenant}.model.{model}.{}",
+        counter.suffix()
+    )
+}
+
+pub fn denial_name(tenant: &str, reason: &str) -> String {
+    format!("tollgate.tenant.{tenant}.reason.{reason}.denials")
+}
+
+pub fn in_flight_name(tenant: &str) -> String {
+    format!("tollgate.tenant.{tenant}.in_flight")
+}
+
+pub fn histogram_name(histogram: Histogram, tenant: &str) -> String {
+    format!("tollgate.tenant.{tenant}.{}", histogram.suffix())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_capped_with_other() {
+        let tenants: Vec<String> = (0..1000).map(|i| format!("t{i:04}")).collect();
+        let models = vec!["gpt-4.1".to_string(), "claude".to_string()];
+        let labels = Labels::new(tenants.iter(), models.iter(), 50, 1);
+        let distinct: HashSet<String> = tenants
+            .iter()
+            .map(|t| labels.tenant(t).into_owned())
+            .collect();
+        assert_eq!(distinct.len(), 51);
+        assert!(
+            distinct.contains(OTHER) && distinct.contains("t0000") && !distinct.contains("t0050")
+        );
+        assert_eq!(labels.model("claude"), "claude");
+        assert_eq!(labels.model("gpt-4.1"), OTHER);
+        assert_eq!(labels.tenant("undeclared"), OTHER);
+    }
+
+    #[test]
+    fn names_encode_labels_for_stats_tags() {
+        assert_eq!(sanitize("gpt-4.1"), "gpt-4_1");
+        assert_eq!(sanitize("meta-llama/Llama 3"), "meta-llama_Llama_3");
+        assert_eq!(
+            counter_name(Counter::CostMicroUsd, "team-a", "gpt-4o"),
+            "tollgate.tenant.team-a.model.gpt-4o.cost_micro_usd"
+        );
+        assert_eq!(
+            denial_name("t", "rate_limited"),
+            "tollgate.tenant.t.reason.rate_limited.denials"
+        );
+        assert_eq!(
+            histogram_name(Histogram::TimeToFirstTokenMs, "t"),
+            "tollgate.tenant.t.time_to_first_token_ms"
+        );
+    }
+}
