@@ -150,7 +150,7 @@ mod tests {
     #[test]
     fn labels_are_capped_with_other() {
         let tenants: Vec<String> = (0..1000).map(|i| format!("t{i:04}")).collect();
-        let models = vec!["gpt-4.1".to_string(), "claude".to_string()];
+        let models = ["gpt-4.1".to_string(), "claude".to_string()];
         let labels = Labels::new(tenants.iter(), models.iter(), 50, 1);
         let distinct: HashSet<String> = tenants
             .iter()
