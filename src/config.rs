@@ -60,6 +60,55 @@ pub struct Config {
     pub routing: Option<Routing>,
     /// Metric label values (bounded by the configuration).
     pub labels: Labels,
+    /// The response cache (`None`: off).
+    pub cache: Option<Cache>,
+}
+
+/// Which requests of a model the cache may answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachePolicy {
+    /// Every request (embeddings' default).
+    Always,
+    /// Requests that ask for deterministic output (`temperature: 0`, `top_p: 0`, `top_k: 1`).
+    Deterministic,
+    Never,
+}
+
+/// Per-model cache settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheRule {
+    pub policy: Option<CachePolicy>,
+    pub ttl_ms: Option<u64>,
+    /// Entries shared by every tenant (`"global"`) instead of one tenant's.
+    pub global: bool,
+}
+
+/// The response cache configuration.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    pub table: crate::cache::CacheConfig,
+    /// Chat, responses and messages (embeddings are `Always` unless a rule says otherwise).
+    pub policy: CachePolicy,
+    pub models: HashMap<String, CacheRule>,
+    /// Hits count against budgets (their reported usage) instead of being free.
+    pub charge_hits: bool,
+}
+
+impl Cache {
+    /// The policy, TTL and scope of `model` for `kind`.
+    pub fn rule(&self, kind: crate::api::ApiKind, model: &str) -> (CachePolicy, u64, bool) {
+        let rule = self.models.get(model);
+        let default = if kind == crate::api::ApiKind::Embeddings {
+            CachePolicy::Always
+        } else {
+            self.policy
+        };
+        (
+            rule.and_then(|r| r.policy).unwrap_or(default),
+            rule.and_then(|r| r.ttl_ms).unwrap_or(self.table.ttl_ms),
+            rule.is_some_and(|r| r.global),
+        )
+    }
 }
 
 /// A declared tenant.
@@ -85,10 +134,15 @@ impl Config {
     /// Every shared-data key the configuration implies (created in `on_configure`).
     pub fn shared_keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self
-            .tenants
-            .values()
-            .flat_map(|t| t.keys.all().map(str::to_string))
-            .collect();
+            .cache
+            .as_ref()
+            .map(|c| crate::cache::all_keys(&c.table))
+            .unwrap_or_default();
+        keys.extend(
+            self.tenants
+                .values()
+                .flat_map(|t| t.keys.all().map(str::to_string)),
+        );
         if self.identity.accept_undeclared {
             for slot in 0..self.undeclared_slots {
                 let k = TenantKeys::new(&undeclared_scope(slot), &self.undeclared_policy);
@@ -150,6 +204,116 @@ struct RawConfig {
     routing: Option<RawRouting>,
     #[serde(default)]
     metrics: RawMetrics,
+    cache: Option<RawCache>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum RawCachePolicy {
+    Always,
+    Deterministic,
+    Never,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    max_entries: Option<u64>,
+    max_bytes: Option<u64>,
+    max_entry_bytes: Option<u64>,
+    ttl_seconds: Option<u64>,
+    ways: Option<u64>,
+    policy: Option<RawCachePolicy>,
+    #[serde(default)]
+    models: BTreeMap<String, RawCacheRule>,
+    #[serde(default)]
+    charge_hits: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCacheRule {
+    policy: Option<RawCachePolicy>,
+    ttl_seconds: Option<u64>,
+    scope: Option<RawScope>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum RawScope {
+    Tenant,
+    Global,
+}
+
+fn cache_policy(raw: &RawCachePolicy) -> CachePolicy {
+    match raw {
+        RawCachePolicy::Always => CachePolicy::Always,
+        RawCachePolicy::Deterministic => CachePolicy::Deterministic,
+        RawCachePolicy::Never => CachePolicy::Never,
+    }
+}
+
+fn build_cache(raw: &RawCache) -> Result<Cache, ConfigError> {
+    let bounded = |field: &str, value: Option<u64>, default: u64, max: u64| match value {
+        None => Ok(default),
+        Some(v) if (1..=max).contains(&v) => Ok(v),
+        Some(_) => Err(ConfigError::new(
+            format!("cache.{field}"),
+            format!("must be between 1 and {max}"),
+        )),
+    };
+    let max_entries = bounded("max_entries", raw.max_entries, 256, 65_536)?;
+    let max_bytes = bounded("max_bytes", raw.max_bytes, 4 * 1024 * 1024, 1 << 32)?;
+    let max_entry_bytes = bounded(
+        "max_entry_bytes",
+        raw.max_entry_bytes,
+        256 * 1024,
+        64 * 1024 * 1024,
+    )?;
+    if max_entry_bytes > max_bytes {
+        return Err(ConfigError::new(
+            "cache.max_entry_bytes",
+            "must not exceed cache.max_bytes",
+        ));
+    }
+    let ttl = bounded("ttl_seconds", raw.ttl_seconds, 300, 30 * 86_400)?;
+    let ways = bounded("ways", raw.ways, 4, 16)?;
+    let mut models = HashMap::with_capacity(raw.models.len());
+    for (model, rule) in &raw.models {
+        let ttl_ms = match rule.ttl_seconds {
+            None => None,
+            Some(t) if (1..=30 * 86_400).contains(&t) => Some(t * 1000),
+            Some(_) => {
+                return Err(ConfigError::new(
+                    format!("cache.models.{model}.ttl_seconds"),
+                    "must be between 1 and 2592000",
+                ));
+            }
+        };
+        models.insert(
+            model.clone(),
+            CacheRule {
+                policy: rule.policy.as_ref().map(cache_policy),
+                ttl_ms,
+                global: matches!(rule.scope, Some(RawScope::Global)),
+            },
+        );
+    }
+    Ok(Cache {
+        table: crate::cache::CacheConfig {
+            max_entries: u32::try_from(max_entries).unwrap_or(u32::MAX),
+            max_bytes,
+            max_entry_bytes,
+            ttl_ms: ttl * 1000,
+            ways: u32::try_from(ways).unwrap_or(4),
+        },
+        policy: raw
+            .policy
+            .as_ref()
+            .map_or(CachePolicy::Deterministic, cache_policy),
+        models,
+        charge_hits: raw.charge_hits,
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -493,11 +657,13 @@ impl TryFrom<RawConfig> for Config {
             max_tenants,
             max_models,
         );
+        let cache = raw.cache.as_ref().map(build_cache).transpose()?;
         Ok(Config {
             identity,
             limits,
             tenants,
             labels,
+            cache,
             undeclared_policy: defaults,
             undeclared_slots,
             prices,

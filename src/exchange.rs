@@ -44,6 +44,19 @@ impl UsageSource {
     }
 }
 
+/// The response cache's copy of the client's bytes.
+#[derive(Debug)]
+enum Capture {
+    Off,
+    On {
+        bytes: Vec<u8>,
+        limit: usize,
+        content_type: String,
+    },
+    /// Over the entry cap, an error, or an encoded body: not stored (still delivered intact).
+    Dropped,
+}
+
 /// A bounded copy of a JSON response body: everything up to the cap, then only the tail.
 #[derive(Debug, Default)]
 struct TailBuffer {
@@ -98,6 +111,8 @@ pub struct Exchange {
     include_usage_injected: bool,
     /// The model that served the request and its route, when routing resolved one.
     served: Option<(String, String)>,
+    /// A copy of what the client receives, for the response cache (bounded).
+    capture: Capture,
     finished: Option<(Usage, UsageSource)>,
 }
 
@@ -116,6 +131,7 @@ impl Exchange {
             stripper: None,
             include_usage_injected: false,
             served: None,
+            capture: Capture::Off,
             finished: None,
         }
     }
@@ -152,6 +168,18 @@ impl Exchange {
         content_encoding: Option<&[u8]>,
     ) {
         self.status = status;
+        if let Capture::On {
+            content_type: kept, ..
+        } = &mut self.capture
+        {
+            let encoded = content_encoding.is_some_and(|e| {
+                !e.trim_ascii().is_empty() && !e.trim_ascii().eq_ignore_ascii_case(b"identity")
+            });
+            match content_type.map(|ct| String::from_utf8_lossy(ct).into_owned()) {
+                Some(ct) if (200..300).contains(&status) && !encoded => *kept = ct,
+                _ => self.capture = Capture::Dropped,
+            }
+        }
         let is_sse = content_type.is_some_and(|ct| {
             ct.len() >= 17
                 && ct
@@ -193,6 +221,7 @@ impl Exchange {
     /// Whether response body chunks are worth reading at all.
     pub fn wants_response_body(&self) -> bool {
         self.stripper.is_some()
+            || matches!(self.capture, Capture::On { .. })
             || (!matches!(self.body, BodyReader::Skip) && !matches!(self.decoder, Decoder::Broken))
     }
 
@@ -200,17 +229,68 @@ impl Exchange {
     /// differ from the upstream's (the injected usage chunk removed).
     pub fn on_response_chunk(&mut self, chunk: &[u8], end_of_stream: bool) -> Option<Vec<u8>> {
         self.on_response_body(chunk);
-        let stripper = self.stripper.as_mut()?;
-        let out = stripper.push(chunk);
-        let unchanged = matches!(out, std::borrow::Cow::Borrowed(b) if b.len() == chunk.len());
-        if unchanged && !end_of_stream {
+        let replaced = match self.stripper.as_mut() {
+            None => None,
+            Some(stripper) => {
+                let out = stripper.push(chunk);
+                let unchanged =
+                    matches!(out, std::borrow::Cow::Borrowed(b) if b.len() == chunk.len());
+                if unchanged && !end_of_stream {
+                    None
+                } else {
+                    let mut out = out.into_owned();
+                    if end_of_stream {
+                        out.extend_from_slice(&stripper.finish());
+                    }
+                    Some(out)
+                }
+            }
+        };
+        self.capture_bytes(replaced.as_deref().unwrap_or(chunk));
+        replaced
+    }
+
+    /// Keep a copy of the response for the cache, up to `limit` bytes.
+    pub fn capture_for_cache(&mut self, limit: usize) {
+        self.capture = Capture::On {
+            bytes: Vec::new(),
+            limit,
+            content_type: String::new(),
+        };
+    }
+
+    fn capture_bytes(&mut self, bytes: &[u8]) {
+        if let Capture::On {
+            bytes: kept, limit, ..
+        } = &mut self.capture
+        {
+            if kept.len().saturating_add(bytes.len()) > *limit {
+                self.capture = Capture::Dropped;
+            } else {
+                kept.extend_from_slice(bytes);
+            }
+        }
+    }
+
+    /// The whole response as the client received it, when it may be cached: 2xx, complete,
+    /// unencoded and within the entry cap. `(status, content type, body)`.
+    pub fn take_capture(&mut self) -> Option<(u32, String, Vec<u8>)> {
+        if !self.complete || !(200..300).contains(&self.status) {
             return None;
         }
-        let mut out = out.into_owned();
-        if end_of_stream {
-            out.extend_from_slice(&stripper.finish());
+        match std::mem::replace(&mut self.capture, Capture::Dropped) {
+            Capture::On {
+                bytes,
+                content_type,
+                ..
+            } => Some((self.status, content_type, bytes)),
+            _ => None,
         }
-        Some(out)
+    }
+
+    /// Whether the response cache still holds a copy (for the response's `x-tollgate-cache`).
+    pub fn capturing(&self) -> bool {
+        matches!(self.capture, Capture::On { .. })
     }
 
     /// The response ended normally (`end_of_stream`), so a JSON body is whole.
@@ -488,6 +568,34 @@ mod tests {
             (usage.input, usage.output, source),
             (30, 5, UsageSource::Reported)
         );
+    }
+
+    #[test]
+    fn capture_keeps_whole_2xx_bodies_within_the_cap() {
+        let mut x = exchange(ApiKind::ChatCompletions);
+        x.capture_for_cache(1000);
+        x.on_response_headers(200, Some(b"application/json"), None);
+        for chunk in CHAT_JSON.chunks(7) {
+            assert!(x.on_response_chunk(chunk, false).is_none());
+        }
+        x.on_response_complete();
+        let (status, ct, body) = x.take_capture().unwrap();
+        assert_eq!(
+            (status, ct.as_str(), body.as_slice()),
+            (200, "application/json", CHAT_JSON)
+        );
+        // Over the cap: dropped, the client still gets everything (nothing is replaced).
+        let mut y = exchange(ApiKind::ChatCompletions);
+        y.capture_for_cache(10);
+        y.on_response_headers(200, Some(b"application/json"), None);
+        assert!(y.on_response_chunk(CHAT_JSON, true).is_none());
+        y.on_response_complete();
+        assert!(y.take_capture().is_none());
+        // Errors and encoded bodies are never kept.
+        let mut z = exchange(ApiKind::ChatCompletions);
+        z.capture_for_cache(1000);
+        z.on_response_headers(200, Some(b"application/json"), Some(b"gzip"));
+        assert!(!z.capturing());
     }
 
     #[test]

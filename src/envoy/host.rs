@@ -66,12 +66,13 @@ pub fn set_record_field(name: &str, value: &[u8]) -> Result<(), Status> {
     hostcalls::set_property(vec![name], Some(value))
 }
 
-/// Answers the request locally.
-pub fn send_reply(reply: &LocalReply) -> Result<(), Status> {
+/// Answers the request locally (`extra`: headers whose names come from the configuration).
+pub fn send_reply(reply: &LocalReply, extra: &[(&str, &str)]) -> Result<(), Status> {
     let headers: Vec<(&str, &str)> = reply
         .headers
         .iter()
         .map(|(name, value)| (*name, value.as_str()))
+        .chain(extra.iter().copied())
         .collect();
     hostcalls::send_http_response(reply.status, headers, Some(&reply.body))
 }

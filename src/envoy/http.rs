@@ -13,10 +13,11 @@ use proxy_wasm::types::Action;
 use super::host::{self, EnvoyStore};
 use super::metrics;
 use crate::admission::{self, Admitted, TenantKeys, TenantPolicy};
-use crate::api::request::parse_request;
+use crate::api::request::{RequestFacts, parse_request};
 use crate::api::rewrite::{Edits, rewrite};
 use crate::api::{ApiKind, Family, Usage};
-use crate::config::Config;
+use crate::cache::{self, CacheKey, Hit};
+use crate::config::{CachePolicy, Config};
 use crate::cost;
 use crate::exchange::Exchange;
 use crate::metrics::{Counter, Histogram};
@@ -39,8 +40,8 @@ enum State {
         model: Option<String>,
         reason: &'static str,
     },
-    /// The usage view was served (or refused) by Tollgate itself.
-    Served { reason: &'static str },
+    /// Answered by Tollgate itself (usage view, cache hit); the record is ready.
+    Answered(Vec<(&'static str, String)>),
 }
 
 struct Active {
@@ -50,6 +51,84 @@ struct Active {
     started_ms: u64,
     first_byte_seen: bool,
     conversation: Option<String>,
+    cache: CacheStatus,
+}
+
+/// What the response cache did with a request.
+enum CacheStatus {
+    /// No cache configured.
+    Off,
+    /// Not eligible (policy, `cache-control: no-store`, or a body that must not be cached).
+    Bypass,
+    /// Looked up, not found: the response is stored if it qualifies.
+    Miss(CacheKey, u64),
+    /// `cache-control: no-cache`: not read, the response refreshes the entry.
+    Refresh(CacheKey, u64),
+}
+
+impl CacheStatus {
+    fn as_str(&self) -> &'static str {
+        match self {
+            CacheStatus::Off => "",
+            CacheStatus::Bypass => "bypass",
+            CacheStatus::Miss(..) => "miss",
+            CacheStatus::Refresh(..) => "store",
+        }
+    }
+}
+
+enum Lookup {
+    Hit(Box<Hit>, CacheKey),
+    Status(CacheStatus),
+}
+
+/// Decides whether the cache may answer this request, and looks it up.
+#[allow(clippy::too_many_arguments)]
+fn cache_lookup(
+    config: &Config,
+    kind: ApiKind,
+    tenant: &str,
+    requested: &str,
+    served: &str,
+    resolved: Option<&Resolved>,
+    body: &[u8],
+    now: u64,
+) -> Lookup {
+    let Some(cache) = &config.cache else {
+        return Lookup::Status(CacheStatus::Off);
+    };
+    let control = host::request_header("cache-control").unwrap_or_default();
+    let has = |directive: &[u8]| {
+        control
+            .split(|b| *b == b',')
+            .any(|d| d.trim_ascii().eq_ignore_ascii_case(directive))
+    };
+    let (policy, ttl, global) = cache.rule(kind, served);
+    let eligible = match policy {
+        CachePolicy::Always => true,
+        CachePolicy::Deterministic => cache::deterministic(body),
+        CachePolicy::Never => false,
+    };
+    if !eligible || has(b"no-store") {
+        return Lookup::Status(CacheStatus::Bypass);
+    }
+    let route = resolved.map_or("", |r| r.route.as_str());
+    let upstream = resolved.map_or(requested, |r| r.upstream_model.as_str());
+    let scope = if global { "global" } else { tenant };
+    let Some(key) = cache::cache_key(scope, route, upstream, kind, body) else {
+        return Lookup::Status(CacheStatus::Bypass);
+    };
+    if has(b"no-cache") {
+        return Lookup::Status(CacheStatus::Refresh(key, ttl));
+    }
+    let table = crate::cache::CacheConfig {
+        ttl_ms: ttl,
+        ..cache.table
+    };
+    match cache::lookup(&EnvoyStore, &table, &key, now) {
+        Some(hit) => Lookup::Hit(Box::new(hit), key),
+        None => Lookup::Status(CacheStatus::Miss(key, ttl)),
+    }
 }
 
 pub struct TollgateHttp {
@@ -99,7 +178,7 @@ impl TollgateHttp {
     }
 
     fn send(reply: &LocalReply) {
-        if let Err(status) = host::send_reply(reply) {
+        if let Err(status) = host::send_reply(reply, &[]) {
             warn!("tollgate could not send its local reply: {status:?}");
         }
     }
@@ -155,9 +234,7 @@ impl TollgateHttp {
             .reply(Family::OpenAi)
         };
         Self::send(&reply);
-        self.state = State::Served {
-            reason: reply.reason,
-        };
+        self.state = State::Answered(vec![("tollgate.decision", reply.reason.to_string())]);
         Action::Pause
     }
 
@@ -192,8 +269,28 @@ impl TollgateHttp {
             .as_ref()
             .map_or(facts.model.as_str(), |r| r.model.as_str());
         let price = config.price(served);
-        let admitted = match admission::plan(policy, kind, &facts, served)
-            .and_then(|plan| admission::admit(&EnvoyStore, policy, &keys, served, price, plan, now))
+        let plan = match admission::plan(policy, kind, &facts, served) {
+            Ok(plan) => plan,
+            Err(refusal) => {
+                return self.refuse_model(kind, Some(tenant), Some(facts.model), &refusal);
+            }
+        };
+        let cache_status = match cache_lookup(
+            config,
+            kind,
+            &tenant,
+            &facts.model,
+            served,
+            resolved.as_ref(),
+            &body,
+            now,
+        ) {
+            Lookup::Hit(hit, key) => {
+                return self.serve_hit(config, kind, tenant, facts, resolved, *hit, key, plan, now);
+            }
+            Lookup::Status(status) => status,
+        };
+        let admitted = match admission::admit(&EnvoyStore, policy, &keys, served, price, plan, now)
         {
             Ok(admitted) => admitted,
             Err(refusal) => {
@@ -243,6 +340,13 @@ impl TollgateHttp {
         if let Some(r) = resolved {
             exchange.set_served(r.model, r.route);
         }
+        if let (Some(cache), CacheStatus::Miss(..) | CacheStatus::Refresh(..)) =
+            (&config.cache, &cache_status)
+        {
+            exchange.capture_for_cache(
+                usize::try_from(cache.table.max_entry_bytes).unwrap_or(usize::MAX),
+            );
+        }
         exchange.set_reservation(admitted.plan.prompt_tokens, admitted.plan.output_tokens);
         if admitted.plan.inject_include_usage {
             exchange.set_include_usage_injected();
@@ -263,8 +367,112 @@ impl TollgateHttp {
             started_ms: now,
             first_byte_seen: false,
             conversation,
+            cache: cache_status,
         }));
         Action::Continue
+    }
+
+    /// Answers from the cache. Hits are free unless `cache.charge_hits`; either way they count
+    /// as saved tokens and saved cost at the served model's price.
+    #[allow(clippy::too_many_arguments)]
+    fn serve_hit(
+        &mut self,
+        config: &Config,
+        kind: ApiKind,
+        tenant: String,
+        facts: RequestFacts,
+        resolved: Option<Resolved>,
+        hit: Hit,
+        key: CacheKey,
+        plan: admission::Plan,
+        now: u64,
+    ) -> Action {
+        let served = resolved
+            .as_ref()
+            .map_or(facts.model.clone(), |r| r.model.clone());
+        // The usage the cached answer stands for, read like any response.
+        let mut probe = Exchange::new(kind, tenant.clone(), facts.clone(), config.limits);
+        probe.on_response_headers(hit.status, Some(hit.content_type.as_bytes()), None);
+        probe.on_response_body(&hit.body);
+        probe.on_response_complete();
+        let (usage, _) = probe.finish(false);
+        let price = config.price(&served);
+        let saved_micro = price.map_or(0, |p| cost::billed_micro_usd(p.cost(&usage)));
+        let (mut charged, mut billed) = (Usage::default(), 0);
+        if config.cache.as_ref().is_some_and(|c| c.charge_hits) {
+            let (policy, keys) = tenant_budget(config, &tenant);
+            match admission::admit(&EnvoyStore, policy, &keys, &served, price, plan, now) {
+                Ok(admitted) => {
+                    admission::settle(&EnvoyStore, policy, &keys, &admitted, &usage, price, now);
+                    (charged, billed) = (usage, saved_micro);
+                }
+                Err(refusal) => {
+                    return self.refuse_model(kind, Some(tenant), Some(facts.model), &refusal);
+                }
+            }
+        }
+        let reply = LocalReply {
+            status: hit.status,
+            headers: vec![
+                ("content-type", hit.content_type.clone()),
+                ("x-tollgate-cache", "hit".to_string()),
+                ("age", (hit.age_ms / 1000).to_string()),
+            ],
+            body: hit.body,
+            reason: "cache_hit",
+        };
+        let model_header = config
+            .routing
+            .as_ref()
+            .map(|r| (r.model_header.as_str(), served.as_str()));
+        if let Err(status) = host::send_reply(&reply, model_header.as_slice()) {
+            warn!("tollgate could not answer from the cache: {status:?}");
+        }
+        let tenant_label = config.labels.tenant(&tenant);
+        let model_label = config.labels.model(&served);
+        for (counter, value) in [
+            (Counter::Requests, 1),
+            (Counter::CacheHits, 1),
+            (
+                Counter::CacheSavedTokens,
+                usage.input.saturating_add(usage.output),
+            ),
+            (Counter::CacheSavedMicroUsd, saved_micro),
+            (Counter::InputTokens, charged.input),
+            (Counter::OutputTokens, charged.output),
+            (Counter::CostMicroUsd, billed),
+        ] {
+            metrics::count(
+                crate::metrics::counter_name(counter, &tenant_label, &model_label),
+                value,
+            );
+        }
+        debug!("tollgate cache hit {}", key.to_hex());
+        let route = resolved.map(|r| r.route).unwrap_or_default();
+        self.state = State::Answered(vec![
+            ("tollgate.tenant", tenant),
+            ("tollgate.api", kind.as_str().to_string()),
+            ("tollgate.model", facts.model),
+            ("tollgate.served_model", served),
+            ("tollgate.route", route),
+            ("tollgate.stream", facts.stream.to_string()),
+            ("tollgate.input_tokens", charged.input.to_string()),
+            ("tollgate.output_tokens", charged.output.to_string()),
+            (
+                "tollgate.cached_input_tokens",
+                charged.cached_input.to_string(),
+            ),
+            (
+                "tollgate.cache_write_input_tokens",
+                charged.cache_write_input.to_string(),
+            ),
+            ("tollgate.reasoning_tokens", charged.reasoning.to_string()),
+            ("tollgate.usage_source", "cache".to_string()),
+            ("tollgate.cost_usd", cost::format_micro_usd(billed)),
+            ("tollgate.cache", "hit".to_string()),
+            ("tollgate.decision", "admitted".to_string()),
+        ]);
+        Action::Pause
     }
 
     /// Resolves the requested model to a route (`None` without a routing table).
@@ -319,6 +527,7 @@ impl TollgateHttp {
                     let price = config.price(active.exchange.served_model());
                     billed_micro = price.map_or(0, |p| cost::billed_micro_usd(p.cost(&charged)));
                     count_usage(config, &active.exchange, &charged, billed_micro);
+                    store_in_cache(config, active);
                     let failed = admission::settle(
                         &EnvoyStore,
                         policy,
@@ -335,6 +544,9 @@ impl TollgateHttp {
                 let mut fields = active.exchange.record();
                 fields.push(("tollgate.decision", "admitted".to_string()));
                 fields.push(("tollgate.cost_usd", cost::format_micro_usd(billed_micro)));
+                if !matches!(active.cache, CacheStatus::Off) {
+                    fields.push(("tollgate.cache", active.cache.as_str().to_string()));
+                }
                 if let Some(conversation) = &active.conversation {
                     fields.push(("tollgate.conversation_id", conversation.clone()));
                 }
@@ -364,7 +576,7 @@ impl TollgateHttp {
                 }
                 fields
             }
-            State::Served { reason } => vec![("tollgate.decision", (*reason).to_string())],
+            State::Answered(fields) => std::mem::take(fields),
         };
         self.recorded = true;
         for (name, value) in fields {
@@ -372,6 +584,53 @@ impl TollgateHttp {
                 warn!("tollgate could not write {name}: {status:?}");
             }
         }
+    }
+}
+
+/// Stores a finished miss (or refresh) in the cache when the response qualifies.
+fn store_in_cache(config: &Config, active: &mut Active) {
+    let (Some(cache), CacheStatus::Miss(key, ttl) | CacheStatus::Refresh(key, ttl)) =
+        (&config.cache, &active.cache)
+    else {
+        return;
+    };
+    let tenant = config.labels.tenant(&active.exchange.tenant);
+    let model = config.labels.model(active.exchange.served_model());
+    if matches!(active.cache, CacheStatus::Miss(..)) {
+        metrics::count(
+            crate::metrics::counter_name(Counter::CacheMisses, &tenant, &model),
+            1,
+        );
+    }
+    let Some((status, content_type, body)) = active.exchange.take_capture() else {
+        return;
+    };
+    let table = crate::cache::CacheConfig {
+        ttl_ms: *ttl,
+        ..cache.table
+    };
+    let outcome = cache::insert(
+        &EnvoyStore,
+        &table,
+        key,
+        status,
+        &content_type,
+        &body,
+        host::now_ms(),
+    );
+    if let cache::StoreOutcome::Stored { evicted } = outcome {
+        metrics::count("tollgate.cache.stores".to_string(), 1);
+        if evicted {
+            metrics::count("tollgate.cache.evictions".to_string(), 1);
+        }
+        let stats = cache::stats(&EnvoyStore);
+        metrics::gauge_set(
+            "tollgate.cache.entries".to_string(),
+            u64::from(stats.entries),
+        );
+        metrics::gauge_set("tollgate.cache.bytes".to_string(), stats.bytes_held);
+    } else {
+        debug!("tollgate did not cache a response: {outcome:?}");
     }
 }
 
@@ -501,6 +760,12 @@ impl HttpContext for TollgateHttp {
                 "tollgate could not set {}: {status:?}",
                 routing.model_header
             );
+        }
+        if !matches!(active.cache, CacheStatus::Off)
+            && let Err(status) =
+                host::set_response_header("x-tollgate-cache", active.cache.as_str().as_bytes())
+        {
+            warn!("tollgate could not set x-tollgate-cache: {status:?}");
         }
         if let Some(rate) = active.admitted.rate {
             let reset_in = rate.reset_ms.saturating_sub(host::now_ms());

@@ -40,7 +40,6 @@ pub fn gauge_add(name: String, delta: i64) {
 }
 
 /// Sets a gauge (the cache's entries and bytes).
-#[allow(dead_code)]
 pub fn gauge_set(name: String, value: u64) {
     if let Some(id) = id(MetricType::Gauge, name) {
         let _ = hostcalls::record_metric(id, value);
