@@ -92,6 +92,14 @@ pub fn set_response_header(name: &str, value: &[u8]) -> Result<(), Status> {
     hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, Some(value))
 }
 
+/// Nanoseconds since the Unix epoch, by Envoy's clock.
+pub fn now_nanos() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// Milliseconds since the Unix epoch, by Envoy's clock.
 pub fn now_ms() -> u64 {
     hostcalls::get_current_time()

@@ -135,6 +135,7 @@ pub struct TollgateHttp {
     config: Option<Rc<Config>>,
     /// This worker's weighted-draw counter (shared by its requests).
     draws: Rc<Cell<u64>>,
+    worker: Rc<str>,
     state: State,
     recorded: bool,
 }
@@ -151,10 +152,11 @@ fn tenant_budget<'c>(config: &'c Config, tenant: &str) -> (&'c TenantPolicy, Cow
 }
 
 impl TollgateHttp {
-    pub fn new(config: Option<Rc<Config>>, draws: Rc<Cell<u64>>) -> TollgateHttp {
+    pub fn new(config: Option<Rc<Config>>, draws: Rc<Cell<u64>>, worker: Rc<str>) -> TollgateHttp {
         TollgateHttp {
             config,
             draws,
+            worker,
             state: State::PassThrough,
             recorded: false,
         }
@@ -579,7 +581,8 @@ impl TollgateHttp {
             State::Answered(fields) => std::mem::take(fields),
         };
         self.recorded = true;
-        for (name, value) in fields {
+        let worker = ("tollgate.worker", self.worker.to_string());
+        for (name, value) in fields.into_iter().chain(std::iter::once(worker)) {
             if let Err(status) = host::set_record_field(name, value.as_bytes()) {
                 warn!("tollgate could not write {name}: {status:?}");
             }

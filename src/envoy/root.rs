@@ -12,11 +12,22 @@ use super::http::TollgateHttp;
 use crate::config::Config;
 use crate::store;
 
-#[derive(Default)]
 pub struct TollgateRoot {
     config: Option<Rc<Config>>,
     /// The weighted-draw sequence of this worker (seeded by the clock so workers differ).
     draws: Rc<Cell<u64>>,
+    /// Names this VM (one per worker) in the ledger's `worker` field.
+    worker: Rc<str>,
+}
+
+impl Default for TollgateRoot {
+    fn default() -> Self {
+        TollgateRoot {
+            config: None,
+            draws: Rc::new(Cell::new(0)),
+            worker: Rc::from(""),
+        }
+    }
 }
 
 impl Context for TollgateRoot {}
@@ -28,6 +39,10 @@ impl RootContext for TollgateRoot {
             Ok(config) => {
                 host::define_counters();
                 self.draws.set(host::now_ms());
+                self.worker = Rc::from(format!(
+                    "{:08x}",
+                    host::now_nanos() as u32 ^ (host::now_nanos() >> 32) as u32
+                ));
                 // Create every budget key before traffic: a key created by two workers at once
                 // could lose a reservation; an existing key is never touched.
                 let keys = config.shared_keys();
@@ -55,6 +70,7 @@ impl RootContext for TollgateRoot {
         Some(Box::new(TollgateHttp::new(
             self.config.clone(),
             self.draws.clone(),
+            self.worker.clone(),
         )))
     }
 

@@ -1,0 +1,277 @@
+"""The response cache inside Envoy (--concurrency 2): exact, scoped, bounded by construction."""
+import concurrent.futures
+import http.client
+import json
+import socket
+import threading
+import time
+import uuid
+
+import anthropic
+import openai
+import pytest
+
+from harness import Envoy, http as request
+
+CACHE = {
+    "max_entries": 64,
+    "max_bytes": 1048576,
+    "max_entry_bytes": 65536,
+    "ttl_seconds": 300,
+    "models": {
+        "embed-global": {"scope": "global"},
+        "short-lived": {"ttl_seconds": 1, "policy": "always"},
+        "chatty": {"policy": "always"},
+    },
+}
+
+
+def config(cache=None):
+    return {
+        "identity": {"source": "header", "header": "x-tenant"},
+        "tenants": {"a": {}, "b": {}},
+        "tenant_defaults": {"default_output_tokens": 100},
+        "prices": {"*": {"input": "1.00", "output": "2.00"}},
+        "cache": cache or CACHE,
+    }
+
+
+@pytest.fixture(scope="module")
+def cenv(upstream):
+    proc = Envoy(config(), upstream.port)
+    yield proc
+    proc.stop()
+
+
+def calls(upstream, tag):
+    """Upstream calls whose request body carries this test's tag."""
+    return [e for e in upstream.ledger() if json.dumps(e.get("body")).find(tag) >= 0]
+
+
+def chat(envoy, tenant="a", tag=None, model="gpt-4o-mini", temperature=0, stream=False, headers=None, extra=None):
+    tag = tag or str(uuid.uuid4())
+    body = {"model": model, "temperature": temperature, "max_tokens": 50, "stream": stream,
+            "messages": [{"role": "user", "content": f"question {tag}"}], **(extra or {})}
+    rid = str(uuid.uuid4())
+    h = {"content-type": "application/json", "x-tenant": tenant, "x-request-id": rid}
+    h.update(headers or {})
+    status, resp_headers, data = request("POST", envoy.url + "/v1/chat/completions", body, h)
+    return status, resp_headers, data, rid, tag
+
+
+def test_repeated_json_request_is_a_hit(cenv, upstream):
+    s1, h1, d1, rid1, tag = chat(cenv)
+    s2, h2, d2, rid2, _ = chat(cenv, tag=tag)
+    assert (s1, s2) == (200, 200)
+    assert (h1["x-tollgate-cache"], h2["x-tollgate-cache"]) == ("miss", "hit")
+    assert d1 == d2
+    assert len(calls(upstream, tag)) == 1
+    hit = cenv.access_line(rid2)
+    assert (hit["cache"], hit["usage_source"], hit["input_tokens"], hit["llm_cost_usd"]) == (
+        "hit", "cache", "0", "0.000000")
+
+
+def raw_stream(port, tenant, body):
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                 f"x-tenant: {tenant}\r\nx-fake-split: 9\r\ncontent-length: {len(payload)}\r\n"
+                 f"connection: close\r\n\r\n".encode() + payload)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    out = b""
+    if b"transfer-encoding: chunked" in head.lower():
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            if size == 0:
+                break
+            out += rest[:size]
+            rest = rest[size + 2:]
+    else:
+        out = rest
+    return head.decode(), out
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_sse_replay_is_byte_identical(cenv, upstream, include_usage):
+    tag = str(uuid.uuid4())
+    body = {"model": "gpt-4o-mini", "temperature": 0, "stream": True, "max_tokens": 50,
+            "messages": [{"role": "user", "content": f"stream {tag}"}]}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    head1, first = raw_stream(cenv.port, "a", body)
+    head2, second = raw_stream(cenv.port, "a", body)
+    assert "x-tollgate-cache: miss" in head1 and "x-tollgate-cache: hit" in head2
+    assert "text/event-stream" in head2
+    assert first == second and first.endswith(b"data: [DONE]\n\n")
+    assert len(calls(upstream, tag)) == 1
+
+
+def test_sdks_read_hits(cenv, upstream):
+    oai = openai.OpenAI(base_url=cenv.url + "/v1", api_key="x", max_retries=0, default_headers={"x-tenant": "a"})
+    tag = str(uuid.uuid4())
+    for _ in range(2):
+        text = "".join(c.choices[0].delta.content or "" for c in oai.chat.completions.create(
+            model="gpt-4o-mini", temperature=0, stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": f"sdk {tag}"}]) if c.choices)
+        assert text
+    emb = [oai.embeddings.create(model="text-embedding-3-small", input=[f"emb {tag}"]) for _ in range(2)]
+    assert emb[0].data[0].embedding == emb[1].data[0].embedding
+    claude = anthropic.Anthropic(base_url=cenv.url, api_key="x", max_retries=0, default_headers={"x-tenant": "a"})
+    msgs = []
+    for _ in range(2):
+        with claude.messages.stream(model="claude-3-5-haiku", max_tokens=30, extra_body={"temperature": 0},
+                                    messages=[{"role": "user", "content": f"claude {tag}"}]) as s:
+            msgs.append(s.get_final_message())
+    assert msgs[0].content[0].text == msgs[1].content[0].text
+    assert msgs[1].usage.output_tokens == msgs[0].usage.output_tokens
+    assert len(calls(upstream, tag)) == 3  # one per API: every second request was a hit
+
+
+def test_entries_stored_by_one_worker_are_hit_by_the_other(cenv, upstream):
+    s, h, _, rid, tag = chat(cenv)
+    assert h["x-tollgate-cache"] == "miss"
+    stored_by = cenv.access_line(rid)["worker"]
+    workers = set()
+
+    def one(_):
+        status, headers, _, rid, _ = chat(cenv, tag=tag)  # a new connection each time
+        assert headers["x-tollgate-cache"] == "hit"
+        return rid
+
+    # New connections spread over both workers (the kernel balances them); ask until both
+    # have answered a hit, within a bound.
+    for _ in range(10):
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            rids = list(pool.map(one, range(20)))
+        workers |= {cenv.access_line(r)["worker"] for r in rids}
+        if len(workers) == 2:
+            break
+    assert len(workers) == 2 and stored_by in workers, workers
+    assert len(calls(upstream, tag)) == 1
+
+
+def test_scope_is_the_tenant_unless_global(cenv, upstream):
+    _, _, _, _, tag = chat(cenv, tenant="a")
+    _, h, _, _, _ = chat(cenv, tenant="b", tag=tag)
+    assert h["x-tollgate-cache"] == "miss"
+    assert len(calls(upstream, tag)) == 2
+    emb = {"model": "embed-global", "input": [f"shared {tag}"]}
+    for tenant, want in (("a", "miss"), ("b", "hit")):
+        status, headers, _ = request("POST", cenv.url + "/v1/embeddings", emb,
+                                     {"content-type": "application/json", "x-tenant": tenant})
+        assert status == 200 and headers["x-tollgate-cache"] == want
+
+
+def test_non_deterministic_requests_bypass(cenv, upstream):
+    _, h1, _, _, tag = chat(cenv, temperature=0.7)
+    _, h2, _, _, _ = chat(cenv, tag=tag, temperature=0.7)
+    assert (h1["x-tollgate-cache"], h2["x-tollgate-cache"]) == ("bypass", "bypass")
+    assert len(calls(upstream, tag)) == 2
+
+
+def test_ttl_expiry(cenv, upstream):
+    _, h1, _, _, tag = chat(cenv, model="short-lived", temperature=1)
+    _, h2, _, _, _ = chat(cenv, tag=tag, model="short-lived", temperature=1)
+    time.sleep(1.2)
+    _, h3, _, _, _ = chat(cenv, tag=tag, model="short-lived", temperature=1)
+    assert [h["x-tollgate-cache"] for h in (h1, h2, h3)] == ["miss", "hit", "miss"]
+    assert len(calls(upstream, tag)) == 2
+
+
+def test_no_cache_refreshes_and_no_store_skips_both(cenv, upstream):
+    _, _, _, _, tag = chat(cenv)
+    _, h, _, _, _ = chat(cenv, tag=tag, headers={"cache-control": "no-cache"})
+    assert h["x-tollgate-cache"] == "store"
+    _, h, _, _, _ = chat(cenv, tag=tag)
+    assert h["x-tollgate-cache"] == "hit"
+    assert len(calls(upstream, tag)) == 2
+    _, h, _, _, tag2 = chat(cenv, headers={"cache-control": "no-store"})
+    assert h["x-tollgate-cache"] == "bypass"
+    _, h, _, _, _ = chat(cenv, tag=tag2)
+    assert h["x-tollgate-cache"] == "miss", "no-store stored nothing"
+    _, h, _, _, _ = chat(cenv, tag=tag, headers={"cache-control": "no-store"})
+    assert h["x-tollgate-cache"] == "bypass", "no-store does not read either"
+
+
+def test_errors_are_not_stored(cenv, upstream):
+    s1, h1, _, _, tag = chat(cenv, headers={"x-fake-status": "500"})
+    s2, h2, _, _, _ = chat(cenv, tag=tag)
+    assert (s1, s2) == (500, 200)
+    assert h2["x-tollgate-cache"] == "miss"
+
+
+def test_over_cap_entry_is_delivered_intact_but_not_stored(cenv, upstream):
+    tag = str(uuid.uuid4())
+    body = {"model": "chatty", "max_tokens": 50000, "messages": [{"role": "user", "content": f"long {tag}"}]}
+    knobs = {"content-type": "application/json", "x-tenant": "a", "x-fake-chunks": "20000"}
+    status, headers, data = request("POST", cenv.url + "/v1/chat/completions", body, knobs)
+    assert status == 200 and len(data) > CACHE["max_entry_bytes"]
+    assert json.loads(data)["usage"]["completion_tokens"] == 40001  # delivered whole
+    status, headers, again = request("POST", cenv.url + "/v1/chat/completions", body, knobs)
+    assert headers["x-tollgate-cache"] == "miss", "over the entry cap: not stored"
+    assert len(again) == len(data)
+    assert len(calls(upstream, tag)) == 2
+
+
+def test_caps_hold_under_20000_distinct_requests(upstream):
+    """256 entries / 4 MiB: sampled entries and bytes never pass the caps, the key count stays
+    at its bound, and Envoy's memory grows by no more than the cap plus a measured overhead."""
+    cache = {"max_entries": 256, "max_bytes": 4 * 1024 * 1024, "max_entry_bytes": 262144, "ttl_seconds": 3600,
+             "models": {"chatty": {"policy": "always"}}}
+    proc = Envoy(config(cache), upstream.port)
+    samples, stop = [], threading.Event()
+
+    def sampler():
+        while not stop.is_set():
+            s = proc.stats("tollgate")
+            samples.append((s.get("wasmcustom.tollgate.cache.entries", 0), s.get("wasmcustom.tollgate.cache.bytes", 0)))
+            time.sleep(0.1)
+
+    def rss_kib():
+        with open(f"/proc/{proc.proc.pid}/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+
+    try:
+        rss_before = rss_kib()
+        t = threading.Thread(target=sampler)
+        t.start()
+
+        def worker(start):
+            conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30)
+            for i in range(start, start + 2500):
+                # Varied response sizes (up to ~36 KB): the byte cap binds before the entry cap.
+                body = json.dumps({"model": "chatty", "max_tokens": 20000,
+                                   "messages": [{"role": "user", "content": f"distinct {i}"}]})
+                conn.request("POST", "/v1/chat/completions", body=body,
+                             headers={"content-type": "application/json", "x-tenant": "ab"[i % 2],
+                                      "x-fake-chunks": str((i % 7) * 1200 + 1)})
+                resp = conn.getresponse()
+                resp.read()
+                assert resp.status == 200
+            conn.close()
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(worker, range(0, 20000, 2500)))
+        stop.set()
+        t.join()
+        rss_after = rss_kib()
+        s = proc.stats("tollgate")
+        entries, held = s["wasmcustom.tollgate.cache.entries"], s["wasmcustom.tollgate.cache.bytes"]
+        assert len(samples) > 10
+        assert max(e for e, _ in samples) <= 256 and max(b for _, b in samples) <= 4 * 1024 * 1024
+        assert entries <= 256 and held <= 4 * 1024 * 1024
+        assert s["wasmcustom.tollgate.cache.stores"] >= 1000
+        assert held > 3 * 1024 * 1024, "the byte cap was reached"
+        # The key count stays at the bound the configuration implies: 2 per slot + 1.
+        assert s["wasmcustom.tollgate.shared_data.keys_created"] == 2 * 256 + 1 + 2  # + 2 tenants' keys
+        growth_mib = (rss_after - rss_before) / 1024
+        print(f"\ncache: {entries} entries, {held} bytes held; Envoy RSS +{growth_mib:.1f} MiB over 20,000 requests")
+        assert growth_mib <= 4 + 16, "cap (4 MiB) plus the measured overhead bound"
+    finally:
+        stop.set()
+        proc.stop()
