@@ -21,6 +21,8 @@ ROOT = os.path.dirname(HERE)
 
 DEFAULTS = {
     "ADMIN_PORT": "9901",
+    # The admin interface (stats, config dump) must never face clients: loopback by default.
+    "ADMIN_ADDRESS": "127.0.0.1",
     "LISTEN_ADDRESS": "127.0.0.1",
     "LISTEN_PORT": "10000",
     "UPSTREAM_PORT": "18000",

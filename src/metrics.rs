@@ -1,7 +1,7 @@
 //! Metric names with bounded labels. Envoy's stats carry no tags, so labels are encoded in the
 //! name (`tollgate.tenant.<t>.model.<m>.requests`) and extracted again by `stats_tags` in the
 //! shipped Envoy config, giving Prometheus families such as
-//! `envoy_wasmcustom_tollgate_requests{tenant="…",model="…"}`.
+//! `tollgate_requests{tenant="…",model="…"}` (Envoy drops the `wasmcustom.` namespace there).
 //!
 //! Cardinality is bounded by the configuration: the first `max_tenant_labels` declared tenants
 //! (by name) and the first `max_model_labels` configured models (routing table and price table)

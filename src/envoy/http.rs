@@ -810,8 +810,10 @@ impl HttpContext for TollgateHttp {
         let State::Active(active) = &mut self.state else {
             return Action::Continue;
         };
+        // Time to first token: streams only (for a JSON answer the first byte is the last).
         if !active.first_byte_seen
             && body_size > 0
+            && active.exchange.facts.stream
             && let Some(config) = &self.config
         {
             active.first_byte_seen = true;
