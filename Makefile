@@ -12,7 +12,7 @@ WASM_TARGET := wasm32-wasip1
 WASM_RUNNER := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/tests/wasi-run.mjs"
 FUZZ_SECONDS ?= 60
 
-.PHONY: build test lint test-unit test-wasm test-e2e validate envoy demo fuzz bench clean toolchain
+.PHONY: build test lint test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz bench clean toolchain
 
 toolchain:
 	@rustup target list --installed 2>/dev/null | grep -q $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -62,8 +62,12 @@ fuzz:
 		PROPTEST_CASES=20000 $(CARGO) test --lib proptest; \
 	fi
 
+# In a terminal the demo keeps Envoy up until Ctrl-C; `make demo-stop` stops it from elsewhere.
 demo: build envoy
 	$(PY) examples/demo.py $(DEMO_ARGS)
+
+demo-stop:
+	@if [ -f .run/demo.pid ]; then kill $$(cat .run/demo.pid) && echo "demo stopped"; else echo "no demo running"; fi
 
 # Not part of `make test`: timing is measured and printed, never asserted.
 BENCH_SECONDS ?= 10

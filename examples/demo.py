@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """`make demo`: the fake LLM upstream and the real Envoy 1.40 with tollgate.wasm, on loopback.
 
-Sends a few requests with the official SDKs (two tenants, JSON and streaming, a refusal) and
-prints what Tollgate saw: the answers and the JSON access-log lines (the per-request ledger).
-`--serve` keeps everything up until Ctrl-C so you can try it with curl or the SDKs.
+A short narrated scenario with the official SDKs: two tenants, an alias routed to another model,
+a cache hit, a tenant hitting its token budget (the 429), an unknown key, then the ledger lines
+and the Prometheus metrics. In a terminal it then keeps Envoy up until Ctrl-C (or
+`make demo-stop`); without a terminal (CI) it stops after the scenario. `--serve` / `--no-serve`
+force either.
 """
 import json
 import os
+import signal
+import socket
 import sys
 import time
 
@@ -18,84 +22,131 @@ import openai  # noqa: E402
 from harness import Envoy, FakeUpstream, http  # noqa: E402
 
 KEY_A, KEY_B = "sk-demo-team-a", "sk-demo-team-b"  # envoy/tollgate.json holds their SHA-256
+ADMIN_TOKEN = "tollgate-admin-demo"
+PID_FILE = os.path.join(ROOT, ".run/demo.pid")
+BOLD, DIM, END = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 
 
 def step(text):
-    print(f"\n\033[1m▶ {text}\033[0m", flush=True)
+    print(f"\n{BOLD}▶ {text}{END}", flush=True)
+
+
+def port_free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def scenario(envoy):
+    oai = openai.OpenAI(base_url=envoy.url + "/v1", api_key=KEY_A, max_retries=0)
+
+    step("team-a: an OpenAI chat completion through Envoy")
+    r = oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hello!"}])
+    print(f"  answer {r.choices[0].message.content!r}; usage {r.usage.prompt_tokens} in, "
+          f"{r.usage.completion_tokens} out")
+
+    step("team-a asks for the alias 'smart': Tollgate picks the model, Envoy's route table serves it")
+    raw = oai.chat.completions.with_raw_response.create(
+        model="smart", messages=[{"role": "user", "content": "Think hard."}])
+    print(f"  x-tollgate-model: {raw.headers['x-tollgate-model']} (the upstream saw model {raw.parse().model!r})")
+
+    step("team-a asks the same deterministic question twice: the second answer comes from the cache")
+    for attempt in (1, 2):
+        raw = oai.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", temperature=0, messages=[{"role": "user", "content": "What is Envoy?"}])
+        print(f"  attempt {attempt}: x-tollgate-cache: {raw.headers['x-tollgate-cache']}")
+
+    step("team-b: an Anthropic streaming message through Envoy")
+    claude = anthropic.Anthropic(base_url=envoy.url, api_key=KEY_B, max_retries=0)
+    with claude.messages.stream(model="claude-3-5-haiku", max_tokens=64,
+                                messages=[{"role": "user", "content": "Hi"}]) as stream:
+        text = "".join(stream.text_stream)
+    print(f"  streamed {text!r}")
+
+    step("team-b asks for more than is left of its 2,000 tokens per minute: 429")
+    try:
+        openai.OpenAI(base_url=envoy.url + "/v1", api_key=KEY_B, max_retries=0).chat.completions.create(
+            model="gpt-4o-mini", max_tokens=1990, messages=[{"role": "user", "content": "a long essay"}])
+        print("  unexpectedly admitted")
+        return False
+    except openai.RateLimitError as err:
+        print(f"  openai.RateLimitError {err.status_code} ({err.code}), retry-after "
+              f"{err.response.headers['retry-after']} s: {err.body['message']}")
+
+    step("an unknown API key is refused in the API's own error shape")
+    try:
+        openai.OpenAI(base_url=envoy.url + "/v1", api_key="sk-stolen", max_retries=0).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        return False
+    except openai.AuthenticationError as err:
+        print(f"  openai.AuthenticationError {err.status_code}: {err.body['message']}")
+
+    step("the budgets, as the usage view shows them (GET /tollgate/usage with the admin token)")
+    view = json.loads(http("GET", envoy.url + "/tollgate/usage", None,
+                           {"authorization": f"Bearer {ADMIN_TOKEN}"})[2])
+    for tenant in view["tenants"]:
+        for limit in tenant["limits"]:
+            print(f"  {tenant['tenant']:7} {limit['name']:10} used {limit['used']:>10} of {limit['limit']:>8}"
+                  f"  reserved {limit['reserved']}  resets {limit['resets_at']}")
+
+    step("the ledger: one JSON access-log line per request")
+    time.sleep(0.3)
+    lines = [line for line in envoy.access_lines() if line["api"]]
+    for line in lines:
+        keep = {k: line[k] for k in ("status", "tenant", "model", "served_model", "stream", "input_tokens",
+                                     "output_tokens", "llm_cost_usd", "cache", "decision")}
+        print("  " + json.dumps(keep))
+
+    step("the Prometheus metrics (GET /stats/prometheus on Envoy's admin port)")
+    for line in envoy.prometheus().splitlines():
+        if line.startswith("tollgate_") and ("_requests{" in line or "_cost_micro_usd{" in line
+                                               or "_denials{" in line or "_cache_hits{" in line):
+            print("  " + line)
+    return len(lines) == 7
 
 
 def main():
-    serve = "--serve" in sys.argv
+    serve = "--serve" in sys.argv or (sys.stdin.isatty() and "--no-serve" not in sys.argv)
     step("starting the fake LLM upstream and Envoy 1.40 with tollgate.wasm")
     upstream = FakeUpstream("demo-provider")
     with open(os.path.join(ROOT, "envoy/tollgate.json"), encoding="utf-8") as f:
-        envoy = Envoy(json.load(f), upstream.port)
-    print(f"  upstream  {upstream.url}\n  envoy     {envoy.url}  (admin {envoy.admin})")
+        plugin = json.load(f)
+    fixed = {"LISTEN_PORT": "10000", "ADMIN_PORT": "9901"} if port_free(10000) and port_free(9901) else {}
+    envoy = Envoy(plugin, upstream.port, extra=fixed)
+    os.makedirs(os.path.dirname(PID_FILE), exist_ok=True)
+    with open(PID_FILE, "w") as f:
+        f.write(str(os.getpid()))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"  fake upstream  {upstream.url}\n  Envoy          {envoy.url}  (admin {envoy.admin})\n"
+          f"  access log     {envoy.access_log}")
     try:
-        oai = openai.OpenAI(base_url=envoy.url + "/v1", api_key=KEY_A, max_retries=0)
-        step("team-a: OpenAI chat completion through Envoy")
-        r = oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hello!"}])
-        print(f"  answer: {r.choices[0].message.content!r}\n  usage:  {r.usage.prompt_tokens} in, "
-              f"{r.usage.completion_tokens} out")
-
-        step("team-a asks for the alias 'smart': Tollgate routes it, Envoy's route table serves it")
-        raw = oai.chat.completions.with_raw_response.create(
-            model="smart", messages=[{"role": "user", "content": "Think hard."}])
-        print(f"  x-tollgate-model: {raw.headers['x-tollgate-model']}  "
-              f"(upstream saw model {raw.parse().model!r})")
-
-        step("team-b: Anthropic streaming message through Envoy")
-        claude = anthropic.Anthropic(base_url=envoy.url, api_key=KEY_B, max_retries=0)
-        with claude.messages.stream(model="claude-3-5-haiku", max_tokens=64,
-                                    messages=[{"role": "user", "content": "Hi"}]) as stream:
-            text = "".join(stream.text_stream)
-        print(f"  streamed: {text!r}")
-
-        step("team-b asks for more than is left of its 2,000 tokens per minute: 429")
-        oai_b = openai.OpenAI(base_url=envoy.url + "/v1", api_key=KEY_B, max_retries=0)
-        try:
-            oai_b.chat.completions.create(model="gpt-4o-mini", max_tokens=1990,
-                                          messages=[{"role": "user", "content": "a long essay"}])
-        except openai.RateLimitError as err:
-            print(f"  openai.RateLimitError {err.status_code} ({err.code}), retry-after "
-                  f"{err.response.headers['retry-after']}s: {err.body['message']}")
-
-        step("the usage view: each tenant's budgets (GET /tollgate/usage with the admin token)")
-        view = json.loads(http("GET", envoy.url + "/tollgate/usage", None,
-                               {"authorization": "Bearer tollgate-admin-demo"})[2])
-        for tenant in view["tenants"]:
-            for limit in tenant["limits"]:
-                print(f"  {tenant['tenant']:7} {limit['name']:10} used {limit['used']:>10} of {limit['limit']:>8}"
-                      f"  reserved {limit['reserved']}  resets {limit['resets_at']}")
-
-        step("an unknown API key is refused in the API's own error shape")
-        try:
-            openai.OpenAI(base_url=envoy.url + "/v1", api_key="sk-stolen", max_retries=0).chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
-        except openai.AuthenticationError as err:
-            print(f"  openai.AuthenticationError {err.status_code}: {err.body['message']}")
-
-        step("the access log: one JSON line per request (tenant, API, model, tokens)")
-        time.sleep(0.3)
-        lines = [line for line in envoy.access_lines() if line["api"]]
-        for line in lines:
-            keep = {k: line[k] for k in ("status", "tenant", "api", "model", "served_model", "stream", "input_tokens",
-                                         "output_tokens", "usage_source", "decision")}
-            print("  " + json.dumps(keep))
-        ok = len(lines) == 5
-        if serve:
-            step(f"serving: try  curl {envoy.url}/v1/chat/completions -H 'authorization: Bearer {KEY_A}' "
-                 "-d '{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'")
-            print("  Ctrl-C stops Envoy and the upstream.")
+        ok = scenario(envoy)
+        step("demo done: every step succeeded" if ok else "demo FAILED: a step did not do what it should")
+        if ok and serve:
+            print(f"""
+  Envoy stays up. Try it (Ctrl-C or `make demo-stop` stops everything):
+    curl -s {envoy.url}/v1/chat/completions -H 'authorization: Bearer {KEY_A}' \\
+         -H 'content-type: application/json' \\
+         -d '{{"model":"smart","messages":[{{"role":"user","content":"hi"}}]}}'
+    python3 -c "import openai; print(openai.OpenAI(base_url='{envoy.url}/v1', api_key='{KEY_A}')\\
+.chat.completions.create(model='gpt-4o-mini', messages=[{{'role':'user','content':'hi'}}]))"
+    curl -s {envoy.url}/tollgate/usage -H 'authorization: Bearer {ADMIN_TOKEN}' | jq
+    curl -s {envoy.admin}/stats/prometheus | grep ^tollgate_
+    tail -f {envoy.access_log}""", flush=True)
             while True:
                 time.sleep(3600)
-        step("demo done" if ok else "demo FAILED: expected 5 access-log lines")
         return 0 if ok else 1
     except KeyboardInterrupt:
         return 0
     finally:
         envoy.stop()
         upstream.stop()
+        if os.path.exists(PID_FILE):
+            os.unlink(PID_FILE)
+        print(f"{DIM}stopped Envoy and the fake upstream{END}")
 
 
 if __name__ == "__main__":

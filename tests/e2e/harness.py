@@ -109,6 +109,8 @@ class Envoy:
             ),
         }
         values.update(extra or {})
+        # A caller may pin the ports (the demo prefers 10000/9901).
+        self.port, self.admin_port = int(values["LISTEN_PORT"]), int(values["ADMIN_PORT"])
         with open(os.path.join(ROOT, "envoy", template), encoding="utf-8") as f:
             text = render.render(f.read(), values)
         self.config_path = os.path.join(self.dir, "envoy.yaml")
