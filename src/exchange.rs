@@ -218,6 +218,12 @@ impl Exchange {
         };
     }
 
+    /// The client's body will differ from the upstream's (the injected usage chunk is cut), so
+    /// a `content-length` from the upstream would be wrong.
+    pub fn rewrites_response_body(&self) -> bool {
+        self.stripper.is_some()
+    }
+
     /// Whether response body chunks are worth reading at all.
     pub fn wants_response_body(&self) -> bool {
         self.stripper.is_some()

@@ -87,6 +87,11 @@ pub fn set_response_body(size: usize, body: &[u8]) -> Result<(), Status> {
     hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, body)
 }
 
+/// Replaces, adds or (with `None`) removes a response header, in the response headers callback.
+pub fn set_response_header_or_remove(name: &str, value: Option<&[u8]>) -> Result<(), Status> {
+    hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, value)
+}
+
 /// Replaces (or adds) a response header, in the response headers callback.
 pub fn set_response_header(name: &str, value: &[u8]) -> Result<(), Status> {
     hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, Some(value))

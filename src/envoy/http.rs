@@ -764,6 +764,11 @@ impl HttpContext for TollgateHttp {
                 routing.model_header
             );
         }
+        if active.exchange.rewrites_response_body()
+            && let Err(status) = host::set_response_header_or_remove("content-length", None)
+        {
+            warn!("tollgate could not remove content-length: {status:?}");
+        }
         if !matches!(active.cache, CacheStatus::Off)
             && let Err(status) =
                 host::set_response_header("x-tollgate-cache", active.cache.as_str().as_bytes())

@@ -29,6 +29,7 @@ from harness import ENVOY, WASM, free_port, http  # noqa: E402
 NOOP = os.path.join(HERE, "noop/target/wasm32-wasip1/release/noop.wasm")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KEY = "sk-bench-tenant-07"
+DROP = []
 
 CHAT_REQUEST = json.dumps({
     "model": "gpt-4o-mini",
@@ -63,10 +64,39 @@ def sse_response(chunks=20):
 
 
 def plugin_config(tenants=50):
+    """A realistic configuration: tenants by API key (SHA-256), token and USD budgets, routing
+    with an alias, prices, and the cache on (every request is eligible and misses: bodies differ)."""
     keys = [{"sha256": hashlib.sha256(f"sk-bench-tenant-{i:02d}".encode()).hexdigest(), "tenant": f"tenant-{i:02d}"}
             for i in range(tenants)]
-    return {"identity": {"source": "api_key", "api_keys": keys},
-            "tenants": {f"tenant-{i:02d}": {} for i in range(tenants)}}
+    return {
+        "identity": {"source": "api_key", "api_keys": keys},
+        "tenants": {f"tenant-{i:02d}": {} for i in range(tenants)},
+        "tenant_defaults": {
+            "limits": [{"name": "tpm", "tokens": 10_000_000_000, "window": "minute"},
+                       {"name": "daily-usd", "usd": "1000000", "window": "day"}],
+            "max_concurrent": 1000, "max_output_tokens": 4096,
+        },
+        "prices": {"gpt-4o-mini": {"input": "0.15", "output": "0.60", "cached_input": "0.075"},
+                   "*": {"input": "1.00", "output": "2.00"}},
+        "routing": {"models": {"gpt-4o-mini": {"route": "openai"}, "gpt-4o": {"route": "openai"}},
+                    "aliases": {"fast": {"targets": [{"model": "gpt-4o-mini", "weight": 9},
+                                                     {"model": "gpt-4o", "weight": 1}]}}},
+        "cache": {"max_entries": 256, "max_bytes": 4194304, "policy": "deterministic"},
+    }
+
+
+def trimmed_config(drop):
+    """The realistic configuration without some features (for `--drop cache,routing,limits`):
+    what each feature costs per request."""
+    config = plugin_config()
+    for feature in drop:
+        if feature == "limits":
+            config["tenant_defaults"] = {}
+        elif feature == "routing":
+            config.pop("routing")
+        elif feature:
+            config.pop(feature)
+    return config
 
 
 class Proc:
@@ -122,7 +152,7 @@ def gateway_config(variant, wasm, listen, admin, upstream, access_log):
     return render.render(template, {
         "ADMIN_PORT": str(admin), "LISTEN_PORT": str(listen), "UPSTREAM_PORT": str(upstream),
         "ACCESS_LOG": access_log, "WASM_PATH": NOOP if variant == "noop" else wasm,
-        "PLUGIN_CONFIG": json.dumps(json.dumps(plugin_config())),
+        "PLUGIN_CONFIG": json.dumps(json.dumps(trimmed_config(DROP))),
     })
 
 
@@ -132,11 +162,19 @@ def wrk(url, connections, seconds, stream, workdir):
         headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
         if stream:
             headers["x-bench-stream"] = "1"
-        f.write('wrk.method = "POST"\n')
-        body = json.dumps(dict(json.loads(CHAT_REQUEST), stream=True)) if stream else CHAT_REQUEST
-        f.write(f"wrk.body = {json.dumps(body)}\n")
+        body = json.loads(CHAT_REQUEST)
+        body.update(model="fast", temperature=0)
+        if stream:
+            body["stream"] = True
+        # Every request differs (a counter in the prompt): the cache is looked up and misses.
+        template = json.dumps(body).replace("%", "%%").replace("Summarise", "[%d] Summarise", 1)
+        f.write(f"local template = {json.dumps(template)}\n")
+        f.write("local headers = {}\n")
         for k, v in headers.items():
-            f.write(f'wrk.headers["{k}"] = "{v}"\n')
+            f.write(f'headers["{k}"] = "{v}"\n')
+        f.write("local n = 0\n")
+        f.write("request = function()\n  n = n + 1\n"
+                "  return wrk.format(\"POST\", nil, headers, string.format(template, n))\nend\n")
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script,
                           url + "/v1/chat/completions"], capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -155,7 +193,9 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--wasm", default=WASM)
     ap.add_argument("--only", default="")
+    ap.add_argument("--drop", default="", help="features left out of Tollgate's config: cache,routing,limits")
     args = ap.parse_args()
+    DROP.extend(args.drop.split(","))
     workdir = tempfile.mkdtemp(prefix="tollgate-bench-")
     with open(os.path.join(workdir, "chat.json"), "w") as f:
         f.write(CHAT_RESPONSE)
