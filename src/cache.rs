@@ -907,7 +907,6 @@ fn reclaim<S: SharedStore + ?Sized>(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use std::cell::{Cell, RefCell};
 

@@ -426,7 +426,6 @@ fn inflate(written: std::io::Result<()>, out: &mut Vec<u8>) -> Option<Vec<u8>> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use crate::api::request::parse_request;

@@ -184,3 +184,29 @@ class Envoy:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log_file.close()
+
+
+def raw_post(port, path, headers, body):
+    """POST over a raw socket (`connection: close`) and return the response head and the body
+    bytes exactly as sent (chunked transfer decoded by hand), for byte-level comparisons."""
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\n{lines}content-length: {len(payload)}\r\n"
+                 f"connection: close\r\n\r\n".encode() + payload)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" not in head.lower():
+        return head.decode(), rest
+    out = b""
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        rest = rest[size + 2:]
+    return head.decode(), out

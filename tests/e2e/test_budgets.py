@@ -4,7 +4,6 @@ headers and a bounded shared-data key space."""
 import concurrent.futures
 import hashlib
 import json
-import socket
 import threading
 import time
 import uuid
@@ -13,7 +12,7 @@ import anthropic
 import openai
 import pytest
 
-from harness import Envoy, http
+from harness import Envoy, http, raw_post
 
 ADMIN_TOKEN = "view-secret"
 CHAT = "/v1/chat/completions"
@@ -174,28 +173,10 @@ def test_per_request_cap_and_model_allow_list(genv):
 
 
 def raw_stream(port, tenant, body, rid):
-    """Returns the raw response body bytes (chunked decoding done by hand)."""
-    payload = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(
-        f"POST {CHAT} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-tenant: {tenant}\r\n"
-        f"x-request-id: {rid}\r\nx-fake-request-id: {rid}\r\nx-fake-chunks: 5\r\nx-fake-split: 3\r\n"
-        f"x-fake-record-body: 1\r\n"
-        f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n".encode() + payload)
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    sock.close()
-    head, _, rest = data.partition(b"\r\n\r\n")
-    body_out = b""
-    while rest:
-        size_line, _, rest = rest.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            break
-        body_out += rest[:size]
-        rest = rest[size + 2:]
-    return head, body_out
+    """The raw response body bytes of a streamed chat request."""
+    return raw_post(port, CHAT, {"content-type": "application/json", "x-tenant": tenant, "x-request-id": rid,
+                                 "x-fake-request-id": rid, "x-fake-chunks": "5", "x-fake-split": "3",
+                                 "x-fake-record-body": "1"}, body)
 
 
 def test_injected_include_usage_is_invisible_to_the_client(genv, upstream):

@@ -2,7 +2,6 @@
 import concurrent.futures
 import http.client
 import json
-import socket
 import threading
 import time
 import uuid
@@ -11,7 +10,7 @@ import anthropic
 import openai
 import pytest
 
-from harness import Envoy, http as request
+from harness import Envoy, http as request, raw_post
 
 CACHE = {
     "max_entries": 64,
@@ -72,28 +71,9 @@ def test_repeated_json_request_is_a_hit(cenv, upstream):
 
 
 def raw_stream(port, tenant, body):
-    payload = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                 f"x-tenant: {tenant}\r\nx-fake-split: 9\r\ncontent-length: {len(payload)}\r\n"
-                 f"connection: close\r\n\r\n".encode() + payload)
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    sock.close()
-    head, _, rest = data.partition(b"\r\n\r\n")
-    out = b""
-    if b"transfer-encoding: chunked" in head.lower():
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line, 16)
-            if size == 0:
-                break
-            out += rest[:size]
-            rest = rest[size + 2:]
-    else:
-        out = rest
-    return head.decode(), out
+    head, out = raw_post(port, "/v1/chat/completions",
+                         {"content-type": "application/json", "x-tenant": tenant, "x-fake-split": "9"}, body)
+    return head, out
 
 
 @pytest.mark.parametrize("include_usage", [True, False])
