@@ -12,7 +12,7 @@ WASM_TARGET := wasm32-wasip1
 WASM_RUNNER := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/tests/wasi-run.mjs"
 FUZZ_SECONDS ?= 60
 
-.PHONY: build test lint test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz bench clean toolchain
+.PHONY: build test lint test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz bench loadtest oci clean toolchain
 
 toolchain:
 	@rustup target list --installed 2>/dev/null | grep -q $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -75,6 +75,17 @@ bench: build envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(CARGO) build --release --target $(WASM_TARGET) --manifest-path tests/bench/noop/Cargo.toml
 	$(PY) tests/bench/bench.py --seconds $(BENCH_SECONDS)
+
+# Not part of `make test`: a mixed LLM load (Locust) through the demo stack; prints p50/p95/p99 per
+# request type and admitted/denied per tenant, writes target/loadtest/report.json. Never asserts timing.
+LOADTEST_USERS ?= 50
+LOADTEST_SECONDS ?= 60
+loadtest: build envoy $(VENV)/.loadtest-installed
+	LOADTEST_USERS=$(LOADTEST_USERS) LOADTEST_SECONDS=$(LOADTEST_SECONDS) $(PY) tests/load/run.py
+
+$(VENV)/.loadtest-installed: tests/load/requirements.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/load/requirements.txt
+	touch $@
 
 clean:
 	$(CARGO) clean

@@ -18,7 +18,8 @@ headers; the users send a realistic delay per kind (x-fake-delay-ms) and answer 
 
 Stats names are "<kind>/<json|stream>" (and "embeddings"). A 429 is an expected answer of a
 budget or concurrency limit, not an error: it is recorded as a success under "<name> 429", so
-latency figures of admitted requests stay apart. Every other non-2xx, a broken stream or a
+latency figures of admitted requests stay apart, and the user then waits the retry-after it was
+given (at most LOADTEST_BACKOFF_MAX seconds), like the official SDKs. Every other non-2xx, a broken stream or a
 connection error is a failure. Streaming entries report the time until the last byte; the time
 to the first body byte is collected separately.
 
@@ -29,6 +30,8 @@ Environment:
                      time to first byte, 429 kinds per tenant) as JSON
   LOADTEST_DELAY_SCALE  multiply the fake upstream delays (default 1)
   LOADTEST_WAIT      think time "MIN,MAX" seconds between a user's requests (default "0.1,0.5")
+  LOADTEST_BACKOFF_MAX  after a 429 a user waits its retry-after, at most this many seconds
+                     (default 5; 0: no back-off, hammer the limit)
 
 Usable on its own against a running demo (`make demo DEMO_ARGS=--serve`):
   .venv/bin/locust -f tests/load/locustfile.py --host http://127.0.0.1:PORT
@@ -40,7 +43,7 @@ import sys
 import time
 import uuid
 
-from locust import FastHttpUser, between, events, task
+from locust import FastHttpUser, events, task
 from locust.stats import StatsEntry
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +56,7 @@ DEMO_TENANTS = [
 TENANTS = json.loads(os.environ.get("LOADTEST_TENANTS") or "null") or DEMO_TENANTS
 DELAY_SCALE = float(os.environ.get("LOADTEST_DELAY_SCALE", "1"))
 _WAIT = [float(x) for x in os.environ.get("LOADTEST_WAIT", "0.1,0.5").split(",")]
+BACKOFF_MAX = float(os.environ.get("LOADTEST_BACKOFF_MAX", "5"))
 
 
 SLOTS = slots(TENANTS)
@@ -127,11 +131,16 @@ EXTRA = {"ttfb_ms": {}, "denials": {}, "requests": {}}
 
 
 class TollgateClient(FastHttpUser):
-    wait_time = between(*_WAIT)
+    _backoff = 0.0
     # A stream is read to its end within the task: no request is cut by a network timeout
     # shorter than the slowest complex answer.
     network_timeout = 120.0
     connection_timeout = 10.0
+
+    def wait_time(self):
+        """Think time; after a 429, at least its retry-after (capped), as the SDKs do."""
+        backoff, self._backoff = self._backoff, 0.0
+        return max(backoff, random.uniform(*_WAIT))
 
     def on_start(self):
         slot = SLOTS[_counter["users"] % len(SLOTS)]
@@ -217,6 +226,10 @@ class TollgateClient(FastHttpUser):
             status = resp.status_code
             if status == 429:
                 resp.request_meta["name"] = f"{name} 429"
+                try:
+                    self._backoff = min(float(resp.headers.get("retry-after") or 0), BACKOFF_MAX)
+                except ValueError:
+                    self._backoff = BACKOFF_MAX
                 self.count_denial(resp)
                 if stream:
                     resp.content  # noqa: B018 (drain the short error body)

@@ -51,8 +51,6 @@ from tenant_slots import users_per_tenant  # noqa: E402
 LOCUST = os.path.join(ROOT, ".venv/bin/locust")
 OUT_DIR = os.path.join(ROOT, "target/loadtest")
 EMBEDDING_MODEL = "text-embedding-3-small"
-DENIAL_DECISIONS = ("rate_limited", "quota_exceeded", "model_not_allowed", "too_large",
-                    "bad_request", "model_not_found", "unauthenticated")
 
 
 def sha256(text):
@@ -186,6 +184,16 @@ def ms(v):
     return "-" if v is None else f"{v:,.0f}"
 
 
+def amount(v):
+    """Tokens with thousands separators, USD (a decimal string) as $x.xxxx."""
+    if isinstance(v, int):
+        return f"{v:,}"
+    try:
+        return f"${Decimal(str(v)):,.4f}"
+    except ArithmeticError:
+        return str(v)
+
+
 def table(headers, rows, right=None):
     right = right if right is not None else set(range(1, len(headers)))
     cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
@@ -200,14 +208,15 @@ def table(headers, rows, right=None):
 
 
 def print_report(r):
+    B, N = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
     p = r["params"]
-    print(f"\n\033[1mTollgate load test\033[0m  {p['users']} users, {p['seconds']} s, spawn {p['spawn_rate']}/s, "
+    print(f"\n{B}Tollgate load test{N}  {p['users']} users, {p['seconds']} s, spawn {p['spawn_rate']}/s, "
           f"Envoy concurrency {p['envoy_concurrency']}, {p['cpus']} CPUs")
     lc = r["locust"]
     by_name = {s["name"]: s for s in lc["stats"]}
     ttfb = lc.get("ttfb_ms", {})
 
-    print("\n\033[1mLatency by request type\033[0m (Locust, client side, ms; streams until the last byte)")
+    print(f"\n{B}Latency by request type{N} (Locust, client side, ms; streams until the last byte)")
     rows = []
     kinds = [n for n in by_name if n not in ("Aggregated", "Admitted (not 429)", "Denied (429)")]
     key = {"simple": 0, "moderate": 1, "complex": 2, "embeddings": 3}
@@ -226,7 +235,7 @@ def print_report(r):
         for e in lc["errors"]:
             print(f"    {e['occurrences']:>6} × {e['name']}: {e['error']}")
 
-    print("\n\033[1mPer tenant\033[0m (Envoy access log: what Tollgate decided and charged)")
+    print(f"\n{B}Per tenant{N} (Envoy access log: what Tollgate decided and charged)")
     rows = []
     for name, t in r["tenants"].items():
         plan = r["plan"].get(name, {})
@@ -246,13 +255,14 @@ def print_report(r):
         print("  requests by API: " + ", ".join(f"{k} {v:,}" for k, v in sorted(r["apis"].items())))
 
     if r.get("budgets"):
-        print("\n\033[1mBudgets at the end\033[0m (usage view)")
+        print(f"\n{B}Budgets at the end{N} (usage view)")
         rows = []
         for name, limits in sorted(r["budgets"].items(), key=lambda kv: list(r["plan"]).index(kv[0])
                                    if kv[0] in r["plan"] else 99):
             plan = r["plan"].get(name, {})
             conc = plan.get("policy", {}).get("max_concurrent", "-")
-            rows.append([name, "; ".join(f"{lim['name']} {lim['used']}/{lim['limit']}" for lim in limits), conc])
+            rows.append([name, "; ".join(f"{lim['name']} {amount(lim['used'])} / {amount(lim['limit'])}"
+                                         for lim in limits), conc])
         print(table(["tenant", "used/limit (current window)", "max_concurrent"], rows, right={2}))
 
     rec = r.get("reconciliation")
@@ -268,7 +278,8 @@ def print_report(r):
 
 
 # --- the run ------------------------------------------------------------------------------------
-def stop_pid(proc, sig=signal.SIGINT, timeout=20):
+def stop_pid(proc, sig=signal.SIGTERM, timeout=15):
+    """Locust stops on SIGTERM (its users are stopped, its summary written)."""
     if proc is None or proc.poll() is not None:
         return
     os.kill(proc.pid, sig)
@@ -303,7 +314,9 @@ def main():
         if os.path.exists(path):
             os.unlink(path)
 
-    # SIGTERM (e.g. from a CI timeout) takes the same way out as Ctrl-C.
+    # Ctrl-C and SIGTERM (e.g. a CI timeout) stop everything this run started, by PID (SIGINT
+    # is handled even where a parent shell left it ignored).
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     admin_token = "tollgate-admin-" + secrets.token_hex(8)
     plan = tenant_plan(args.users)
@@ -341,12 +354,16 @@ def main():
         print("\ninterrupted: stopping Locust, Envoy and the upstream", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # A second Ctrl-C must not cut the clean-up short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop_pid(locust)
         if envoy is not None:
             envoy.stop()
         if upstream is not None:
             upstream.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     total = next(s for s in extra["stats"] if s["name"] == "Aggregated")
     admitted = sum(t["admitted"] for t in tenants.values())
