@@ -12,7 +12,7 @@ WASM_TARGET := wasm32-wasip1
 WASM_RUNNER := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/tests/wasi-run.mjs"
 FUZZ_SECONDS ?= 60
 
-.PHONY: build test lint test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz bench loadtest oci clean toolchain
+.PHONY: build test lint test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz bench loadtest oci compose-render clean toolchain
 
 toolchain:
 	@rustup target list --installed 2>/dev/null | grep -q $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -47,6 +47,7 @@ test-wasm: toolchain
 
 validate: build envoy
 	$(PY) tests/validate_configs.py
+	$(PY) examples/docker-compose/render.py --check
 
 test-e2e: build envoy
 	$(PY) -m pytest -q tests/e2e
@@ -86,6 +87,15 @@ loadtest: build envoy $(VENV)/.loadtest-installed
 $(VENV)/.loadtest-installed: tests/load/requirements.txt $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/load/requirements.txt
 	touch $@
+
+OCI_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+# Tollgate as an OCI image layout (Istio's compat Wasm image); no container engine needed.
+oci: build
+	python3 tests/oci_image.py --wasm $(WASM) --out target/oci/tollgate --tag $(OCI_TAG)
+
+# examples/docker-compose/envoy.yaml is generated from envoy/tollgate.yaml + tollgate.json.
+compose-render:
+	python3 examples/docker-compose/render.py
 
 clean:
 	$(CARGO) clean
