@@ -391,32 +391,40 @@ impl Exchange {
     /// The per-request record, as (filter state name, plain-text value) pairs.
     pub fn record(&mut self) -> Vec<(&'static str, String)> {
         let (usage, source) = self.finish(false);
-        vec![
-            ("tollgate.tenant", self.tenant.clone()),
-            ("tollgate.api", self.kind.as_str().to_string()),
-            ("tollgate.model", self.facts.model.clone()),
-            ("tollgate.served_model", self.served_model().to_string()),
-            (
-                "tollgate.route",
-                self.served
-                    .as_ref()
-                    .map_or_else(String::new, |(_, r)| r.clone()),
-            ),
-            ("tollgate.stream", self.facts.stream.to_string()),
-            ("tollgate.input_tokens", usage.input.to_string()),
-            ("tollgate.output_tokens", usage.output.to_string()),
-            (
-                "tollgate.cached_input_tokens",
-                usage.cached_input.to_string(),
-            ),
-            (
-                "tollgate.cache_write_input_tokens",
-                usage.cache_write_input.to_string(),
-            ),
-            ("tollgate.reasoning_tokens", usage.reasoning.to_string()),
-            ("tollgate.usage_source", source.as_str().to_string()),
-        ]
+        let route = self.served.as_ref().map_or("", |(_, r)| r.as_str());
+        record_fields(self, self.served_model(), route, &usage, source.as_str())
     }
+}
+
+/// The ledger fields of a request that was read and answered (by the upstream or the cache):
+/// who, which API and model, and the usage it is charged, from `source`.
+pub fn record_fields(
+    exchange: &Exchange,
+    served_model: &str,
+    route: &str,
+    usage: &Usage,
+    source: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("tollgate.tenant", exchange.tenant.clone()),
+        ("tollgate.api", exchange.kind.as_str().to_string()),
+        ("tollgate.model", exchange.facts.model.clone()),
+        ("tollgate.served_model", served_model.to_string()),
+        ("tollgate.route", route.to_string()),
+        ("tollgate.stream", exchange.facts.stream.to_string()),
+        ("tollgate.input_tokens", usage.input.to_string()),
+        ("tollgate.output_tokens", usage.output.to_string()),
+        (
+            "tollgate.cached_input_tokens",
+            usage.cached_input.to_string(),
+        ),
+        (
+            "tollgate.cache_write_input_tokens",
+            usage.cache_write_input.to_string(),
+        ),
+        ("tollgate.reasoning_tokens", usage.reasoning.to_string()),
+        ("tollgate.usage_source", source.to_string()),
+    ]
 }
 
 /// Takes what a decoder produced so far; `None` when the stream is corrupt.

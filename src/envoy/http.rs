@@ -19,7 +19,7 @@ use crate::api::{ApiKind, Family, Usage};
 use crate::cache::{self, CacheKey, Hit};
 use crate::config::{CachePolicy, Config};
 use crate::cost;
-use crate::exchange::Exchange;
+use crate::exchange::{Exchange, record_fields};
 use crate::metrics::{Counter, Histogram};
 use crate::reply::{LocalReply, Refusal};
 use crate::routing::{Draw, Resolved};
@@ -451,29 +451,13 @@ impl TollgateHttp {
         }
         debug!("tollgate cache hit {}", key.to_hex());
         let route = resolved.map(|r| r.route).unwrap_or_default();
-        self.state = State::Answered(vec![
-            ("tollgate.tenant", tenant),
-            ("tollgate.api", kind.as_str().to_string()),
-            ("tollgate.model", facts.model),
-            ("tollgate.served_model", served),
-            ("tollgate.route", route),
-            ("tollgate.stream", facts.stream.to_string()),
-            ("tollgate.input_tokens", charged.input.to_string()),
-            ("tollgate.output_tokens", charged.output.to_string()),
-            (
-                "tollgate.cached_input_tokens",
-                charged.cached_input.to_string(),
-            ),
-            (
-                "tollgate.cache_write_input_tokens",
-                charged.cache_write_input.to_string(),
-            ),
-            ("tollgate.reasoning_tokens", charged.reasoning.to_string()),
-            ("tollgate.usage_source", "cache".to_string()),
+        let mut fields = record_fields(&probe, &served, &route, &charged, "cache");
+        fields.extend([
             ("tollgate.cost_usd", cost::format_micro_usd(billed)),
             ("tollgate.cache", "hit".to_string()),
             ("tollgate.decision", "admitted".to_string()),
         ]);
+        self.state = State::Answered(fields);
         Action::Pause
     }
 
