@@ -94,6 +94,14 @@ impl Labels {
         }
     }
 
+    /// The tenant label values (sanitised), `_other` included.
+    pub fn tenant_values(&self) -> impl Iterator<Item = Cow<'_, str>> {
+        self.tenants
+            .iter()
+            .map(|t| sanitize(t))
+            .chain(std::iter::once(Cow::Borrowed(OTHER)))
+    }
+
     pub fn tenant<'a>(&self, name: &'a str) -> Cow<'a, str> {
         if self.tenants.contains(name) {
             sanitize(name)
@@ -130,6 +138,21 @@ pub fn counter_name(counter: Counter, tenant: &str, model: &str) -> String {
         counter.suffix()
     )
 }
+
+/// Every refusal reason a denial counter can carry (`reply::LocalReply::reason`).
+pub const DENIAL_REASONS: [&str; 8] = [
+    "unauthenticated",
+    "bad_request",
+    "model_not_found",
+    "too_large",
+    "model_not_allowed",
+    "rate_limited",
+    "quota_exceeded",
+    "internal",
+];
+
+/// The tenant label of requests refused before a tenant was known.
+pub const UNKNOWN_TENANT: &str = "_unknown";
 
 pub fn denial_name(tenant: &str, reason: &str) -> String {
     format!("tollgate.tenant.{tenant}.reason.{reason}.denials")

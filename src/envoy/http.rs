@@ -557,7 +557,9 @@ impl TollgateHttp {
                 if let Some(config) = &self.config {
                     let label = tenant
                         .as_deref()
-                        .map_or(Cow::Borrowed("_unknown"), |t| config.labels.tenant(t));
+                        .map_or(Cow::Borrowed(crate::metrics::UNKNOWN_TENANT), |t| {
+                            config.labels.tenant(t)
+                        });
                     metrics::count(crate::metrics::denial_name(&label, reason), 1);
                 }
                 fields

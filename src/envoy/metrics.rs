@@ -22,6 +22,11 @@ fn id(kind: MetricType, name: String) -> Option<u32> {
     })
 }
 
+/// Creates a counter at 0 (so a first increment is a visible change for Prometheus `rate()`).
+pub fn define_counter(name: String) {
+    let _ = id(MetricType::Counter, name);
+}
+
 /// Adds `delta` to a counter (nothing for 0).
 pub fn count(name: String, delta: u64) {
     if delta == 0 {

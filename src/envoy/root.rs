@@ -9,6 +9,7 @@ use proxy_wasm::types::ContextType;
 
 use super::host::{self, EnvoyStore};
 use super::http::TollgateHttp;
+use super::metrics;
 use crate::config::Config;
 use crate::store;
 
@@ -55,6 +56,16 @@ impl RootContext for TollgateRoot {
                     config.tenants.len(),
                     keys.len()
                 );
+                // Denial counters exist from the start, at 0, for every tenant label.
+                for tenant in config.labels.tenant_values() {
+                    for reason in crate::metrics::DENIAL_REASONS {
+                        metrics::define_counter(crate::metrics::denial_name(&tenant, reason));
+                    }
+                }
+                metrics::define_counter(crate::metrics::denial_name(
+                    crate::metrics::UNKNOWN_TENANT,
+                    "unauthenticated",
+                ));
                 self.config = Some(Rc::new(config));
                 true
             }

@@ -39,7 +39,8 @@ TENANT_MODEL_COUNTERS = {
 }
 TENANT_REASON_COUNTERS = {"tollgate_denials"}
 DENIAL_REASONS = {"unauthenticated", "bad_request", "model_not_found", "too_large",
-                  "model_not_allowed", "rate_limited", "quota_exceeded"}
+                  "model_not_allowed", "rate_limited", "quota_exceeded",
+                  "internal"}  # 500: the gateway could not rewrite a request body
 TENANT_GAUGES = {"tollgate_in_flight"}
 TENANT_HISTOGRAMS = {
     "tollgate_tokens_per_request",
