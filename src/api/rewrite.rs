@@ -20,6 +20,131 @@ impl Edits {
     }
 }
 
+/// Applies `edits` the cheapest way: a routing-only edit splices the `model` value in place; any
+/// other edit (or a body the splice does not handle) re-serialises the body.
+pub fn apply(kind: ApiKind, body: &[u8], edits: &Edits) -> Option<Vec<u8>> {
+    if let (Some(model), None, false) = (&edits.model, edits.max_tokens, edits.include_usage)
+        && let Some(out) = replace_model(body, model)
+    {
+        return Some(out);
+    }
+    rewrite(kind, body, edits)
+}
+
+/// Replaces only the top-level `model` value, byte for byte everything else: the common routing
+/// edit, without re-serialising the body. `None` when the body is not a plain case (no string
+/// `model`, a duplicate or escaped key, not an object): use [`rewrite`] then.
+pub fn replace_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    let (start, end) = model_value_span(body)?;
+    let quoted = serde_json::to_vec(model).ok()?;
+    let mut out = Vec::with_capacity(body.len().saturating_add(quoted.len()));
+    out.extend_from_slice(body.get(..start)?);
+    out.extend_from_slice(&quoted);
+    out.extend_from_slice(body.get(end..)?);
+    Some(out)
+}
+
+fn skip_ws(body: &[u8], mut i: usize) -> usize {
+    while body
+        .get(i)
+        .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        i += 1;
+    }
+    i
+}
+
+/// Index just past the string starting at `i` (which holds `"`).
+fn string_end(body: &[u8], i: usize) -> Option<usize> {
+    let mut j = i.checked_add(1)?;
+    loop {
+        match body.get(j)? {
+            b'\\' => j = j.checked_add(2)?,
+            b'"' => return j.checked_add(1),
+            _ => j += 1,
+        }
+    }
+}
+
+/// Index just past the JSON value starting at `i` (the body was validated before).
+fn value_end(body: &[u8], i: usize) -> Option<usize> {
+    match body.get(i)? {
+        b'"' => string_end(body, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match body.get(j)? {
+                    b'"' => {
+                        j = string_end(body, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth = depth.checked_sub(1)?;
+                        if depth == 0 {
+                            return j.checked_add(1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let mut j = i;
+            while body
+                .get(j)
+                .is_some_and(|b| !matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
+            {
+                j += 1;
+            }
+            Some(j)
+        }
+    }
+}
+
+/// The byte span of the top-level `model` string value (quotes included).
+fn model_value_span(body: &[u8]) -> Option<(usize, usize)> {
+    let mut i = skip_ws(body, 0);
+    if body.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let mut found = None;
+    loop {
+        i = skip_ws(body, i);
+        match body.get(i)? {
+            b'}' => return found,
+            b'"' => {}
+            _ => return None,
+        }
+        let key_end = string_end(body, i)?;
+        let key = body.get(i + 1..key_end.checked_sub(1)?)?;
+        i = skip_ws(body, key_end);
+        if body.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(body, i + 1);
+        let end = value_end(body, i)?;
+        if key == b"model" {
+            if found.is_some() || body.get(i) != Some(&b'"') {
+                return None;
+            }
+            found = Some((i, end));
+        } else if key.contains(&b'\\') {
+            // An escaped key could spell "model": leave such bodies to the full rewrite.
+            return None;
+        }
+        i = skip_ws(body, end);
+        match body.get(i)? {
+            b',' => i += 1,
+            b'}' => return found,
+            _ => return None,
+        }
+    }
+}
+
 /// Applies `edits` to a JSON object body; `None` if the body is not a JSON object (it was parsed
 /// before, so this does not happen in practice). Keys come out sorted; values are unchanged.
 pub fn rewrite(kind: ApiKind, body: &[u8], edits: &Edits) -> Option<Vec<u8>> {
@@ -131,6 +256,50 @@ mod tests {
         let mut want: Value = serde_json::from_str(body).unwrap();
         want["model"] = "up".into();
         assert_eq!(v, want);
+    }
+
+    #[test]
+    fn replace_model_keeps_every_other_byte() {
+        let body = br#" { "messages": [{"role":"user","content":"the \"model\": x {[ "}], "model" : "fast" ,"n":1} "#;
+        let out = replace_model(body, "gpt-4o-\"mini\"").unwrap();
+        let want = String::from_utf8_lossy(body).replace(r#""fast""#, r#""gpt-4o-\"mini\"""#);
+        assert_eq!(String::from_utf8(out).unwrap(), want);
+        // Not the plain case: left to the full rewrite.
+        assert!(replace_model(br#"{"model":"a","model":"b"}"#, "x").is_none());
+        assert!(replace_model(br#"{"mod\u0065l":"a","model":"b"}"#, "x").is_none());
+        assert!(replace_model(br#"{"model":7}"#, "x").is_none());
+        assert!(replace_model(br#"{"messages":[]}"#, "x").is_none());
+        assert!(replace_model(br#"[{"model":"a"}]"#, "x").is_none());
+    }
+
+    proptest::proptest! {
+        /// On any JSON object with a string model, the splice equals the full rewrite.
+        #[test]
+        fn replace_model_agrees_with_the_full_rewrite(
+            fields in proptest::collection::btree_map("[a-z\" \\\\]{0,6}", proptest::prelude::any::<i32>(), 0..5),
+            model in "[ -~é]{0,12}",
+            new in "[ -~é]{0,12}",
+        ) {
+            let mut doc: Map<String, Value> = fields.into_iter().map(|(k, v)| (k, Value::from(v))).collect();
+            doc.insert("model".into(), Value::String(model));
+            doc.insert("nested".into(), serde_json::json!({"model": "inner", "a": ["}", "\"{"]}));
+            let body = serde_json::to_vec(&doc).unwrap();
+            let escaped_key = doc.keys().any(|k| k.contains(['"', '\\']));
+            let Some(spliced) = replace_model(&body, &new) else {
+                // Only a key written with escapes is left to the full rewrite.
+                proptest::prop_assert!(escaped_key);
+                return Ok(());
+            };
+            let spliced: Value = serde_json::from_slice(&spliced).unwrap();
+            let edits = Edits { model: Some(new), ..Edits::default() };
+            let full: Value = serde_json::from_slice(&rewrite(ApiKind::ChatCompletions, &body, &edits).unwrap()).unwrap();
+            proptest::prop_assert_eq!(spliced, full);
+        }
+
+        #[test]
+        fn replace_model_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let _ = replace_model(&body, "m");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::host::{self, EnvoyStore};
 use super::metrics;
 use crate::admission::{self, Admitted, TenantKeys, TenantPolicy};
 use crate::api::request::{RequestFacts, parse_request};
-use crate::api::rewrite::{Edits, rewrite};
+use crate::api::rewrite::{self, Edits};
 use crate::api::{ApiKind, Family, Usage};
 use crate::cache::{self, CacheKey, Hit};
 use crate::config::{CachePolicy, Config};
@@ -308,7 +308,7 @@ impl TollgateHttp {
                 .map(|r| r.upstream_model.clone()),
         };
         if !edits.is_empty() {
-            let rewritten = rewrite(kind, &body, &edits).and_then(|new| {
+            let rewritten = rewrite::apply(kind, &body, &edits).and_then(|new| {
                 host::set_request_body(body_size, &new).ok()?;
                 host::set_request_header("content-length", Some(new.len().to_string().as_bytes()))
                     .ok()
