@@ -294,11 +294,6 @@ impl Exchange {
         }
     }
 
-    /// Whether the response cache still holds a copy (for the response's `x-tollgate-cache`).
-    pub fn capturing(&self) -> bool {
-        matches!(self.capture, Capture::On { .. })
-    }
-
     /// The response ended normally (`end_of_stream`), so a JSON body is whole.
     pub fn on_response_complete(&mut self) {
         self.complete = true;
@@ -382,10 +377,6 @@ impl Exchange {
         };
         self.finished = Some(done);
         done
-    }
-
-    pub fn is_finished(&self) -> bool {
-        self.finished.is_some()
     }
 
     /// The per-request record, as (filter state name, plain-text value) pairs.
@@ -531,6 +522,8 @@ mod tests {
             )
         );
         assert_eq!(y.finish(true).1, UsageSource::Refunded);
+        // The first call decides: a later one (say, from on_log) changes nothing.
+        assert_eq!(x.finish(true).1, UsageSource::Reservation);
     }
 
     #[test]
@@ -608,7 +601,9 @@ mod tests {
         let mut z = exchange(ApiKind::ChatCompletions);
         z.capture_for_cache(1000);
         z.on_response_headers(200, Some(b"application/json"), Some(b"gzip"));
-        assert!(!z.capturing());
+        z.on_response_chunk(b"\x1f\x8b", true);
+        z.on_response_complete();
+        assert!(z.take_capture().is_none());
     }
 
     #[test]
@@ -617,7 +612,6 @@ mod tests {
         x.on_response_headers(500, Some(b"application/json"), None);
         assert!(!x.wants_response_body());
         assert_eq!(x.finish(false).1, UsageSource::Refunded);
-        assert!(x.is_finished());
         assert_eq!(x.record().len(), 12);
     }
 }

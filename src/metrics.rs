@@ -11,6 +11,9 @@ use std::borrow::Cow;
 
 use hashbrown::HashSet;
 
+/// Shared-data keys this filter ever created (the key space is bounded by the configuration).
+pub const SHARED_KEYS_CREATED: &str = "tollgate.shared_data.keys_created";
+
 /// The label value shared by everything past the label caps.
 pub const OTHER: &str = "_other";
 

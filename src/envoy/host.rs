@@ -6,7 +6,7 @@
 //! returns a value the caller treats as "not available".
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, Bytes, MapType, MetricType, Status};
+use proxy_wasm::types::{BufferType, Bytes, MapType, Status};
 
 use crate::reply::LocalReply;
 use crate::store::{SharedStore, Versioned};
@@ -129,25 +129,7 @@ impl SharedStore for EnvoyStore {
     }
 
     fn created(&self, _key: &str) {
-        KEYS_CREATED.with(|id| {
-            if let Some(id) = id.get() {
-                let _ = hostcalls::increment_metric(id, 1);
-            }
-        });
-    }
-}
-
-thread_local! {
-    /// `tollgate.shared_data.keys_created`: shared-data keys this filter ever created.
-    static KEYS_CREATED: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
-}
-
-/// Defines the filter's counters (once per VM, in `on_configure`).
-pub fn define_counters() {
-    if let Ok(id) =
-        hostcalls::define_metric(MetricType::Counter, "tollgate.shared_data.keys_created")
-    {
-        KEYS_CREATED.with(|cell| cell.set(Some(id)));
+        super::metrics::count(crate::metrics::SHARED_KEYS_CREATED.to_string(), 1);
     }
 }
 

@@ -38,7 +38,7 @@ impl RootContext for TollgateRoot {
         let bytes = host::plugin_configuration(plugin_configuration_size).unwrap_or_default();
         match Config::from_json(&bytes) {
             Ok(config) => {
-                host::define_counters();
+                metrics::define_counter(crate::metrics::SHARED_KEYS_CREATED.to_string());
                 self.draws.set(host::now_ms());
                 self.worker = Rc::from(format!(
                     "{:08x}",
