@@ -8,6 +8,8 @@ PY      := $(VENV)/bin/python
 ENVOY   := $(VENV)/bin/envoy
 WASM    := target/wasm32-wasip1/release/tollgate.wasm
 WASM_TARGET := wasm32-wasip1
+# A test-only build that can be told to trap (the VM-death test); never shipped.
+TRAP_WASM := target/test-trap/wasm32-wasip1/release/tollgate.wasm
 # Core tests on wasm32 run under Node's WASI (usize is 32 bits there).
 WASM_RUNNER := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/tests/wasi-run.mjs"
 FUZZ_SECONDS ?= 60
@@ -22,6 +24,9 @@ build: toolchain $(WASM)
 $(WASM): Cargo.toml Cargo.lock $(shell find src -name '*.rs')
 	$(CARGO) build --release --target $(WASM_TARGET) --lib
 	@ls -l $(WASM) | awk '{print "built " $$9 " (" $$5 " bytes)"}'
+
+$(TRAP_WASM): Cargo.toml Cargo.lock $(shell find src -name '*.rs')
+	CARGO_TARGET_DIR=target/test-trap $(CARGO) build --release --target $(WASM_TARGET) --lib --features test-trap
 
 # Envoy 1.40 (official binary, V8) and the Python clients, in a git-ignored virtualenv.
 envoy: $(VENV)/.installed
@@ -49,7 +54,7 @@ validate: build envoy
 	$(PY) tests/validate_configs.py
 	$(PY) examples/docker-compose/render.py --check
 
-test-e2e: build envoy
+test-e2e: build envoy $(TRAP_WASM)
 	$(PY) -m pytest -q tests/e2e
 
 test: lint test-unit test-wasm validate test-e2e

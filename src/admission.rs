@@ -8,6 +8,7 @@ use crate::api::request::RequestFacts;
 use crate::api::{ApiKind, Usage};
 use crate::budget::{self, Denial, Held, Limit, Unit};
 use crate::cost::Price;
+use crate::holdings::{self, Ring};
 use crate::reply::Refusal;
 use crate::routing::Alias;
 use crate::store::{SharedStore, UpdateError, update};
@@ -33,6 +34,9 @@ pub struct TenantPolicy {
     pub aliases: HashMap<String, Alias>,
     /// Aliases downgrade once any applicable budget is this many thousandths used.
     pub downgrade_at_permille: Option<u64>,
+    /// Length of a reservation epoch: what a request holds expires `holdings::SLOTS - 1` to
+    /// `holdings::SLOTS` epochs after it was taken if it is never settled (its VM died).
+    pub reservation_epoch_ms: u64,
 }
 
 impl TenantPolicy {
@@ -53,12 +57,21 @@ impl TenantPolicy {
             .zip(&keys.buckets)
             .filter(|(limit, _)| limit.applies_to(model))
             .any(|(limit, key)| {
-                let b = budget::read(store, key, limit, now_ms);
-                let taken = u128::from(b.used.saturating_add(b.reserved)) * 1000;
+                let b = budget::read(store, key, limit, now_ms, self.epoch(now_ms));
+                let taken = u128::from(b.used.saturating_add(b.reserved())) * 1000;
                 taken >= u128::from(limit.amount) * u128::from(permille)
             })
     }
+
+    /// The reservation epoch of `now_ms`.
+    pub fn epoch(&self, now_ms: u64) -> u64 {
+        now_ms.checked_div(self.reservation_epoch_ms).unwrap_or(0)
+    }
 }
+
+/// Reservations expire ten minutes after they were taken by default (the shipped routes time
+/// out after five).
+pub const DEFAULT_RESERVATION_TTL_MS: u64 = 600_000;
 
 impl Default for TenantPolicy {
     fn default() -> Self {
@@ -72,6 +85,7 @@ impl Default for TenantPolicy {
             strict: false,
             aliases: HashMap::new(),
             downgrade_at_permille: None,
+            reservation_epoch_ms: holdings::epoch_ms_for_ttl(DEFAULT_RESERVATION_TTL_MS),
         }
     }
 }
@@ -85,15 +99,17 @@ pub struct TenantKeys {
 }
 
 impl TenantKeys {
-    /// `scope` is the tenant name, or a slot name for undeclared tenants.
+    /// `scope` is the tenant name, or a slot name for undeclared tenants. The `2` is the value
+    /// format (buckets and slots hold epoch rings since 0.2): a code update that keeps the
+    /// `vm_id` must not read the old format's keys.
     pub fn new(scope: &str, policy: &TenantPolicy) -> TenantKeys {
         TenantKeys {
             buckets: policy
                 .limits
                 .iter()
-                .map(|l| format!("tg:b:{scope}:{}", l.name))
+                .map(|l| format!("tg:b2:{scope}:{}", l.name))
                 .collect(),
-            concurrency: format!("tg:c:{scope}"),
+            concurrency: format!("tg:c2:{scope}"),
         }
     }
 
@@ -204,7 +220,8 @@ pub struct RateInfo {
 pub struct Admitted {
     pub plan: Plan,
     pub held: Vec<Held>,
-    pub concurrency: bool,
+    /// The epoch the concurrency slot was taken in, when the tenant has a concurrency limit.
+    pub concurrency: Option<u64>,
     pub rate: Option<RateInfo>,
 }
 
@@ -257,12 +274,10 @@ pub fn admit<S: SharedStore + ?Sized>(
             ),
         });
     }
+    let epoch = policy.epoch(now_ms);
     let concurrency = match policy.max_concurrent {
-        Some(max) => {
-            acquire_slot(store, &keys.concurrency, max)?;
-            true
-        }
-        None => false,
+        Some(max) => Some(acquire_slot(store, &keys.concurrency, max, epoch)?.0),
+        None => None,
     };
     let mut clamped = false;
     loop {
@@ -283,7 +298,7 @@ pub fn admit<S: SharedStore + ?Sized>(
                 ))
             })
             .collect();
-        match budget::reserve_all(store, &policy.limits, &targets, now_ms) {
+        match budget::reserve_all(store, &policy.limits, &targets, now_ms, epoch) {
             Ok(held) => {
                 let rate = tightest_tokens(policy, &held, now_ms);
                 return Ok(Admitted {
@@ -307,8 +322,8 @@ pub fn admit<S: SharedStore + ?Sized>(
                     clamped = true;
                     continue;
                 }
-                if concurrency {
-                    release_slot(store, &keys.concurrency);
+                if let Some(taken) = concurrency {
+                    release_slot(store, &keys.concurrency, taken, epoch);
                 }
                 return Err(refusal(policy, denial, now_ms));
             }
@@ -329,7 +344,14 @@ fn output_that_fits<S: SharedStore + ?Sized>(
     let mut fit = u64::MAX;
     for &i in applicable {
         let limit = policy.limits.get(i)?;
-        let left = budget::read(store, keys.buckets.get(i)?, limit, now_ms).remaining(limit.amount);
+        let bucket = budget::read(
+            store,
+            keys.buckets.get(i)?,
+            limit,
+            now_ms,
+            policy.epoch(now_ms),
+        );
+        let left = bucket.remaining(limit.amount);
         let prompt_only = Usage {
             input: plan.prompt_tokens,
             ..Usage::default()
@@ -402,13 +424,21 @@ fn tightest_tokens(policy: &TenantPolicy, held: &[Held], now_ms: u64) -> Option<
         .min_by_key(|r| r.remaining)
 }
 
-fn acquire_slot<S: SharedStore + ?Sized>(store: &S, key: &str, max: u64) -> Result<(), Refusal> {
+/// Takes a concurrency slot in `epoch`; returns the epoch to release it from and how many are
+/// now taken.
+fn acquire_slot<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    max: u64,
+    epoch: u64,
+) -> Result<(u64, u64), Refusal> {
     let result = update(store, key, |bytes| {
-        let n = read_count(bytes);
-        if n >= max {
+        let mut slots = in_flight_at(bytes, epoch);
+        if slots.total() >= max {
             return Err(());
         }
-        Ok((n.saturating_add(1).to_le_bytes().to_vec(), ()))
+        let taken = slots.hold(1);
+        Ok((encode_ring(&slots), (taken, slots.total())))
     });
     result.map_err(|err| match err {
         UpdateError::Refused(()) => Refusal::RateLimited {
@@ -420,21 +450,65 @@ fn acquire_slot<S: SharedStore + ?Sized>(store: &S, key: &str, max: u64) -> Resu
     })
 }
 
-fn release_slot<S: SharedStore + ?Sized>(store: &S, key: &str) -> bool {
-    let result: Result<(), UpdateError<()>> = update(store, key, |bytes| {
-        Ok((
-            read_count(bytes).saturating_sub(1).to_le_bytes().to_vec(),
-            (),
-        ))
+/// Releases a slot taken in `taken`; returns how many are still taken (`None` under endless
+/// contention).
+fn release_slot<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    taken: u64,
+    epoch: u64,
+) -> Option<u64> {
+    let result: Result<u64, UpdateError<()>> = update(store, key, |bytes| {
+        let mut slots = in_flight_at(bytes, epoch);
+        slots.release(taken, 1);
+        Ok((encode_ring(&slots), slots.total()))
     });
-    result.is_ok()
+    result.ok()
 }
 
-/// In-flight requests of a tenant (the concurrency key).
-pub fn read_count(bytes: Option<&[u8]>) -> u64 {
-    bytes
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map_or(0, u64::from_le_bytes)
+/// The shared count behind the `tollgate_in_flight{tenant}` gauge of one tenant label (a label
+/// may stand for many tenants). The gauge is set from it, never moved by ±1, so what a dead VM
+/// had in flight leaves the gauge when its slots expire.
+pub fn in_flight_key(label: &str) -> String {
+    format!("tg:f2:{label}")
+}
+
+/// Counts a request in flight under `key` ([`in_flight_key`]): the epoch to leave from, and the
+/// new count. `None` under endless contention (the gauge is then left as it is).
+pub fn enter_in_flight<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    epoch: u64,
+) -> Option<(u64, u64)> {
+    acquire_slot(store, key, u64::MAX, epoch).ok()
+}
+
+/// Counts a request out of `key`; returns the new count.
+pub fn leave_in_flight<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    taken: u64,
+    epoch: u64,
+) -> Option<u64> {
+    release_slot(store, key, taken, epoch)
+}
+
+fn in_flight_at(bytes: Option<&[u8]>, epoch: u64) -> Ring {
+    let mut slots = Ring::decode(bytes.unwrap_or_default());
+    slots.advance(epoch);
+    slots
+}
+
+fn encode_ring(ring: &Ring) -> Vec<u8> {
+    let mut out = Vec::with_capacity(holdings::RING_BYTES);
+    ring.encode_into(&mut out);
+    out
+}
+
+/// In-flight requests of a tenant as of `epoch` (the concurrency key; slots of requests whose
+/// VM died have expired).
+pub fn in_flight(bytes: Option<&[u8]>, epoch: u64) -> u64 {
+    in_flight_at(bytes, epoch).total()
 }
 
 /// Settles an admitted request with the usage it is charged for. Returns how many writes
@@ -470,8 +544,11 @@ pub fn settle<S: SharedStore + ?Sized>(
         &admitted.held,
         &actual,
         now_ms,
+        policy.epoch(now_ms),
     );
-    if admitted.concurrency && !release_slot(store, &keys.concurrency) {
+    if let Some(taken) = admitted.concurrency
+        && release_slot(store, &keys.concurrency, taken, policy.epoch(now_ms)).is_none()
+    {
         failed += 1;
     }
     failed

@@ -7,7 +7,11 @@
 //! request's estimate out of `reserved` and its actual usage into `used`. A new window resets
 //! `used` but carries `reserved` over: requests admitted in the old window are still in flight,
 //! and their settlement lands in the window where it happens.
+//!
+//! `reserved` is a [`Ring`] of epochs: a reservation whose VM died before settling it expires
+//! after the reservation TTL instead of holding the budget until Envoy restarts.
 
+use crate::holdings::{RING_BYTES, Ring};
 use crate::store::{SharedStore, UpdateError, update};
 use crate::window::Window;
 
@@ -44,10 +48,11 @@ pub struct Bucket {
     /// Start of the window `used` belongs to, ms since the epoch.
     pub window_start: u64,
     pub used: u64,
-    pub reserved: u64,
+    /// What requests in flight reserved, by the epoch they reserved it in.
+    pub held: Ring,
 }
 
-const BUCKET_BYTES: usize = 24;
+const BUCKET_BYTES: usize = 16 + RING_BYTES;
 
 impl Bucket {
     /// Decodes a stored bucket; absent or foreign bytes read as an empty bucket.
@@ -62,7 +67,7 @@ impl Bucket {
             Some(b) if b.len() == BUCKET_BYTES => Bucket {
                 window_start: field(0),
                 used: field(1),
-                reserved: field(2),
+                held: Ring::decode(b.get(16..).unwrap_or_default()),
             },
             _ => Bucket::default(),
         }
@@ -72,27 +77,30 @@ impl Bucket {
         let mut out = Vec::with_capacity(BUCKET_BYTES);
         out.extend_from_slice(&self.window_start.to_le_bytes());
         out.extend_from_slice(&self.used.to_le_bytes());
-        out.extend_from_slice(&self.reserved.to_le_bytes());
+        self.held.encode_into(&mut out);
         out
     }
 
-    /// The bucket as of `now`: a new window starts with nothing used, reservations kept.
-    pub fn at(self, window: Window, now_ms: u64) -> Bucket {
+    /// The bucket as of `now` (and its reservation `epoch`): a new window starts with nothing
+    /// used, reservations kept; reservations of expired epochs are gone.
+    pub fn at(mut self, window: Window, now_ms: u64, epoch: u64) -> Bucket {
         let start = window.start(now_ms);
         if start > self.window_start {
-            Bucket {
-                window_start: start,
-                used: 0,
-                reserved: self.reserved,
-            }
-        } else {
-            self
+            self.window_start = start;
+            self.used = 0;
         }
+        self.held.advance(epoch);
+        self
+    }
+
+    /// What requests in flight hold.
+    pub fn reserved(&self) -> u64 {
+        self.held.total()
     }
 
     /// What is left of `amount` after what is used and reserved.
     pub fn remaining(&self, amount: u64) -> u64 {
-        amount.saturating_sub(self.used.saturating_add(self.reserved))
+        amount.saturating_sub(self.used.saturating_add(self.reserved()))
     }
 }
 
@@ -102,6 +110,8 @@ pub struct Held {
     /// Index of the limit in the tenant's list.
     pub limit: usize,
     pub amount: u64,
+    /// The epoch it was held in (its settlement releases it there).
+    pub epoch: u64,
     /// The bucket right after the reservation (for rate-limit headers).
     pub after: Bucket,
 }
@@ -126,6 +136,7 @@ pub fn reserve_all<S: SharedStore + ?Sized>(
     limits: &[Limit],
     targets: &[(usize, &str, u64)],
     now_ms: u64,
+    epoch: u64,
 ) -> Result<Vec<Held>, Denial> {
     let mut held: Vec<Held> = Vec::with_capacity(targets.len());
     for &(index, key, amount) in targets {
@@ -133,7 +144,7 @@ pub fn reserve_all<S: SharedStore + ?Sized>(
             continue;
         };
         let result = update(store, key, |bytes| {
-            let bucket = Bucket::decode(bytes).at(limit.window, now_ms);
+            let mut bucket = Bucket::decode(bytes).at(limit.window, now_ms, epoch);
             let remaining = bucket.remaining(limit.amount);
             if amount > remaining {
                 return Err(Denial::Exhausted {
@@ -142,22 +153,20 @@ pub fn reserve_all<S: SharedStore + ?Sized>(
                     reset_ms: limit.window.end(now_ms),
                 });
             }
-            let after = Bucket {
-                reserved: bucket.reserved.saturating_add(amount),
-                ..bucket
-            };
-            Ok((after.encode(), after))
+            let taken = bucket.held.hold(amount);
+            Ok((bucket.encode(), (bucket, taken)))
         });
         match result {
-            Ok(after) => held.push(Held {
+            Ok((after, taken)) => held.push(Held {
                 limit: index,
                 amount,
+                epoch: taken,
                 after,
             }),
             Err(err) => {
                 let keys: Vec<(usize, &str)> = targets.iter().map(|&(i, k, _)| (i, k)).collect();
                 let zeros = vec![0; held.len()];
-                settle_all(store, limits, &keys, &held, &zeros, now_ms);
+                settle_all(store, limits, &keys, &held, &zeros, now_ms, epoch);
                 return Err(match err {
                     UpdateError::Refused(denial) => denial,
                     UpdateError::Contended => Denial::Contended,
@@ -177,6 +186,7 @@ pub fn settle_all<S: SharedStore + ?Sized>(
     held: &[Held],
     actual: &[u64],
     now_ms: u64,
+    epoch: u64,
 ) -> usize {
     let mut failed = 0;
     for (h, &used) in held.iter().zip(actual) {
@@ -187,13 +197,10 @@ pub fn settle_all<S: SharedStore + ?Sized>(
             continue;
         };
         let result: Result<(), UpdateError<()>> = update(store, key, |bytes| {
-            let bucket = Bucket::decode(bytes).at(limit.window, now_ms);
-            let after = Bucket {
-                used: bucket.used.saturating_add(used),
-                reserved: bucket.reserved.saturating_sub(h.amount),
-                ..bucket
-            };
-            Ok((after.encode(), ()))
+            let mut bucket = Bucket::decode(bytes).at(limit.window, now_ms, epoch);
+            bucket.used = bucket.used.saturating_add(used);
+            bucket.held.release(h.epoch, h.amount);
+            Ok((bucket.encode(), ()))
         });
         failed += usize::from(result.is_err());
     }
@@ -201,8 +208,14 @@ pub fn settle_all<S: SharedStore + ?Sized>(
 }
 
 /// Reads a bucket as of `now` (for views and headers).
-pub fn read<S: SharedStore + ?Sized>(store: &S, key: &str, limit: &Limit, now_ms: u64) -> Bucket {
-    Bucket::decode(store.get(key).0.as_deref()).at(limit.window, now_ms)
+pub fn read<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    limit: &Limit,
+    now_ms: u64,
+    epoch: u64,
+) -> Bucket {
+    Bucket::decode(store.get(key).0.as_deref()).at(limit.window, now_ms, epoch)
 }
 
 #[cfg(test)]
@@ -224,11 +237,13 @@ mod tests {
 
     #[test]
     fn bucket_round_trips_and_ignores_garbage() {
-        let b = Bucket {
+        let mut b = Bucket {
             window_start: 7,
             used: u64::MAX,
-            reserved: 3,
+            ..Bucket::default()
         };
+        b.held.advance(9);
+        b.held.hold(3);
         assert_eq!(Bucket::decode(Some(&b.encode())), b);
         assert_eq!(Bucket::decode(Some(b"short")), Bucket::default());
         assert_eq!(Bucket::decode(None), Bucket::default());
@@ -239,9 +254,9 @@ mod tests {
         let store = MemStore::default();
         let limits = [tokens(100)];
         let now = 10 * MIN + 5_000;
-        assert!(reserve_all(&store, &limits, &[(0, "k", 60)], now).is_ok());
-        assert!(reserve_all(&store, &limits, &[(0, "k", 40)], now).is_ok());
-        let denied = reserve_all(&store, &limits, &[(0, "k", 1)], now).unwrap_err();
+        assert!(reserve_all(&store, &limits, &[(0, "k", 60)], now, 0).is_ok());
+        assert!(reserve_all(&store, &limits, &[(0, "k", 40)], now, 0).is_ok());
+        let denied = reserve_all(&store, &limits, &[(0, "k", 1)], now, 0).unwrap_err();
         assert_eq!(
             denied,
             Denial::Exhausted {
@@ -256,11 +271,14 @@ mod tests {
     fn settle_replaces_the_estimate_with_actual_usage() {
         let store = MemStore::default();
         let limits = [tokens(100)];
-        let held = reserve_all(&store, &limits, &[(0, "k", 80)], 0).unwrap();
-        assert_eq!(settle_all(&store, &limits, &[(0, "k")], &held, &[30], 1), 0);
-        let b = read(&store, "k", &limits[0], 2);
-        assert_eq!((b.used, b.reserved), (30, 0));
-        assert!(reserve_all(&store, &limits, &[(0, "k", 70)], 3).is_ok());
+        let held = reserve_all(&store, &limits, &[(0, "k", 80)], 0, 0).unwrap();
+        assert_eq!(
+            settle_all(&store, &limits, &[(0, "k")], &held, &[30], 1, 0),
+            0
+        );
+        let b = read(&store, "k", &limits[0], 2, 0);
+        assert_eq!((b.used, b.reserved()), (30, 0));
+        assert!(reserve_all(&store, &limits, &[(0, "k", 70)], 3, 0).is_ok());
     }
 
     #[test]
@@ -269,28 +287,49 @@ mod tests {
         let limits = [tokens(1000), tokens(50)];
         let targets = [(0, "a", 60), (1, "b", 60)];
         assert!(matches!(
-            reserve_all(&store, &limits, &targets, 0),
+            reserve_all(&store, &limits, &targets, 0, 0),
             Err(Denial::Exhausted { limit: 1, .. })
         ));
         // The first limit's reservation was released again.
-        assert_eq!(read(&store, "a", &limits[0], 0), Bucket::default());
+        assert_eq!(read(&store, "a", &limits[0], 0, 0), Bucket::default());
     }
 
     #[test]
     fn new_window_resets_used_and_keeps_reservations() {
         let store = MemStore::default();
         let limits = [tokens(100)];
-        let held = reserve_all(&store, &limits, &[(0, "k", 50)], 30_000).unwrap();
-        let done = reserve_all(&store, &limits, &[(0, "k", 50)], 31_000).unwrap();
-        settle_all(&store, &limits, &[(0, "k")], &done, &[50], 32_000);
-        assert!(reserve_all(&store, &limits, &[(0, "k", 1)], 33_000).is_err());
+        let held = reserve_all(&store, &limits, &[(0, "k", 50)], 30_000, 0).unwrap();
+        let done = reserve_all(&store, &limits, &[(0, "k", 50)], 31_000, 0).unwrap();
+        settle_all(&store, &limits, &[(0, "k")], &done, &[50], 32_000, 0);
+        assert!(reserve_all(&store, &limits, &[(0, "k", 1)], 33_000, 0).is_err());
         // Next minute: used is gone, the first request's reservation is still held.
-        let b = read(&store, "k", &limits[0], MIN + 1);
-        assert_eq!((b.used, b.reserved), (0, 50));
-        assert!(reserve_all(&store, &limits, &[(0, "k", 51)], MIN + 1).is_err());
-        settle_all(&store, &limits, &[(0, "k")], &held, &[20], MIN + 2);
-        let b = read(&store, "k", &limits[0], MIN + 3);
-        assert_eq!((b.used, b.reserved), (20, 0));
+        let b = read(&store, "k", &limits[0], MIN + 1, 0);
+        assert_eq!((b.used, b.reserved()), (0, 50));
+        assert!(reserve_all(&store, &limits, &[(0, "k", 51)], MIN + 1, 0).is_err());
+        settle_all(&store, &limits, &[(0, "k")], &held, &[20], MIN + 2, 0);
+        let b = read(&store, "k", &limits[0], MIN + 3, 0);
+        assert_eq!((b.used, b.reserved()), (20, 0));
+    }
+
+    #[test]
+    fn a_dead_holders_reservation_expires_and_a_late_settlement_only_adds_usage() {
+        let store = MemStore::default();
+        let limits = [tokens(100)];
+        // Epoch 10: a request reserves 90 and its VM dies; nothing else fits.
+        let lost = reserve_all(&store, &limits, &[(0, "k", 90)], 0, 10).unwrap();
+        assert!(reserve_all(&store, &limits, &[(0, "k", 20)], 0, 17).is_err());
+        // Eight epochs on, the ring has turned past it: the budget is free again.
+        let b = read(&store, "k", &limits[0], 0, 18);
+        assert_eq!((b.used, b.reserved()), (0, 0));
+        let live = reserve_all(&store, &limits, &[(0, "k", 60)], 0, 18).unwrap();
+        // Were the lost request settled after all, it adds its usage and releases nothing that
+        // a live request holds.
+        settle_all(&store, &limits, &[(0, "k")], &lost, &[5], 0, 18);
+        let b = read(&store, "k", &limits[0], 0, 18);
+        assert_eq!((b.used, b.reserved()), (5, 60));
+        settle_all(&store, &limits, &[(0, "k")], &live, &[60], 0, 19);
+        let b = read(&store, "k", &limits[0], 0, 19);
+        assert_eq!((b.used, b.reserved()), (65, 0));
     }
 
     #[test]
@@ -314,14 +353,14 @@ mod tests {
                 if settle && !open.is_empty() {
                     let held = open.remove(0);
                     let actual = held.first().map_or(0, |h| h.amount * used_pct / 100);
-                    settle_all(&store, &limits, &[(0, "k")], &held, &[actual], 0);
-                } else if let Ok(held) = reserve_all(&store, &limits, &[(0, "k", amount)], 0) {
+                    settle_all(&store, &limits, &[(0, "k")], &held, &[actual], 0, 0);
+                } else if let Ok(held) = reserve_all(&store, &limits, &[(0, "k", amount)], 0, 0) {
                     open.push(held);
                 }
-                let b = read(&store, "k", &limits[0], 0);
-                proptest::prop_assert!(b.used + b.reserved <= 100);
+                let b = read(&store, "k", &limits[0], 0, 0);
+                proptest::prop_assert!(b.used + b.reserved() <= 100);
                 let outstanding: u64 = open.iter().flatten().map(|h| h.amount).sum();
-                proptest::prop_assert_eq!(b.reserved, outstanding);
+                proptest::prop_assert_eq!(b.reserved(), outstanding);
             }
         }
     }

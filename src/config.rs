@@ -7,9 +7,10 @@ use std::fmt;
 use hashbrown::HashMap;
 use serde::Deserialize;
 
-use crate::admission::{TenantKeys, TenantPolicy};
+use crate::admission::{DEFAULT_RESERVATION_TTL_MS, TenantKeys, TenantPolicy};
 use crate::budget::{Limit, Unit};
 use crate::cost::{self, Price};
+use crate::holdings;
 use crate::metrics::Labels;
 use crate::routing::{Alias, ModelRoute, Routing, Target, UnknownModel};
 use crate::tenant::{Identity, KeyDigest, TenantSource};
@@ -142,6 +143,11 @@ impl Config {
             self.tenants
                 .values()
                 .flat_map(|t| t.keys.all().map(str::to_string)),
+        );
+        keys.extend(
+            self.labels
+                .tenant_values()
+                .map(|label| crate::admission::in_flight_key(&label)),
         );
         if self.identity.accept_undeclared {
             for slot in 0..self.undeclared_slots {
@@ -431,6 +437,8 @@ struct RawLimits {
     max_request_body_bytes: Option<u64>,
     max_response_buffer_bytes: Option<u64>,
     max_sse_line_bytes: Option<u64>,
+    /// How long an unsettled reservation or concurrency slot lives (its VM died).
+    reservation_ttl_seconds: Option<u64>,
 }
 
 impl Config {
@@ -590,12 +598,21 @@ impl TryFrom<RawConfig> for Config {
 
         let routing = raw.routing.as_ref().map(build_routing).transpose()?;
         let models = routing.as_ref().map(|r| &r.models);
-        let defaults = policy(
-            "tenant_defaults",
-            &raw.tenant_defaults,
-            &TenantPolicy::default(),
-            models,
-        )?;
+        let reservation_ttl_ms = match raw.limits.reservation_ttl_seconds {
+            None => DEFAULT_RESERVATION_TTL_MS,
+            Some(s) if (7..=86_400).contains(&s) => s * 1000,
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "limits.reservation_ttl_seconds",
+                    "must be between 7 and 86400 (keep it above the route timeout)",
+                ));
+            }
+        };
+        let base = TenantPolicy {
+            reservation_epoch_ms: holdings::epoch_ms_for_ttl(reservation_ttl_ms),
+            ..TenantPolicy::default()
+        };
+        let defaults = policy("tenant_defaults", &raw.tenant_defaults, &base, models)?;
         let mut tenants = HashMap::with_capacity(raw.tenants.len());
         for (name, own) in &raw.tenants {
             let policy = policy(&format!("tenants.{name}"), own, &defaults, models)?;

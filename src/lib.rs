@@ -22,6 +22,7 @@ pub mod cache;
 pub mod config;
 pub mod cost;
 pub mod exchange;
+pub mod holdings;
 pub mod metrics;
 pub mod reply;
 pub mod routing;

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::admission::read_count;
+use crate::admission::in_flight;
 use crate::budget::{self, Unit};
 use crate::config::Config;
 use crate::cost::format_usd;
@@ -67,7 +67,7 @@ pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) 
                 .iter()
                 .zip(&tenant.keys.buckets)
                 .map(|(limit, key)| {
-                    let b = budget::read(store, key, limit, now_ms);
+                    let b = budget::read(store, key, limit, now_ms, tenant.policy.epoch(now_ms));
                     LimitView {
                         name: &limit.name,
                         unit: match limit.unit {
@@ -78,7 +78,7 @@ pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) 
                         model: limit.model.as_deref(),
                         limit: amount(limit.unit, limit.amount),
                         used: amount(limit.unit, b.used),
-                        reserved: amount(limit.unit, b.reserved),
+                        reserved: amount(limit.unit, b.reserved()),
                         remaining: amount(limit.unit, b.remaining(limit.amount)),
                         resets_at: rfc3339(limit.window.end(now_ms)),
                     }
@@ -86,7 +86,10 @@ pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) 
                 .collect();
             Some(TenantView {
                 tenant: name,
-                in_flight: read_count(store.get(&tenant.keys.concurrency).0.as_deref()),
+                in_flight: in_flight(
+                    store.get(&tenant.keys.concurrency).0.as_deref(),
+                    tenant.policy.epoch(now_ms),
+                ),
                 max_concurrent: tenant.policy.max_concurrent,
                 limits,
             })

@@ -45,6 +45,8 @@ enum State {
 }
 
 struct Active {
+    /// The epoch this request was counted in flight in (`None`: it could not be counted).
+    in_flight: Option<u64>,
     exchange: Exchange,
     admitted: Admitted,
     /// When the request was admitted (time to first token).
@@ -138,6 +140,9 @@ pub struct TollgateHttp {
     worker: Rc<str>,
     state: State,
     recorded: bool,
+    /// Test builds only (`--features test-trap`): the request asked this VM to die mid-exchange.
+    #[cfg(feature = "test-trap")]
+    trap: bool,
 }
 
 /// A tenant's policy and keys (declared tenants borrow them from the configuration).
@@ -159,6 +164,8 @@ impl TollgateHttp {
             worker,
             state: State::PassThrough,
             recorded: false,
+            #[cfg(feature = "test-trap")]
+            trap: false,
         }
     }
 
@@ -359,11 +366,9 @@ impl TollgateHttp {
             .and_then(|r| r.conversation_header.as_deref())
             .and_then(host::request_header)
             .map(|id| String::from_utf8_lossy(&id).into_owned());
-        metrics::gauge_add(
-            crate::metrics::in_flight_name(&config.labels.tenant(&exchange.tenant)),
-            1,
-        );
+        let in_flight = enter_in_flight(config, &exchange.tenant, policy.epoch(now));
         self.state = State::Active(Box::new(Active {
+            in_flight,
             exchange,
             admitted,
             started_ms: now,
@@ -512,7 +517,11 @@ impl TollgateHttp {
                     let (policy, keys) = tenant_budget(config, &active.exchange.tenant);
                     let price = config.price(active.exchange.served_model());
                     billed_micro = price.map_or(0, |p| cost::billed_micro_usd(p.cost(&charged)));
+                    let now = host::now_ms();
                     count_usage(config, &active.exchange, &charged, billed_micro);
+                    if let Some(taken) = active.in_flight {
+                        leave_in_flight(config, &active.exchange.tenant, taken, policy.epoch(now));
+                    }
                     store_in_cache(config, active);
                     let failed = admission::settle(
                         &EnvoyStore,
@@ -521,7 +530,7 @@ impl TollgateHttp {
                         &active.admitted,
                         &charged,
                         price,
-                        host::now_ms(),
+                        now,
                     );
                     if failed > 0 {
                         warn!("tollgate could not settle {failed} budget buckets under contention");
@@ -648,7 +657,24 @@ fn count_usage(config: &Config, exchange: &Exchange, charged: &Usage, billed_mic
         crate::metrics::histogram_name(Histogram::CostMicroUsdPerRequest, &tenant),
         billed_micro,
     );
-    metrics::gauge_add(crate::metrics::in_flight_name(&tenant), -1);
+}
+
+/// Counts a request in its tenant label's shared in-flight count and sets the gauge from it.
+fn enter_in_flight(config: &Config, tenant: &str, epoch: u64) -> Option<u64> {
+    let label = config.labels.tenant(tenant);
+    let key = admission::in_flight_key(&label);
+    let (taken, count) = admission::enter_in_flight(&EnvoyStore, &key, epoch)?;
+    metrics::gauge_set(crate::metrics::in_flight_name(&label), count);
+    Some(taken)
+}
+
+/// Counts a request out again (see [`enter_in_flight`]).
+fn leave_in_flight(config: &Config, tenant: &str, taken: u64, epoch: u64) {
+    let label = config.labels.tenant(tenant);
+    let key = admission::in_flight_key(&label);
+    if let Some(count) = admission::leave_in_flight(&EnvoyStore, &key, taken, epoch) {
+        metrics::gauge_set(crate::metrics::in_flight_name(&label), count);
+    }
 }
 
 impl Context for TollgateHttp {}
@@ -703,6 +729,10 @@ impl HttpContext for TollgateHttp {
         if let Err(status) = host::set_request_header("accept-encoding", Some(b"identity")) {
             warn!("tollgate could not set accept-encoding: {status:?}");
         }
+        #[cfg(feature = "test-trap")]
+        {
+            self.trap = host::request_header("x-tollgate-test-trap").is_some();
+        }
         self.state = State::AwaitingBody { kind, tenant };
         Action::Pause
     }
@@ -729,6 +759,13 @@ impl HttpContext for TollgateHttp {
         let State::Active(active) = &mut self.state else {
             return Action::Continue;
         };
+        // Kills this VM while the request holds its reservation and concurrency slot, as a
+        // decompression bomb once did: the e2e suite proves that nothing stays held.
+        #[cfg(feature = "test-trap")]
+        #[allow(clippy::panic)]
+        if self.trap {
+            panic!("tollgate test trap: this VM dies mid-exchange");
+        }
         let status = host::response_header(":status")
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok())
             .unwrap_or(0);

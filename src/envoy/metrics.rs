@@ -37,14 +37,8 @@ pub fn count(name: String, delta: u64) {
     }
 }
 
-/// Moves a gauge by `delta`.
-pub fn gauge_add(name: String, delta: i64) {
-    if let Some(id) = id(MetricType::Gauge, name) {
-        let _ = hostcalls::increment_metric(id, delta);
-    }
-}
-
-/// Sets a gauge (the cache's entries and bytes).
+/// Sets a gauge (the cache's entries and bytes, in-flight counts). Gauges are only ever set from
+/// shared counts, never moved by a delta: a VM that dies would leave its deltas behind.
 pub fn gauge_set(name: String, value: u64) {
     if let Some(id) = id(MetricType::Gauge, name) {
         let _ = hostcalls::record_metric(id, value);
