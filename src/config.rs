@@ -989,6 +989,21 @@ mod tests {
     }
 
     #[test]
+    fn reservation_ttl_sets_every_policys_epoch() {
+        let cfg = Config::from_json(
+            br#"{"identity":{"source":"header","header":"x-t"},"tenants":{"a":{}},"limits":{"reservation_ttl_seconds":70}}"#,
+        )
+        .unwrap();
+        let epoch = cfg.tenants.get("a").map(|t| t.policy.reservation_epoch_ms);
+        assert_eq!(epoch, Some(10_000));
+        assert_eq!(cfg.undeclared_policy.reservation_epoch_ms, 10_000);
+        let e = err(
+            r#"{"identity":{"source":"header","header":"x-t"},"limits":{"reservation_ttl_seconds":6}}"#,
+        );
+        assert_eq!(e.field, "limits.reservation_ttl_seconds");
+    }
+
+    #[test]
     fn api_key_config() {
         let json = format!(
             r#"{{"identity":{{"source":"api_key","api_keys":[{{"sha256":"{DIGEST}","tenant":"a"}}]}},"tenants":{{"a":{{}}}}}}"#
