@@ -14,7 +14,7 @@ TRAP_WASM := target/test-trap/wasm32-wasip1/release/tollgate.wasm
 WASM_RUNNER := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/tests/wasi-run.mjs"
 FUZZ_SECONDS ?= 60
 
-.PHONY: build test lint test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz bench loadtest oci compose-render clean toolchain
+.PHONY: soak build test lint test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz bench loadtest oci compose-render clean toolchain
 
 toolchain:
 	@rustup target list --installed 2>/dev/null | grep -q $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -92,6 +92,12 @@ loadtest: build envoy $(VENV)/.loadtest-installed
 $(VENV)/.loadtest-installed: tests/load/requirements.txt $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/load/requirements.txt
 	touch $@
+
+# Not part of `make test`: ten minutes of mixed traffic with hostile upstream answers; prints RSS,
+# settlement and ledger checks, writes target/soak/report.json (exit 1 if a check fails).
+SOAK_SECONDS ?= 600
+soak: build envoy
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) tests/soak/run.py
 
 OCI_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 # Tollgate as an OCI image layout (Istio's compat Wasm image); no container engine needed.
