@@ -34,12 +34,15 @@
 #![no_main]
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io::Write;
+use std::rc::Rc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use flate2::Compression;
-use flate2::write::{DeflateEncoder, GzEncoder, ZlibEncoder};
+use flate2::write::DeflateEncoder;
+use flate2::{Compression, Crc};
 use libfuzzer_sys::fuzz_target;
 use tollgate::api::ApiKind;
 use tollgate::api::request::parse_request;
@@ -313,24 +316,136 @@ fn expand(body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// `prefix`, `zeros` zero bytes and `suffix`, through an encoder (written in slices: the zeros
-/// never exist uncompressed).
-fn compress<W: Write>(mut enc: W, prefix: &[u8], zeros: usize, suffix: &[u8]) -> W {
+/// Raw deflate blocks for `bytes`, ending in a sync flush (byte-aligned, not final) or in the
+/// final block. Segments from fresh encoders concatenate into one valid deflate stream: each
+/// one's back-references stay inside its own data.
+fn deflate_segment(level: Compression, bytes: &[u8], zeros: usize, last: bool) -> Vec<u8> {
     static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-    let _ = enc.write_all(prefix);
+    let mut enc = DeflateEncoder::new(Vec::new(), level);
+    let _ = enc.write_all(bytes);
     let mut left = zeros;
     while left > 0 {
         let n = left.min(ZEROS.len());
         let _ = enc.write_all(&ZEROS[..n]);
         left -= n;
     }
-    let _ = enc.write_all(suffix);
-    enc
+    if last {
+        return enc.finish().unwrap_or_default();
+    }
+    let _ = enc.flush();
+    std::mem::take(enc.get_mut())
+}
+
+/// The compressed zeros of a bomb and their CRC-32, computed once per (size, level): compressing
+/// 32 MiB on every execution would cost seconds.
+fn zeros_segment(zeros: usize, level: Compression) -> Rc<(Vec<u8>, Crc)> {
+    thread_local! {
+        static CACHE: RefCell<HashMap<(usize, u32), Rc<(Vec<u8>, Crc)>>> = RefCell::default();
+    }
+    CACHE.with(|cache| {
+        cache
+            .borrow_mut()
+            .entry((zeros, level.level()))
+            .or_insert_with(|| {
+                let mut crc = Crc::new();
+                let zero_block = [0u8; 64 * 1024];
+                let mut left = zeros;
+                while left > 0 {
+                    let n = left.min(zero_block.len());
+                    crc.update(&zero_block[..n]);
+                    left -= n;
+                }
+                Rc::new((deflate_segment(level, &[], zeros, false), crc))
+            })
+            .clone()
+    })
+}
+
+fn adler32(mut ab: (u32, u32), bytes: &[u8], zeros: usize) -> (u32, u32) {
+    const M: u64 = 65521;
+    for b in bytes {
+        ab.0 = (ab.0 + u32::from(*b)) % 65521;
+        ab.1 = (ab.1 + ab.0) % 65521;
+    }
+    // n zero bytes leave a alone and add n·a to b.
+    ab.1 = ((u64::from(ab.1) + (zeros as u64 % M) * u64::from(ab.0)) % M) as u32;
+    ab
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Format {
+    Gzip,
+    Zlib,
+    RawDeflate,
+}
+
+/// `prefix`, `zeros` zero bytes, then `suffix`, compressed in `format`.
+fn encode(format: Format, level: Compression, prefix: &[u8], zeros: usize, suffix: &[u8]) -> Vec<u8> {
+    let mut raw = deflate_segment(level, prefix, 0, false);
+    let bomb = (zeros > 0).then(|| zeros_segment(zeros, level));
+    if let Some(bomb) = &bomb {
+        raw.extend_from_slice(&bomb.0);
+    }
+    raw.extend_from_slice(&deflate_segment(level, suffix, 0, true));
+    match format {
+        Format::RawDeflate => raw,
+        Format::Gzip => {
+            let mut crc = Crc::new();
+            crc.update(prefix);
+            if let Some(bomb) = &bomb {
+                crc.combine(&bomb.1);
+            }
+            let mut tail = Crc::new();
+            tail.update(suffix);
+            crc.combine(&tail);
+            let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+            out.extend_from_slice(&raw);
+            out.extend_from_slice(&crc.sum().to_le_bytes());
+            out.extend_from_slice(&crc.amount().to_le_bytes());
+            out
+        }
+        Format::Zlib => {
+            let ab = adler32((1, 0), prefix, zeros);
+            let (a, b) = adler32(ab, suffix, 0);
+            let mut out = vec![0x78, 0x9c];
+            out.extend_from_slice(&raw);
+            out.extend_from_slice(&((b << 16) | a).to_be_bytes());
+            out
+        }
+    }
+}
+
+/// Once per process: the spliced streams decode to prefix + zeros + suffix (CRC and Adler-32
+/// included), so a bomb is a valid stream, not merely a corrupt one.
+fn check_encoder_once() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        use std::io::Read;
+        let (prefix, suffix) = (&b"{\"usage\":"[..], &b"{\"prompt_tokens\":1}}"[..]);
+        let mut want = prefix.to_vec();
+        want.resize(want.len() + 70_000, 0);
+        want.extend_from_slice(suffix);
+        for format in [Format::Gzip, Format::Zlib, Format::RawDeflate] {
+            for level in [Compression::fast(), Compression::default()] {
+                let wire = encode(format, level, prefix, 70_000, suffix);
+                let mut got = Vec::new();
+                let read = match format {
+                    Format::Gzip => flate2::read::GzDecoder::new(&wire[..]).read_to_end(&mut got),
+                    Format::Zlib => flate2::read::ZlibDecoder::new(&wire[..]).read_to_end(&mut got),
+                    Format::RawDeflate => {
+                        flate2::read::DeflateDecoder::new(&wire[..]).read_to_end(&mut got)
+                    }
+                };
+                assert!(read.is_ok() && got == want, "the fuzz encoder is broken");
+            }
+        }
+    });
 }
 
 // ---- the target ----------------------------------------------------------------------------
 
 fuzz_target!(|data: &[u8]| {
+    check_encoder_once();
     let mut input = Input(data);
     let [b0, b1, b2, b3, b4, b5] = [0; 6].map(|_| input.u8());
     let (prompt_reserved, output_reserved) = (input.u16(), input.u16());
@@ -374,17 +489,9 @@ fuzz_target!(|data: &[u8]| {
     let (prefix, suffix) = body.split_at(at);
     let wire: Vec<u8> = match (encoded, how) {
         (false, _) | (true, 2) => body.clone(),
-        (true, 0 | 1) if gzip == (how == 0) => {
-            compress(GzEncoder::new(Vec::new(), level), prefix, bomb, suffix)
-                .finish()
-                .unwrap_or_default()
-        }
-        (true, 0 | 1) => compress(ZlibEncoder::new(Vec::new(), level), prefix, bomb, suffix)
-            .finish()
-            .unwrap_or_default(),
-        (true, _) => compress(DeflateEncoder::new(Vec::new(), level), prefix, bomb, suffix)
-            .finish()
-            .unwrap_or_default(),
+        (true, 0 | 1) if gzip == (how == 0) => encode(Format::Gzip, level, prefix, bomb, suffix),
+        (true, 0 | 1) => encode(Format::Zlib, level, prefix, bomb, suffix),
+        (true, _) => encode(Format::RawDeflate, level, prefix, bomb, suffix),
     };
     let mut cuts: Vec<usize> = cut_points
         .iter()

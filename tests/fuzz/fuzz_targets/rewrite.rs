@@ -34,7 +34,7 @@ const KINDS: [ApiKind; 4] = [
 /// for max_tokens on embeddings (admission's plan returns early for them), so this is latent, not
 /// live. The oracle encodes today's behaviour; flip to `false` if `rewrite` is changed to apply
 /// the other edits (the first 60 s run with `false` found the difference within seconds).
-const EMBEDDINGS_MAX_TOKENS_DROPS_OTHER_EDITS: bool = false;
+const EMBEDDINGS_MAX_TOKENS_DROPS_OTHER_EDITS: bool = true;
 
 const MODELS: &[&str] = &[
     "gpt-4o",
