@@ -380,7 +380,13 @@ enum Format {
 }
 
 /// `prefix`, `zeros` zero bytes, then `suffix`, compressed in `format`.
-fn encode(format: Format, level: Compression, prefix: &[u8], zeros: usize, suffix: &[u8]) -> Vec<u8> {
+fn encode(
+    format: Format,
+    level: Compression,
+    prefix: &[u8],
+    zeros: usize,
+    suffix: &[u8],
+) -> Vec<u8> {
     let mut raw = deflate_segment(level, prefix, 0, false);
     let bomb = (zeros > 0).then(|| zeros_segment(zeros, level));
     if let Some(bomb) = &bomb {
@@ -467,7 +473,11 @@ fuzz_target!(|data: &[u8]| {
     let (upstream_failed, empty_last) = (bit(b1, 6), bit(b1, 7));
     let encoding = ENCODINGS[usize::from(b2 & 7)];
     let how = b2 >> 3 & 3;
-    let level = if bit(b2, 5) { Compression::fast() } else { Compression::default() };
+    let level = if bit(b2, 5) {
+        Compression::fast()
+    } else {
+        Compression::default()
+    };
     let mut limits = Limits::default();
     limits.max_response_buffer_bytes = LIMIT_CHOICES[usize::from(b3 & 3)];
     limits.max_sse_line_bytes = LIMIT_CHOICES[usize::from(b3 >> 2 & 3)];
@@ -484,7 +494,11 @@ fuzz_target!(|data: &[u8]| {
     let gzip = enc.eq_ignore_ascii_case(b"gzip") || enc.eq_ignore_ascii_case(b"x-gzip");
     let deflate = enc.eq_ignore_ascii_case(b"deflate");
     let encoded = gzip || deflate;
-    let bomb = if encoded { BOMBS[usize::from(b4 & 15)] } else { 0 };
+    let bomb = if encoded {
+        BOMBS[usize::from(b4 & 15)]
+    } else {
+        0
+    };
     let at = body.len() * usize::from(b5) / 255;
     let (prefix, suffix) = body.split_at(at);
     let wire: Vec<u8> = match (encoded, how) {
@@ -595,35 +609,71 @@ fuzz_target!(|data: &[u8]| {
     check("take_capture");
     // ---- end of the measured part ----
 
-    assert_eq!(x.finish(!upstream_failed), (usage, source), "finish is idempotent");
+    assert_eq!(
+        x.finish(!upstream_failed),
+        (usage, source),
+        "finish is idempotent"
+    );
     if source == UsageSource::Refunded {
         assert_eq!(usage, Default::default(), "a refund charges nothing");
     }
     assert_eq!(record.len(), 12);
-    let field = |name: &str| record.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone());
-    assert_eq!(field("tollgate.usage_source").as_deref(), Some(source.as_str()));
-    assert_eq!(field("tollgate.input_tokens"), Some(usage.input.to_string()));
-    assert_eq!(field("tollgate.output_tokens"), Some(usage.output.to_string()));
+    let field = |name: &str| {
+        record
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        field("tollgate.usage_source").as_deref(),
+        Some(source.as_str())
+    );
+    assert_eq!(
+        field("tollgate.input_tokens"),
+        Some(usage.input.to_string())
+    );
+    assert_eq!(
+        field("tollgate.output_tokens"),
+        Some(usage.output.to_string())
+    );
     assert_eq!(
         field("tollgate.served_model").as_deref(),
         Some(if routed { "m-upstream" } else { "m" })
     );
 
     if !rewrites {
-        assert!(!replaced_any, "a chunk was replaced, yet the exchange does not rewrite");
-        assert_eq!(client, wire, "the client's bytes differ from the upstream's");
+        assert!(
+            !replaced_any,
+            "a chunk was replaced, yet the exchange does not rewrite"
+        );
+        assert_eq!(
+            client, wire,
+            "the client's bytes differ from the upstream's"
+        );
     } else if complete {
-        assert!(!encoded && is_sse && ok && inject, "stripping outside its case");
+        assert!(
+            !encoded && is_sse && ok && inject,
+            "stripping outside its case"
+        );
         let mut s = UsageChunkStripper::new(STRIP_HOLD_BYTES);
         let mut want = s.push(&wire).into_owned();
         want.extend_from_slice(&s.finish());
-        assert_eq!(client, want, "the client's bytes are not the upstream's minus the usage chunk");
+        assert_eq!(
+            client, want,
+            "the client's bytes are not the upstream's minus the usage chunk"
+        );
     }
     if let Some((st, ct, kept)) = captured {
-        assert!(complete && ok && capture && !encoded, "capture returned outside its case");
+        assert!(
+            complete && ok && capture && !encoded,
+            "capture returned outside its case"
+        );
         assert_eq!(st, status);
         assert_eq!(Some(ct.as_bytes()), content_type, "captured content type");
         assert!(kept.len() <= capture_limit, "capture over its limit");
-        assert_eq!(kept, client, "the capture differs from what the client received");
+        assert_eq!(
+            kept, client,
+            "the capture differs from what the client received"
+        );
     }
 });

@@ -146,7 +146,9 @@ fn same(a: &Value, b: &Value) -> bool {
         }
         (Value::Object(x), Value::Object(y)) => {
             x.len() == y.len()
-                && x.iter().zip(y).all(|((kx, vx), (ky, vy))| kx == ky && same(vx, vy))
+                && x.iter()
+                    .zip(y)
+                    .all(|((kx, vx), (ky, vy))| kx == ky && same(vx, vy))
         }
         _ => a == b,
     }
@@ -183,7 +185,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let got: Value = match serde_json::from_slice(&got) {
         Ok(v) => v,
-        Err(e) => panic!("output is not JSON ({e}): {:?}", String::from_utf8_lossy(&got)),
+        Err(e) => panic!(
+            "output is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(&got)
+        ),
     };
 
     let mut want = input.clone();

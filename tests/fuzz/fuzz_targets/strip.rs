@@ -108,7 +108,11 @@ fn judged_usage(event: &[u8]) -> bool {
     let out = s.push(event);
     let removed = out.is_empty();
     drop(out);
-    assert_eq!(removed, s.stripped(), "a complete event is forwarded whole or removed");
+    assert_eq!(
+        removed,
+        s.stripped(),
+        "a complete event is forwarded whole or removed"
+    );
     assert_eq!(s.held_bytes(), 0, "a complete event is not held");
     s.stripped()
 }
@@ -219,7 +223,10 @@ fn default_data(event: &[u8]) -> Option<Vec<u8>> {
 /// Rule 1: `"usage"`, JSON whitespace, `:`, JSON whitespace, not `null`.
 fn rule1(bytes: &[u8]) -> bool {
     let ws = |s: &[u8]| {
-        let n = s.iter().take_while(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n')).count();
+        let n = s
+            .iter()
+            .take_while(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+            .count();
         s[n..].to_vec()
     };
     (0..bytes.len()).any(|i| {
@@ -293,7 +300,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(whole, split, "chunking changed the output");
     if body.len() <= 4096 {
         let bytewise: Vec<&[u8]> = body.chunks(1).collect();
-        assert_eq!(whole, run(max, &bytewise), "1-byte chunks changed the output");
+        assert_eq!(
+            whole,
+            run(max, &bytewise),
+            "1-byte chunks changed the output"
+        );
     }
 
     let (want, want_stripped, want_pass, judged) = model(&body, max);
@@ -306,7 +317,10 @@ fuzz_target!(|data: &[u8]| {
     for (event, removed) in judged {
         match contract_says_usage(event) {
             Some(says) => assert_eq!(removed, says, "verdict vs documented rules: {event:?}"),
-            None => assert!(!removed, "removed an event the rules do not match: {event:?}"),
+            None => assert!(
+                !removed,
+                "removed an event the rules do not match: {event:?}"
+            ),
         }
     }
 });
