@@ -25,6 +25,9 @@ DEFAULTS = {
     "ADMIN_ADDRESS": "127.0.0.1",
     "LISTEN_ADDRESS": "127.0.0.1",
     "LISTEN_PORT": "10000",
+    # tollgate.yaml's listener: how accepted connections are spread over the workers. null: the
+    # kernel's (SO_REUSEPORT hashing); the e2e cache test uses "{exact_balance: {}}".
+    "CONNECTION_BALANCE": "null",
     "UPSTREAM_PORT": "18000",
     "ACCESS_LOG": "/dev/stdout",
     "WASM_PATH": os.path.join(ROOT, "target/wasm32-wasip1/release/tollgate.wasm"),

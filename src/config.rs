@@ -93,6 +93,9 @@ pub struct Cache {
     pub models: HashMap<String, CacheRule>,
     /// Hits count against budgets (their reported usage) instead of being free.
     pub charge_hits: bool,
+    /// Request headers in the key: [`crate::cache::KEY_HEADERS`] plus `cache.key_headers`,
+    /// lowercase, sorted, unique.
+    pub key_headers: Vec<String>,
 }
 
 impl Cache {
@@ -234,6 +237,8 @@ struct RawCache {
     models: BTreeMap<String, RawCacheRule>,
     #[serde(default)]
     charge_hits: bool,
+    #[serde(default)]
+    key_headers: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -305,6 +310,23 @@ fn build_cache(raw: &RawCache) -> Result<Cache, ConfigError> {
             },
         );
     }
+    if raw.key_headers.len() > MAX_EXTRA_KEY_HEADERS {
+        return Err(ConfigError::new(
+            "cache.key_headers",
+            format!("at most {MAX_EXTRA_KEY_HEADERS} headers"),
+        ));
+    }
+    let mut key_headers: Vec<String> = crate::cache::KEY_HEADERS
+        .iter()
+        .map(|h| (*h).to_string())
+        .collect();
+    for (i, name) in raw.key_headers.iter().enumerate() {
+        let name = check_header_name(name)
+            .map_err(|reason| ConfigError::new(format!("cache.key_headers[{i}]"), reason))?;
+        key_headers.push(name);
+    }
+    key_headers.sort();
+    key_headers.dedup();
     Ok(Cache {
         table: crate::cache::CacheConfig {
             max_entries: u32::try_from(max_entries).unwrap_or(u32::MAX),
@@ -319,8 +341,12 @@ fn build_cache(raw: &RawCache) -> Result<Cache, ConfigError> {
             .map_or(CachePolicy::Deterministic, cache_policy),
         models,
         charge_hits: raw.charge_hits,
+        key_headers,
     })
 }
+
+/// Headers `cache.key_headers` may add to the built-in ones.
+const MAX_EXTRA_KEY_HEADERS: usize = 16;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -1071,6 +1097,30 @@ mod tests {
             err(r#"{"identity":{"source":"header","header":"x"},"tenants":{"a b":{}}}"#).field,
             "tenants.a b"
         );
+    }
+
+    #[test]
+    fn cache_key_headers_add_to_the_built_in_ones() {
+        let base = r#"{"identity":{"source":"header","header":"x"},"cache":"#;
+        let cfg = |cache: &str| Config::from_json(format!("{base}{cache}}}").as_bytes());
+        let default = cfg("{}").unwrap().cache.unwrap().key_headers;
+        assert_eq!(default, crate::cache::KEY_HEADERS);
+        let extra = cfg(r#"{"key_headers":["X-Variant","openai-beta","x-variant"]}"#)
+            .unwrap()
+            .cache
+            .unwrap()
+            .key_headers;
+        let mut want: Vec<&str> = crate::cache::KEY_HEADERS.to_vec();
+        want.push("x-variant");
+        want.sort_unstable();
+        assert_eq!(extra, want);
+        for bad in [r#"[""]"#, r#"[":path"]"#, r#"["a b"]"#, r#"[7]"#] {
+            let e = cfg(&format!(r#"{{"key_headers":{bad}}}"#)).expect_err(bad);
+            assert!(e.field.starts_with("cache.key_headers"), "{bad}: {e}");
+        }
+        let many: Vec<String> = (0..17).map(|i| format!("\"x-{i}\"")).collect();
+        let e = cfg(&format!(r#"{{"key_headers":[{}]}}"#, many.join(","))).unwrap_err();
+        assert_eq!(e.field, "cache.key_headers");
     }
 
     #[test]

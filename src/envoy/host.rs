@@ -18,6 +18,12 @@ pub fn request_header(name: &str) -> Option<Bytes> {
         .flatten()
 }
 
+/// Every request header (pseudo-headers included), in one host call: cheaper than several
+/// single reads when a handful of them is needed (the cache key).
+pub fn request_headers() -> Vec<(String, Bytes)> {
+    hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
+}
+
 /// A response header, as bytes (`None` when absent).
 pub fn response_header(name: &str) -> Option<Bytes> {
     hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)

@@ -16,7 +16,7 @@ use crate::admission::{self, Admitted, TenantKeys, TenantPolicy};
 use crate::api::request::{RequestFacts, parse_request};
 use crate::api::rewrite::{self, Edits};
 use crate::api::{ApiKind, Family, Usage};
-use crate::cache::{self, CacheKey, Hit};
+use crate::cache::{self, CacheKey, Hit, PendingKey};
 use crate::config::{CachePolicy, Config};
 use crate::cost;
 use crate::exchange::{Exchange, record_fields};
@@ -63,12 +63,24 @@ enum CacheStatus {
     /// Not eligible (policy, `cache-control: no-store`, or a body that must not be cached).
     Bypass,
     /// Looked up, not found: the response is stored if it qualifies.
-    Miss(CacheKey, u64),
+    Miss(Box<PendingKey>, CacheKey, u64),
     /// `cache-control: no-cache`: not read, the response refreshes the entry.
-    Refresh(CacheKey, u64),
+    Refresh(Box<PendingKey>, CacheKey, u64),
 }
 
 impl CacheStatus {
+    /// Once admission lowered the max-tokens value below the planned one (clamp mode), the
+    /// response answers another upstream request: store it under that request's key (a later
+    /// request planned without the clamp looks up the other key, a miss).
+    fn rekey(&mut self, planned: Option<u64>, admitted: Option<u64>) {
+        if planned == admitted {
+            return;
+        }
+        if let CacheStatus::Miss(pending, key, _) | CacheStatus::Refresh(pending, key, _) = self {
+            *key = pending.finish(admitted);
+        }
+    }
+
     fn as_str(&self) -> &'static str {
         match self {
             CacheStatus::Off => "",
@@ -84,7 +96,10 @@ enum Lookup {
     Status(CacheStatus),
 }
 
-/// Decides whether the cache may answer this request, and looks it up.
+/// Decides whether the cache may answer this request, and looks it up. `max_tokens`: the
+/// max-tokens value admission plans to send upstream (the key is of the upstream's request).
+/// Host calls: none when the request is not eligible, else one (every request header: the
+/// path, `cache-control` and the key headers) plus the lookup's shared-data reads.
 #[allow(clippy::too_many_arguments)]
 fn cache_lookup(
     config: &Config,
@@ -94,16 +109,11 @@ fn cache_lookup(
     served: &str,
     resolved: Option<&Resolved>,
     body: &[u8],
+    max_tokens: Option<u64>,
     now: u64,
 ) -> Lookup {
     let Some(cache) = &config.cache else {
         return Lookup::Status(CacheStatus::Off);
-    };
-    let control = host::request_header("cache-control").unwrap_or_default();
-    let has = |directive: &[u8]| {
-        control
-            .split(|b| *b == b',')
-            .any(|d| d.trim_ascii().eq_ignore_ascii_case(directive))
     };
     let (policy, ttl, global) = cache.rule(kind, served);
     let eligible = match policy {
@@ -111,17 +121,30 @@ fn cache_lookup(
         CachePolicy::Deterministic => cache::deterministic(body),
         CachePolicy::Never => false,
     };
-    if !eligible || has(b"no-store") {
+    if !eligible {
         return Lookup::Status(CacheStatus::Bypass);
     }
-    let route = resolved.map_or("", |r| r.route.as_str());
-    let upstream = resolved.map_or(requested, |r| r.upstream_model.as_str());
-    let scope = if global { "global" } else { tenant };
-    let Some(key) = cache::cache_key(scope, route, upstream, kind, body) else {
+    let request = host::request_headers();
+    let control = cache::header_value(&request, "cache-control").unwrap_or_default();
+    if cache::has_directive(&control, b"no-store") {
+        return Lookup::Status(CacheStatus::Bypass);
+    }
+    let path = cache::header_value(&request, ":path").unwrap_or_default();
+    let headers = cache::key_header_values(&cache.key_headers, &request);
+    let inputs = cache::KeyInputs {
+        scope: if global { "global" } else { tenant },
+        route: resolved.map_or("", |r| r.route.as_str()),
+        upstream_model: resolved.map_or(requested, |r| r.upstream_model.as_str()),
+        kind,
+        path: &path,
+        headers: &headers,
+    };
+    let Some(pending) = cache::cache_key(&inputs, body) else {
         return Lookup::Status(CacheStatus::Bypass);
     };
-    if has(b"no-cache") {
-        return Lookup::Status(CacheStatus::Refresh(key, ttl));
+    let key = pending.finish(max_tokens);
+    if cache::has_directive(&control, b"no-cache") {
+        return Lookup::Status(CacheStatus::Refresh(Box::new(pending), key, ttl));
     }
     let table = crate::cache::CacheConfig {
         ttl_ms: ttl,
@@ -129,7 +152,7 @@ fn cache_lookup(
     };
     match cache::lookup(&EnvoyStore, &table, &key, now) {
         Some(hit) => Lookup::Hit(Box::new(hit), key),
-        None => Lookup::Status(CacheStatus::Miss(key, ttl)),
+        None => Lookup::Status(CacheStatus::Miss(Box::new(pending), key, ttl)),
     }
 }
 
@@ -292,6 +315,7 @@ impl TollgateHttp {
             served,
             resolved.as_ref(),
             &body,
+            plan.set_max_tokens,
             now,
         ) {
             Lookup::Hit(hit, key) => {
@@ -306,6 +330,8 @@ impl TollgateHttp {
                 return self.refuse_model(kind, Some(tenant), Some(facts.model), &refusal);
             }
         };
+        let mut cache_status = cache_status;
+        cache_status.rekey(plan.set_max_tokens, admitted.plan.set_max_tokens);
         let edits = Edits {
             max_tokens: admitted.plan.set_max_tokens,
             include_usage: admitted.plan.inject_include_usage,
@@ -587,7 +613,7 @@ impl TollgateHttp {
 
 /// Stores a finished miss (or refresh) in the cache when the response qualifies.
 fn store_in_cache(config: &Config, active: &mut Active) {
-    let (Some(cache), CacheStatus::Miss(key, ttl) | CacheStatus::Refresh(key, ttl)) =
+    let (Some(cache), CacheStatus::Miss(_, key, ttl) | CacheStatus::Refresh(_, key, ttl)) =
         (&config.cache, &active.cache)
     else {
         return;
