@@ -54,6 +54,44 @@ struct RawStreamOptions {
     include_usage: Option<bool>,
 }
 
+/// The deepest nesting of arrays and objects a request body may have. Real requests stay far
+/// below it (deeply nested JSON schemas in tools reach a few dozen levels); it is under serde_json's
+/// recursion limit of 128, which the body rewrite and the cache key's canonical form need, so an
+/// admitted body can always be rewritten. A deeper body is refused with 400 before anything else.
+pub const MAX_JSON_DEPTH: usize = 100;
+
+/// Whether `body` nests arrays and objects deeper than `max` (brackets inside strings do not
+/// count). One pass, no allocation; meaningful for valid JSON, harmless on anything else.
+pub fn nested_deeper_than(body: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth = depth.saturating_add(1);
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Reads the request facts of `kind` from a complete JSON body.
 pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, RequestError> {
     // serde would read a struct from a JSON array too; every API's body is an object.
@@ -61,6 +99,15 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, Request
         return Err(RequestError {
             param: None,
             message: "The request body is not valid JSON: expected a JSON object".into(),
+        });
+    }
+    // serde skips unknown members without a depth limit, but the rewrite cannot parse them back.
+    if nested_deeper_than(body, MAX_JSON_DEPTH) {
+        return Err(RequestError {
+            param: None,
+            message: format!(
+                "The request body is nested too deeply: at most {MAX_JSON_DEPTH} levels of arrays and objects are accepted"
+            ),
         });
     }
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -168,6 +215,43 @@ mod tests {
         assert!(parse_request(ApiKind::Messages, b"[1,2]").is_err());
         assert!(parse_request(ApiKind::Messages, br#"["gpt-4o"]"#).is_err());
         assert!(parse_request(ApiKind::Messages, b"\xff").is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_a_param() {
+        let deep = |n: usize| {
+            format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"x":{}1{}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        // The body object itself is level 1: `x` holds MAX - 1 more levels at the limit.
+        let at_limit = deep(MAX_JSON_DEPTH - 1);
+        parse_request(ApiKind::ChatCompletions, at_limit.as_bytes()).unwrap();
+        // What is admitted can always be rewritten (include_usage, max tokens).
+        let edits = super::super::rewrite::Edits {
+            include_usage: true,
+            max_tokens: Some(5),
+            model: None,
+        };
+        assert!(
+            super::super::rewrite::apply(ApiKind::ChatCompletions, at_limit.as_bytes(), &edits)
+                .is_some()
+        );
+        for n in [MAX_JSON_DEPTH, 10_000] {
+            let e = parse_request(ApiKind::ChatCompletions, deep(n).as_bytes()).unwrap_err();
+            assert_eq!(e.param, None);
+            assert!(e.message.contains("nested too deeply"), "{}", e.message);
+        }
+        // Brackets inside strings (escaped quotes included) do not count.
+        let text = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"\"{}"}}]}}"#,
+            "[{".repeat(5000)
+        );
+        assert!(parse_request(ApiKind::ChatCompletions, text.as_bytes()).is_ok());
+        assert!(!nested_deeper_than(br#"{"a":"\\"}"#, 1));
+        assert!(nested_deeper_than(br#"{"a":"\\",[]}"#, 1));
     }
 
     proptest::proptest! {

@@ -513,6 +513,10 @@ impl TollgateHttp {
                     let price = config.price(active.exchange.served_model());
                     billed_micro = price.map_or(0, |p| cost::billed_micro_usd(p.cost(&charged)));
                     count_usage(config, &active.exchange, &charged, billed_micro);
+                    if active.exchange.usage_anomaly().is_some() {
+                        let tenant = config.labels.tenant(&active.exchange.tenant);
+                        metrics::count(crate::metrics::usage_anomalies_name(&tenant), 1);
+                    }
                     store_in_cache(config, active);
                     let failed = admission::settle(
                         &EnvoyStore,
