@@ -92,8 +92,8 @@ pub struct UsageBounds {
 }
 
 impl UsageBounds {
-    /// Output: the request's own max tokens (reasoning is part of it on every API), else
-    /// `max_reported_tokens`. Input: the body's bytes (every text token covers at least one byte)
+    /// Output: the request's own max tokens (reasoning is part of it on every API; times chat's
+    /// `n`), never more than `max_reported_tokens`. Input: the body's bytes (every text token covers at least one byte)
     /// plus `max_reported_tokens` for what the body does not show: images, files, a
     /// `previous_response_id` conversation, server-side cached prompts.
     pub fn of(facts: &RequestFacts, limits: &Limits) -> UsageBounds {
@@ -103,7 +103,7 @@ impl UsageBounds {
                 .saturating_add(limits.max_reported_tokens),
             output: facts
                 .max_tokens
-                .unwrap_or(u64::MAX)
+                .map_or(u64::MAX, |max| max.saturating_mul(facts.choices.max(1)))
                 .min(limits.max_reported_tokens),
         }
     }
@@ -1137,6 +1137,16 @@ mod tests {
         y.on_response_body(absurd.as_bytes());
         y.on_response_complete();
         assert_eq!(y.finish(false).0.output, 2_000_000);
+        // Chat's n choices each get max tokens.
+        let mut n = exchange_with(
+            ApiKind::ChatCompletions,
+            r#"{"model":"m","max_tokens":50,"n":3}"#,
+            Limits::default(),
+        );
+        n.on_response_headers(200, Some(b"application/json"), None);
+        n.on_response_body(absurd.as_bytes());
+        n.on_response_complete();
+        assert_eq!(n.finish(false).0.output, 150);
         // Anthropic: the cache split is kept within the clamped input.
         let bounds = UsageBounds {
             input: 100,

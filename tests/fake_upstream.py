@@ -89,7 +89,8 @@ and "sent_sha256" (of those bytes), so tests can check the client got them
 untouched; their "usage" is the usage written in the body.
 
 Usage model. Defaults: input = max(1, ceil(len(raw body bytes) / 4)),
-output = 2 * chunks + 1, cached_input = cache_write_input = reasoning = 0.
+output = 2 * chunks + 1, at most the request's max-tokens field (times chat's n),
+as a real provider would (x-fake-output-tokens is sent as given), cached_input = cache_write_input = reasoning = 0.
 Headers override, then: input = max(input, cached + cache_write) and
 output = max(output, reasoning). Fields a wire format cannot express are forced
 to 0 in the ledger: reasoning for Anthropic; everything but input for
@@ -203,11 +204,22 @@ def _flag(headers, name):
     return (headers.get(name) or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def compute_usage(api, raw_len, headers, n_chunks):
+def max_output(api, body):
+    """The request's own output cap, which a real provider never exceeds (per choice)."""
+    names = {"chat_completions": ("max_completion_tokens", "max_tokens"), "responses": ("max_output_tokens",),
+             "messages": ("max_tokens",)}.get(api, ())
+    cap = next((body[n] for n in names if isinstance(body.get(n), int) and body[n] > 0), None)
+    n = body.get("n") if api == "chat_completions" and isinstance(body.get("n"), int) else 1
+    return None if cap is None else cap * max(1, n)
+
+
+def compute_usage(api, raw_len, headers, n_chunks, body=None):
     """Deterministic normalised usage for a request (see module docstring)."""
+    cap = max_output(api, body or {})
+    default_output = 2 * n_chunks + 1 if cap is None else min(2 * n_chunks + 1, cap)
     u = {
         "input": _int_knob(headers, "x-fake-input-tokens", max(1, math.ceil(raw_len / 4))),
-        "output": _int_knob(headers, "x-fake-output-tokens", 2 * n_chunks + 1),
+        "output": _int_knob(headers, "x-fake-output-tokens", default_output),
         "cached_input": _int_knob(headers, "x-fake-cached-tokens", 0),
         "cache_write_input": _int_knob(headers, "x-fake-cache-write-tokens", 0),
         "reasoning": _int_knob(headers, "x-fake-reasoning-tokens", 0),
@@ -663,7 +675,7 @@ class Handler(BaseHTTPRequestHandler):
             if hostile and hostile not in HOSTILE_MODES:
                 raise KnobError(f"x-fake-hostile must be one of {', '.join(HOSTILE_MODES)}")
             if status < 300:
-                usage = compute_usage(api, raw_len, h, n_chunks)
+                usage = compute_usage(api, raw_len, h, n_chunks, body)
                 if hostile == "absurd-usage":
                     usage.update(input=ABSURD_TOKENS, output=ABSURD_TOKENS)
                 if hostile in BOMB_MODES:

@@ -17,6 +17,8 @@ pub struct RequestFacts {
     /// The API's output cap: `max_completion_tokens` / `max_tokens` (chat), `max_output_tokens`
     /// (responses), `max_tokens` (messages).
     pub max_tokens: Option<u64>,
+    /// Chat Completions' `n` (choices generated, each up to `max_tokens`); 1 elsewhere.
+    pub choices: u64,
     /// Prompt tokens, estimated at four body bytes per token.
     pub prompt_estimate: u64,
     /// An upper bound on text prompt tokens: every token of a byte-level BPE tokenizer covers at
@@ -46,6 +48,17 @@ struct RawRequest<'a> {
     max_completion_tokens: Option<u64>,
     #[serde(default)]
     max_output_tokens: Option<u64>,
+    /// Read leniently: only Chat Completions has `n`, and Tollgate only needs it as a bound.
+    #[serde(default)]
+    n: Option<Lenient>,
+}
+
+/// A count where one is expected, or anything else (ignored).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Lenient {
+    Count(u64),
+    Other(serde::de::IgnoredAny),
 }
 
 #[derive(Deserialize)]
@@ -151,6 +164,13 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, Request
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         max_tokens,
+        choices: match kind {
+            ApiKind::ChatCompletions => match raw.n {
+                Some(Lenient::Count(n)) => n.max(1),
+                Some(Lenient::Other(_)) | None => 1,
+            },
+            _ => 1,
+        },
         prompt_estimate: len.div_ceil(4),
         prompt_bound: len,
     })
@@ -178,6 +198,17 @@ mod tests {
         assert_eq!(f.max_tokens, Some(50));
         assert_eq!(f.prompt_bound, body.len() as u64);
         assert_eq!(f.prompt_estimate, (body.len() as u64).div_ceil(4));
+    }
+
+    #[test]
+    fn chat_n_is_read_leniently() {
+        let n = |k, body: &str| parse_request(k, body.as_bytes()).unwrap().choices;
+        assert_eq!(n(ApiKind::ChatCompletions, r#"{"model":"m","n":3}"#), 3);
+        assert_eq!(n(ApiKind::ChatCompletions, r#"{"model":"m","n":0}"#), 1);
+        assert_eq!(n(ApiKind::ChatCompletions, r#"{"model":"m","n":"x"}"#), 1);
+        assert_eq!(n(ApiKind::ChatCompletions, r#"{"model":"m","n":-2.5}"#), 1);
+        assert_eq!(n(ApiKind::Responses, r#"{"model":"m","n":{"a":[1]}}"#), 1);
+        assert_eq!(n(ApiKind::Messages, r#"{"model":"m","n":4}"#), 1);
     }
 
     #[test]
