@@ -183,6 +183,13 @@ pub struct Limits {
     pub max_response_buffer_bytes: u64,
     /// Longest SSE line (or event data) kept; longer ones are dropped and flagged.
     pub max_sse_line_bytes: u64,
+    /// Decoded bytes read from one compressed (gzip/deflate) response; past it decoding stops
+    /// and usage falls back (a decompression bomb costs at most this much work).
+    pub max_decoded_response_bytes: u64,
+    /// The most tokens one response may claim per field when the request gives no tighter bound
+    /// (output: the request's max tokens; input: body bytes + this); more is charged at the bound
+    /// and counted as a usage anomaly.
+    pub max_reported_tokens: u64,
 }
 
 impl Default for Limits {
@@ -191,6 +198,8 @@ impl Default for Limits {
             max_request_body_bytes: 4 * 1024 * 1024,
             max_response_buffer_bytes: 1024 * 1024,
             max_sse_line_bytes: 1024 * 1024,
+            max_decoded_response_bytes: 64 * 1024 * 1024,
+            max_reported_tokens: 2_000_000,
         }
     }
 }
@@ -463,6 +472,8 @@ struct RawLimits {
     max_request_body_bytes: Option<u64>,
     max_response_buffer_bytes: Option<u64>,
     max_sse_line_bytes: Option<u64>,
+    max_decoded_response_bytes: Option<u64>,
+    max_reported_tokens: Option<u64>,
     /// How long an unsettled reservation or concurrency slot lives (its VM died).
     reservation_ttl_seconds: Option<u64>,
 }
@@ -602,6 +613,21 @@ impl TryFrom<RawConfig> for Config {
                 raw.limits.max_sse_line_bytes,
                 defaults.max_sse_line_bytes,
             )?,
+            max_decoded_response_bytes: positive(
+                "limits.max_decoded_response_bytes",
+                raw.limits.max_decoded_response_bytes,
+                defaults.max_decoded_response_bytes,
+            )?,
+            max_reported_tokens: match raw.limits.max_reported_tokens {
+                None => defaults.max_reported_tokens,
+                Some(v) if (1..=u64::from(u32::MAX)).contains(&v) => v,
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        "limits.max_reported_tokens",
+                        "must be between 1 and 4294967295",
+                    ));
+                }
+            },
         };
         let mut prices = HashMap::with_capacity(raw.prices.len());
         for (model, p) in &raw.prices {
@@ -1128,5 +1154,28 @@ mod tests {
         for bytes in [&b""[..], b"{", b"[]", b"null", b"\xff\xfe", b"{} trailing"] {
             assert!(Config::from_json(bytes).is_err());
         }
+    }
+
+    #[test]
+    fn response_limits_are_read_and_checked() {
+        let cfg = Config::from_json(
+            br#"{"identity":{"source":"header","header":"x"},"limits":{"max_decoded_response_bytes":1000,"max_reported_tokens":5}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.limits.max_decoded_response_bytes, 1000);
+        assert_eq!(cfg.limits.max_reported_tokens, 5);
+        for bad in [
+            r#""max_reported_tokens":0"#,
+            r#""max_reported_tokens":4294967296"#,
+        ] {
+            let e = err(&format!(
+                r#"{{"identity":{{"source":"header","header":"x"}},"limits":{{{bad}}}}}"#
+            ));
+            assert_eq!(e.field, "limits.max_reported_tokens");
+        }
+        let e = err(
+            r#"{"identity":{"source":"header","header":"x"},"limits":{"max_decoded_response_bytes":0}}"#,
+        );
+        assert_eq!(e.field, "limits.max_decoded_response_bytes");
     }
 }

@@ -2,15 +2,34 @@
 //! past (decompressed when the upstream ignored our identity request), the usage found in it, the
 //! usage the request is charged (with the documented fallbacks) and the per-request record
 //! written to filter state for the access log.
+//!
+//! # Memory
+//!
+//! Whatever the upstream sends, the bytes an exchange holds ([`Exchange::held_bytes`]) stay
+//! within a bound set by [`Limits`] and the cache's entry cap, never by the response:
+//!
+//! * JSON: a copy of the body up to `max_response_buffer_bytes`, then only a tail of at most
+//!   `2 × min(64 KiB, max_response_buffer_bytes)` bytes;
+//! * SSE: the unfinished line, the event type and the event data, each at most
+//!   `max_sse_line_bytes`;
+//! * the usage-chunk stripper's held-back event: at most 64 KiB + 1;
+//! * a compressed response: a fixed 32 KiB output buffer, the deflate state (its 32 KiB window;
+//!   counted as [`INFLATE_STATE_BYTES`]) and a gzip header of at most 64 KiB while it arrives.
+//!   Decoded bytes go to the JSON or SSE reader piece by piece, and decoding stops for good once
+//!   `max_decoded_response_bytes` were produced (a bomb costs that much work, not its ratio);
+//! * the cache's copy: at most the `limit` given to [`Exchange::capture_for_cache`].
+//!
+//! So `held_bytes() ≤ max(max_response_buffer_bytes, 128 KiB) + 3 × max_sse_line_bytes +
+//! 64 KiB + 1 + 32 KiB + INFLATE_STATE_BYTES + 64 KiB + capture limit` (only one of the JSON and
+//! SSE readers exists). The bytes of the chunk being processed are the caller's. The figure
+//! counts bytes held, not allocator slack: a `Vec` may reserve up to twice what it holds.
 
-use std::io::Write;
-
-use flate2::write::{GzDecoder, ZlibDecoder};
+use flate2::{Decompress, FlushDecompress, Status};
 
 use crate::api::request::RequestFacts;
 use crate::api::sse::SseUsageReader;
 use crate::api::strip::UsageChunkStripper;
-use crate::api::usage::usage_from_json;
+use crate::api::usage::{Reading, read_json_usage};
 use crate::api::{ApiKind, Usage};
 use crate::config::Limits;
 
@@ -18,6 +37,12 @@ use crate::config::Limits;
 const JSON_TAIL_BYTES: usize = 64 * 1024;
 /// How much of one SSE event the usage-chunk stripper may hold back (usage chunks are < 1 KiB).
 const STRIP_HOLD_BYTES: usize = 64 * 1024;
+/// The decoder's output buffer: decoded bytes reach the readers in pieces of at most this.
+const INFLATE_OUT_BYTES: usize = 32 * 1024;
+/// The inflate state (miniz_oxide: the 32 KiB window plus Huffman tables), counted as held.
+pub const INFLATE_STATE_BYTES: usize = 48 * 1024;
+/// The longest gzip header accepted (optional name, comment and extra fields included).
+const GZIP_HEADER_MAX: usize = 64 * 1024;
 
 /// Where the charged usage came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +56,80 @@ pub enum UsageSource {
     Reservation,
     /// An upstream error (non-2xx status, or a reset before any output): nothing is charged.
     Refunded,
+}
+
+/// Why the usage charged is not simply what the upstream reported (ledger field
+/// `tollgate.usage_anomaly`, metric `tollgate.tenant.<t>.usage_anomalies`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageAnomaly {
+    /// The reported (or observed) usage was over its bound and was charged at the bound.
+    Clamped,
+    /// A usage object with none of the API's own fields: ignored, charged by the fallbacks.
+    ForeignUsage,
+    /// A compressed response decoded to more than `max_decoded_response_bytes`: decoding
+    /// stopped, usage after that point was not read.
+    DecodeLimit,
+    /// A compressed response could not be decoded (corrupt, or an unknown encoding).
+    DecodeError,
+}
+
+impl UsageAnomaly {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageAnomaly::Clamped => "clamped",
+            UsageAnomaly::ForeignUsage => "foreign_usage",
+            UsageAnomaly::DecodeLimit => "decode_limit",
+            UsageAnomaly::DecodeError => "decode_error",
+        }
+    }
+}
+
+/// The most a response may be charged, field by field. See [`Exchange::finish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageBounds {
+    pub input: u64,
+    pub output: u64,
+}
+
+impl UsageBounds {
+    /// Output: the request's own max tokens (reasoning is part of it on every API; times chat's
+    /// `n`), never more than `max_reported_tokens`. Input: the body's bytes (every text token covers at least one byte)
+    /// plus `max_reported_tokens` for what the body does not show: images, files, a
+    /// `previous_response_id` conversation, server-side cached prompts.
+    pub fn of(facts: &RequestFacts, limits: &Limits) -> UsageBounds {
+        UsageBounds {
+            input: facts
+                .prompt_bound
+                .saturating_add(limits.max_reported_tokens),
+            output: facts
+                .max_tokens
+                .map_or(u64::MAX, |max| max.saturating_mul(facts.choices.max(1)))
+                .min(limits.max_reported_tokens),
+        }
+    }
+
+    /// `usage` held within the bounds, keeping its invariants (`cached_input + cache_write_input
+    /// ≤ input`, `reasoning ≤ output`); `true` when anything had to change.
+    pub fn clamp(self, usage: Usage) -> (Usage, bool) {
+        let input = usage.input.min(self.input);
+        let output = usage.output.min(self.output);
+        let cached_input = usage.cached_input.min(input);
+        let cache_write_input = usage
+            .cache_write_input
+            .min(input.saturating_sub(cached_input));
+        let reasoning = usage.reasoning.min(output);
+        let clamped = Usage {
+            input,
+            output,
+            cached_input,
+            cache_write_input,
+            reasoning,
+        };
+        // Only the bounds count as an anomaly: the invariants were already enforced on parsing
+        // for each API, except an Anthropic cache split, which is re-derived here.
+        let over = usage.input > self.input || usage.output > self.output;
+        (clamped, over)
+    }
 }
 
 impl UsageSource {
@@ -57,7 +156,9 @@ enum Capture {
     Dropped,
 }
 
-/// A bounded copy of a JSON response body: everything up to the cap, then only the tail.
+/// A bounded copy of a JSON response body: everything up to the cap, then only a tail of at
+/// least `keep = min(64 KiB, cap)` and at most `2 × keep` bytes (so the front is cut once per
+/// `keep` bytes, not on every chunk: linear work for any body size).
 #[derive(Debug, Default)]
 struct TailBuffer {
     bytes: Vec<u8>,
@@ -66,14 +167,48 @@ struct TailBuffer {
 }
 
 impl TailBuffer {
-    fn push(&mut self, chunk: &[u8]) {
-        self.bytes.extend_from_slice(chunk);
-        if self.bytes.len() > self.cap {
-            let keep = JSON_TAIL_BYTES.min(self.cap);
-            let excess = self.bytes.len().saturating_sub(keep);
-            self.bytes.drain(..excess);
-            self.truncated = true;
+    fn new(cap: usize) -> TailBuffer {
+        TailBuffer {
+            bytes: Vec::new(),
+            cap,
+            truncated: false,
         }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        if !self.truncated && self.bytes.len().saturating_add(chunk.len()) <= self.cap {
+            self.bytes.extend_from_slice(chunk);
+            return;
+        }
+        if !self.truncated {
+            // Leaving the whole-body copy: give its memory back.
+            self.truncated = true;
+            let keep = self.keep();
+            let from = self.bytes.len().saturating_sub(keep);
+            let tail = self.bytes.get(from..).unwrap_or_default().to_vec();
+            self.bytes = tail;
+        }
+        let keep = self.keep();
+        if chunk.len() >= keep {
+            self.bytes.clear();
+            let from = chunk.len().saturating_sub(keep);
+            self.bytes
+                .extend_from_slice(chunk.get(from..).unwrap_or_default());
+            return;
+        }
+        if self.bytes.len().saturating_add(chunk.len()) > keep.saturating_mul(2) {
+            let excess = self
+                .bytes
+                .len()
+                .saturating_add(chunk.len())
+                .saturating_sub(keep);
+            self.bytes.drain(..excess.min(self.bytes.len()));
+        }
+        self.bytes.extend_from_slice(chunk);
+    }
+
+    fn keep(&self) -> usize {
+        JSON_TAIL_BYTES.min(self.cap)
     }
 }
 
@@ -86,10 +221,213 @@ enum BodyReader {
 
 enum Decoder {
     Identity,
-    Gzip(Box<GzDecoder<Vec<u8>>>),
-    Deflate(Box<ZlibDecoder<Vec<u8>>>),
+    Inflate(Box<Inflater>),
     /// The stream could not be decoded; usage is lost for this response.
     Broken,
+    /// The decoded output reached `max_decoded_response_bytes`: decoding stopped.
+    Capped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wrapper {
+    /// RFC 1952: a header (parsed here), raw deflate, CRC-32 and size (not checked: only usage is
+    /// read from this copy, the client gets the original bytes).
+    Gzip,
+    /// HTTP `deflate`: RFC 1950 zlib, or raw deflate from servers that send that instead.
+    Deflate,
+}
+
+/// What decoding one chunk came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Everything was consumed; more input may follow.
+    More,
+    /// The compressed stream ended (bytes after it are ignored).
+    End,
+    /// `max_decoded_response_bytes` reached.
+    Capped,
+    /// Not a valid stream.
+    Broken,
+}
+
+/// An incremental gzip/deflate decoder with a fixed output buffer: peak memory does not depend
+/// on the compression ratio.
+struct Inflater {
+    wrapper: Wrapper,
+    /// The wrapper header while it arrives (`None` once the deflate data started).
+    header: Option<Vec<u8>>,
+    inflate: Decompress,
+    out: Box<[u8]>,
+    /// Decoded bytes so far, and the most allowed.
+    decoded: u64,
+    cap: u64,
+    ended: bool,
+}
+
+/// How the start of a compressed stream reads: the bytes to skip before the deflate data and
+/// whether that data is zlib-wrapped, or that more bytes are needed, or that it is not valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Header {
+    Done { skip: usize, zlib: bool },
+    NeedMore,
+    Invalid,
+}
+
+fn parse_header(wrapper: Wrapper, b: &[u8]) -> Header {
+    match wrapper {
+        Wrapper::Deflate => match b {
+            [cmf, flg, ..] => {
+                let zlib = cmf & 0x0f == 8
+                    && cmf >> 4 <= 7
+                    && (u16::from(*cmf) << 8 | u16::from(*flg)) % 31 == 0;
+                Header::Done { skip: 0, zlib }
+            }
+            _ => Header::NeedMore,
+        },
+        Wrapper::Gzip => parse_gzip_header(b),
+    }
+}
+
+/// RFC 1952 member header: magic, method 8, flags, then the optional extra, name, comment and
+/// header CRC.
+fn parse_gzip_header(b: &[u8]) -> Header {
+    let Some(fixed) = b.get(..10) else {
+        return match b {
+            [0x1f, 0x8b, 8, ..] | [0x1f, 0x8b] | [0x1f] | [] => Header::NeedMore,
+            _ => Header::Invalid,
+        };
+    };
+    let [0x1f, 0x8b, 8, flags, ..] = *fixed else {
+        return Header::Invalid;
+    };
+    if flags & 0xe0 != 0 {
+        return Header::Invalid;
+    }
+    let mut pos = 10usize;
+    if flags & 0x04 != 0 {
+        let Some([lo, hi]) = b
+            .get(pos..pos.saturating_add(2))
+            .and_then(|x| x.first_chunk::<2>().copied())
+        else {
+            return Header::NeedMore;
+        };
+        pos = pos
+            .saturating_add(2)
+            .saturating_add(usize::from(u16::from_le_bytes([lo, hi])));
+    }
+    for flag in [0x08u8, 0x10] {
+        if flags & flag != 0 {
+            let Some(nul) = b
+                .get(pos..)
+                .and_then(|rest| rest.iter().position(|c| *c == 0))
+            else {
+                return Header::NeedMore;
+            };
+            pos = pos.saturating_add(nul).saturating_add(1);
+        }
+    }
+    if flags & 0x02 != 0 {
+        pos = pos.saturating_add(2);
+    }
+    if b.len() >= pos {
+        Header::Done {
+            skip: pos,
+            zlib: false,
+        }
+    } else {
+        Header::NeedMore
+    }
+}
+
+impl Inflater {
+    fn new(wrapper: Wrapper, cap: u64) -> Inflater {
+        Inflater {
+            wrapper,
+            header: Some(Vec::new()),
+            inflate: Decompress::new(false),
+            out: vec![0u8; INFLATE_OUT_BYTES].into_boxed_slice(),
+            decoded: 0,
+            cap,
+            ended: false,
+        }
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.header
+            .as_ref()
+            .map_or(0, Vec::len)
+            .saturating_add(self.out.len())
+            .saturating_add(INFLATE_STATE_BYTES)
+    }
+
+    /// Decodes `input`, handing the output to `sink` in pieces of at most `INFLATE_OUT_BYTES`.
+    fn feed(&mut self, input: &[u8], sink: &mut dyn FnMut(&[u8])) -> Step {
+        if self.ended {
+            return Step::End;
+        }
+        let Some(header) = self.header.as_mut() else {
+            return self.run(input, sink);
+        };
+        // Hold at most GZIP_HEADER_MAX bytes of header; the rest of `input` is used in place.
+        let take = input
+            .len()
+            .min(GZIP_HEADER_MAX.saturating_sub(header.len()));
+        let (head, rest) = input.split_at_checked(take).unwrap_or((input, &[]));
+        header.extend_from_slice(head);
+        match parse_header(self.wrapper, header) {
+            Header::Invalid => Step::Broken,
+            Header::NeedMore if header.len() >= GZIP_HEADER_MAX => Step::Broken,
+            Header::NeedMore => Step::More,
+            Header::Done { skip, zlib } => {
+                let held = self.header.take().unwrap_or_default();
+                self.inflate = Decompress::new(zlib);
+                let step = self.run(held.get(skip..).unwrap_or_default(), sink);
+                if step == Step::More {
+                    self.run(rest, sink)
+                } else {
+                    step
+                }
+            }
+        }
+    }
+
+    fn run(&mut self, mut input: &[u8], sink: &mut dyn FnMut(&[u8])) -> Step {
+        loop {
+            let (in_before, out_before) = (self.inflate.total_in(), self.inflate.total_out());
+            let status = match self
+                .inflate
+                .decompress(input, &mut self.out, FlushDecompress::None)
+            {
+                Ok(status) => status,
+                Err(_) => return Step::Broken,
+            };
+            let consumed = self.inflate.total_in().saturating_sub(in_before);
+            let produced = self.inflate.total_out().saturating_sub(out_before);
+            input = input
+                .get(usize::try_from(consumed).unwrap_or(usize::MAX)..)
+                .unwrap_or_default();
+            let room = self.cap.saturating_sub(self.decoded);
+            let give = produced.min(room);
+            let out = self
+                .out
+                .get(..usize::try_from(give).unwrap_or(usize::MAX))
+                .unwrap_or_default();
+            if !out.is_empty() {
+                sink(out);
+            }
+            self.decoded = self.decoded.saturating_add(give);
+            if produced > room {
+                return Step::Capped;
+            }
+            if status == Status::StreamEnd {
+                self.ended = true;
+                return Step::End;
+            }
+            if consumed == 0 && produced == 0 {
+                return Step::More;
+            }
+        }
+    }
 }
 
 /// State of one exchange from the moment its request body was read.
@@ -114,6 +452,8 @@ pub struct Exchange {
     /// A copy of what the client receives, for the response cache (bounded).
     capture: Capture,
     finished: Option<(Usage, UsageSource)>,
+    /// The first anomaly met (decoding, usage shape, bounds).
+    anomaly: Option<UsageAnomaly>,
 }
 
 impl Exchange {
@@ -133,7 +473,61 @@ impl Exchange {
             served: None,
             capture: Capture::Off,
             finished: None,
+            anomaly: None,
         }
+    }
+
+    /// Every byte this exchange holds between calls: decoder state, JSON tail, SSE buffers,
+    /// the stripper's held-back event and the cache copy. Bounded by the module's figure (see
+    /// "Memory"), whatever the response.
+    pub fn held_bytes(&self) -> usize {
+        let decoder = match &self.decoder {
+            Decoder::Inflate(inflater) => inflater.held_bytes(),
+            Decoder::Identity | Decoder::Broken | Decoder::Capped => 0,
+        };
+        let body = match &self.body {
+            BodyReader::Json(buf) => buf.bytes.len(),
+            BodyReader::Sse(reader) => reader.buffered_bytes(),
+            BodyReader::Skip => 0,
+        };
+        let stripper = self
+            .stripper
+            .as_ref()
+            .map_or(0, UsageChunkStripper::held_bytes);
+        let capture = match &self.capture {
+            Capture::On { bytes, .. } => bytes.len(),
+            Capture::Off | Capture::Dropped => 0,
+        };
+        decoder
+            .saturating_add(body)
+            .saturating_add(stripper)
+            .saturating_add(capture)
+    }
+
+    /// The upper bound of [`Self::held_bytes`] for `limits` and a cache copy of at most
+    /// `capture_limit` bytes (see the module's "Memory").
+    pub fn held_bytes_bound(limits: &Limits, capture_limit: usize) -> usize {
+        let as_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        let json =
+            as_usize(limits.max_response_buffer_bytes).max(JSON_TAIL_BYTES.saturating_mul(2));
+        let sse = as_usize(limits.max_sse_line_bytes).saturating_mul(3);
+        json.max(sse)
+            .saturating_add(STRIP_HOLD_BYTES)
+            .saturating_add(1)
+            .saturating_add(INFLATE_OUT_BYTES)
+            .saturating_add(INFLATE_STATE_BYTES)
+            .saturating_add(GZIP_HEADER_MAX)
+            .saturating_add(capture_limit)
+    }
+
+    /// Why the charged usage is not plainly the reported one, if it is not (decided by
+    /// [`Self::finish`]; decoding anomalies are known as soon as they happen).
+    pub fn usage_anomaly(&self) -> Option<UsageAnomaly> {
+        self.anomaly
+    }
+
+    fn note(&mut self, anomaly: UsageAnomaly) {
+        self.anomaly.get_or_insert(anomaly);
     }
 
     /// What was reserved (charged when neither usage nor output is known).
@@ -192,11 +586,14 @@ impl Exchange {
             Some(enc)
                 if enc.eq_ignore_ascii_case(b"gzip") || enc.eq_ignore_ascii_case(b"x-gzip") =>
             {
-                Decoder::Gzip(Box::new(GzDecoder::new(Vec::new())))
+                Decoder::Inflate(Box::new(Inflater::new(
+                    Wrapper::Gzip,
+                    self.limits.max_decoded_response_bytes,
+                )))
             }
-            Some(enc) if enc.eq_ignore_ascii_case(b"deflate") => {
-                Decoder::Deflate(Box::new(ZlibDecoder::new(Vec::new())))
-            }
+            Some(enc) if enc.eq_ignore_ascii_case(b"deflate") => Decoder::Inflate(Box::new(
+                Inflater::new(Wrapper::Deflate, self.limits.max_decoded_response_bytes),
+            )),
             Some(_) => Decoder::Broken,
         };
         self.stripper = (self.include_usage_injected
@@ -210,11 +607,9 @@ impl Exchange {
             let line_cap = usize::try_from(self.limits.max_sse_line_bytes).unwrap_or(usize::MAX);
             BodyReader::Sse(Box::new(SseUsageReader::new(self.kind, line_cap)))
         } else {
-            BodyReader::Json(TailBuffer {
-                bytes: Vec::new(),
-                cap: usize::try_from(self.limits.max_response_buffer_bytes).unwrap_or(usize::MAX),
-                truncated: false,
-            })
+            BodyReader::Json(TailBuffer::new(
+                usize::try_from(self.limits.max_response_buffer_bytes).unwrap_or(usize::MAX),
+            ))
         };
     }
 
@@ -228,7 +623,8 @@ impl Exchange {
     pub fn wants_response_body(&self) -> bool {
         self.stripper.is_some()
             || matches!(self.capture, Capture::On { .. })
-            || (!matches!(self.body, BodyReader::Skip) && !matches!(self.decoder, Decoder::Broken))
+            || (!matches!(self.body, BodyReader::Skip)
+                && !matches!(self.decoder, Decoder::Broken | Decoder::Capped))
     }
 
     /// One response body chunk; returns the bytes to send instead when the client's stream must
@@ -299,28 +695,36 @@ impl Exchange {
         self.complete = true;
     }
 
-    /// One response body chunk as it passes to the client.
+    /// One response body chunk as it passes to the client. A compressed chunk is decoded into
+    /// a fixed buffer and read piece by piece, up to `max_decoded_response_bytes` in all.
     pub fn on_response_body(&mut self, chunk: &[u8]) {
-        let decoded: Option<Vec<u8>> = match &mut self.decoder {
-            Decoder::Identity => None,
-            Decoder::Gzip(d) => inflate(d.write_all(chunk).and_then(|()| d.flush()), d.get_mut()),
-            Decoder::Deflate(d) => {
-                inflate(d.write_all(chunk).and_then(|()| d.flush()), d.get_mut())
-            }
-            Decoder::Broken => return,
-        };
-        let bytes: &[u8] = match &decoded {
-            Some(out) => out,
-            None if matches!(self.decoder, Decoder::Identity) => chunk,
-            None => {
-                self.decoder = Decoder::Broken;
-                return;
-            }
-        };
-        match &mut self.body {
+        if matches!(self.body, BodyReader::Skip) {
+            return;
+        }
+        let body = &mut self.body;
+        let mut read = |bytes: &[u8]| match body {
             BodyReader::Json(buf) => buf.push(bytes),
             BodyReader::Sse(reader) => reader.feed(bytes),
             BodyReader::Skip => {}
+        };
+        let step = match &mut self.decoder {
+            Decoder::Identity => {
+                read(chunk);
+                return;
+            }
+            Decoder::Inflate(inflater) => inflater.feed(chunk, &mut read),
+            Decoder::Broken | Decoder::Capped => return,
+        };
+        match step {
+            Step::More | Step::End => {}
+            Step::Capped => {
+                self.decoder = Decoder::Capped;
+                self.note(UsageAnomaly::DecodeLimit);
+            }
+            Step::Broken => {
+                self.decoder = Decoder::Broken;
+                self.note(UsageAnomaly::DecodeError);
+            }
         }
     }
 
@@ -337,19 +741,36 @@ impl Exchange {
         if let Some(done) = self.finished {
             return done;
         }
-        let reported = match &mut self.body {
+        if matches!(self.decoder, Decoder::Broken) && self.status_ok() {
+            // An unknown encoding, or a corrupt stream: usage was not readable.
+            self.note(UsageAnomaly::DecodeError);
+        }
+        let reading = match &mut self.body {
             // A JSON body cut short could end inside a nested object: trust only whole bodies.
-            BodyReader::Json(buf) if self.complete && !matches!(self.decoder, Decoder::Broken) => {
-                usage_from_json(self.kind, &buf.bytes)
+            BodyReader::Json(buf)
+                if self.complete && !matches!(self.decoder, Decoder::Broken | Decoder::Capped) =>
+            {
+                read_json_usage(self.kind, &buf.bytes)
             }
             BodyReader::Sse(reader) => {
                 reader.finish();
-                reader.usage()
+                match reader.usage() {
+                    Some(usage) => Reading::Usage(usage),
+                    None if reader.foreign_usage() => Reading::Foreign,
+                    None => Reading::Absent,
+                }
             }
-            _ => None,
+            _ => Reading::Absent,
         };
+        if reading == Reading::Foreign {
+            self.note(UsageAnomaly::ForeignUsage);
+        }
+        let reported = reading.usage();
         let (observed, stream_cut) = match &self.body {
-            BodyReader::Sse(reader) => (reader.observed_output(), !reader.completed()),
+            BodyReader::Sse(reader) => (
+                reader.observed_output(),
+                !reader.completed() || matches!(self.decoder, Decoder::Capped),
+            ),
             _ => (0, false),
         };
         // A stream cut before its end may have reported only part of its usage (Anthropic's
@@ -375,15 +796,35 @@ impl Exchange {
             None if answered_ok && !upstream_failed => (self.reservation, UsageSource::Reservation),
             None => (Usage::default(), UsageSource::Refunded),
         };
+        // What the upstream claims (or we counted) is held within sane bounds; our own
+        // reservation already is.
+        let done = match done {
+            (usage, source @ (UsageSource::Reported | UsageSource::Observed)) => {
+                let (usage, over) = UsageBounds::of(&self.facts, &self.limits).clamp(usage);
+                if over {
+                    self.note(UsageAnomaly::Clamped);
+                }
+                (usage, source)
+            }
+            other => other,
+        };
         self.finished = Some(done);
         done
+    }
+
+    fn status_ok(&self) -> bool {
+        (200..300).contains(&self.status)
     }
 
     /// The per-request record, as (filter state name, plain-text value) pairs.
     pub fn record(&mut self) -> Vec<(&'static str, String)> {
         let (usage, source) = self.finish(false);
         let route = self.served.as_ref().map_or("", |(_, r)| r.as_str());
-        record_fields(self, self.served_model(), route, &usage, source.as_str())
+        let mut fields = record_fields(self, self.served_model(), route, &usage, source.as_str());
+        if let Some(anomaly) = self.anomaly {
+            fields.push(("tollgate.usage_anomaly", anomaly.as_str().to_string()));
+        }
+        fields
     }
 }
 
@@ -418,12 +859,6 @@ pub fn record_fields(
     ]
 }
 
-/// Takes what a decoder produced so far; `None` when the stream is corrupt.
-fn inflate(written: std::io::Result<()>, out: &mut Vec<u8>) -> Option<Vec<u8>> {
-    written.ok()?;
-    Some(std::mem::take(out))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,10 +869,360 @@ mod tests {
         Exchange::new(kind, "t".into(), facts, Limits::default())
     }
 
+    use std::io::Write;
+
     fn gzip(bytes: &[u8]) -> Vec<u8> {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(bytes).unwrap();
         enc.finish().unwrap()
+    }
+
+    /// Raw deflate of `data` from an empty window, ending byte-aligned (or final): such
+    /// segments concatenate into one stream, so a bomb repeats one compressed block.
+    fn segment(data: &[u8], last: bool) -> Vec<u8> {
+        let mut c = flate2::Compress::new(flate2::Compression::best(), false);
+        let mut out = Vec::with_capacity(data.len() / 2 + 1024);
+        let flush = if last {
+            flate2::FlushCompress::Finish
+        } else {
+            flate2::FlushCompress::Full
+        };
+        c.compress_vec(data, &mut out, flush).unwrap();
+        out
+    }
+
+    /// `prefix + filler × n + suffix` in `wrapper` (gzip, zlib or raw); the trailer's checksum
+    /// is not computed (never checked: bombs are cut before it, and gzip's is not read).
+    fn bomb(wrapper: &str, prefix: &[u8], filler: &[u8], n: usize, suffix: &[u8]) -> Vec<u8> {
+        let mut out = match wrapper {
+            "gzip" => vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 2, 0xff],
+            "zlib" => vec![0x78, 0xda],
+            _ => Vec::new(),
+        };
+        out.extend_from_slice(&segment(prefix, false));
+        let block = segment(filler, false);
+        for _ in 0..n {
+            out.extend_from_slice(&block);
+        }
+        out.extend_from_slice(&segment(suffix, true));
+        out.extend_from_slice(&[0; 8]);
+        out
+    }
+
+    fn small_limits() -> Limits {
+        Limits {
+            max_response_buffer_bytes: 256 * 1024,
+            max_sse_line_bytes: 64 * 1024,
+            max_decoded_response_bytes: 4 * 1024 * 1024,
+            ..Limits::default()
+        }
+    }
+
+    fn exchange_with(kind: ApiKind, body: &str, limits: Limits) -> Exchange {
+        let facts = parse_request(kind, body.as_bytes()).unwrap();
+        Exchange::new(kind, "t".into(), facts, limits)
+    }
+
+    /// Feeds `wire` in `chunk`-byte pieces, checking the memory bound after each.
+    fn pump(x: &mut Exchange, wire: &[u8], chunk: usize) {
+        let bound = Exchange::held_bytes_bound(&x.limits, 0);
+        let mut peak = 0;
+        for piece in wire.chunks(chunk) {
+            assert!(
+                x.on_response_chunk(piece, false).is_none(),
+                "bytes are passed untouched"
+            );
+            peak = peak.max(x.held_bytes());
+            assert!(x.held_bytes() <= bound, "{} > {bound}", x.held_bytes());
+        }
+        x.on_response_complete();
+        // Far below the bound in practice: the bound is what a fuzzer may assert.
+        assert!(peak <= bound);
+    }
+
+    const BOMB_JSON_HEAD: &[u8] = br#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":""#;
+    const BOMB_JSON_TAIL: &[u8] =
+        br#""},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7}}"#;
+
+    #[test]
+    fn gzip_bomb_json_stops_at_the_decode_cap_and_falls_back() {
+        // 64 MiB decoded from ~64 KiB on the wire; the cap is 4 MiB (decoding stops there).
+        let filler = vec![b'a'; 1 << 20];
+        for wrapper in ["gzip", "zlib", "raw"] {
+            let wire = bomb(wrapper, BOMB_JSON_HEAD, &filler, 64, BOMB_JSON_TAIL);
+            assert!(wire.len() < 128 * 1024, "{}", wire.len());
+            let mut x = exchange_with(ApiKind::ChatCompletions, r#"{"model":"m"}"#, small_limits());
+            x.set_reservation(40, 60);
+            x.on_response_headers(
+                200,
+                Some(b"application/json"),
+                Some(if wrapper == "gzip" {
+                    b"gzip"
+                } else {
+                    b"deflate"
+                }),
+            );
+            pump(&mut x, &wire, 16 * 1024);
+            assert!(matches!(x.decoder, Decoder::Capped), "{wrapper}");
+            assert!(!x.wants_response_body());
+            let (usage, source) = x.finish(false);
+            assert_eq!(
+                (usage.input, usage.output, source),
+                (40, 60, UsageSource::Reservation)
+            );
+            assert_eq!(x.usage_anomaly(), Some(UsageAnomaly::DecodeLimit));
+            assert!(
+                x.record()
+                    .contains(&("tollgate.usage_anomaly", "decode_limit".to_string()))
+            );
+        }
+    }
+
+    #[test]
+    fn large_compressed_json_within_the_cap_is_read_through_a_bounded_tail() {
+        // 3 MiB decoded (over max_response_buffer_bytes, under the decode cap), fed in one piece.
+        let filler = vec![b'a'; 1 << 20];
+        let wire = bomb("gzip", BOMB_JSON_HEAD, &filler, 3, BOMB_JSON_TAIL);
+        let mut x = exchange_with(ApiKind::ChatCompletions, r#"{"model":"m"}"#, small_limits());
+        x.on_response_headers(200, Some(b"application/json"), Some(b"gzip"));
+        pump(&mut x, &wire, wire.len());
+        let (usage, source) = x.finish(false);
+        assert_eq!(
+            (usage.input, usage.output, source),
+            (11, 7, UsageSource::Reported)
+        );
+        assert_eq!(x.usage_anomaly(), None);
+    }
+
+    #[test]
+    fn gzip_bomb_sse_keeps_observed_output() {
+        let head = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"yo\"}}]}\n\n";
+        let tail = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n";
+        let comment_lines = [b": keep-alive ".as_slice(), &[b'a'; 1010], b"\n"].concat();
+        // Many short lines, and one endless line, each well past the cap.
+        for (filler, n) in [(comment_lines, 8192), (vec![b'a'; 1 << 20], 16)] {
+            let line_head = [&head[..], b"data: {\"choices\":[{\"delta\":{\"content\":\""].concat();
+            let prefix: &[u8] = if filler.len() > 4096 {
+                &line_head
+            } else {
+                head
+            };
+            let wire = bomb("gzip", prefix, &filler, n, tail);
+            let mut x = exchange_with(
+                ApiKind::ChatCompletions,
+                r#"{"model":"m","stream":true}"#,
+                small_limits(),
+            );
+            x.set_reservation(40, 60);
+            x.on_response_headers(200, Some(b"text/event-stream"), Some(b"gzip"));
+            pump(&mut x, &wire, 4096);
+            let (usage, source) = x.finish(false);
+            assert_eq!(
+                (usage.input, usage.output, source),
+                (x.facts.prompt_estimate, 2, UsageSource::Observed)
+            );
+            assert_eq!(x.usage_anomaly(), Some(UsageAnomaly::DecodeLimit));
+        }
+    }
+
+    #[test]
+    fn endless_plain_sse_line_is_dropped_and_usage_after_it_read() {
+        let mut x = exchange_with(
+            ApiKind::ChatCompletions,
+            r#"{"model":"m","stream":true}"#,
+            small_limits(),
+        );
+        x.set_include_usage_injected();
+        x.capture_for_cache(100_000);
+        x.on_response_headers(200, Some(b"text/event-stream"), None);
+        let bound = Exchange::held_bytes_bound(&x.limits, 100_000);
+        let mut client = 0usize;
+        let mut send = |x: &mut Exchange, bytes: &[u8], end: bool| {
+            client += x
+                .on_response_chunk(bytes, end)
+                .map_or(bytes.len(), |r| r.len());
+            assert!(x.held_bytes() <= bound);
+        };
+        let head = b"data: {\"choices\":[{\"delta\":{\"content\":\"";
+        send(&mut x, head, false);
+        let filler = vec![b'a'; 64 * 1024];
+        for _ in 0..64 {
+            send(&mut x, &filler, false);
+        }
+        let tail = b"\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n";
+        send(&mut x, tail, true);
+        x.on_response_complete();
+        // The stripper went to pass-through on the long event: every byte reached the client.
+        assert_eq!(client, head.len() + 64 * 64 * 1024 + tail.len());
+        assert!(x.take_capture().is_none(), "over the entry cap: not cached");
+        let (usage, source) = x.finish(false);
+        assert_eq!((usage.output, source), (9, UsageSource::Reported));
+    }
+
+    #[test]
+    fn gzip_header_fields_and_byte_by_byte_delivery() {
+        // FEXTRA, FNAME, FCOMMENT and FHCRC, then the deflate data.
+        let deflated = bomb("raw", CHAT_JSON, b"", 0, b"");
+        let mut wire = vec![
+            0x1f,
+            0x8b,
+            8,
+            0x04 | 0x08 | 0x10 | 0x02,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0xff,
+        ];
+        wire.extend_from_slice(&[3, 0, b'x', b'y', b'z']);
+        wire.extend_from_slice(b"name.json\0a comment\0");
+        wire.extend_from_slice(&[0xaa, 0xbb]);
+        wire.extend_from_slice(&deflated);
+        wire.extend_from_slice(&[0; 8]); // trailer (not checked)
+        let mut x = exchange(ApiKind::ChatCompletions);
+        x.on_response_headers(200, Some(b"application/json"), Some(b"gzip"));
+        pump(&mut x, &wire, 1);
+        assert_eq!(x.finish(false), (x.finish(false).0, UsageSource::Reported));
+        assert_eq!(x.finish(false).0.output, 7);
+        // Not gzip at all, or a header that never ends: no usage, flagged, no panic.
+        for bad in [
+            b"PK\x03\x04 not gzip".to_vec(),
+            [
+                &[0x1f, 0x8b, 8, 0x08, 0, 0, 0, 0, 0, 0][..],
+                &vec![b'n'; 70_000],
+            ]
+            .concat(),
+        ] {
+            let mut x = exchange(ApiKind::ChatCompletions);
+            x.on_response_headers(200, Some(b"application/json"), Some(b"gzip"));
+            pump(&mut x, &bad, 1000);
+            assert_eq!(x.finish(false).1, UsageSource::Reservation);
+            assert_eq!(x.usage_anomaly(), Some(UsageAnomaly::DecodeError));
+        }
+    }
+
+    #[test]
+    fn absurd_usage_is_clamped_to_the_request_bounds() {
+        let absurd = format!(
+            r#"{{"choices":[],"usage":{{"prompt_tokens":{m},"completion_tokens":{m},"prompt_tokens_details":{{"cached_tokens":{m}}},"completion_tokens_details":{{"reasoning_tokens":{m}}}}}}}"#,
+            m = 1u64 << 63
+        );
+        let body = r#"{"model":"m","max_completion_tokens":50}"#;
+        let mut x = exchange_with(ApiKind::ChatCompletions, body, Limits::default());
+        x.on_response_headers(200, Some(b"application/json"), None);
+        x.on_response_body(absurd.as_bytes());
+        x.on_response_complete();
+        let (usage, source) = x.finish(false);
+        let input = body.len() as u64 + 2_000_000;
+        assert_eq!(
+            usage,
+            Usage {
+                input,
+                output: 50,
+                cached_input: input,
+                cache_write_input: 0,
+                reasoning: 50
+            }
+        );
+        assert_eq!(source, UsageSource::Reported);
+        assert_eq!(x.usage_anomaly(), Some(UsageAnomaly::Clamped));
+        // No max tokens: the configured bound.
+        let mut y = exchange_with(
+            ApiKind::ChatCompletions,
+            r#"{"model":"m"}"#,
+            Limits::default(),
+        );
+        y.on_response_headers(200, Some(b"application/json"), None);
+        y.on_response_body(absurd.as_bytes());
+        y.on_response_complete();
+        assert_eq!(y.finish(false).0.output, 2_000_000);
+        // Chat's n choices each get max tokens.
+        let mut n = exchange_with(
+            ApiKind::ChatCompletions,
+            r#"{"model":"m","max_tokens":50,"n":3}"#,
+            Limits::default(),
+        );
+        n.on_response_headers(200, Some(b"application/json"), None);
+        n.on_response_body(absurd.as_bytes());
+        n.on_response_complete();
+        assert_eq!(n.finish(false).0.output, 150);
+        // Anthropic: the cache split is kept within the clamped input.
+        let bounds = UsageBounds {
+            input: 100,
+            output: 10,
+        };
+        let (u, over) = bounds.clamp(Usage {
+            input: 500,
+            output: 5,
+            cached_input: 80,
+            cache_write_input: 400,
+            reasoning: 0,
+        });
+        assert!(over);
+        assert_eq!(
+            (u.input, u.cached_input, u.cache_write_input, u.output),
+            (100, 80, 20, 5)
+        );
+        // Ordinary usage is untouched and not an anomaly.
+        let mut z = exchange(ApiKind::ChatCompletions);
+        z.on_response_headers(200, Some(b"application/json"), None);
+        z.on_response_body(CHAT_JSON);
+        z.on_response_complete();
+        assert_eq!(z.finish(false).0.output, 7);
+        assert_eq!(z.usage_anomaly(), None);
+    }
+
+    #[test]
+    fn foreign_usage_falls_back_and_is_flagged() {
+        let mut x = exchange(ApiKind::ChatCompletions);
+        x.set_reservation(40, 60);
+        x.on_response_headers(200, Some(b"application/json"), None);
+        x.on_response_body(br#"{"choices":[],"usage":{"input_tokens":30,"output_tokens":9}}"#);
+        x.on_response_complete();
+        assert_eq!(
+            x.finish(false),
+            (
+                Usage {
+                    input: 40,
+                    output: 60,
+                    ..Usage::default()
+                },
+                UsageSource::Reservation
+            )
+        );
+        assert_eq!(x.usage_anomaly(), Some(UsageAnomaly::ForeignUsage));
+        let mut y = exchange(ApiKind::ChatCompletions);
+        y.on_response_headers(200, Some(b"text/event-stream"), None);
+        y.on_response_body(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"input_tokens\":30,\"output_tokens\":9}}\n\ndata: [DONE]\n\n");
+        y.on_response_complete();
+        assert_eq!(y.finish(false).1, UsageSource::Observed);
+        assert_eq!(y.usage_anomaly(), Some(UsageAnomaly::ForeignUsage));
+    }
+
+    proptest::proptest! {
+        /// The tail buffer always ends with the body's last bytes and stays within its bound.
+        #[test]
+        fn tail_buffer_keeps_the_last_bytes(
+            cap in 1usize..200_000,
+            sizes in proptest::collection::vec(0usize..80_000, 0..8),
+        ) {
+            let mut buf = TailBuffer::new(cap);
+            let mut all = Vec::new();
+            for (i, n) in sizes.into_iter().enumerate() {
+                let chunk: Vec<u8> = (0..n).map(|j| (i * 7 + j) as u8).collect();
+                buf.push(&chunk);
+                all.extend_from_slice(&chunk);
+                let keep = JSON_TAIL_BYTES.min(cap);
+                proptest::prop_assert!(buf.bytes.len() <= cap.max(2 * keep));
+                proptest::prop_assert!(all.ends_with(&buf.bytes));
+                proptest::prop_assert!(buf.bytes.len() >= keep.min(all.len()));
+                proptest::prop_assert_eq!(buf.truncated, all.len() > cap);
+                if !buf.truncated {
+                    proptest::prop_assert_eq!(&buf.bytes, &all);
+                }
+            }
+        }
     }
 
     const CHAT_JSON: &[u8] = br#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":3}}}"#;
@@ -613,5 +1398,6 @@ mod tests {
         assert!(!x.wants_response_body());
         assert_eq!(x.finish(false).1, UsageSource::Refunded);
         assert_eq!(x.record().len(), 12);
+        assert_eq!(x.usage_anomaly(), None);
     }
 }

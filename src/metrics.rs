@@ -165,6 +165,11 @@ pub fn in_flight_name(tenant: &str) -> String {
     format!("tollgate.tenant.{tenant}.in_flight")
 }
 
+/// Responses whose usage was clamped, foreign-shaped or unreadable (`exchange::UsageAnomaly`).
+pub fn usage_anomalies_name(tenant: &str) -> String {
+    format!("tollgate.tenant.{tenant}.usage_anomalies")
+}
+
 pub fn histogram_name(histogram: Histogram, tenant: &str) -> String {
     format!("tollgate.tenant.{tenant}.{}", histogram.suffix())
 }
@@ -202,6 +207,10 @@ mod tests {
         assert_eq!(
             denial_name("t", "rate_limited"),
             "tollgate.tenant.t.reason.rate_limited.denials"
+        );
+        assert_eq!(
+            usage_anomalies_name("t"),
+            "tollgate.tenant.t.usage_anomalies"
         );
         assert_eq!(
             histogram_name(Histogram::TimeToFirstTokenMs, "t"),

@@ -53,6 +53,9 @@ x-fake-output-tokens: N
 x-fake-cached-tokens: N
 x-fake-cache-write-tokens: N
 x-fake-reasoning-tokens: N
+x-fake-hostile: MODE               a hostile upstream (see below)
+x-fake-bomb-bytes: N               decoded size of a bomb / endless line
+                                   (default 1 GiB = 1073741824)
 =================================  =========================================
 Knobs combine (split + gzip + reset-after cuts the gzip stream after event N).
 A malformed knob (non-integer, negative) gives a 400 in the API's shape.
@@ -61,8 +64,33 @@ UTF-8 sequences.
 Without x-fake-gzip the reply is always identity-encoded, even when the
 request's accept-encoding allows gzip (the header is kept in the ledger).
 
+Hostile modes (x-fake-hostile), for the filter's memory and usage guarantees.
+Bombs answer any API path with a Chat Completions body (JSON for the *-json
+modes, SSE otherwise), whatever the request's stream flag, and are generated
+as a stream of compressed 1 MiB blocks (each full-flushed, so one compressed
+block is reused): about 1 MB on the wire per GiB decoded, never held in memory.
+    gzip-bomb-json     gzip JSON: content = N bytes of "a", usage at the end
+    deflate-bomb-json  the same as content-encoding: deflate (zlib wrapper)
+    gzip-bomb-sse      gzip SSE: role chunk, 2 content deltas, N bytes of
+                       1 KiB comment lines, the usage chunk, [DONE]
+    gzip-bomb-line     gzip SSE: role chunk, 1 content delta, then ONE data
+                       line of N bytes, then the usage chunk and [DONE]
+    endless-line       identity SSE: the same single N-byte data line,
+                       unencoded (plain bytes streamed in 1 MiB writes)
+    absurd-usage       the normal reply of the API, usage input = output =
+                       2**63 (total_tokens 2**64)
+    foreign-usage      the normal reply, but the usage object has the other
+                       vendor's fields (OpenAI paths: Anthropic's input_tokens /
+                       output_tokens, Responses: prompt_tokens /
+                       completion_tokens, Messages: prompt_tokens /
+                       completion_tokens)
+Bombs record in the ledger "hostile", "sent_bytes" (body bytes on the wire)
+and "sent_sha256" (of those bytes), so tests can check the client got them
+untouched; their "usage" is the usage written in the body.
+
 Usage model. Defaults: input = max(1, ceil(len(raw body bytes) / 4)),
-output = 2 * chunks + 1, cached_input = cache_write_input = reasoning = 0.
+output = 2 * chunks + 1, at most the request's max-tokens field (times chat's n),
+as a real provider would (x-fake-output-tokens is sent as given), cached_input = cache_write_input = reasoning = 0.
 Headers override, then: input = max(input, cached + cache_write) and
 output = max(output, reasoning). Fields a wire format cannot express are forced
 to 0 in the ledger: reasoning for Anthropic; everything but input for
@@ -176,11 +204,22 @@ def _flag(headers, name):
     return (headers.get(name) or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def compute_usage(api, raw_len, headers, n_chunks):
+def max_output(api, body):
+    """The request's own output cap, which a real provider never exceeds (per choice)."""
+    names = {"chat_completions": ("max_completion_tokens", "max_tokens"), "responses": ("max_output_tokens",),
+             "messages": ("max_tokens",)}.get(api, ())
+    cap = next((body[n] for n in names if isinstance(body.get(n), int) and body[n] > 0), None)
+    n = body.get("n") if api == "chat_completions" and isinstance(body.get("n"), int) else 1
+    return None if cap is None else cap * max(1, n)
+
+
+def compute_usage(api, raw_len, headers, n_chunks, body=None):
     """Deterministic normalised usage for a request (see module docstring)."""
+    cap = max_output(api, body or {})
+    default_output = 2 * n_chunks + 1 if cap is None else min(2 * n_chunks + 1, cap)
     u = {
         "input": _int_knob(headers, "x-fake-input-tokens", max(1, math.ceil(raw_len / 4))),
-        "output": _int_knob(headers, "x-fake-output-tokens", 2 * n_chunks + 1),
+        "output": _int_knob(headers, "x-fake-output-tokens", default_output),
         "cached_input": _int_knob(headers, "x-fake-cached-tokens", 0),
         "cache_write_input": _int_knob(headers, "x-fake-cache-write-tokens", 0),
         "reasoning": _int_knob(headers, "x-fake-reasoning-tokens", 0),
@@ -226,6 +265,8 @@ def build_chat(c):
                                       "accepted_prediction_tokens": 0,
                                       "rejected_prediction_tokens": 0},
     }
+    if c["hostile"] == "foreign-usage":
+        wire_usage = {"input_tokens": u["input"], "output_tokens": u["output"]}
     if not c["stream"]:
         obj = {"id": cid, "object": "chat.completion", "created": created, "model": c["model"],
                "choices": [{"index": 0,
@@ -288,6 +329,8 @@ def build_responses(c):
         "output_tokens_details": {"reasoning_tokens": u["reasoning"]},
         "total_tokens": u["input"] + u["output"],
     }
+    if wire_usage and c["hostile"] == "foreign-usage":
+        wire_usage = {"prompt_tokens": u["input"], "completion_tokens": u["output"]}
 
     def part(t):
         return {"type": "output_text", "annotations": [], "logprobs": [], "text": t}
@@ -351,6 +394,8 @@ def build_embeddings(c):
     obj = {"object": "list", "data": data, "model": c["model"]}
     if not c["no_usage"]:
         obj["usage"] = {"prompt_tokens": u["input"], "total_tokens": u["input"]}
+        if c["hostile"] == "foreign-usage":
+            obj["usage"] = {"input_tokens": u["input"]}
     return "json", obj, not c["no_usage"]
 
 
@@ -361,6 +406,9 @@ def build_messages(c):
                   "cache_creation_input_tokens": u["cache_write_input"],
                   "cache_read_input_tokens": u["cached_input"],
                   "output_tokens": u["output"], "service_tier": "standard"}
+    foreign = c["hostile"] == "foreign-usage"
+    if foreign:
+        wire_usage = {"prompt_tokens": u["input"], "completion_tokens": u["output"]}
 
     def message(content, stop_reason, usage):
         m = {"id": mid, "type": "message", "role": "assistant", "model": c["model"],
@@ -372,7 +420,8 @@ def build_messages(c):
     if not c["stream"]:
         return "json", message([{"type": "text", "text": text}], "end_turn", wire_usage), not c["no_usage"]
     events = [
-        _sse({"type": "message_start", "message": message([], None, {**wire_usage, "output_tokens": 1})},
+        _sse({"type": "message_start",
+              "message": message([], None, wire_usage if foreign else {**wire_usage, "output_tokens": 1})},
              "message_start"),
         _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
              "content_block_start"),
@@ -384,10 +433,108 @@ def build_messages(c):
     events.append(_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
     delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}}
     if not c["no_usage"]:
-        delta["usage"] = {"output_tokens": u["output"]}
+        delta["usage"] = {"completion_tokens" if foreign else "output_tokens": u["output"]}
     events.append(_sse(delta, "message_delta"))
     events.append(_sse({"type": "message_stop"}, "message_stop"))
     return "sse", events, None if c["no_usage"] else len(events) - 2
+
+
+# --------------------------------------------------------------------------- hostile bodies
+HOSTILE_MODES = ("gzip-bomb-json", "deflate-bomb-json", "gzip-bomb-sse", "gzip-bomb-line",
+                 "endless-line", "absurd-usage", "foreign-usage")
+BOMB_MODES = HOSTILE_MODES[:5]
+BOMB_BLOCK = 1 << 20
+BOMB_DEFAULT_BYTES = 1 << 30
+ABSURD_TOKENS = 1 << 63
+_FILLERS = {"text": b"a" * BOMB_BLOCK,
+            "comments": (b":" + b"a" * 1022 + b"\n") * (BOMB_BLOCK // 1024)}
+_bomb_cache, _bomb_lock = {}, threading.Lock()
+
+
+def _deflate_segment(data, final):
+    """Raw deflate of `data` from an empty window, ending byte-aligned (full flush) or final:
+    segments concatenate into one valid deflate stream."""
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return z.compress(data) + z.flush(zlib.Z_FINISH if final else zlib.Z_FULL_FLUSH)
+
+
+def _bomb_filler(kind):
+    with _bomb_lock:
+        if kind not in _bomb_cache:
+            _bomb_cache[kind] = _deflate_segment(_FILLERS[kind], False)
+        return _FILLERS[kind], _bomb_cache[kind]
+
+
+def _bomb_checksum(wrapper, prefix, kind, n):
+    """gzip CRC-32 / zlib Adler-32 of prefix + filler * n (cached: ~1 s per GiB to compute)."""
+    key = (wrapper, prefix, kind, n)
+    with _bomb_lock:
+        if key in _bomb_cache:
+            return _bomb_cache[key]
+    fn, block = (zlib.crc32, 0) if wrapper == "gzip" else (zlib.adler32, 1)
+    value = fn(prefix, block)
+    for _ in range(n):
+        value = fn(_FILLERS[kind], value)
+    with _bomb_lock:
+        _bomb_cache[key] = value
+    return value
+
+
+def compressed_bomb(wrapper, prefix, kind, n, suffix):
+    """(length, iterator of pieces) of `prefix + filler * n + suffix` compressed with `wrapper`
+    ("gzip" or "deflate" = zlib), without ever holding the decoded body."""
+    _, block = _bomb_filler(kind)
+    head = _deflate_segment(prefix, False)
+    tail = _deflate_segment(suffix, True)
+    check = _bomb_checksum(wrapper, prefix, kind, n)
+    if wrapper == "gzip":
+        size = len(prefix) + n * BOMB_BLOCK + len(suffix)
+        header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+        trailer = struct.pack("<II", zlib.crc32(suffix, check), size & 0xFFFFFFFF)
+    else:
+        header = b"\x78\xda"
+        trailer = struct.pack(">I", zlib.adler32(suffix, check))
+    per_write = max(1, 65536 // len(block))
+    length = len(header) + len(head) + n * len(block) + len(tail) + len(trailer)
+
+    def pieces():
+        yield header + head
+        left = n
+        while left:
+            k = min(per_write, left)
+            yield block * k
+            left -= k
+        yield tail + trailer
+
+    return length, pieces()
+
+
+def bomb_parts(mode, model, usage):
+    """(content type, prefix, filler kind, suffix) of a bomb's decoded body."""
+    cid, created = "chatcmpl-hostile", 1700000000
+    wire_usage = {"prompt_tokens": usage["input"], "completion_tokens": usage["output"],
+                  "total_tokens": usage["input"] + usage["output"]}
+    if mode.endswith("-json"):
+        head = {"id": cid, "object": "chat.completion", "created": created, "model": model}
+        prefix = _jdump(head)[:-1] + b',"choices":[{"index":0,"message":{"role":"assistant","content":"'
+        suffix = (b'"},"finish_reason":"stop"}],"usage":' + _jdump(wire_usage) + b"}")
+        return "application/json", prefix, "text", suffix
+
+    def chunk(delta=None, finish=None, use=None):
+        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [] if use else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if use:
+            obj["usage"] = use
+        return _sse(obj)
+
+    deltas = 2 if mode == "gzip-bomb-sse" else 1
+    prefix = chunk({"role": "assistant", "content": ""})
+    prefix += b"".join(chunk({"content": "hi"}) for _ in range(deltas))
+    end = chunk({}, "stop") + chunk(use=wire_usage) + _sse(b"[DONE]")
+    if mode == "gzip-bomb-sse":
+        return "text/event-stream", prefix, "comments", end
+    prefix += b'data: {"id":"' + cid.encode() + b'","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"'
+    return "text/event-stream", prefix, "text", b'"}}]}\n\n' + end
 
 
 BUILDERS = {"chat_completions": build_chat, "responses": build_responses,
@@ -524,16 +671,28 @@ class Handler(BaseHTTPRequestHandler):
                 status = 200  # the error knob is for another server (retry tests)
             if not 200 <= status < 600:
                 raise KnobError("x-fake-status must be a valid HTTP status")
+            hostile = (h.get("x-fake-hostile") or "").strip().lower() or None
+            if hostile and hostile not in HOSTILE_MODES:
+                raise KnobError(f"x-fake-hostile must be one of {', '.join(HOSTILE_MODES)}")
             if status < 300:
-                usage = compute_usage(api, raw_len, h, n_chunks)
+                usage = compute_usage(api, raw_len, h, n_chunks, body)
+                if hostile == "absurd-usage":
+                    usage.update(input=ABSURD_TOKENS, output=ABSURD_TOKENS)
+                if hostile in BOMB_MODES:
+                    usage = {**usage, "cached_input": 0, "cache_write_input": 0, "reasoning": 0}
+                    self.server.ledger.update(entry, status=status, usage=usage, hostile=hostile)
+                    return self._write_bomb(entry, hostile, usage,
+                                            _int_knob(h, "x-fake-bomb-bytes", BOMB_DEFAULT_BYTES))
                 chunks = [WORDS[i % len(WORDS)].format(name=self.server.name) for i in range(n_chunks)]
                 kind, payload, usage_where = BUILDERS[api]({
                     "model": entry["model"], "body": body, "stream": entry["stream"],
                     "include_usage": entry["include_usage"], "usage": usage,
-                    "no_usage": _flag(h, "x-fake-no-usage"), "chunks": chunks})
+                    "no_usage": _flag(h, "x-fake-no-usage"), "chunks": chunks, "hostile": hostile})
         except KnobError as exc:
             status, error, reset_after, delay, payload, usage = 400, str(exc), None, 0, None, entry["usage"]
-        self.server.ledger.update(entry, status=status, usage=usage)
+            hostile = None
+        self.server.ledger.update(entry, status=status, usage=usage,
+                                  **({"hostile": hostile} if payload is not None and hostile else {}))
         if delay:
             time.sleep(delay / 1000.0)
         gz = _flag(h, "x-fake-gzip")
@@ -548,6 +707,35 @@ class Handler(BaseHTTPRequestHandler):
             self._write_json(entry, status, payload, usage_where, extra, gz, reset_after)
         else:
             self._write_sse(entry, payload, usage_where, extra, gz, reset_after, h.get("x-fake-split"))
+
+    def _write_bomb(self, entry, mode, usage, size):
+        """A hostile body (see "Hostile modes"), streamed; the ledger gets its length and hash."""
+        ctype, prefix, kind, suffix = bomb_parts(mode, entry["model"], usage)
+        n = max(1, size // BOMB_BLOCK)
+        digest, sent = hashlib.sha256(), 0
+        extra = [("x-request-id", "req_" + _rand(24))]
+        if mode == "endless-line":
+            pieces = [prefix] + [_FILLERS[kind]] * n + [suffix]
+            length = None
+        else:
+            wrapper = "deflate" if mode.startswith("deflate") else "gzip"
+            extra.append(("content-encoding", wrapper))
+            length, pieces = compressed_bomb(wrapper, prefix, kind, n, suffix)
+        if ctype == "application/json":
+            self._start(200, ctype, extra, length)
+        else:
+            self._start(200, ctype, [("cache-control", "no-cache")] + extra)
+        for piece in pieces:
+            digest.update(piece)
+            sent += len(piece)
+            if ctype == "application/json":
+                self.wfile.write(piece)
+            else:
+                self._chunk(piece)
+        if ctype != "application/json":
+            self.wfile.write(b"0\r\n\r\n")
+        self.server.ledger.update(entry, completed=True, usage_sent=True, sent_bytes=sent,
+                                  sent_sha256=digest.hexdigest())
 
     def _write_json(self, entry, status, obj, usage_included, extra, gz, reset_after):
         data = gzip.compress(_jdump(obj), mtime=0) if gz else _jdump(obj)

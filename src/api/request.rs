@@ -17,6 +17,8 @@ pub struct RequestFacts {
     /// The API's output cap: `max_completion_tokens` / `max_tokens` (chat), `max_output_tokens`
     /// (responses), `max_tokens` (messages).
     pub max_tokens: Option<u64>,
+    /// Chat Completions' `n` (choices generated, each up to `max_tokens`); 1 elsewhere.
+    pub choices: u64,
     /// Prompt tokens, estimated at four body bytes per token.
     pub prompt_estimate: u64,
     /// An upper bound on text prompt tokens: every token of a byte-level BPE tokenizer covers at
@@ -46,12 +48,61 @@ struct RawRequest<'a> {
     max_completion_tokens: Option<u64>,
     #[serde(default)]
     max_output_tokens: Option<u64>,
+    /// Read leniently: only Chat Completions has `n`, and Tollgate only needs it as a bound.
+    #[serde(default)]
+    n: Option<Lenient>,
+}
+
+/// A count where one is expected, or anything else (ignored).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Lenient {
+    Count(u64),
+    Other(serde::de::IgnoredAny),
 }
 
 #[derive(Deserialize)]
 struct RawStreamOptions {
     #[serde(default)]
     include_usage: Option<bool>,
+}
+
+/// The deepest nesting of arrays and objects a request body may have. Real requests stay far
+/// below it (deeply nested JSON schemas in tools reach a few dozen levels); it is under serde_json's
+/// recursion limit of 128, which the body rewrite and the cache key's canonical form need, so an
+/// admitted body can always be rewritten. A deeper body is refused with 400 before anything else.
+pub const MAX_JSON_DEPTH: usize = 100;
+
+/// Whether `body` nests arrays and objects deeper than `max` (brackets inside strings do not
+/// count). One pass, no allocation; meaningful for valid JSON, harmless on anything else.
+pub fn nested_deeper_than(body: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth = depth.saturating_add(1);
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Reads the request facts of `kind` from a complete JSON body.
@@ -61,6 +112,15 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, Request
         return Err(RequestError {
             param: None,
             message: "The request body is not valid JSON: expected a JSON object".into(),
+        });
+    }
+    // serde skips unknown members without a depth limit, but the rewrite cannot parse them back.
+    if nested_deeper_than(body, MAX_JSON_DEPTH) {
+        return Err(RequestError {
+            param: None,
+            message: format!(
+                "The request body is nested too deeply: at most {MAX_JSON_DEPTH} levels of arrays and objects are accepted"
+            ),
         });
     }
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -104,6 +164,13 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, Request
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         max_tokens,
+        choices: match kind {
+            ApiKind::ChatCompletions => match raw.n {
+                Some(Lenient::Count(n)) => n.max(1),
+                Some(Lenient::Other(_)) | None => 1,
+            },
+            _ => 1,
+        },
         prompt_estimate: len.div_ceil(4),
         prompt_bound: len,
     })
@@ -131,6 +198,17 @@ mod tests {
         assert_eq!(f.max_tokens, Some(50));
         assert_eq!(f.prompt_bound, body.len() as u64);
         assert_eq!(f.prompt_estimate, (body.len() as u64).div_ceil(4));
+    }
+
+    #[test]
+    fn chat_n_is_read_leniently() {
+        let n = |k, body: &str| parse_request(k, body.as_bytes()).unwrap().choices;
+        assert_eq!(n(ApiKind::ChatCompletions, r#"{"model":"m","n":3}"#), 3);
+        assert_eq!(n(ApiKind::ChatCompletions, r#"{"model":"m","n":0}"#), 1);
+        assert_eq!(n(ApiKind::ChatCompletions, r#"{"model":"m","n":"x"}"#), 1);
+        assert_eq!(n(ApiKind::ChatCompletions, r#"{"model":"m","n":-2.5}"#), 1);
+        assert_eq!(n(ApiKind::Responses, r#"{"model":"m","n":{"a":[1]}}"#), 1);
+        assert_eq!(n(ApiKind::Messages, r#"{"model":"m","n":4}"#), 1);
     }
 
     #[test]
@@ -168,6 +246,43 @@ mod tests {
         assert!(parse_request(ApiKind::Messages, b"[1,2]").is_err());
         assert!(parse_request(ApiKind::Messages, br#"["gpt-4o"]"#).is_err());
         assert!(parse_request(ApiKind::Messages, b"\xff").is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_a_param() {
+        let deep = |n: usize| {
+            format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"x":{}1{}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        // The body object itself is level 1: `x` holds MAX - 1 more levels at the limit.
+        let at_limit = deep(MAX_JSON_DEPTH - 1);
+        parse_request(ApiKind::ChatCompletions, at_limit.as_bytes()).unwrap();
+        // What is admitted can always be rewritten (include_usage, max tokens).
+        let edits = super::super::rewrite::Edits {
+            include_usage: true,
+            max_tokens: Some(5),
+            model: None,
+        };
+        assert!(
+            super::super::rewrite::apply(ApiKind::ChatCompletions, at_limit.as_bytes(), &edits)
+                .is_some()
+        );
+        for n in [MAX_JSON_DEPTH, 10_000] {
+            let e = parse_request(ApiKind::ChatCompletions, deep(n).as_bytes()).unwrap_err();
+            assert_eq!(e.param, None);
+            assert!(e.message.contains("nested too deeply"), "{}", e.message);
+        }
+        // Brackets inside strings (escaped quotes included) do not count.
+        let text = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"\"{}"}}]}}"#,
+            "[{".repeat(5000)
+        );
+        assert!(parse_request(ApiKind::ChatCompletions, text.as_bytes()).is_ok());
+        assert!(!nested_deeper_than(br#"{"a":"\\"}"#, 1));
+        assert!(nested_deeper_than(br#"{"a":"\\",[]}"#, 1));
     }
 
     proptest::proptest! {

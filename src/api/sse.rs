@@ -37,7 +37,8 @@
 //! * Embeddings never stream: the reader ignores everything and reports no usage.
 //!
 //! A usage object that fails to parse (see `usage.rs`: negative, fractional, … counts) is ignored
-//! and the previous one, if any, is kept.
+//! and the previous one, if any, is kept. So is a usage object with none of the API's own count
+//! fields (another vendor's shape, or `{}`); [`SseUsageReader::foreign_usage`] then says so.
 //!
 //! # Observed output
 //!
@@ -91,6 +92,8 @@ pub struct SseUsageReader {
     completed: bool,
     observed_output: u64,
     overflowed: bool,
+    /// A usage object without any of the API's own fields was seen (and ignored).
+    foreign: bool,
 }
 
 /// Anthropic's raw counts, merged over `message_start` and `message_delta`.
@@ -135,6 +138,7 @@ impl SseUsageReader {
             completed: false,
             observed_output: 0,
             overflowed: false,
+            foreign: false,
         }
     }
 
@@ -208,6 +212,12 @@ impl SseUsageReader {
     /// content-bearing delta events (see the module documentation for exactly what counts).
     pub fn observed_output(&self) -> u64 {
         self.observed_output
+    }
+
+    /// True if a usage object in another API's shape (none of this API's count fields) was seen
+    /// and ignored.
+    pub fn foreign_usage(&self) -> bool {
+        self.foreign
     }
 
     /// True if a line was longer than max_line_bytes and was dropped (usage may be missing).
@@ -346,9 +356,8 @@ impl SseUsageReader {
                 let name = event_name(event_type, data);
                 match name {
                     b"response.completed" | b"response.incomplete" | b"response.failed" => {
-                        if let Some(raw) = usage::usage_at(data, &["response", "usage"]) {
-                            self.usage = Some(raw.normalise(ApiKind::Responses));
-                        }
+                        let raw = usage::usage_at(data, &["response", "usage"]);
+                        self.take(usage::Reading::of(ApiKind::Responses, raw));
                         self.completed = true;
                     }
                     _ if name.starts_with(b"response.") && name.ends_with(b".delta") => {
@@ -377,14 +386,25 @@ impl SseUsageReader {
         if chat_chunk_has_output(data) {
             self.count_output();
         }
-        if let Some(u) = usage::usage_from_json(ApiKind::ChatCompletions, data) {
-            self.usage = Some(u);
+        self.take(usage::read_json_usage(ApiKind::ChatCompletions, data));
+    }
+
+    /// Chat Completions and Responses: a usage object replaces the last one.
+    fn take(&mut self, reading: usage::Reading) {
+        match reading {
+            usage::Reading::Usage(u) => self.usage = Some(u),
+            usage::Reading::Foreign => self.foreign = true,
+            usage::Reading::Absent => {}
         }
     }
 
     fn merge_anthropic(&mut self, data: &[u8], path: &[&str]) {
-        if let Some(raw) = usage::usage_at(data, path) {
-            self.anthropic.get_or_insert_default().merge(&raw);
+        match usage::usage_at(data, path) {
+            Some(raw) if raw.speaks(ApiKind::Messages) => {
+                self.anthropic.get_or_insert_default().merge(&raw);
+            }
+            Some(_) => self.foreign = true,
+            None => {}
         }
     }
 
@@ -692,6 +712,28 @@ mod tests {
                 assert_eq!(r.buffered_bytes(), 0);
             }
         }
+    }
+
+    #[test]
+    fn foreign_usage_is_ignored_and_flagged() {
+        let chat = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"input_tokens\":5,\"output_tokens\":9}}\n\ndata: [DONE]\n\n";
+        let responses = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":9}}}\n\n";
+        let messages = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"prompt_tokens\":5}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"completion_tokens\":9}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for (kind, text) in [
+            (ApiKind::ChatCompletions, chat),
+            (ApiKind::Responses, responses),
+            (ApiKind::Messages, messages),
+        ] {
+            let mut r = SseUsageReader::new(kind, 4096);
+            r.feed(text.as_bytes());
+            r.finish();
+            assert_eq!(r.usage(), None, "{kind:?}");
+            assert!(r.foreign_usage() && r.completed(), "{kind:?}");
+        }
+        // `"usage":null` chunks are not foreign.
+        let mut r = SseUsageReader::new(ApiKind::ChatCompletions, 4096);
+        r.feed(b"data: {\"choices\":[],\"usage\":null}\n\n");
+        assert!(!r.foreign_usage());
     }
 
     #[test]

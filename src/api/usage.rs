@@ -43,8 +43,10 @@
 //! fractional (`5.0`, `1e3`), out-of-range or non-numeric count is treated as **invalid as a
 //! whole** and yields `None`: a half-trusted usage would be billed silently, whereas `None` lets
 //! the caller fall back to its own estimate and report that usage was missing. A usage value that
-//! is not an object (`null`, array, string, …) also yields `None`; an empty object yields
-//! `Some(Usage::default())`.
+//! is not an object (`null`, array, string, …) also yields `None`, and so does an object with
+//! none of the API's own count fields (`{}`, or Anthropic's `input_tokens`/`output_tokens` on a
+//! Chat Completions path): charging such a usage would bill 0/0; [`read_json_usage`] tells it
+//! apart ([`Reading::Foreign`]) so the caller can count the anomaly.
 //!
 //! # Normalisation
 //!
@@ -68,7 +70,43 @@ use super::{ApiKind, Usage};
 /// any suffix of a valid document. If the tail does not reach back to the usage key, the result is
 /// `None`.
 pub fn usage_from_json(kind: ApiKind, body: &[u8]) -> Option<Usage> {
-    usage_at(body, &["usage"]).map(|raw| raw.normalise(kind))
+    read_json_usage(kind, body).usage()
+}
+
+/// What a body's usage object said, for callers that must tell a missing usage from one in
+/// another API's shape (both are charged by the fallbacks; only the second is an anomaly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// A usage object with at least one of the API's own count fields.
+    Usage(Usage),
+    /// A usage object without any of the API's own count fields (say Anthropic's
+    /// `input_tokens`/`output_tokens` on a Chat Completions path, or `{}`): not this API's usage.
+    Foreign,
+    /// No usage (absent, `null`, invalid, or not JSON).
+    Absent,
+}
+
+impl Reading {
+    pub fn usage(self) -> Option<Usage> {
+        match self {
+            Reading::Usage(usage) => Some(usage),
+            Reading::Foreign | Reading::Absent => None,
+        }
+    }
+
+    /// Reads a raw usage object as `kind`'s.
+    pub(crate) fn of(kind: ApiKind, raw: Option<RawUsage>) -> Reading {
+        match raw {
+            Some(raw) if raw.speaks(kind) => Reading::Usage(raw.normalise(kind)),
+            Some(_) => Reading::Foreign,
+            None => Reading::Absent,
+        }
+    }
+}
+
+/// [`usage_from_json`], telling a foreign-shaped usage object from a missing one.
+pub fn read_json_usage(kind: ApiKind, body: &[u8]) -> Reading {
+    Reading::of(kind, usage_at(body, &["usage"]))
 }
 
 /// A usage object as sent on the wire: the union of every API's fields. `None` means missing or
@@ -92,6 +130,24 @@ pub(crate) struct RawUsage {
 }
 
 impl RawUsage {
+    /// Whether at least one of `kind`'s own count fields is present (and not `null`): a usage
+    /// object without any is another API's (or empty) and must not be charged as 0/0.
+    pub(crate) fn speaks(&self, kind: ApiKind) -> bool {
+        match kind {
+            ApiKind::ChatCompletions => {
+                self.prompt_tokens.is_some() || self.completion_tokens.is_some()
+            }
+            ApiKind::Embeddings => self.prompt_tokens.is_some(),
+            ApiKind::Responses => self.input_tokens.is_some() || self.output_tokens.is_some(),
+            ApiKind::Messages => {
+                self.input_tokens.is_some()
+                    || self.output_tokens.is_some()
+                    || self.cache_read_input_tokens.is_some()
+                    || self.cache_creation_input_tokens.is_some()
+            }
+        }
+    }
+
     /// Maps the wire fields of `kind` to a [`Usage`].
     pub(crate) fn normalise(&self, kind: ApiKind) -> Usage {
         let n = |v: Option<u64>| v.unwrap_or(0);
@@ -715,9 +771,11 @@ mod tests {
         assert_eq!(usage_from_json(k, br#"{"id":"x","usage":null}"#), None);
         assert_eq!(usage_from_json(k, br#"{"id":"x"}"#), None);
         assert_eq!(usage_from_json(k, br#"{}"#), None);
+        // An empty usage object is no usage of this API (it would bill 0/0).
+        assert_eq!(usage_from_json(k, br#" { "usage" : { } } "#), None);
         assert_eq!(
-            usage_from_json(k, br#" { "usage" : { } } "#),
-            Some(Usage::default())
+            read_json_usage(k, br#" { "usage" : { } } "#),
+            Reading::Foreign
         );
         assert_eq!(usage_from_json(k, br#"{"usage":[1,2,3]}"#), None);
         assert_eq!(usage_from_json(k, br#"{"usage":"lots"}"#), None);
@@ -798,6 +856,47 @@ mod tests {
         let body = br#"{"usage":{"prompt_tokens":10,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":50},"completion_tokens_details":{"reasoning_tokens":9}}}"#;
         let u = usage_from_json(ApiKind::ChatCompletions, body).unwrap();
         assert_eq!((u.cached_input, u.reasoning), (10, 3));
+    }
+
+    #[test]
+    fn foreign_usage_shapes_are_not_charged_as_zero() {
+        let anthropic = br#"{"usage":{"input_tokens":30,"output_tokens":40}}"#;
+        let openai = br#"{"usage":{"prompt_tokens":30,"completion_tokens":40,"total_tokens":70}}"#;
+        for (kind, body, foreign) in [
+            (ApiKind::ChatCompletions, &anthropic[..], true),
+            (ApiKind::Embeddings, &anthropic[..], true),
+            (ApiKind::Responses, &openai[..], true),
+            (ApiKind::Messages, &openai[..], true),
+            (ApiKind::ChatCompletions, &openai[..], false),
+            (ApiKind::Responses, &anthropic[..], false),
+            (ApiKind::Messages, &anthropic[..], false),
+        ] {
+            let reading = read_json_usage(kind, body);
+            assert_eq!(reading == Reading::Foreign, foreign, "{kind:?}");
+            assert_eq!(usage_from_json(kind, body).is_none(), foreign, "{kind:?}");
+        }
+        // Only total_tokens, or null counts: not the API's fields either.
+        for body in [
+            &br#"{"usage":{"total_tokens":5}}"#[..],
+            br#"{"usage":{"prompt_tokens":null,"completion_tokens":null}}"#,
+        ] {
+            assert_eq!(
+                read_json_usage(ApiKind::ChatCompletions, body),
+                Reading::Foreign
+            );
+        }
+        // One own field is enough (the others count 0).
+        assert_eq!(
+            usage_from_json(ApiKind::Messages, br#"{"usage":{"output_tokens":3}}"#),
+            Some(Usage {
+                output: 3,
+                ..Usage::default()
+            })
+        );
+        assert_eq!(
+            read_json_usage(ApiKind::ChatCompletions, br#"{"usage":null}"#),
+            Reading::Absent
+        );
     }
 
     #[test]
@@ -936,13 +1035,18 @@ mod tests {
                 );
             }
         }
-        for body in [MESSAGES, RESPONSES] {
+        // RESPONSES' nested "usage" is a schema (`{"type":"integer"}`): no usage fields, so
+        // not even that cut is misread.
+        for (body, expected) in [(MESSAGES, 1), (RESPONSES, 0)] {
             let body = body.as_bytes();
             let mut misread = 0;
             for cut in 0..body.len() {
                 misread += usize::from(usage_from_json(ApiKind::Messages, &body[..cut]).is_some());
             }
-            assert_eq!(misread, 1, "exactly the cut after the nested usage object");
+            assert_eq!(
+                misread, expected,
+                "exactly the cut after the nested usage object"
+            );
         }
     }
 

@@ -548,6 +548,10 @@ impl TollgateHttp {
                     if let Some(taken) = active.in_flight {
                         leave_in_flight(config, &active.exchange.tenant, taken, policy.epoch(now));
                     }
+                    if active.exchange.usage_anomaly().is_some() {
+                        let tenant = config.labels.tenant(&active.exchange.tenant);
+                        metrics::count(crate::metrics::usage_anomalies_name(&tenant), 1);
+                    }
                     store_in_cache(config, active);
                     let failed = admission::settle(
                         &EnvoyStore,

@@ -140,3 +140,32 @@ def test_request_without_body_is_400(envoy):
                               {"authorization": f"Bearer {KEYS['team-a']}", "content-length": "0"})
     assert status == 400
     openai_error(data)
+
+
+@pytest.mark.parametrize("path,shape,extra", [
+    ("/v1/chat/completions", openai_error, {}),
+    # A stream without include_usage: Tollgate would inject it (the rewrite used to fail with 500).
+    ("/v1/chat/completions", openai_error, {"stream": True}),
+    ("/v1/messages", anthropic_error, {"max_tokens": 5}),
+])
+def test_deeply_nested_body_is_400_in_the_apis_shape(envoy, upstream, path, shape, extra):
+    """10,000 nested arrays: refused by Tollgate before it goes anywhere (at most 100 levels)."""
+    deep = "[" * 10000 + "]" * 10000
+    body = ('{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"x":%s%s}'
+            % (deep, "".join(f',"{k}":{json.dumps(v)}' for k, v in extra.items()))).encode()
+    status, headers, data, rid = post(envoy, path, body)
+    assert status == 400 and headers["content-type"] == "application/json", data
+    err = shape(data)
+    assert "nested too deeply" in err["message"] and "100" in err["message"], err
+    if shape is openai_error:
+        assert err["param"] is None and err["type"] == "invalid_request_error"
+    assert envoy.access_line(rid)["decision"] == "bad_request"
+    assert all(e["id"] != rid for e in upstream.ledger()), "a refused request reached the upstream"
+
+
+def test_nesting_at_the_limit_is_admitted(envoy, upstream):
+    inner = "[" * 97 + "1" + "]" * 97  # + the body object and the message list/object: 100 levels
+    body = ('{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi","x":%s}]}' % inner).encode()
+    status, _, _, rid = post(envoy, "/v1/chat/completions", body)
+    assert status == 200
+    assert envoy.access_line(rid)["decision"] == "admitted"

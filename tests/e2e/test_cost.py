@@ -60,7 +60,8 @@ def send(envoy, tenant, model, stream=False, path="/v1/chat/completions", knobs=
     if path.endswith("embeddings"):
         body = {"model": model, "input": ["a", "b"]}
     else:
-        body = {"model": model, "max_tokens": 50, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+        # Above every output the mix asks the fake for (at most 90): usage over max tokens is clamped.
+        body = {"model": model, "max_tokens": 100, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
     h = {"content-type": "application/json", "x-tenant": tenant, "x-request-id": rid, "x-fake-request-id": rid}
     if conversation:
         h["x-conversation-id"] = conversation
