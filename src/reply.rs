@@ -19,6 +19,8 @@ pub enum Refusal {
     Unauthenticated { message: String },
     /// 403: the tenant may not use this model.
     Forbidden { message: String },
+    /// 405: the endpoint answers only the `allow`ed methods (sent as the `allow` header).
+    MethodNotAllowed { allow: &'static str },
     /// 413: the request body exceeds the configured cap.
     TooLarge { limit: u64 },
     /// 429: a window limit (tokens, concurrency) is reached; retry after the window resets.
@@ -80,6 +82,7 @@ impl Refusal {
     pub fn reply(&self, family: Family) -> LocalReply {
         let too_large;
         let not_found;
+        let not_allowed;
         let (status, reason, message, param, openai, anthropic) = match self {
             Refusal::ModelNotFound { model } => {
                 not_found =
@@ -117,6 +120,17 @@ impl Refusal {
                 ("invalid_request_error", Some("model_not_allowed")),
                 "permission_error",
             ),
+            Refusal::MethodNotAllowed { allow } => {
+                not_allowed = format!("This endpoint only answers {allow}.");
+                (
+                    405,
+                    "method_not_allowed",
+                    not_allowed.as_str(),
+                    None,
+                    ("invalid_request_error", Some("method_not_allowed")),
+                    "invalid_request_error",
+                )
+            }
             Refusal::RateLimited { message, kind, .. } => (
                 429,
                 "rate_limited",
@@ -183,6 +197,7 @@ impl Refusal {
                 headers.push(("retry-after", retry_after_secs.to_string()));
                 headers.push(("x-should-retry", "false".to_string()));
             }
+            Refusal::MethodNotAllowed { allow } => headers.push(("allow", (*allow).to_string())),
             _ => {}
         }
         LocalReply {
@@ -246,6 +261,18 @@ mod tests {
         assert_eq!(
             json(&q.reply(Family::Anthropic))["error"]["type"],
             "rate_limit_error"
+        );
+    }
+
+    #[test]
+    fn method_not_allowed_names_the_allowed_methods() {
+        let r = Refusal::MethodNotAllowed { allow: "GET" }.reply(Family::OpenAi);
+        assert_eq!(r.status, 405);
+        assert_eq!(r.reason, "method_not_allowed");
+        assert!(r.headers.contains(&("allow", "GET".to_string())));
+        assert_eq!(
+            json(&r),
+            serde_json::json!({"error":{"message":"This endpoint only answers GET.","type":"invalid_request_error","param":null,"code":"method_not_allowed"}})
         );
     }
 

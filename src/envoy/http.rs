@@ -245,14 +245,18 @@ impl TollgateHttp {
     }
 
     /// The usage view: `GET <usage_view.path>` with `Authorization: Bearer <admin token>`.
+    /// Other methods get 405 (`allow: GET`), whatever the token.
     fn serve_usage_view(&mut self, config: &Config) -> Action {
+        let is_get = host::request_header(":method").as_deref() == Some(b"GET");
         let authorized = config.usage_view.as_ref().is_some_and(|v| {
             host::request_header("authorization")
                 .as_deref()
                 .and_then(|a| a.strip_prefix(b"Bearer "))
                 .is_some_and(|token| KeyDigest::of_key(token.trim_ascii()) == v.token)
         });
-        let reply = if authorized {
+        let reply = if !is_get {
+            Refusal::MethodNotAllowed { allow: "GET" }.reply(Family::OpenAi)
+        } else if authorized {
             LocalReply {
                 status: 200,
                 headers: vec![("content-type", "application/json".to_string())],

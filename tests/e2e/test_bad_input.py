@@ -121,18 +121,24 @@ def test_non_utf8_header_is_401_not_a_trap(envoy):
     conn.close()
 
 
-def test_non_llm_path_passes_through_untouched(envoy, upstream):
+def test_non_llm_path_is_not_read_and_never_reaches_the_upstream(envoy, upstream):
     rid = str(uuid.uuid4())
     status, _, data = request("GET", envoy.url + "/v1/models", None, {"x-request-id": rid})
-    assert status == 404  # the fake upstream's own answer: Tollgate did not intervene
-    assert b"Invalid URL" in data
+    # Tollgate did not intervene (no tenant, no decision); the route table's catch-all answered.
+    assert status == 404
+    assert openai_error(data)["code"] == "not_found"
     line = envoy.access_line(rid)
     assert line["tenant"] in (None, "-") and line["decision"] in (None, "-")
+    assert line["upstream_host"] in (None, "-") and line["route_name"] == "not-found"
 
 
-def test_get_on_llm_path_passes_through(envoy):
-    status, _, _ = request("GET", envoy.url + "/v1/chat/completions", None, {})
-    assert status != 401  # no tenant check, no body read: not an LLM call
+def test_get_on_llm_path_is_not_an_llm_call(envoy):
+    rid = str(uuid.uuid4())
+    status, _, data = request("GET", envoy.url + "/v1/chat/completions", None, {"x-request-id": rid})
+    # No tenant check (not 401), no body read: not an LLM call, and not forwarded either.
+    assert status == 404 and openai_error(data)["code"] == "not_found"
+    line = envoy.access_line(rid)
+    assert line["tenant"] in (None, "-") and line["upstream_host"] in (None, "-")
 
 
 def test_request_without_body_is_400(envoy):

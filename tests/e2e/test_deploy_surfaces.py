@@ -14,6 +14,10 @@
   (routes, retries, timeouts, stats tags). The Wasm filter config that envoyfilter-stop-iteration.yaml
   delivers runs on the real Envoy and answers an LLM request. The config a WasmPlugin becomes
   (Istio's translation, which has no allow_on_headers_stop_iteration) leaves that request hanging.
+- Paths, in every shipped config (plain, jwt, providers, compose, Istio): the connection manager
+  normalises paths (normalize_path, merge_slashes, UNESCAPE_AND_FORWARD), every route that
+  forwards requires a POST to an LLM path, and the last route answers 404 in OpenAI's shape
+  (tests/e2e/test_paths.py runs the plain config against every spelling).
 """
 import copy
 import gzip
@@ -740,8 +744,77 @@ def test_istio_wasmplugin_translation_stalls_llm_requests(tmp_path, provider):
     try:
         with pytest.raises((TimeoutError, urllib.error.URLError)):
             envoy.chat(timeout=3)
-        # Requests Tollgate does not hold still work.
-        status, _, _ = http("GET", f"http://127.0.0.1:{envoy.port}/ledger", timeout=10)
-        assert status == 200
+        # Requests Tollgate does not hold still get an answer (the route table's 404: only LLM
+        # POSTs are forwarded).
+        status, _, data = http("GET", f"http://127.0.0.1:{envoy.port}/ledger", timeout=10)
+        assert status == 404 and json.loads(data)["error"]["code"] == "not_found"
     finally:
         envoy.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths: normalised, and nothing Tollgate does not read falls through to a provider
+# ---------------------------------------------------------------------------------------------
+
+NORMALISATION = {"normalize_path": True, "merge_slashes": True,
+                 "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD"}
+NOT_FOUND_BODY = {"error": {"message": "Not found.", "type": "invalid_request_error", "param": None,
+                            "code": "not_found"}}
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
+def shipped_envoy_configs():
+    configs = {}
+    for name in ("tollgate.yaml", "tollgate-jwt.yaml", "tollgate-providers.yaml"):
+        with open(os.path.join(ROOT, "envoy", name), encoding="utf-8") as f:
+            configs[f"envoy/{name}"] = yaml.safe_load(envoy_render.render(f.read(), {}))
+    configs["examples/docker-compose/envoy.yaml"] = load_yaml(os.path.join(COMPOSE_DIR, "envoy.yaml"))
+    return configs
+
+
+@pytest.mark.parametrize("name", ["envoy/tollgate.yaml", "envoy/tollgate-jwt.yaml",
+                                  "envoy/tollgate-providers.yaml", "examples/docker-compose/envoy.yaml"])
+def test_shipped_config_normalises_paths_and_forwards_only_llm_posts(name):
+    _, _, _, llm_path = shipped_route_policy()
+    config = shipped_envoy_configs()[name]
+    (listener,) = config["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    (hcm,) = [f["typed_config"] for f in chain["filters"]
+              if f["name"] == "envoy.filters.network.http_connection_manager"]
+    assert {k: hcm.get(k) for k in NORMALISATION} == NORMALISATION, name
+    (vhost,) = hcm["route_config"]["virtual_hosts"]
+    *forwarding, last = vhost["routes"]
+    assert forwarding
+    for route in forwarding:
+        # Every route that forwards requires exactly what Tollgate reads: a POST to an LLM path.
+        assert "route" in route and "direct_response" not in route, route["name"]
+        assert route["match"]["safe_regex"]["regex"] in (llm_path, "^[^#]*/messages/*$"), route["name"]
+        assert {"name": ":method", "string_match": {"exact": "POST"}} in route["match"]["headers"], route["name"]
+    # The catch-all never reaches a cluster: 404 with an OpenAI-shaped JSON body.
+    assert last["match"] == {"prefix": "/"} and "route" not in last
+    assert last["direct_response"]["status"] == 404
+    assert json.loads(last["direct_response"]["body"]["inline_string"]) == NOT_FOUND_BODY
+    assert {"key": "content-type", "value": "application/json"} in [
+        h["header"] for h in last["response_headers_to_add"]]
+
+
+def test_istio_gateway_normalises_paths_and_refuses_the_rest():
+    docs = istio_resources()
+    patch = envoyfilter_patch(docs, "NETWORK_FILTER")
+    assert patch["match"]["context"] == "GATEWAY"
+    assert patch["match"]["listener"]["filterChain"]["filter"]["name"] == "envoy.filters.network.http_connection_manager"
+    assert patch["patch"]["operation"] == "MERGE"
+    typed = patch["patch"]["value"]["typed_config"]
+    assert typed.pop("@type") == HCM_TYPE
+    assert typed == NORMALISATION
+    # The same three fields as the shipped Envoy config's connection manager.
+    _, _, _, llm_path = shipped_route_policy()
+    *routed, default = one(docs, "VirtualService")["spec"]["http"]
+    for http_route in routed:
+        (match,) = http_route["match"]
+        assert match["method"] == {"exact": "POST"} and match["uri"] == {"regex": llm_path}
+    assert "match" not in default and "route" not in default
+    assert default["directResponse"]["status"] == 404
+    assert json.loads(default["directResponse"]["body"]["string"]) == NOT_FOUND_BODY
+    assert default["headers"]["response"]["set"]["content-type"] == "application/json"
+
