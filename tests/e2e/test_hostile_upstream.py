@@ -23,23 +23,6 @@ TENANT = "hostile"
 BIG = 1 << 30
 RSS_BOUND = 64 << 20
 PLAIN_LINE = 256 << 20  # the endless plain line: every byte goes through Envoy to the client
-LEDGER_FIELD = '                  usage_anomaly: "%FILTER_STATE(wasm.tollgate.usage_anomaly:PLAIN)%"\n'
-
-
-def template_with_anomaly_field(tmpdir):
-    """envoy/tollgate.yaml, plus the ledger's usage_anomaly line if it is not there yet."""
-    with open(os.path.join(ROOT, "envoy", "tollgate.yaml"), encoding="utf-8") as f:
-        text = f.read()
-    if "wasm.tollgate.usage_anomaly" not in text:
-        anchor = re.search(r"^ *usage_source: .*\n", text, re.M)
-        assert anchor, "the access log format lost its usage_source line"
-        text = text[: anchor.end()] + LEDGER_FIELD + text[anchor.end():]
-    path = os.path.join(tmpdir, "tollgate-anomaly.yaml")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    return path  # absolute: the harness's os.path.join keeps it
-
-
 def config():
     return {
         "identity": {"source": "header", "header": "x-tenant"},
@@ -61,7 +44,7 @@ def rss(pid, field="VmHWM"):
 
 @pytest.fixture(scope="module")
 def henv(upstream, tmp_path_factory):
-    proc = Envoy(config(), upstream.port, template=template_with_anomaly_field(str(tmp_path_factory.mktemp("tpl"))))
+    proc = Envoy(config(), upstream.port)
     # Warm both workers' VMs with ordinary requests before the baseline.
     for _ in range(8):
         assert post(proc, {"stream": False})[0] == 200
