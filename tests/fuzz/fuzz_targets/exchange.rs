@@ -5,17 +5,24 @@
 //! then `on_response_complete` (or a cut stream), `finish`, `record` and `take_capture`.
 //!
 //! Besides "never panics" it asserts:
-//! - the MEMORY BOUND: a counting global allocator tracks live and peak bytes; the peak during the
-//!   exchange, above what was live before it, stays under `bound()` (see there: a formula over
-//!   `config::Limits`, the capture limit and the largest chunk);
+//! - the MEMORY BOUND, twice after every step: `Exchange::held_bytes()` stays within
+//!   `Exchange::held_bytes_bound(limits, capture limit)` (the crate's own figure), and a counting
+//!   global allocator's peak during the exchange, above what was live before it, stays under
+//!   `bound()` (see there: the same design counted in allocations — capacity, reallocation and
+//!   transients included);
+//! - the decompression cap: a well-formed gzip/deflate body that decodes to more than
+//!   `max_decoded_response_bytes` is flagged `UsageAnomaly::DecodeLimit` (a JSON one then charges
+//!   a fallback, never usage read past the cap); one within the cap is flagged neither
+//!   `DecodeLimit` nor `DecodeError`;
 //! - the client's bytes are the upstream's unless the exchange rewrites the body (only the
 //!   injected usage chunk removed, as a one-shot `UsageChunkStripper` would);
 //! - a capture is only returned for a complete 2xx identity response, equals what the client got
 //!   and fits its limit; `finish` is idempotent; a refund charges nothing; `record` has its 12
-//!   fields with the same usage.
+//!   fields (13 with `tollgate.usage_anomaly`, which agrees with `usage_anomaly()`) with the
+//!   same usage.
 //!
-//! `TOLLGATE_FUZZ_BOUND=off` in the environment skips the memory assertion (to fuzz everything
-//! else while the bound is known to be violated).
+//! `TOLLGATE_FUZZ_BOUND=off` in the environment skips the allocator-peak assertion (not the
+//! `held_bytes` one), to fuzz everything else should the peak bound ever be broken.
 //!
 //! Input layout (missing bytes read as 0):
 //! - byte 0: kind (bits 0-1), request `stream` (2), request `include_usage` (3), Tollgate injected
@@ -27,7 +34,8 @@
 //!   body mode (6: 0 = raw bytes, 1 = each byte picks a token from `TOKENS`);
 //! - byte 3: `max_response_buffer_bytes` (bits 0-1), `max_sse_line_bytes` (2-3), capture limit
 //!   (4-5);
-//! - byte 4: bomb size (bits 0-3, see `BOMBS`); byte 5: where in the body the bomb goes (/255);
+//! - byte 4: bomb size (bits 0-3, see `BOMBS`), `max_decoded_response_bytes` (4-6, see
+//!   `DECODE_CAPS`); byte 5: where in the body the bomb goes (/255);
 //! - bytes 6-7, 8-9: reservation (prompt, output tokens);
 //! - byte 10: number of cuts (mod 64), then 2 bytes per cut (position = u16/65535 of the wire
 //!   body); the rest is the body.
@@ -48,7 +56,7 @@ use tollgate::api::ApiKind;
 use tollgate::api::request::parse_request;
 use tollgate::api::strip::UsageChunkStripper;
 use tollgate::config::Limits;
-use tollgate::exchange::{Exchange, UsageSource};
+use tollgate::exchange::{Exchange, INFLATE_STATE_BYTES, UsageAnomaly, UsageSource};
 
 // ---- counting allocator ----------------------------------------------------------------------
 
@@ -107,42 +115,50 @@ static ALLOC: Counting = Counting;
 
 // ---- the bound -----------------------------------------------------------------------------
 
-/// Mirrors of private constants in `src/exchange.rs` (keep in sync).
+/// Mirrors of private constants in `src/exchange.rs` (keep in sync; `check_mirrors_once` checks
+/// their sum against `Exchange::held_bytes_bound`).
 const JSON_TAIL_BYTES: usize = 64 * 1024;
 const STRIP_HOLD_BYTES: usize = 64 * 1024;
+/// The decoder's fixed output buffer: decoded bytes reach the readers in pieces of at most this.
+const INFLATE_OUT_BYTES: usize = 32 * 1024;
+/// The longest gzip header the decoder holds while it arrives.
+const GZIP_HEADER_MAX: usize = 64 * 1024;
 
 /// A growable buffer of n bytes may have a capacity of up to 2n, and while it grows the old block
-/// (n) and the new one (2n) coexist: 3n at the peak (the allocator above counts that).
+/// (< n) and the new one (≤ 2n) coexist: < 3n at the peak (the allocator above counts that).
 const GROW: usize = 3;
 
-/// ASSUMPTION about the pending fix ("cap decompression"): the most decoded bytes that exist at
-/// once per response chunk (the decoder's output handed to the JSON tail / SSE reader). Today's
-/// code has no such limit — a compressed chunk inflates whole into one Vec — which is exactly the
-/// violation this target finds. TUNE to the step/cap that lands.
-const DECODE_STEP: usize = 64 * 1024;
-
-/// Fixed slack: miniz_oxide's inflate state (~43 KiB: 32 KiB window + Huffman tables), flate2's
-/// 32 KiB write buffer, the record's strings, serde scratch for one usage object, small boxes.
-const SLACK: usize = 128 * 1024;
+/// Fixed slack: the boxed SSE reader and decoder structs, the record's 12 strings and its `Vec`,
+/// the step labels `check` formats, small boxes. Measured well under 4 KiB.
+const SLACK: usize = 16 * 1024;
 
 /// The most heap the exchange may use above what was live before it (bytes, at the peak).
 ///
 /// ```text
-/// bound = GROW × ( json + sse + strip + capture + decoded ) + 2 × largest_chunk + SLACK
-///   json    = max_response_buffer_bytes + piece   if the JSON tail reader is on (2xx, not SSE)
-///             (the tail buffer takes one whole piece before trimming to
-///             min(JSON_TAIL_BYTES, cap); `drain` keeps the capacity)
-///   sse     = 4 × max_sse_line_bytes               if the SSE reader is on (2xx, SSE)
-///             (line + event type + data ≤ 3 × cap, documented, + one line's parse scratch)
-///   strip   = 2 × (STRIP_HOLD_BYTES + 1) + largest_chunk   if the usage chunk is stripped
-///             (held bytes, and the replacement: held + chunk)
-///   capture = the capture limit                    if capture_for_cache was called
-///   decoded = DECODE_STEP                          if the body is gzip/deflate
-///   piece   = DECODE_STEP if encoded, else largest_chunk (identity chunks are fed unbuffered)
-/// 2 × largest_chunk: the caller owns the chunk, but the replacement returned for it is ours.
+/// bound = GROW × (reader + scratch + strip + capture + header) + inflate + SLACK
+///   reader  = max(max_response_buffer_bytes, 2 × JSON_TAIL_BYTES)   JSON tail (2xx, not SSE):
+///             the whole body up to the cap, then a tail of keep..2 × keep bytes,
+///             keep = min(JSON_TAIL_BYTES, cap)
+///           = 3 × max_sse_line_bytes                                 SSE reader (2xx, SSE):
+///             unfinished line + event type + event data, each ≤ the line cap
+///   scratch = serde_json's scratch for one escaped string while usage is parsed: at most the
+///             document parsed (JSON: the tail = reader; SSE: one event's data = max_sse_line_bytes)
+///   strip   = 5 × (STRIP_HOLD_BYTES + 1) + largest_chunk           if the usage chunk is stripped:
+///             the held-back event, a judged event's joined data and its parse scratch, and the
+///             replacement returned for a chunk (held + chunk + what `finish` returns)
+///   capture = the capture limit                                      if capture_for_cache was called
+///   header  = GZIP_HEADER_MAX                                        if the body is gzip/deflate:
+///             the wrapper header while it arrives
+///   inflate = INFLATE_OUT_BYTES + 2 × INFLATE_STATE_BYTES            if the body is gzip/deflate:
+///             the fixed 32 KiB output buffer (a boxed slice, never grows) and the inflate state,
+///             twice: it is replaced by a fresh one (zlib or raw) once the header is parsed
 /// ```
-/// Once `Exchange::held_bytes()` lands, also assert `held_bytes() <= bound_without_slack` after
-/// every chunk (TODO for the lead: `held_bytes` does not exist in this tree).
+/// Decoded bytes add nothing of their own: they pass from the fixed output buffer to the reader,
+/// which is bounded above whatever the compression ratio, and decoding stops for good after
+/// `max_decoded_response_bytes`. The chunk itself is the caller's.
+///
+/// This is the allocator-level counterpart of `Exchange::held_bytes_bound` (which counts bytes
+/// held between calls, not capacity or transients); both are asserted after every step.
 #[allow(clippy::too_many_arguments)]
 fn bound(
     limits: &Limits,
@@ -154,32 +170,72 @@ fn bound(
     largest_chunk: usize,
 ) -> usize {
     let cap = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
-    let piece = if encoded { DECODE_STEP } else { largest_chunk };
-    let json = if json_on {
-        cap(limits.max_response_buffer_bytes).saturating_add(piece)
+    let (reader, scratch) = if json_on {
+        let json = cap(limits.max_response_buffer_bytes).max(2 * JSON_TAIL_BYTES);
+        (json, json)
+    } else if sse_on {
+        let line = cap(limits.max_sse_line_bytes);
+        (line.saturating_mul(3), line)
     } else {
-        0
-    };
-    let sse = if sse_on {
-        cap(limits.max_sse_line_bytes).saturating_mul(4)
-    } else {
-        0
+        (0, 0)
     };
     let strip = if strip_on {
-        2 * (STRIP_HOLD_BYTES + 1) + largest_chunk
+        (5 * (STRIP_HOLD_BYTES + 1)).saturating_add(largest_chunk)
     } else {
         0
     };
-    let decoded = if encoded { DECODE_STEP } else { 0 };
-    let _ = JSON_TAIL_BYTES; // ≤ max_response_buffer_bytes + piece: already covered by `json`.
+    let (header, inflate) = if encoded {
+        (GZIP_HEADER_MAX, INFLATE_OUT_BYTES + 2 * INFLATE_STATE_BYTES)
+    } else {
+        (0, 0)
+    };
     GROW.saturating_mul(
-        json.saturating_add(sse)
+        reader
+            .saturating_add(scratch)
             .saturating_add(strip)
             .saturating_add(capture.unwrap_or(0))
-            .saturating_add(decoded),
+            .saturating_add(header),
     )
-    .saturating_add(largest_chunk.saturating_mul(2))
+    .saturating_add(inflate)
     .saturating_add(SLACK)
+}
+
+/// Once per process: the mirrored constants agree with the crate's own formula, and flate2's
+/// inflate state really fits in `INFLATE_STATE_BYTES` (the crate counts it as that).
+fn check_mirrors_once() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let zero = Limits {
+            max_response_buffer_bytes: 0,
+            max_sse_line_bytes: 0,
+            ..Limits::default()
+        };
+        assert_eq!(
+            Exchange::held_bytes_bound(&zero, 0),
+            2 * JSON_TAIL_BYTES
+                + STRIP_HOLD_BYTES
+                + 1
+                + INFLATE_OUT_BYTES
+                + INFLATE_STATE_BYTES
+                + GZIP_HEADER_MAX,
+            "the mirrored constants drifted from src/exchange.rs"
+        );
+        let before = LIVE.load(Ordering::Relaxed);
+        let state = flate2::Decompress::new(true);
+        let size = LIVE.load(Ordering::Relaxed).saturating_sub(before);
+        drop(state);
+        assert!(
+            size <= INFLATE_STATE_BYTES,
+            "flate2's inflate state is {size} B, over INFLATE_STATE_BYTES ({INFLATE_STATE_BYTES})"
+        );
+    });
+}
+
+/// `TOLLGATE_FUZZ_REPORT=1`: print the measured figures of each input on stderr (to run single
+/// inputs: `target/x86_64-unknown-linux-gnu/release/exchange <file>`).
+fn report() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TOLLGATE_FUZZ_REPORT").is_some())
 }
 
 fn bound_enforced() -> bool {
@@ -220,6 +276,18 @@ const ENCODINGS: [Option<&[u8]>; 8] = [
 const CAPTURE_LIMITS: [usize; 4] = [0, 1000, 64 * 1024, 1024 * 1024];
 /// `max_response_buffer_bytes` / `max_sse_line_bytes` choices (the last is the default).
 const LIMIT_CHOICES: [u64; 4] = [0, 1000, 64 * 1024, 1024 * 1024];
+/// `max_decoded_response_bytes` choices: the 64 MiB default for half the inputs (no bomb here
+/// reaches it), small caps for the others so that decoding stops early and the fallback is hit.
+const DECODE_CAPS: [u64; 8] = [
+    64 * 1024 * 1024,
+    64 * 1024 * 1024,
+    64 * 1024 * 1024,
+    64 * 1024 * 1024,
+    1,
+    1000,
+    100_000,
+    1024 * 1024,
+];
 /// Zero bytes compressed into the body: 0 for most inputs, up to 32 MiB.
 const BOMBS: [usize; 16] = [
     0,
@@ -452,6 +520,7 @@ fn check_encoder_once() {
 
 fuzz_target!(|data: &[u8]| {
     check_encoder_once();
+    check_mirrors_once();
     let mut input = Input(data);
     let [b0, b1, b2, b3, b4, b5] = [0; 6].map(|_| input.u8());
     let (prompt_reserved, output_reserved) = (input.u16(), input.u16());
@@ -478,9 +547,12 @@ fuzz_target!(|data: &[u8]| {
     } else {
         Compression::default()
     };
-    let mut limits = Limits::default();
-    limits.max_response_buffer_bytes = LIMIT_CHOICES[usize::from(b3 & 3)];
-    limits.max_sse_line_bytes = LIMIT_CHOICES[usize::from(b3 >> 2 & 3)];
+    let limits = Limits {
+        max_response_buffer_bytes: LIMIT_CHOICES[usize::from(b3 & 3)],
+        max_sse_line_bytes: LIMIT_CHOICES[usize::from(b3 >> 2 & 3)],
+        max_decoded_response_bytes: DECODE_CAPS[usize::from(b4 >> 4 & 7)],
+        ..Limits::default()
+    };
     let capture_limit = CAPTURE_LIMITS[usize::from(b3 >> 4 & 3)];
 
     let body = if bit(b2, 6) {
@@ -499,6 +571,10 @@ fuzz_target!(|data: &[u8]| {
     } else {
         0
     };
+    // A well-formed stream for the header: gzip for gzip, zlib or raw deflate for deflate (the
+    // other mismatches are corrupt). It decodes to exactly the body with the bomb spliced in.
+    let well_formed = encoded && (how == 0 || (how == 3 && deflate));
+    let decoded_len = body.len().saturating_add(bomb);
     let at = body.len() * usize::from(b5) / 255;
     let (prefix, suffix) = body.split_at(at);
     let wire: Vec<u8> = match (encoded, how) {
@@ -557,6 +633,7 @@ fuzz_target!(|data: &[u8]| {
     }
     x.on_response_headers(status, content_type, encoding);
     let rewrites = x.rewrites_response_body();
+    let held_limit = Exchange::held_bytes_bound(&limits, if capture { capture_limit } else { 0 });
     let limit = bound(
         &limits,
         ok && !is_sse,
@@ -566,7 +643,17 @@ fuzz_target!(|data: &[u8]| {
         encoded,
         largest_chunk,
     );
-    let check = |step: &str| {
+    let max_held = std::cell::Cell::new(0);
+    let check = |x: &Exchange, step: &str| {
+        let held = x.held_bytes();
+        max_held.set(max_held.get().max(held));
+        assert!(
+            held <= held_limit,
+            "held_bytes {held} B > held_bytes_bound {held_limit} B at {step} (encoding {:?}, \
+             wire {} B, bomb {bomb} B, limits {limits:?}, capture {capture}/{capture_limit})",
+            encoding.map(String::from_utf8_lossy),
+            wire.len(),
+        );
         let peak = PEAK.load(Ordering::Relaxed).saturating_sub(baseline);
         if bound_enforced() && peak > limit {
             panic!(
@@ -580,7 +667,7 @@ fuzz_target!(|data: &[u8]| {
             );
         }
     };
-    check("on_response_headers");
+    check(&x, "on_response_headers");
     let wants = x.wants_response_body();
     let mut replaced_any = false;
     for (i, chunk) in chunks.iter().enumerate() {
@@ -596,18 +683,31 @@ fuzz_target!(|data: &[u8]| {
             }
             None => client.extend_from_slice(chunk),
         }
-        check(&format!("chunk {i} ({} B)", chunk.len()));
+        check(&x, &format!("chunk {i} ({} B)", chunk.len()));
     }
     if complete {
         x.on_response_complete();
     }
     let (usage, source) = x.finish(upstream_failed);
-    check("finish");
+    check(&x, "finish");
     let record = x.record();
-    check("record");
+    check(&x, "record");
     let captured = x.take_capture();
-    check("take_capture");
+    check(&x, "take_capture");
     // ---- end of the measured part ----
+    if report() {
+        eprintln!(
+            "exchange: peak {} B (bound {limit} B), held ≤ {} B (bound {held_limit} B); \
+             {} B on the wire in {} chunks, {decoded_len} B decoded if well-formed \
+             ({well_formed}), cap {} B, anomaly {:?}, {source:?}",
+            PEAK.load(Ordering::Relaxed).saturating_sub(baseline),
+            max_held.get(),
+            wire.len(),
+            chunks.len(),
+            limits.max_decoded_response_bytes,
+            x.usage_anomaly(),
+        );
+    }
 
     assert_eq!(
         x.finish(!upstream_failed),
@@ -617,13 +717,49 @@ fuzz_target!(|data: &[u8]| {
     if source == UsageSource::Refunded {
         assert_eq!(usage, Default::default(), "a refund charges nothing");
     }
-    assert_eq!(record.len(), 12);
     let field = |name: &str| {
         record
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v.clone())
     };
+    // Decoding: every decoded body goes through the decoder (the reader exists for a 2xx).
+    let anomaly = x.usage_anomaly();
+    let decode_cap = usize::try_from(limits.max_decoded_response_bytes).unwrap_or(usize::MAX);
+    if ok && well_formed && decoded_len > decode_cap {
+        // Past the cap, decoding stopped: flagged, and a JSON body's usage (at its end, past the
+        // cap) is never read: the fallbacks charge.
+        assert_eq!(
+            anomaly,
+            Some(UsageAnomaly::DecodeLimit),
+            "{decoded_len} B decoded against a cap of {decode_cap} B, not flagged"
+        );
+        if !is_sse {
+            assert!(
+                matches!(source, UsageSource::Reservation | UsageSource::Refunded),
+                "usage read past the decode cap: {source:?}"
+            );
+        }
+    } else if ok && well_formed {
+        assert!(
+            !matches!(
+                anomaly,
+                Some(UsageAnomaly::DecodeLimit | UsageAnomaly::DecodeError)
+            ),
+            "a well-formed {decoded_len} B body (cap {decode_cap} B) flagged {anomaly:?}"
+        );
+    } else if !encoded || !ok {
+        assert!(
+            !matches!(anomaly, Some(UsageAnomaly::DecodeLimit)),
+            "nothing was decoded, yet {anomaly:?}"
+        );
+    }
+    // 12 ledger fields, and `tollgate.usage_anomaly` when there is one.
+    assert_eq!(record.len(), 12 + usize::from(anomaly.is_some()));
+    assert_eq!(
+        field("tollgate.usage_anomaly").as_deref(),
+        anomaly.map(UsageAnomaly::as_str)
+    );
     assert_eq!(
         field("tollgate.usage_source").as_deref(),
         Some(source.as_str())
