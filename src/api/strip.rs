@@ -25,7 +25,8 @@
 //!
 //! Every event that matches is removed (a stream answering one request carries one usage chunk).
 //! Anything else is forwarded verbatim: the Azure `prompt_filter_results` chunk (empty `choices`,
-//! no usage), chunks with `"usage":null`, `[DONE]`, comments, events that are not JSON. A leading
+//! no usage), chunks with `"usage":null`, `[DONE]`, comments, events that are not JSON, and
+//! objects that repeat a key (their meaning is ambiguous, so the event is forwarded). A leading
 //! UTF-8 BOM is not stripped before field names, so a usage chunk that is the very first event of a
 //! BOM-prefixed stream is not recognised (it is forwarded; no provider sends one first).
 //!

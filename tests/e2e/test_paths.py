@@ -93,9 +93,10 @@ def upstream():
 @pytest.fixture(scope="module", params=["routed", "unrouted"])
 def penv(request, upstream):
     proc = Envoy(plugin_config(request.param == "routed"), upstream.port)
-    # Spend the `spent` tenant's budget on the real path: the upstream reports 3,500 output tokens.
+    # Spend the `spent` tenant's budget on the real path: the upstream reports 3,500 input tokens
+    # (output is bounded by the request's max_tokens; input may exceed the body, see README).
     result = send(proc, upstream, CANONICAL, "admitted", key=KEY_SPENT,
-                  extra={"x-fake-output-tokens": "3500"})
+                  extra={"x-fake-input-tokens": "3500"})
     assert result["status"] == 200, result
     assert usage(proc)["spent"]["used"] > 3000
     yield proc
