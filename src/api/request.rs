@@ -24,6 +24,41 @@ pub struct RequestFacts {
     /// An upper bound on text prompt tokens: every token of a byte-level BPE tokenizer covers at
     /// least one byte of text, and JSON encoding only adds bytes.
     pub prompt_bound: u64,
+    /// The body may bring input it does not contain ([`refers_outside_body`]), so the input
+    /// tokens reported can exceed `prompt_bound`.
+    pub external_input: bool,
+}
+
+/// Keys (and values) through which a request brings input tokens its body does not hold: a
+/// previous response or conversation, a stored prompt, files and images by id or URL, documents,
+/// tools (server-side tools add their results, providers add tool instructions), MCP servers,
+/// containers. Matched as quoted JSON strings, so text inside a string (escaped quotes) does not
+/// match; a false match only loosens the bound to what it is without this check.
+const EXTERNAL_INPUT_MARKERS: [&[u8]; 12] = [
+    b"\"previous_response_id\"",
+    b"\"conversation\"",
+    b"\"prompt\"",
+    b"\"file_id\"",
+    b"\"url\"",
+    b"\"image_url\"",
+    b"\"file_url\"",
+    b"\"input_file\"",
+    b"\"document\"",
+    b"\"tools\"",
+    b"\"mcp_servers\"",
+    b"\"container\"",
+];
+
+/// Whether a request body may bring input it does not contain (see [`EXTERNAL_INPUT_MARKERS`]).
+/// Without any, every input token it can be charged covers at least one byte of the body.
+/// One pass over the body's quotes.
+pub fn refers_outside_body(body: &[u8]) -> bool {
+    body.iter().enumerate().any(|(i, b)| {
+        *b == b'"'
+            && body
+                .get(i..)
+                .is_some_and(|rest| EXTERNAL_INPUT_MARKERS.iter().any(|m| rest.starts_with(m)))
+    })
 }
 
 /// Why a request body cannot be read; answered with 400 in the API's error shape.
@@ -173,6 +208,7 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, Request
         },
         prompt_estimate: len.div_ceil(4),
         prompt_bound: len,
+        external_input: refers_outside_body(body),
     })
 }
 
@@ -290,5 +326,22 @@ mod tests {
         fn never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
             let _ = parse_request(ApiKind::ChatCompletions, &body);
         }
+    }
+
+    #[test]
+    fn input_from_outside_the_body_is_recognised_by_its_keys() {
+        let plain =
+            br#"{"model":"m","messages":[{"role":"user","content":"say \"prompt\" and \"url\""}]}"#;
+        assert!(!refers_outside_body(plain));
+        for body in [
+            &br#"{"model":"m","previous_response_id":"resp_1","input":"go on"}"#[..],
+            br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/y.png"}}]}]}"#,
+            br#"{"model":"m","messages":[],"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#,
+            br#"{"model":"m","input":[{"type":"input_file","file_id":"file-1"}]}"#,
+        ] {
+            assert!(refers_outside_body(body), "{}", String::from_utf8_lossy(body));
+        }
+        let facts = parse_request(ApiKind::ChatCompletions, plain).unwrap();
+        assert!(!facts.external_input);
     }
 }
