@@ -1,0 +1,352 @@
+//! The plugin configuration: raw JSON (serde) turned into a validated [`Config`] once, in
+//! `on_configure`. Every error names the field it is about, so Envoy's log says what to fix.
+//!
+//! This module owns [`Config`], [`ConfigError`], the order the sections are checked in (which
+//! error wins when several fields are wrong) and the small sections (`prices`, `usage_view`,
+//! `metrics`); `identity`, `limits`, `tenants`, `routing` and `cache` build the others from the
+//! serde structs of `raw`.
+
+mod cache;
+mod identity;
+mod limits;
+mod raw;
+mod routing;
+mod tenants;
+
+use std::fmt;
+
+use hashbrown::HashMap;
+
+use crate::admission::{TenantKeys, TenantPolicy};
+use crate::cost::{self, Price};
+use crate::metrics::Labels;
+use crate::routing::Routing;
+use crate::tenant::{Identity, KeyDigest};
+
+pub use cache::{Cache, CachePolicy, CacheRule};
+pub use limits::Limits;
+pub use tenants::Tenant;
+
+use raw::RawConfig;
+
+/// A configuration error: the dotted path of the offending field and why it is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid tollgate configuration: field `{}`: {}",
+            self.field, self.reason
+        )
+    }
+}
+
+/// The validated configuration the filter runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub identity: Identity,
+    pub limits: Limits,
+    /// Declared tenants: their policy (own fields over `tenant_defaults`) and shared-data keys.
+    pub tenants: HashMap<String, Tenant>,
+    /// The policy of undeclared tenants (`identity.accept_undeclared`), from `tenant_defaults`.
+    pub undeclared_policy: TenantPolicy,
+    /// Undeclared tenants share this many budget slots (by hash of the name).
+    pub undeclared_slots: u64,
+    /// USD per token by model (`*`: any other model).
+    pub prices: HashMap<String, Price>,
+    /// The usage view: a path answered with every tenant's budgets, guarded by a token digest.
+    pub usage_view: Option<UsageView>,
+    /// Model routing (`None`: models pass through unrouted).
+    pub routing: Option<Routing>,
+    /// Metric label values (bounded by the configuration).
+    pub labels: Labels,
+    /// The response cache (`None`: off).
+    pub cache: Option<Cache>,
+}
+
+/// `usage_view`: where and for whom.
+#[derive(Debug, Clone)]
+pub struct UsageView {
+    pub path: String,
+    pub token: KeyDigest,
+}
+
+impl Config {
+    /// The price of `model`, or the `*` price.
+    pub fn price(&self, model: &str) -> Option<&Price> {
+        self.prices.get(model).or_else(|| self.prices.get("*"))
+    }
+
+    /// Every shared-data key the configuration implies (created in `on_configure`).
+    pub fn shared_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .cache
+            .as_ref()
+            .map(|c| crate::cache::all_keys(&c.table))
+            .unwrap_or_default();
+        keys.extend(
+            self.tenants
+                .values()
+                .flat_map(|t| t.keys.all().map(str::to_string)),
+        );
+        keys.extend(
+            self.labels
+                .tenant_values()
+                .map(|label| crate::admission::in_flight_key(&label)),
+        );
+        if self.identity.accept_undeclared {
+            for slot in 0..self.undeclared_slots {
+                let k = TenantKeys::new(&undeclared_scope(slot), &self.undeclared_policy);
+                keys.extend(k.all().map(str::to_string));
+            }
+        }
+        keys
+    }
+
+    /// The budget scope of an undeclared tenant: one of `undeclared_slots` slots. Two tenants in
+    /// one slot share their budgets (stricter for both, never looser).
+    pub fn undeclared_keys(&self, tenant: &str) -> TenantKeys {
+        let digest = KeyDigest::of_key(tenant.as_bytes());
+        let slot = digest.prefix_u64() % self.undeclared_slots.max(1);
+        TenantKeys::new(&undeclared_scope(slot), &self.undeclared_policy)
+    }
+}
+
+fn undeclared_scope(slot: u64) -> String {
+    format!("~{slot}")
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration bytes.
+    pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                return ConfigError::new("(root)", format!("not valid JSON: {inner}"));
+            }
+            let field = if path == "." {
+                "(root)".to_string()
+            } else {
+                path
+            };
+            ConfigError::new(field, strip_position(&inner.to_string()))
+        })?;
+        de.end()
+            .map_err(|err| ConfigError::new("(root)", strip_position(&err.to_string())))?;
+        Config::try_from(raw)
+    }
+}
+
+/// serde_json appends " at line L column C"; the field path already says where.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) => message.get(..at).unwrap_or(message).to_string(),
+        None => message.to_string(),
+    }
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Config, ConfigError> {
+        tenants::check_tenant_names(&raw.tenants)?;
+        let raw_undeclared_slots = raw.identity.undeclared_slots;
+        let identity = identity::build_identity(raw.identity, &raw.tenants)?;
+        let limits = limits::build_limits(&raw.limits)?;
+        let mut prices = HashMap::with_capacity(raw.prices.len());
+        for (model, p) in &raw.prices {
+            let field = |name: &str| format!("prices.{model}.{name}");
+            let parse = |name: &str, v: &str| {
+                cost::parse_usd_per_million(v).map_err(|r| ConfigError::new(field(name), r))
+            };
+            let optional =
+                |name: &str, v: &Option<String>| v.as_deref().map(|v| parse(name, v)).transpose();
+            prices.insert(
+                model.clone(),
+                Price::new(
+                    parse("input", &p.input)?,
+                    parse("output", &p.output)?,
+                    optional("cached_input", &p.cached_input)?,
+                    optional("cache_write_input", &p.cache_write_input)?,
+                ),
+            );
+        }
+
+        let routing = raw
+            .routing
+            .as_ref()
+            .map(routing::build_routing)
+            .transpose()?;
+        let models = routing.as_ref().map(|r| &r.models);
+        let reservation_ttl_ms = limits::reservation_ttl_ms(&raw.limits)?;
+        let (defaults, tenants) = tenants::build_tenants(
+            &raw.tenant_defaults,
+            &raw.tenants,
+            reservation_ttl_ms,
+            models,
+        )?;
+        let undeclared_slots = identity::undeclared_slots(raw_undeclared_slots)?;
+        let usage_view = match raw.usage_view {
+            None => None,
+            Some(v) => {
+                if !v.path.starts_with('/') || v.path.len() < 2 {
+                    return Err(ConfigError::new(
+                        "usage_view.path",
+                        "must be an absolute path such as \"/tollgate/usage\"",
+                    ));
+                }
+                let token = KeyDigest::from_hex(&v.admin_token_sha256).ok_or_else(|| {
+                    ConfigError::new(
+                        "usage_view.admin_token_sha256",
+                        "must be 64 hexadecimal characters (the SHA-256 of the admin token)",
+                    )
+                })?;
+                Some(UsageView {
+                    path: v.path,
+                    token,
+                })
+            }
+        };
+        let label_cap = |field: &str, value: Option<u64>, default: usize| match value {
+            None => Ok(default),
+            Some(n) if (1..=10_000).contains(&n) => Ok(usize::try_from(n).unwrap_or(default)),
+            Some(_) => Err(ConfigError::new(field, "must be between 1 and 10000")),
+        };
+        let max_tenants = label_cap(
+            "metrics.max_tenant_labels",
+            raw.metrics.max_tenant_labels,
+            100,
+        )?;
+        let max_models = label_cap("metrics.max_model_labels", raw.metrics.max_model_labels, 50)?;
+        let model_names: Vec<&String> = routing
+            .as_ref()
+            .map(|r| r.models.keys().collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(prices.keys().filter(|m| m.as_str() != "*"))
+            .collect();
+        let labels = Labels::new(
+            tenants.keys(),
+            model_names.into_iter(),
+            max_tenants,
+            max_models,
+        );
+        let cache = raw.cache.as_ref().map(cache::build_cache).transpose()?;
+        Ok(Config {
+            identity,
+            limits,
+            tenants,
+            labels,
+            cache,
+            undeclared_policy: defaults,
+            undeclared_slots,
+            prices,
+            usage_view,
+            routing,
+        })
+    }
+}
+
+fn check_header_name(name: &str) -> Result<String, String> {
+    let ok = !name.is_empty()
+        && !name.starts_with(':')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
+    if ok {
+        Ok(name.to_ascii_lowercase())
+    } else {
+        Err("must be a header name of [A-Za-z0-9_-]".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenant::TenantSource;
+
+    /// The error a configuration the test expects refused gets (shared by the sections' tests).
+    pub(super) fn err(json: &str) -> ConfigError {
+        Config::from_json(json.as_bytes()).expect_err("must be refused")
+    }
+
+    #[test]
+    fn minimal_header_config() {
+        let cfg = Config::from_json(
+            br#"{"identity":{"source":"header","header":"X-Tenant"},"tenants":{"a":{}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(cfg.identity.source, TenantSource::Header(ref h) if h == "x-tenant"));
+        assert_eq!(cfg.limits, Limits::default());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: [(&str, &str); 9] = [
+            (
+                r#"{"identity":{"source":"header","header":7}}"#,
+                "identity.header",
+            ),
+            (
+                r#"{"identity":{"source":"header","header":"x"},"bogus":1}"#,
+                "bogus",
+            ),
+            (
+                r#"{"identity":{"source":"header","header":"x","colour":1}}"#,
+                "identity.colour",
+            ),
+            (
+                r#"{"identity":{"source":"header","header":"x"},"limits":{"max_request_body_bytes":-5}}"#,
+                "limits.max_request_body_bytes",
+            ),
+            (r#"{"tenants":{}}"#, "(root)"),
+            (r#"{"identity":{"source":"header"}}"#, "identity.header"),
+            (
+                r#"{"identity":{"source":"api_key","api_keys":[{"sha256":"abc","tenant":"a"}]},"tenants":{"a":{}}}"#,
+                "identity.api_keys[0].sha256",
+            ),
+            (
+                r#"{"identity":{"source":"carrier_pigeon"}}"#,
+                "identity.source",
+            ),
+            (
+                r#"{"identity":{"source":"header","header":"x"},"limits":{"max_sse_line_bytes":0}}"#,
+                "limits.max_sse_line_bytes",
+            ),
+        ];
+        for (json, field) in cases {
+            let e = err(json);
+            assert_eq!(e.field, field, "{json}: {e}");
+            assert!(e.to_string().contains(field), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_field_is_named_in_the_reason() {
+        let e = err(r#"{"identity":{"source":"header","header":"x"},"bogus":1}"#);
+        assert!(e.reason.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn not_json_is_refused_not_panicking() {
+        for bytes in [&b""[..], b"{", b"[]", b"null", b"\xff\xfe", b"{} trailing"] {
+            assert!(Config::from_json(bytes).is_err());
+        }
+    }
+}

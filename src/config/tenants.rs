@@ -1,0 +1,220 @@
+//! Tenants' configuration: declared tenant names, and each tenant's policy (`tenant_defaults`
+//! under its own fields: limits, concurrency, output tokens, models, aliases, downgrade).
+
+use std::collections::BTreeMap;
+
+use hashbrown::HashMap;
+
+use crate::admission::{TenantKeys, TenantPolicy};
+use crate::budget::{Limit, Unit};
+use crate::cost;
+use crate::holdings;
+use crate::routing::ModelRoute;
+use crate::window;
+
+use super::ConfigError;
+use super::raw::{RawLimit, RawPolicy};
+use super::routing::aliases;
+
+/// A declared tenant.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub policy: TenantPolicy,
+    pub keys: TenantKeys,
+}
+
+/// Refuses a tenant name that is not plain (see [`check_tenant_name`]).
+pub(super) fn check_tenant_names(tenants: &BTreeMap<String, RawPolicy>) -> Result<(), ConfigError> {
+    for name in tenants.keys() {
+        check_tenant_name(name)
+            .map_err(|reason| ConfigError::new(format!("tenants.{name}"), reason))?;
+    }
+    Ok(())
+}
+
+/// The policy of undeclared tenants (`tenant_defaults`) and every declared tenant's, each with
+/// the reservation epoch `reservation_ttl_ms` implies.
+pub(super) fn build_tenants(
+    raw_defaults: &RawPolicy,
+    raw_tenants: &BTreeMap<String, RawPolicy>,
+    reservation_ttl_ms: u64,
+    models: Option<&HashMap<String, ModelRoute>>,
+) -> Result<(TenantPolicy, HashMap<String, Tenant>), ConfigError> {
+    let base = TenantPolicy {
+        reservation_epoch_ms: holdings::epoch_ms_for_ttl(reservation_ttl_ms),
+        ..TenantPolicy::default()
+    };
+    let defaults = policy("tenant_defaults", raw_defaults, &base, models)?;
+    let mut tenants = HashMap::with_capacity(raw_tenants.len());
+    for (name, own) in raw_tenants {
+        let policy = policy(&format!("tenants.{name}"), own, &defaults, models)?;
+        let keys = TenantKeys::new(name, &policy);
+        tenants.insert(name.clone(), Tenant { policy, keys });
+    }
+    Ok((defaults, tenants))
+}
+
+/// A tenant's policy: its own fields over `base` (a list such as `limits` replaces the base's).
+fn policy(
+    at: &str,
+    raw: &RawPolicy,
+    base: &TenantPolicy,
+    models: Option<&HashMap<String, ModelRoute>>,
+) -> Result<TenantPolicy, ConfigError> {
+    let field = |name: &str| format!("{at}.{name}");
+    let mut out = base.clone();
+    if let Some(own) = &raw.aliases {
+        let Some(models) = models else {
+            return Err(ConfigError::new(
+                field("aliases"),
+                "needs a `routing` section",
+            ));
+        };
+        out.aliases = aliases(&field("aliases"), own, models)?;
+    }
+    if let Some(at) = raw.downgrade_at {
+        if !(at > 0.0 && at <= 1.0) {
+            return Err(ConfigError::new(
+                field("downgrade_at"),
+                "must be a fraction in (0, 1], e.g. 0.8",
+            ));
+        }
+        // Thousandths: integer comparisons on the request path.
+        out.downgrade_at_permille = Some((at * 1000.0).round() as u64);
+    }
+    if let Some(limits) = &raw.limits {
+        out.limits = Vec::with_capacity(limits.len());
+        for (i, l) in limits.iter().enumerate() {
+            let at = field(&format!("limits[{i}]"));
+            let limit = limit(&at, l)?;
+            if out.limits.iter().any(|o| o.name == limit.name) {
+                return Err(ConfigError::new(
+                    format!("{at}.name"),
+                    format!(
+                        "two limits are named \"{}\"; give each a distinct name",
+                        limit.name
+                    ),
+                ));
+            }
+            out.limits.push(limit);
+        }
+    }
+    let positive = |name: &str, v: Option<u64>| match v {
+        Some(0) => Err(ConfigError::new(field(name), "must be greater than 0")),
+        v => Ok(v),
+    };
+    if let Some(n) = positive("max_concurrent", raw.max_concurrent)? {
+        out.max_concurrent = Some(n);
+    }
+    if let Some(n) = positive("max_output_tokens", raw.max_output_tokens)? {
+        out.max_output_tokens = Some(n);
+    }
+    if let Some(n) = positive("default_output_tokens", raw.default_output_tokens)? {
+        out.default_output_tokens = n;
+    }
+    if let Some(n) = positive("clamp_min_output_tokens", raw.clamp_min_output_tokens)? {
+        out.clamp_min_output_tokens = Some(n);
+    }
+    if let Some(models) = &raw.models {
+        if models.iter().any(String::is_empty) {
+            return Err(ConfigError::new(
+                field("models"),
+                "model names must not be empty",
+            ));
+        }
+        out.models = Some(models.iter().cloned().collect());
+    }
+    if let Some(strict) = raw.strict {
+        out.strict = strict;
+    }
+    Ok(out)
+}
+
+fn limit(at: &str, raw: &RawLimit) -> Result<Limit, ConfigError> {
+    let window =
+        window::parse(&raw.window).map_err(|r| ConfigError::new(format!("{at}.window"), r))?;
+    let (unit, amount) = match (raw.tokens, &raw.usd) {
+        (Some(0), None) => {
+            return Err(ConfigError::new(
+                format!("{at}.tokens"),
+                "must be greater than 0",
+            ));
+        }
+        (Some(tokens), None) => (Unit::Tokens, tokens),
+        (None, Some(usd)) => (
+            Unit::PicoUsd,
+            cost::parse_usd(usd).map_err(|r| ConfigError::new(format!("{at}.usd"), r))?,
+        ),
+        _ => {
+            return Err(ConfigError::new(
+                at,
+                "give exactly one of `tokens` (a count) or `usd` (a decimal string such as \"25.00\")",
+            ));
+        }
+    };
+    let unit_name = match unit {
+        Unit::Tokens => "tokens",
+        Unit::PicoUsd => "usd",
+    };
+    let name = match &raw.name {
+        Some(n)
+            if !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
+        {
+            n.clone()
+        }
+        Some(_) => {
+            return Err(ConfigError::new(
+                format!("{at}.name"),
+                "names are [A-Za-z0-9._-]+",
+            ));
+        }
+        None => match &raw.model {
+            Some(model) => format!("{unit_name}-{}-{model}", window.as_str()),
+            None => format!("{unit_name}-{}", window.as_str()),
+        },
+    };
+    Ok(Limit {
+        name,
+        unit,
+        amount,
+        window,
+        model: raw.model.clone(),
+    })
+}
+
+/// Tenant names end up in metric names, access logs and shared-data keys: keep them plain.
+fn check_tenant_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err("tenant names are 1-64 characters of [A-Za-z0-9._-]".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use crate::config::tests::err;
+
+    #[test]
+    fn reservation_ttl_sets_every_policys_epoch() {
+        let cfg = Config::from_json(
+            br#"{"identity":{"source":"header","header":"x-t"},"tenants":{"a":{}},"limits":{"reservation_ttl_seconds":70}}"#,
+        )
+        .unwrap();
+        let epoch = cfg.tenants.get("a").map(|t| t.policy.reservation_epoch_ms);
+        assert_eq!(epoch, Some(10_000));
+        assert_eq!(cfg.undeclared_policy.reservation_epoch_ms, 10_000);
+        let e = err(
+            r#"{"identity":{"source":"header","header":"x-t"},"limits":{"reservation_ttl_seconds":6}}"#,
+        );
+        assert_eq!(e.field, "limits.reservation_ttl_seconds");
+    }
+}
