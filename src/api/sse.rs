@@ -36,7 +36,7 @@
 //!   fields, when present and not `null`, replace `message_start`'s; `message_stop` completes.
 //! * Embeddings never stream: the reader ignores everything and reports no usage.
 //!
-//! A usage object that fails to parse (see `usage.rs`: negative, fractional, … counts) is ignored
+//! A usage object that fails to parse (see `usage/`: negative, fractional, … counts) is ignored
 //! and the previous one, if any, is kept. So is a usage object with none of the API's own count
 //! fields (another vendor's shape, or `{}`); [`SseUsageReader::foreign_usage`] then says so.
 //!

@@ -1,0 +1,120 @@
+//! Token usage from a complete (non-streaming) JSON response body.
+//!
+//! The usage object is found by a backward scan from the body's end (`scan`, which documents how
+//! and its limits), deserialised by map-only serde visitors (`parse`), and read as the API's own
+//! fields and normalised (`shape`). A *tail* of the body works as well as the whole body.
+//!
+//! # Numbers
+//!
+//! Token counts must be JSON unsigned integers that fit in `u64`; a missing or `null` count is 0,
+//! and a `null` details object is the same as a missing one. A usage object holding a negative,
+//! fractional (`5.0`, `1e3`), out-of-range or non-numeric count is treated as **invalid as a
+//! whole** and yields `None`: a half-trusted usage would be billed silently, whereas `None` lets
+//! the caller fall back to its own estimate and report that usage was missing. A usage value that
+//! is not an object (`null`, array, string, …) also yields `None`, and so does an object with
+//! none of the API's own count fields (`{}`, or Anthropic's `input_tokens`/`output_tokens` on a
+//! Chat Completions path): charging such a usage would bill 0/0; [`read_json_usage`] tells it
+//! apart ([`Reading::Foreign`]) so the caller can count the anomaly.
+//!
+//! # Normalisation
+//!
+//! See [`Usage`]. `cached_input` is clamped to `input` and `reasoning` to `output`, so consumers
+//! can subtract without underflow whatever the provider reports.
+
+mod parse;
+mod scan;
+mod shape;
+
+#[cfg(test)]
+mod fixtures;
+
+pub(crate) use scan::{top_level_string, trim_ws, trim_ws_start, usage_at};
+pub(crate) use shape::{RawUsage, anthropic};
+
+use super::{ApiKind, Usage};
+
+/// The usage reported by a complete JSON response body of `kind`.
+///
+/// `None` when the body has no top-level `usage`, when it is `null` or not an object, when a count
+/// is not a `u64`, or when the body is not JSON. Never panics.
+///
+/// `body` may also be only the *tail* (a suffix) of the body, as kept for over-long responses: the
+/// backward scan never needs the beginning, and nesting depths counted from the end are exact in
+/// any suffix of a valid document. If the tail does not reach back to the usage key, the result is
+/// `None`.
+pub fn usage_from_json(kind: ApiKind, body: &[u8]) -> Option<Usage> {
+    read_json_usage(kind, body).usage()
+}
+
+/// What a body's usage object said, for callers that must tell a missing usage from one in
+/// another API's shape (both are charged by the fallbacks; only the second is an anomaly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// A usage object with at least one of the API's own count fields.
+    Usage(Usage),
+    /// A usage object without any of the API's own count fields (say Anthropic's
+    /// `input_tokens`/`output_tokens` on a Chat Completions path, or `{}`): not this API's usage.
+    Foreign,
+    /// No usage (absent, `null`, invalid, or not JSON).
+    Absent,
+}
+
+impl Reading {
+    pub fn usage(self) -> Option<Usage> {
+        match self {
+            Reading::Usage(usage) => Some(usage),
+            Reading::Foreign | Reading::Absent => None,
+        }
+    }
+
+    /// Reads a raw usage object as `kind`'s.
+    pub(crate) fn of(kind: ApiKind, raw: Option<RawUsage>) -> Reading {
+        match raw {
+            Some(raw) if raw.speaks(kind) => Reading::Usage(raw.normalise(kind)),
+            Some(_) => Reading::Foreign,
+            None => Reading::Absent,
+        }
+    }
+}
+
+/// [`usage_from_json`], telling a foreign-shaped usage object from a missing one.
+pub fn read_json_usage(kind: ApiKind, body: &[u8]) -> Reading {
+    Reading::of(kind, usage_at(body, &["usage"]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_null_missing_empty_and_wrong_types() {
+        let k = ApiKind::ChatCompletions;
+        assert_eq!(usage_from_json(k, br#"{"id":"x","usage":null}"#), None);
+        assert_eq!(usage_from_json(k, br#"{"id":"x"}"#), None);
+        assert_eq!(usage_from_json(k, br#"{}"#), None);
+        // An empty usage object is no usage of this API (it would bill 0/0).
+        assert_eq!(usage_from_json(k, br#" { "usage" : { } } "#), None);
+        assert_eq!(
+            read_json_usage(k, br#" { "usage" : { } } "#),
+            Reading::Foreign
+        );
+        assert_eq!(usage_from_json(k, br#"{"usage":[1,2,3]}"#), None);
+        assert_eq!(usage_from_json(k, br#"{"usage":"lots"}"#), None);
+        assert_eq!(usage_from_json(k, br#"{"usage":5}"#), None);
+        // Error bodies.
+        assert_eq!(
+            usage_from_json(
+                k,
+                br#"{"error":{"message":"Rate limit","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#
+            ),
+            None
+        );
+        assert_eq!(
+            usage_from_json(
+                ApiKind::Messages,
+                br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#
+            ),
+            None
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! What a response may be charged at most ([`UsageBounds`]) and why a charge is not simply the
+//! reported usage ([`UsageAnomaly`]).
+
+use crate::api::Usage;
+use crate::api::request::RequestFacts;
+use crate::config::Limits;
+
+/// Why the usage charged is not simply what the upstream reported (ledger field
+/// `tollgate.usage_anomaly`, metric `tollgate.tenant.<t>.usage_anomalies`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageAnomaly {
+    /// The reported (or observed) usage was over its bound and was charged at the bound.
+    Clamped,
+    /// A usage object with none of the API's own fields: ignored, charged by the fallbacks.
+    ForeignUsage,
+    /// A compressed response decoded to more than `max_decoded_response_bytes`: decoding
+    /// stopped, usage after that point was not read.
+    DecodeLimit,
+    /// A compressed response could not be decoded (corrupt, or an unknown encoding).
+    DecodeError,
+}
+
+impl UsageAnomaly {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageAnomaly::Clamped => "clamped",
+            UsageAnomaly::ForeignUsage => "foreign_usage",
+            UsageAnomaly::DecodeLimit => "decode_limit",
+            UsageAnomaly::DecodeError => "decode_error",
+        }
+    }
+}
+
+/// The most a response may be charged, field by field. See [`Exchange::finish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageBounds {
+    pub input: u64,
+    pub output: u64,
+}
+
+impl UsageBounds {
+    /// Output: the request's own max tokens (reasoning is part of it on every API; times chat's
+    /// `n`), never more than `max_reported_tokens`. Input: the body's bytes (every text token covers at least one byte)
+    /// plus `max_reported_tokens` for what the body does not show: images, files, a
+    /// `previous_response_id` conversation, server-side cached prompts.
+    pub fn of(facts: &RequestFacts, limits: &Limits) -> UsageBounds {
+        UsageBounds {
+            input: facts
+                .prompt_bound
+                .saturating_add(limits.max_reported_tokens),
+            output: facts
+                .max_tokens
+                .map_or(u64::MAX, |max| max.saturating_mul(facts.choices.max(1)))
+                .min(limits.max_reported_tokens),
+        }
+    }
+
+    /// `usage` held within the bounds, keeping its invariants (`cached_input + cache_write_input
+    /// ≤ input`, `reasoning ≤ output`); `true` when anything had to change.
+    pub fn clamp(self, usage: Usage) -> (Usage, bool) {
+        let input = usage.input.min(self.input);
+        let output = usage.output.min(self.output);
+        let cached_input = usage.cached_input.min(input);
+        let cache_write_input = usage
+            .cache_write_input
+            .min(input.saturating_sub(cached_input));
+        let reasoning = usage.reasoning.min(output);
+        let clamped = Usage {
+            input,
+            output,
+            cached_input,
+            cache_write_input,
+            reasoning,
+        };
+        // Only the bounds count as an anomaly: the invariants were already enforced on parsing
+        // for each API, except an Anthropic cache split, which is re-derived here.
+        let over = usage.input > self.input || usage.output > self.output;
+        (clamped, over)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ApiKind;
+    use crate::exchange::UsageSource;
+    use crate::exchange::testing::{CHAT_JSON, exchange, exchange_with};
+
+    #[test]
+    fn absurd_usage_is_clamped_to_the_request_bounds() {
+        let absurd = format!(
+            r#"{{"choices":[],"usage":{{"prompt_tokens":{m},"completion_tokens":{m},"prompt_tokens_details":{{"cached_tokens":{m}}},"completion_tokens_details":{{"reasoning_tokens":{m}}}}}}}"#,
+            m = 1u64 << 63
+        );
+        let body = r#"{"model":"m","max_completion_tokens":50}"#;
+        let mut x = exchange_with(ApiKind::ChatCompletions, body, Limits::default());
+        x.on_response_headers(200, Some(b"application/json"), None);
+        x.on_response_body(absurd.as_bytes());
+        x.on_response_complete();
+        let (usage, source) = x.finish(false);
+        let input = body.len() as u64 + 2_000_000;
+        assert_eq!(
+            usage,
+            Usage {
+                input,
+                output: 50,
+                cached_input: input,
+                cache_write_input: 0,
+                reasoning: 50
+            }
+        );
+        assert_eq!(source, UsageSource::Reported);
+        assert_eq!(x.usage_anomaly(), Some(UsageAnomaly::Clamped));
+        // No max tokens: the configured bound.
+        let mut y = exchange_with(
+            ApiKind::ChatCompletions,
+            r#"{"model":"m"}"#,
+            Limits::default(),
+        );
+        y.on_response_headers(200, Some(b"application/json"), None);
+        y.on_response_body(absurd.as_bytes());
+        y.on_response_complete();
+        assert_eq!(y.finish(false).0.output, 2_000_000);
+        // Chat's n choices each get max tokens.
+        let mut n = exchange_with(
+            ApiKind::ChatCompletions,
+            r#"{"model":"m","max_tokens":50,"n":3}"#,
+            Limits::default(),
+        );
+        n.on_response_headers(200, Some(b"application/json"), None);
+        n.on_response_body(absurd.as_bytes());
+        n.on_response_complete();
+        assert_eq!(n.finish(false).0.output, 150);
+        // Anthropic: the cache split is kept within the clamped input.
+        let bounds = UsageBounds {
+            input: 100,
+            output: 10,
+        };
+        let (u, over) = bounds.clamp(Usage {
+            input: 500,
+            output: 5,
+            cached_input: 80,
+            cache_write_input: 400,
+            reasoning: 0,
+        });
+        assert!(over);
+        assert_eq!(
+            (u.input, u.cached_input, u.cache_write_input, u.output),
+            (100, 80, 20, 5)
+        );
+        // Ordinary usage is untouched and not an anomaly.
+        let mut z = exchange(ApiKind::ChatCompletions);
+        z.on_response_headers(200, Some(b"application/json"), None);
+        z.on_response_body(CHAT_JSON);
+        z.on_response_complete();
+        assert_eq!(z.finish(false).0.output, 7);
+        assert_eq!(z.usage_anomaly(), None);
+    }
+}
