@@ -40,14 +40,18 @@ pub struct UsageBounds {
 
 impl UsageBounds {
     /// Output: the request's own max tokens (reasoning is part of it on every API; times chat's
-    /// `n`), never more than `max_reported_tokens`. Input: the body's bytes (every text token covers at least one byte)
-    /// plus `max_reported_tokens` for what the body does not show: images, files, a
-    /// `previous_response_id` conversation, server-side cached prompts.
+    /// `n`), never more than `max_reported_tokens`. Input: the body's bytes (every text token
+    /// covers at least one byte, the premise of strict mode), plus `max_reported_tokens` when the
+    /// body can bring input it does not show (`RequestFacts::external_input`: images or files by
+    /// URL or id, a previous response or conversation, a stored prompt, tools).
     pub fn of(facts: &RequestFacts, limits: &Limits) -> UsageBounds {
+        let unseen = if facts.external_input {
+            limits.max_reported_tokens
+        } else {
+            0
+        };
         UsageBounds {
-            input: facts
-                .prompt_bound
-                .saturating_add(limits.max_reported_tokens),
+            input: facts.prompt_bound.saturating_add(unseen),
             output: facts
                 .max_tokens
                 .map_or(u64::MAX, |max| max.saturating_mul(facts.choices.max(1)))
@@ -98,7 +102,8 @@ mod tests {
         x.on_response_body(absurd.as_bytes());
         x.on_response_complete();
         let (usage, source) = x.finish(false);
-        let input = body.len() as u64 + 2_000_000;
+        // Nothing in the body brings input from elsewhere: input is bounded by its bytes.
+        let input = body.len() as u64;
         assert_eq!(
             usage,
             Usage {
@@ -131,6 +136,19 @@ mod tests {
         n.on_response_body(absurd.as_bytes());
         n.on_response_complete();
         assert_eq!(n.finish(false).0.output, 150);
+        // A body that can bring input from elsewhere (here a previous response) may report more.
+        let mut r = exchange_with(
+            ApiKind::Responses,
+            r#"{"model":"m","previous_response_id":"resp_1","input":"go on"}"#,
+            Limits::default(),
+        );
+        r.on_response_headers(200, Some(b"application/json"), None);
+        r.on_response_body(br#"{"usage":{"input_tokens":150000,"output_tokens":3}}"#);
+        r.on_response_complete();
+        assert_eq!(
+            (r.finish(false).0.input, r.usage_anomaly()),
+            (150_000, None)
+        );
         // Anthropic: the cache split is kept within the clamped input.
         let bounds = UsageBounds {
             input: 100,

@@ -614,7 +614,7 @@ mod tests {
     fn cut_anthropic_stream_charges_the_deltas_that_passed() {
         let mut x = exchange(ApiKind::Messages);
         x.on_response_headers(200, Some(b"text/event-stream"), None);
-        x.on_response_body(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":30,\"output_tokens\":1}}}\n\n");
+        x.on_response_body(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"output_tokens\":1}}}\n\n");
         for _ in 0..5 {
             x.on_response_body(b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n");
         }
@@ -622,7 +622,7 @@ mod tests {
         let (usage, source) = x.finish(false);
         assert_eq!(
             (usage.input, usage.output, source),
-            (30, 5, UsageSource::Reported)
+            (20, 5, UsageSource::Reported)
         );
     }
 

@@ -94,9 +94,9 @@ def upstream():
 def penv(request, upstream):
     proc = Envoy(plugin_config(request.param == "routed"), upstream.port)
     # Spend the `spent` tenant's budget on the real path: the upstream reports 3,500 input tokens
-    # (output is bounded by the request's max_tokens; input may exceed the body, see README).
+    # (reported usage is bounded by the request: output by max_tokens, input by the body's bytes).
     result = send(proc, upstream, CANONICAL, "admitted", key=KEY_SPENT,
-                  extra={"x-fake-input-tokens": "3500"})
+                  extra={"x-fake-input-tokens": "3500"}, content="x" * 3600)
     assert result["status"] == 200, result
     assert usage(proc)["spent"]["used"] > 3000
     yield proc
@@ -111,7 +111,7 @@ def usage(envoy):
             for t in json.loads(data)["tenants"]}
 
 
-def send(envoy, upstream, path, scenario, key=None, extra=None, method="POST"):
+def send(envoy, upstream, path, scenario, key=None, extra=None, method="POST", content="hi"):
     """One request over a raw socket; its status, JSON body, access-log line and the fake
     upstream's ledger entries for it."""
     model = "gpt-4o" if scenario == "forbidden_model" else "gpt-4o-mini"
@@ -122,7 +122,7 @@ def send(envoy, upstream, path, scenario, key=None, extra=None, method="POST"):
     if key:
         headers["authorization"] = f"Bearer {key}"
     headers.update(extra or {})
-    body = {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    body = {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": content}]}
     if method == "POST":
         head, data = raw_post(envoy.port, path, headers, body)
     else:

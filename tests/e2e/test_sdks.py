@@ -91,8 +91,10 @@ def test_anthropic_messages(envoy, upstream, claude):
 
 def test_anthropic_messages_streaming(envoy, upstream, claude):
     rid, headers = ids()
+    # 100 input tokens reported: the prompt holds at least 100 bytes (reported input is bounded
+    # by the body's bytes).
     with claude.messages.stream(model="claude-3-5-haiku", max_tokens=64,
-                                messages=[{"role": "user", "content": "hi"}],
+                                messages=[{"role": "user", "content": "hi " + "x" * 120}],
                                 extra_headers={**headers, "x-fake-cached-tokens": "30",
                                                "x-fake-cache-write-tokens": "12",
                                                "x-fake-input-tokens": "100"}) as stream:
