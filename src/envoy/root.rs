@@ -1,6 +1,8 @@
 //! The root context: validates the plugin configuration once and hands it to each request.
 
 use std::cell::Cell;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 
 use log::{error, info};
@@ -40,10 +42,10 @@ impl RootContext for TollgateRoot {
             Ok(config) => {
                 metrics::define_counter(crate::metrics::SHARED_KEYS_CREATED.to_string());
                 self.draws.set(host::now_ms());
-                self.worker = Rc::from(format!(
-                    "{:08x}",
-                    host::now_nanos() as u32 ^ (host::now_nanos() >> 32) as u32
-                ));
+                // Workers configure within the same clock tick: the clock alone gave two workers
+                // one name. std's hasher keys come from WASI `random_get` (Envoy's RNG).
+                let random = RandomState::new().build_hasher().finish();
+                self.worker = Rc::from(format!("{:08x}", (random ^ host::now_nanos()) as u32));
                 // Create every budget key before traffic: a key created by two workers at once
                 // could lose a reservation; an existing key is never touched.
                 let keys = config.shared_keys();
