@@ -24,6 +24,7 @@ pub mod cost;
 pub mod exchange;
 pub mod holdings;
 pub mod metrics;
+pub mod pipeline;
 pub mod reply;
 pub mod routing;
 pub mod store;

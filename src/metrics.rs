@@ -9,6 +9,8 @@
 
 use std::borrow::Cow;
 
+use hashbrown::HashMap;
+#[cfg(test)]
 use hashbrown::HashSet;
 
 /// Shared-data keys this filter ever created (the key space is bounded by the configuration).
@@ -67,46 +69,77 @@ impl Histogram {
     }
 }
 
+/// A label value's index in [`Labels`] (computed once per request; stats are keyed by it).
+pub type LabelId = u16;
+
+/// The id of `_other`: everything past the label caps.
+pub const OTHER_ID: LabelId = LabelId::MAX;
+
+/// The id of `_unknown` (tenant labels only): refused before a tenant was known.
+pub const UNKNOWN_ID: LabelId = LabelId::MAX - 1;
+
 /// The label values that get their own series.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Labels {
-    tenants: HashSet<String>,
-    models: HashSet<String>,
+    tenants: HashMap<String, LabelId>,
+    tenant_values: Vec<String>,
+    models: HashMap<String, LabelId>,
+    model_values: Vec<String>,
 }
 
 impl Labels {
     /// `tenants` and `models` in any order; the first `max_*` of each, sorted by name, keep
-    /// their names.
+    /// their names (at most 10,000 each: the configuration caps them).
     pub fn new<'a>(
         tenants: impl Iterator<Item = &'a String>,
         models: impl Iterator<Item = &'a String>,
         max_tenant_labels: usize,
         max_model_labels: usize,
     ) -> Labels {
-        let first = |names: &mut dyn Iterator<Item = &'a String>, max: usize| -> HashSet<String> {
+        fn first(
+            names: &mut dyn Iterator<Item = &String>,
+            max: usize,
+        ) -> (HashMap<String, LabelId>, Vec<String>) {
             let mut all: Vec<&String> = names.collect();
             all.sort();
             all.dedup();
-            all.into_iter().take(max).cloned().collect()
-        };
+            let kept = all.into_iter().take(max.min(usize::from(UNKNOWN_ID)));
+            let mut ids = HashMap::new();
+            let mut values = Vec::new();
+            for (i, name) in kept.enumerate() {
+                ids.insert(name.clone(), LabelId::try_from(i).unwrap_or(OTHER_ID));
+                values.push(sanitize(name).into_owned());
+            }
+            (ids, values)
+        }
         let mut tenants = tenants;
         let mut models = models;
+        let (tenants, tenant_values) = first(&mut tenants, max_tenant_labels);
+        let (models, model_values) = first(&mut models, max_model_labels);
         Labels {
-            tenants: first(&mut tenants, max_tenant_labels),
-            models: first(&mut models, max_model_labels),
+            tenants,
+            tenant_values,
+            models,
+            model_values,
         }
     }
 
     /// The tenant label values (sanitised), `_other` included.
     pub fn tenant_values(&self) -> impl Iterator<Item = Cow<'_, str>> {
-        self.tenants
+        self.tenant_values
             .iter()
-            .map(|t| sanitize(t))
+            .map(|t| Cow::Borrowed(t.as_str()))
             .chain(std::iter::once(Cow::Borrowed(OTHER)))
     }
 
+    /// Every tenant label id, `_other` included.
+    pub fn tenant_ids(&self) -> impl Iterator<Item = LabelId> + use<> {
+        let count = LabelId::try_from(self.tenant_values.len()).unwrap_or(0);
+        (0..count).chain(std::iter::once(OTHER_ID))
+    }
+
     pub fn tenant<'a>(&self, name: &'a str) -> Cow<'a, str> {
-        if self.tenants.contains(name) {
+        if self.tenants.contains_key(name) {
             sanitize(name)
         } else {
             Cow::Borrowed(OTHER)
@@ -114,12 +147,100 @@ impl Labels {
     }
 
     pub fn model<'a>(&self, name: &'a str) -> Cow<'a, str> {
-        if self.models.contains(name) {
+        if self.models.contains_key(name) {
             sanitize(name)
         } else {
             Cow::Borrowed(OTHER)
         }
     }
+
+    pub fn tenant_id(&self, name: &str) -> LabelId {
+        self.tenants.get(name).copied().unwrap_or(OTHER_ID)
+    }
+
+    pub fn model_id(&self, name: &str) -> LabelId {
+        self.models.get(name).copied().unwrap_or(OTHER_ID)
+    }
+
+    /// The value of a tenant label id (`_other`, `_unknown` included).
+    pub fn tenant_value(&self, id: LabelId) -> &str {
+        match id {
+            UNKNOWN_ID => UNKNOWN_TENANT,
+            _ => self
+                .tenant_values
+                .get(usize::from(id))
+                .map_or(OTHER, String::as_str),
+        }
+    }
+
+    pub fn model_value(&self, id: LabelId) -> &str {
+        self.model_values
+            .get(usize::from(id))
+            .map_or(OTHER, String::as_str)
+    }
+}
+
+/// One stat, by kind and label ids: cheap to hash, so the skin keeps Envoy's metric id per
+/// stat and formats a name only the first time ([`Stat::name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stat {
+    Counter(Counter, LabelId, LabelId),
+    Histogram(Histogram, LabelId),
+    Denials(LabelId, &'static str),
+    InFlight(LabelId),
+    UsageAnomalies(LabelId),
+    CacheStores,
+    CacheEvictions,
+    CacheEntries,
+    CacheBytes,
+    SharedKeysCreated,
+}
+
+/// How a stat is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StatKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Stat {
+    pub fn kind(self) -> StatKind {
+        match self {
+            Stat::Histogram(..) => StatKind::Histogram,
+            Stat::InFlight(_) | Stat::CacheEntries | Stat::CacheBytes => StatKind::Gauge,
+            _ => StatKind::Counter,
+        }
+    }
+
+    /// The stat's name in Envoy (labels encoded for `stats_tags`).
+    pub fn name(self, labels: &Labels) -> String {
+        match self {
+            Stat::Counter(c, t, m) => {
+                counter_name(c, labels.tenant_value(t), labels.model_value(m))
+            }
+            Stat::Histogram(h, t) => histogram_name(h, labels.tenant_value(t)),
+            Stat::Denials(t, reason) => denial_name(labels.tenant_value(t), reason),
+            Stat::InFlight(t) => in_flight_name(labels.tenant_value(t)),
+            Stat::UsageAnomalies(t) => usage_anomalies_name(labels.tenant_value(t)),
+            Stat::CacheStores => "tollgate.cache.stores".to_string(),
+            Stat::CacheEvictions => "tollgate.cache.evictions".to_string(),
+            Stat::CacheEntries => "tollgate.cache.entries".to_string(),
+            Stat::CacheBytes => "tollgate.cache.bytes".to_string(),
+            Stat::SharedKeysCreated => SHARED_KEYS_CREATED.to_string(),
+        }
+    }
+}
+
+/// What to do with a stat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatUpdate {
+    /// Add to a counter (0: define it, so a first increment is visible to `rate()`).
+    Add(Stat, u64),
+    /// Set a gauge (from a shared count, never by a delta: a dead VM would leave its deltas).
+    Set(Stat, u64),
+    /// Record a histogram sample.
+    Sample(Stat, u64),
 }
 
 /// A label value safe inside a dotted stat name: anything but `[A-Za-z0-9_-]` becomes `_`

@@ -8,15 +8,10 @@
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, Bytes, MapType, Status};
 
+use crate::metrics::{Labels, Stat, StatUpdate};
+use crate::pipeline::Host;
 use crate::reply::LocalReply;
 use crate::store::{SharedStore, Versioned};
-
-/// A request header, as bytes (`None` when absent).
-pub fn request_header(name: &str) -> Option<Bytes> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
-}
 
 /// Every request header (pseudo-headers included), in one host call: cheaper than several
 /// single reads when a handful of them is needed (the cache key).
@@ -73,12 +68,14 @@ pub fn set_record_field(name: &str, value: &[u8]) -> Result<(), Status> {
 }
 
 /// Answers the request locally (`extra`: headers whose names come from the configuration).
-pub fn send_reply(reply: &LocalReply, extra: &[(&str, &str)]) -> Result<(), Status> {
+pub fn send_reply(reply: &LocalReply, extra: &[(&str, Option<Vec<u8>>)]) -> Result<(), Status> {
     let headers: Vec<(&str, &str)> = reply
         .headers
         .iter()
         .map(|(name, value)| (*name, value.as_str()))
-        .chain(extra.iter().copied())
+        .chain(extra.iter().filter_map(|(name, value)| {
+            Some((*name, std::str::from_utf8(value.as_deref()?).ok()?))
+        }))
         .collect();
     hostcalls::send_http_response(reply.status, headers, Some(&reply.body))
 }
@@ -94,13 +91,8 @@ pub fn set_response_body(size: usize, body: &[u8]) -> Result<(), Status> {
 }
 
 /// Replaces, adds or (with `None`) removes a response header, in the response headers callback.
-pub fn set_response_header_or_remove(name: &str, value: Option<&[u8]>) -> Result<(), Status> {
+pub fn set_response_header(name: &str, value: Option<&[u8]>) -> Result<(), Status> {
     hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, value)
-}
-
-/// Replaces (or adds) a response header, in the response headers callback.
-pub fn set_response_header(name: &str, value: &[u8]) -> Result<(), Status> {
-    hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, Some(value))
 }
 
 /// Nanoseconds since the Unix epoch, by Envoy's clock.
@@ -119,10 +111,13 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Envoy's proxy-wasm shared data (per `vm_id`, shared by all workers) as a [`SharedStore`].
-pub struct EnvoyStore;
+/// The pipeline's host: Envoy's proxy-wasm shared data (per `vm_id`, shared by all workers),
+/// its clock, properties and stats.
+pub struct EnvoyHost<'a> {
+    pub labels: &'a Labels,
+}
 
-impl SharedStore for EnvoyStore {
+impl SharedStore for EnvoyHost<'_> {
     fn get(&self, key: &str) -> Versioned {
         match hostcalls::get_shared_data(key) {
             Ok((value, cas)) => (value, cas.unwrap_or(0)),
@@ -135,7 +130,21 @@ impl SharedStore for EnvoyStore {
     }
 
     fn created(&self, _key: &str) {
-        super::metrics::count(crate::metrics::SHARED_KEYS_CREATED.to_string(), 1);
+        self.stat(StatUpdate::Add(Stat::SharedKeysCreated, 1));
+    }
+}
+
+impl Host for EnvoyHost<'_> {
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+
+    fn property(&self, path: &[String]) -> Option<Vec<u8>> {
+        property(path)
+    }
+
+    fn stat(&self, update: StatUpdate) {
+        super::metrics::apply(update, self.labels);
     }
 }
 

@@ -1,5 +1,5 @@
-//! Envoy stats for the filter: metrics are defined on first use and their ids cached per VM
-//! (names come from [`crate::metrics`], labels already bounded).
+//! Envoy stats for the filter: each [`Stat`] is defined on first use and its id kept per VM,
+//! so a request's stats cost a hash of a few bytes, never a formatted name.
 
 use std::cell::RefCell;
 
@@ -7,47 +7,43 @@ use hashbrown::HashMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
+use crate::metrics::{Labels, Stat, StatKind, StatUpdate};
+
 thread_local! {
-    static IDS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+    static IDS: RefCell<HashMap<Stat, u32>> = RefCell::new(HashMap::new());
 }
 
-fn id(kind: MetricType, name: String) -> Option<u32> {
+fn id(stat: Stat, labels: &Labels) -> Option<u32> {
     IDS.with(|ids| {
-        if let Some(id) = ids.borrow().get(&name) {
+        if let Some(id) = ids.borrow().get(&stat) {
             return Some(*id);
         }
-        let id = hostcalls::define_metric(kind, &name).ok()?;
-        ids.borrow_mut().insert(name, id);
+        let kind = match stat.kind() {
+            StatKind::Counter => MetricType::Counter,
+            StatKind::Gauge => MetricType::Gauge,
+            StatKind::Histogram => MetricType::Histogram,
+        };
+        let id = hostcalls::define_metric(kind, &stat.name(labels)).ok()?;
+        ids.borrow_mut().insert(stat, id);
         Some(id)
     })
 }
 
-/// Creates a counter at 0 (so a first increment is a visible change for Prometheus `rate()`).
-pub fn define_counter(name: String) {
-    let _ = id(MetricType::Counter, name);
-}
-
-/// Adds `delta` to a counter (nothing for 0).
-pub fn count(name: String, delta: u64) {
-    if delta == 0 {
-        return;
-    }
-    if let Some(id) = id(MetricType::Counter, name) {
-        let _ = hostcalls::increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
-    }
-}
-
-/// Sets a gauge (the cache's entries and bytes, in-flight counts). Gauges are only ever set from
-/// shared counts, never moved by a delta: a VM that dies would leave its deltas behind.
-pub fn gauge_set(name: String, value: u64) {
-    if let Some(id) = id(MetricType::Gauge, name) {
-        let _ = hostcalls::record_metric(id, value);
-    }
-}
-
-/// Records one histogram sample.
-pub fn sample(name: String, value: u64) {
-    if let Some(id) = id(MetricType::Histogram, name) {
-        let _ = hostcalls::record_metric(id, value);
+/// Applies one update (`Add` of 0 only defines the counter, so a first increment is a visible
+/// change for Prometheus `rate()`).
+pub fn apply(update: StatUpdate, labels: &Labels) {
+    match update {
+        StatUpdate::Add(stat, delta) => {
+            if let Some(id) = id(stat, labels)
+                && delta > 0
+            {
+                let _ = hostcalls::increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
+            }
+        }
+        StatUpdate::Set(stat, value) | StatUpdate::Sample(stat, value) => {
+            if let Some(id) = id(stat, labels) {
+                let _ = hostcalls::record_metric(id, value);
+            }
+        }
     }
 }

@@ -1,6 +1,5 @@
 //! The root context: validates the plugin configuration once and hands it to each request.
 
-use std::cell::Cell;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
@@ -9,28 +8,16 @@ use log::{error, info};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
-use super::host::{self, EnvoyStore};
+use super::host::{self, EnvoyHost};
 use super::http::TollgateHttp;
-use super::metrics;
 use crate::config::Config;
+use crate::metrics::{DENIAL_REASONS, Stat, StatUpdate, UNKNOWN_ID};
+use crate::pipeline::{Gateway, Host};
 use crate::store;
 
+#[derive(Default)]
 pub struct TollgateRoot {
-    config: Option<Rc<Config>>,
-    /// The weighted-draw sequence of this worker (seeded by the clock so workers differ).
-    draws: Rc<Cell<u64>>,
-    /// Names this VM (one per worker) in the ledger's `worker` field.
-    worker: Rc<str>,
-}
-
-impl Default for TollgateRoot {
-    fn default() -> Self {
-        TollgateRoot {
-            config: None,
-            draws: Rc::new(Cell::new(0)),
-            worker: Rc::from(""),
-        }
-    }
+    gateway: Option<Rc<Gateway>>,
 }
 
 impl Context for TollgateRoot {}
@@ -38,53 +25,51 @@ impl Context for TollgateRoot {}
 impl RootContext for TollgateRoot {
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
         let bytes = host::plugin_configuration(plugin_configuration_size).unwrap_or_default();
-        match Config::from_json(&bytes) {
-            Ok(config) => {
-                metrics::define_counter(crate::metrics::SHARED_KEYS_CREATED.to_string());
-                self.draws.set(host::now_ms());
-                // Workers configure within the same clock tick: the clock alone gave two workers
-                // one name. std's hasher keys come from WASI `random_get` (Envoy's RNG).
-                let random = RandomState::new().build_hasher().finish();
-                self.worker = Rc::from(format!("{:08x}", (random ^ host::now_nanos()) as u32));
-                // Create every budget key before traffic: a key created by two workers at once
-                // could lose a reservation; an existing key is never touched.
-                let keys = config.shared_keys();
-                let created = keys
-                    .iter()
-                    .filter(|key| store::ensure(&EnvoyStore, key, store::FRESH))
-                    .count();
-                info!(
-                    "tollgate configured: {} tenants, {} shared-data keys ({created} created)",
-                    config.tenants.len(),
-                    keys.len()
-                );
-                // Denial counters exist from the start, at 0, for every tenant label.
-                for tenant in config.labels.tenant_values() {
-                    for reason in crate::metrics::DENIAL_REASONS {
-                        metrics::define_counter(crate::metrics::denial_name(&tenant, reason));
-                    }
-                }
-                metrics::define_counter(crate::metrics::denial_name(
-                    crate::metrics::UNKNOWN_TENANT,
-                    "unauthenticated",
-                ));
-                self.config = Some(Rc::new(config));
-                true
-            }
+        let config = match Config::from_json(&bytes) {
+            Ok(config) => config,
             Err(err) => {
                 error!("{err}");
-                false
+                return false;
+            }
+        };
+        let host = EnvoyHost {
+            labels: &config.labels,
+        };
+        host.stat(StatUpdate::Add(Stat::SharedKeysCreated, 0));
+        // Create every budget key before traffic: a key created by two workers at once could
+        // lose a reservation; an existing key is never touched.
+        let keys = config.shared_keys();
+        let created = keys
+            .iter()
+            .filter(|key| store::ensure(&host, key, store::FRESH))
+            .count();
+        info!(
+            "tollgate configured: {} tenants, {} shared-data keys ({created} created)",
+            config.tenants.len(),
+            keys.len()
+        );
+        // Denial counters exist from the start, at 0, for every tenant label.
+        let labels = config.labels.tenant_ids();
+        for label in labels {
+            for reason in DENIAL_REASONS {
+                host.stat(StatUpdate::Add(Stat::Denials(label, reason), 0));
             }
         }
+        host.stat(StatUpdate::Add(
+            Stat::Denials(UNKNOWN_ID, "unauthenticated"),
+            0,
+        ));
+        // Workers configure within the same clock tick: the clock alone gave two workers one
+        // name. std's hasher keys come from WASI `random_get` (Envoy's RNG).
+        let random = RandomState::new().build_hasher().finish();
+        let worker = format!("{:08x}", (random ^ host::now_nanos()) as u32);
+        self.gateway = Some(Rc::new(Gateway::new(config, host::now_ms(), worker)));
+        true
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Returning `None` would make the SDK panic: a missing configuration passes traffic through.
-        Some(Box::new(TollgateHttp::new(
-            self.config.clone(),
-            self.draws.clone(),
-            self.worker.clone(),
-        )))
+        Some(Box::new(TollgateHttp::new(self.gateway.clone())))
     }
 
     fn get_type(&self) -> Option<ContextType> {

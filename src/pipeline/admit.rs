@@ -1,0 +1,249 @@
+//! The request body: parse, route, plan, cache lookup, admission, then the edits that send the
+//! request upstream.
+
+use super::cache_step::{self, Asked, Lookup};
+use super::{Active, Effects, Gateway, Headers, Host, Request, State};
+use crate::admission::{self, TenantKeys, TenantPolicy};
+use crate::api::request::parse_request;
+use crate::api::rewrite::{self, Edits};
+use crate::api::{ApiKind, Usage};
+use crate::exchange::Exchange;
+use crate::metrics::{LabelId, Stat, StatUpdate};
+use crate::reply::Refusal;
+use crate::routing::{Draw, Resolved};
+
+impl Request {
+    /// Decides on a whole request body: refuse, answer from the cache, or forward (with the
+    /// body rewritten and the routing headers set when needed).
+    pub(super) fn admit<'g, H: Host + ?Sized>(
+        &mut self,
+        gateway: &'g Gateway,
+        host: &H,
+        kind: ApiKind,
+        (tenant, label): (String, LabelId),
+        headers: &Headers,
+        body: Vec<u8>,
+    ) -> Effects<'g> {
+        let config = &gateway.config;
+        let who = Some((tenant.clone(), label));
+        let facts = match parse_request(kind, &body) {
+            Ok(facts) => facts,
+            Err(err) => {
+                let refusal = Refusal::BadRequest {
+                    param: err.param,
+                    message: err.message,
+                };
+                return self.refuse(kind, who, None, &refusal);
+            }
+        };
+        let (policy, keys) = gateway.tenant_budget(&tenant);
+        let now = host.now_ms();
+        let resolved = match route(gateway, host, headers, policy, &keys, &facts.model, now) {
+            Ok(resolved) => resolved,
+            Err(refusal) => return self.refuse(kind, who, Some(facts.model), &refusal),
+        };
+        let served = resolved
+            .as_ref()
+            .map_or(facts.model.as_str(), |r| r.model.as_str());
+        let price = config.price(served);
+        let plan = match admission::plan(policy, kind, &facts, served) {
+            Ok(plan) => plan,
+            Err(refusal) => return self.refuse(kind, who, Some(facts.model), &refusal),
+        };
+        let asked = Asked {
+            kind,
+            tenant: &tenant,
+            requested: &facts.model,
+            served,
+            resolved: resolved.as_ref(),
+            body: &body,
+            max_tokens: plan.set_max_tokens,
+        };
+        let mut cache = match cache_step::lookup(gateway, host, headers, &asked, now) {
+            Lookup::Hit(hit, key) => {
+                let served = served.to_string();
+                return self.serve_hit(
+                    gateway, host, kind, who, facts, resolved, served, *hit, key, plan, now,
+                );
+            }
+            Lookup::Status(status) => status,
+        };
+        let admitted = match admission::admit(host, policy, &keys, served, price, plan, now) {
+            Ok(admitted) => admitted,
+            Err(refusal) => return self.refuse(kind, who, Some(facts.model), &refusal),
+        };
+        cache.rekey(plan.set_max_tokens, admitted.plan.set_max_tokens);
+        let edits = Edits {
+            max_tokens: admitted.plan.set_max_tokens,
+            include_usage: admitted.plan.inject_include_usage,
+            model: resolved
+                .as_ref()
+                .filter(|r| r.upstream_model != facts.model)
+                .map(|r| r.upstream_model.clone()),
+        };
+        let mut effects = Effects::proceed();
+        if !edits.is_empty() {
+            match rewrite::apply(kind, &body, &edits) {
+                Some(new) => {
+                    effects
+                        .headers
+                        .push(("content-length", Some(new.len().to_string().into_bytes())));
+                    effects.body = Some(new);
+                }
+                None => {
+                    let model = Some(facts.model);
+                    admission::settle(
+                        host,
+                        policy,
+                        &keys,
+                        &admitted,
+                        &Usage::default(),
+                        price,
+                        now,
+                    );
+                    return self.refuse(kind, who, model, &rewrite_failed());
+                }
+            }
+        }
+        if let (Some(routing), Some(r)) = (&config.routing, &resolved) {
+            effects.headers.extend([
+                (routing.header.as_str(), Some(r.route.clone().into_bytes())),
+                (
+                    routing.model_header.as_str(),
+                    Some(r.model.clone().into_bytes()),
+                ),
+            ]);
+            effects.clear_route_cache = true;
+        }
+        let mut exchange = Exchange::new(kind, tenant, facts, config.limits);
+        if let Some(r) = resolved {
+            exchange.set_served(r.model, r.route);
+        }
+        if let (Some(c), true) = (&config.cache, cache.stores()) {
+            exchange
+                .capture_for_cache(usize::try_from(c.table.max_entry_bytes).unwrap_or(usize::MAX));
+        }
+        exchange.set_reservation(admitted.plan.prompt_tokens, admitted.plan.output_tokens);
+        if admitted.plan.inject_include_usage {
+            exchange.set_include_usage_injected();
+        }
+        let conversation = config
+            .routing
+            .as_ref()
+            .and_then(|r| r.conversation_header.as_deref())
+            .and_then(|name| headers.get(name))
+            .map(|id| String::from_utf8_lossy(id).into_owned());
+        let in_flight = enter_in_flight(gateway, host, label, policy.epoch(now));
+        self.state = State::Active(Box::new(Active {
+            label,
+            in_flight,
+            exchange,
+            admitted,
+            started_ms: now,
+            first_byte_seen: false,
+            conversation,
+            cache,
+        }));
+        effects
+    }
+
+    /// The host could not apply the forward's edits (the body or a header could not be
+    /// replaced): the reservation is released and the client gets a 500.
+    pub fn forward_failed<'g, H: Host + ?Sized>(
+        &mut self,
+        gateway: &'g Gateway,
+        host: &H,
+    ) -> Effects<'g> {
+        let State::Active(active) = std::mem::take(&mut self.state) else {
+            return Effects::proceed();
+        };
+        let exchange = &active.exchange;
+        let (policy, keys) = gateway.tenant_budget(&exchange.tenant);
+        let price = gateway.config.price(exchange.served_model());
+        let now = host.now_ms();
+        admission::settle(
+            host,
+            policy,
+            &keys,
+            &active.admitted,
+            &Usage::default(),
+            price,
+            now,
+        );
+        if let Some(taken) = active.in_flight {
+            leave_in_flight(gateway, host, active.label, taken, policy.epoch(now));
+        }
+        let who = Some((exchange.tenant.clone(), active.label));
+        let model = Some(exchange.facts.model.clone());
+        self.refuse(exchange.kind, who, model, &rewrite_failed())
+    }
+}
+
+fn rewrite_failed() -> Refusal {
+    Refusal::Internal {
+        message: "The gateway could not rewrite the request body.".into(),
+    }
+}
+
+/// Resolves the requested model to a route (`None` without a routing table).
+fn route<H: Host + ?Sized>(
+    gateway: &Gateway,
+    host: &H,
+    headers: &Headers,
+    policy: &TenantPolicy,
+    keys: &TenantKeys,
+    requested: &str,
+    now: u64,
+) -> Result<Option<Resolved>, Refusal> {
+    let Some(routing) = &gateway.config.routing else {
+        return Ok(None);
+    };
+    let overrides = (!policy.aliases.is_empty()).then_some(&policy.aliases);
+    // Reading the budget costs shared-data reads: only for aliases that can downgrade.
+    let downgrade = routing.may_downgrade(overrides, requested)
+        && policy.past_downgrade_threshold(host, keys, requested, now);
+    let conversation = routing
+        .conversation_header
+        .as_deref()
+        .and_then(|name| headers.get(name))
+        .filter(|id| !id.is_empty());
+    let draw = match conversation {
+        Some(id) => Draw::Conversation(id),
+        None => Draw::Sequence(gateway.next_draw()),
+    };
+    routing
+        .resolve(overrides, requested, draw, downgrade)
+        .map(Some)
+        .ok_or_else(|| Refusal::ModelNotFound {
+            model: requested.to_string(),
+        })
+}
+
+/// Counts a request in its tenant label's shared in-flight count and sets the gauge from it.
+pub(super) fn enter_in_flight<H: Host + ?Sized>(
+    gateway: &Gateway,
+    host: &H,
+    label: LabelId,
+    epoch: u64,
+) -> Option<u64> {
+    let key = gateway.in_flight_key(label)?;
+    let (taken, count) = admission::enter_in_flight(host, key, epoch)?;
+    host.stat(StatUpdate::Set(Stat::InFlight(label), count));
+    Some(taken)
+}
+
+/// Counts a request out again (see [`enter_in_flight`]).
+pub(super) fn leave_in_flight<H: Host + ?Sized>(
+    gateway: &Gateway,
+    host: &H,
+    label: LabelId,
+    taken: u64,
+    epoch: u64,
+) {
+    let Some(key) = gateway.in_flight_key(label) else {
+        return;
+    };
+    if let Some(count) = admission::leave_in_flight(host, key, taken, epoch) {
+        host.stat(StatUpdate::Set(Stat::InFlight(label), count));
+    }
+}

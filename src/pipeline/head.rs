@@ -1,0 +1,177 @@
+//! The request headers: which API, which tenant, whether the body may come (and the usage view).
+
+use super::{Effects, Gateway, Headers, Host, Request, State};
+use crate::api::{ApiKind, Family};
+use crate::metrics::LabelId;
+use crate::reply::{LocalReply, Refusal};
+use crate::tenant::{API_KEY_HEADERS, KeyDigest, TenantSource};
+use crate::view;
+
+impl Request {
+    /// The request headers arrived. An LLM POST from a known tenant waits for its body (the
+    /// client's routing header is dropped, an uncompressed response asked for); everything else
+    /// passes through or is answered here.
+    pub fn on_request_headers<'g, H: Host + ?Sized>(
+        &mut self,
+        gateway: &'g Gateway,
+        host: &H,
+        headers: Headers,
+        end_of_stream: bool,
+    ) -> Effects<'g> {
+        let config = &gateway.config;
+        let Some(path) = headers.get(":path") else {
+            return Effects::proceed();
+        };
+        if let Some(view) = &config.usage_view
+            && path.split(|b| *b == b'?').next() == Some(view.path.as_bytes())
+        {
+            return self.serve_usage_view(gateway, host, &headers);
+        }
+        let Some(kind) = ApiKind::from_path(path) else {
+            return Effects::proceed();
+        };
+        if headers.get(":method") != Some(b"POST") {
+            return Effects::proceed();
+        }
+        let tenant = match identify(gateway, host, &headers) {
+            Ok(tenant) => tenant,
+            Err(refusal) => return self.refuse(kind, None, None, &refusal),
+        };
+        let label = config.labels.tenant_id(&tenant);
+        let limit = config.limits.max_request_body_bytes;
+        let declared_length = headers
+            .get("content-length")
+            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
+        if declared_length.is_some_and(|len| len > limit) {
+            return self.refuse(
+                kind,
+                Some((tenant, label)),
+                None,
+                &Refusal::TooLarge { limit },
+            );
+        }
+        if end_of_stream {
+            let refusal = Refusal::BadRequest {
+                param: None,
+                message: "The request has no body; a JSON body is required.".into(),
+            };
+            return self.refuse(kind, Some((tenant, label)), None, &refusal);
+        }
+        self.state = State::AwaitingBody {
+            kind,
+            tenant,
+            label,
+            headers,
+        };
+        // A client must never pick the cluster: its routing header goes (Tollgate sets its own
+        // once the body is read). Usage is read from the response: ask for it uncompressed
+        // (gzip is still decoded when an upstream ignores this).
+        let route_header = config
+            .routing
+            .as_ref()
+            .map_or("x-tollgate-route", |r| r.header.as_str());
+        Effects {
+            headers: vec![
+                (route_header, None),
+                ("accept-encoding", Some(b"identity".to_vec())),
+            ],
+            pause: true,
+            ..Effects::default()
+        }
+    }
+
+    /// The request body so far: refuses it past the cap, waits for its end, then decides.
+    /// `read_body` reads the whole buffered body (called once, at the end).
+    pub fn on_request_body<'g, H: Host + ?Sized>(
+        &mut self,
+        gateway: &'g Gateway,
+        host: &H,
+        body_size: usize,
+        end_of_stream: bool,
+        read_body: impl FnOnce() -> Vec<u8>,
+    ) -> Effects<'g> {
+        let State::AwaitingBody { kind, .. } = &self.state else {
+            return Effects::proceed();
+        };
+        let kind = *kind;
+        let limit = gateway.config.limits.max_request_body_bytes;
+        if u64::try_from(body_size).unwrap_or(u64::MAX) > limit {
+            let tenant = self.take_tenant();
+            return self.refuse(kind, tenant, None, &Refusal::TooLarge { limit });
+        }
+        if !end_of_stream {
+            return Effects::pause();
+        }
+        let State::AwaitingBody {
+            kind,
+            tenant,
+            label,
+            headers,
+        } = std::mem::take(&mut self.state)
+        else {
+            return Effects::proceed();
+        };
+        self.admit(gateway, host, kind, (tenant, label), &headers, read_body())
+    }
+
+    fn take_tenant(&mut self) -> Option<(String, LabelId)> {
+        match std::mem::take(&mut self.state) {
+            State::AwaitingBody { tenant, label, .. } => Some((tenant, label)),
+            _ => None,
+        }
+    }
+
+    /// The usage view: `GET <usage_view.path>` with `Authorization: Bearer <admin token>`.
+    /// Other methods get 405 (`allow: GET`), whatever the token.
+    fn serve_usage_view<'g, H: Host + ?Sized>(
+        &mut self,
+        gateway: &'g Gateway,
+        host: &H,
+        headers: &Headers,
+    ) -> Effects<'g> {
+        let config = &gateway.config;
+        let is_get = headers.get(":method") == Some(b"GET");
+        let authorized = config.usage_view.as_ref().is_some_and(|v| {
+            headers
+                .get("authorization")
+                .and_then(|a| a.strip_prefix(b"Bearer "))
+                .is_some_and(|token| KeyDigest::of_key(token.trim_ascii()) == v.token)
+        });
+        let reply = if !is_get {
+            Refusal::MethodNotAllowed { allow: "GET" }.reply(Family::OpenAi)
+        } else if authorized {
+            LocalReply {
+                status: 200,
+                headers: vec![("content-type", "application/json".to_string())],
+                body: view::render(host, config, host.now_ms()),
+                reason: "usage_view",
+            }
+        } else {
+            Refusal::Unauthenticated {
+                message: "The usage view needs its admin token.".into(),
+            }
+            .reply(Family::OpenAi)
+        };
+        self.state = State::Answered(vec![("tollgate.decision", reply.reason.to_string())]);
+        Effects::reply(reply)
+    }
+}
+
+/// Who is asking, by the configured source.
+fn identify<H: Host + ?Sized>(
+    gateway: &Gateway,
+    host: &H,
+    headers: &Headers,
+) -> Result<String, Refusal> {
+    let identity = &gateway.config.identity;
+    let found = match &identity.source {
+        TenantSource::Header(name) => identity.resolve_value(headers.get(name)),
+        TenantSource::Metadata(path) => identity.resolve_value(host.property(path).as_deref()),
+        TenantSource::ApiKey(_) => {
+            identity.resolve_api_key(API_KEY_HEADERS.map(|h| headers.get(h)))
+        }
+    };
+    found.map_err(|why| Refusal::Unauthenticated {
+        message: why.message().to_string(),
+    })
+}

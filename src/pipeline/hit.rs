@@ -1,0 +1,103 @@
+//! A cache hit: the answer comes from the cache, with no upstream and (unless
+//! `cache.charge_hits`) no charge.
+
+use super::{Effects, Gateway, Host, Request, State};
+use crate::admission::{self, Plan};
+use crate::api::request::RequestFacts;
+use crate::api::{ApiKind, Usage};
+use crate::cache::{CacheKey, Hit};
+use crate::cost;
+use crate::exchange::{Exchange, record_fields};
+use crate::metrics::{Counter, LabelId, Stat, StatUpdate};
+use crate::reply::LocalReply;
+use crate::routing::Resolved;
+
+impl Request {
+    /// Answers from the cache. Hits are free unless `cache.charge_hits`; either way they count
+    /// as saved tokens and saved cost at the served model's price.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn serve_hit<'g, H: Host + ?Sized>(
+        &mut self,
+        gateway: &'g Gateway,
+        host: &H,
+        kind: ApiKind,
+        who: Option<(String, LabelId)>,
+        facts: RequestFacts,
+        resolved: Option<Resolved>,
+        served: String,
+        hit: Hit,
+        key: CacheKey,
+        plan: Plan,
+        now: u64,
+    ) -> Effects<'g> {
+        let config = &gateway.config;
+        let Some((tenant, label)) = who else {
+            return Effects::proceed();
+        };
+        // The usage the cached answer stands for, read like any response.
+        let mut probe = Exchange::new(kind, tenant, facts, config.limits);
+        probe.on_response_headers(hit.status, Some(hit.content_type.as_bytes()), None);
+        probe.on_response_body(&hit.body);
+        probe.on_response_complete();
+        let (usage, _) = probe.finish(false);
+        let price = config.price(&served);
+        let saved_micro = price.map_or(0, |p| cost::billed_micro_usd(p.cost(&usage)));
+        let (mut charged, mut billed) = (Usage::default(), 0);
+        if config.cache.as_ref().is_some_and(|c| c.charge_hits) {
+            let (policy, keys) = gateway.tenant_budget(&probe.tenant);
+            match admission::admit(host, policy, &keys, &served, price, plan, now) {
+                Ok(admitted) => {
+                    admission::settle(host, policy, &keys, &admitted, &usage, price, now);
+                    (charged, billed) = (usage, saved_micro);
+                }
+                Err(refusal) => {
+                    let model = Some(probe.facts.model);
+                    return self.refuse(kind, Some((probe.tenant, label)), model, &refusal);
+                }
+            }
+        }
+        let model = config.labels.model_id(&served);
+        for (counter, value) in [
+            (Counter::Requests, 1),
+            (Counter::CacheHits, 1),
+            (
+                Counter::CacheSavedTokens,
+                usage.input.saturating_add(usage.output),
+            ),
+            (Counter::CacheSavedMicroUsd, saved_micro),
+            (Counter::InputTokens, charged.input),
+            (Counter::OutputTokens, charged.output),
+            (Counter::CostMicroUsd, billed),
+        ] {
+            if value > 0 {
+                host.stat(StatUpdate::Add(Stat::Counter(counter, label, model), value));
+            }
+        }
+        log::debug!("tollgate cache hit {}", key.to_hex());
+        let route = resolved.map(|r| r.route).unwrap_or_default();
+        let mut record = record_fields(&probe, &served, &route, &charged, "cache");
+        record.extend([
+            ("tollgate.cost_usd", cost::format_micro_usd(billed)),
+            ("tollgate.cache", "hit".to_string()),
+            ("tollgate.decision", "admitted".to_string()),
+        ]);
+        self.state = State::Answered(record);
+        let reply = LocalReply {
+            status: hit.status,
+            headers: vec![
+                ("content-type", hit.content_type),
+                ("x-tollgate-cache", "hit".to_string()),
+                ("age", (hit.age_ms / 1000).to_string()),
+            ],
+            body: hit.body,
+            reason: "cache_hit",
+        };
+        let mut effects = Effects::reply(reply);
+        if let Some(routing) = &config.routing {
+            effects
+                .headers
+                .push((routing.model_header.as_str(), Some(served.into_bytes())));
+        }
+        effects
+    }
+}

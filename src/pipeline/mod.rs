@@ -1,0 +1,231 @@
+//! The request pipeline, host-free: one [`Request`] per HTTP exchange walks
+//! headers → body → decision → upstream → usage → settle, reading what the host provides
+//! ([`Host`], [`Headers`], body bytes) and returning what to do as data ([`Effects`]). The skin
+//! (`src/envoy/`) only gathers the inputs and executes the effects, so every decision is tested
+//! natively with an in-memory store and a fake clock (`tests`).
+
+mod admit;
+mod cache_step;
+mod head;
+mod hit;
+mod respond;
+mod settle;
+#[cfg(test)]
+mod tests;
+
+use std::cell::Cell;
+
+use crate::admission::{Admitted, TenantKeys, TenantPolicy};
+use crate::api::ApiKind;
+use crate::config::Config;
+use crate::exchange::Exchange;
+use crate::metrics::{LabelId, StatUpdate};
+use crate::reply::LocalReply;
+use crate::store::SharedStore;
+
+use cache_step::CacheStatus;
+pub use respond::ResponseHead;
+
+/// What the pipeline needs from its host besides the request itself: the shared store, the
+/// clock, Envoy properties and a sink for stats.
+pub trait Host: SharedStore {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+    /// An Envoy property (`metadata…`, `response.code_details`), `None` when absent.
+    fn property(&self, path: &[String]) -> Option<Vec<u8>>;
+    /// Records a stat.
+    fn stat(&self, update: StatUpdate);
+}
+
+/// The request headers, read from the host in one call (names are lower case, as Envoy
+/// keeps them).
+#[derive(Debug, Clone, Default)]
+pub struct Headers(pub Vec<(String, Vec<u8>)>);
+
+impl Headers {
+    /// The first value of `name` (`None` when absent).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.0
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// What a callback asks the host to do, in this order: edit headers, replace the body, clear
+/// the route cache, send the reply (with `headers` added to it), write the record.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Effects<'g> {
+    /// Header edits of the current direction: `None` removes the header. With a `reply`, the
+    /// extra headers of the reply.
+    pub headers: Vec<(&'g str, Option<Vec<u8>>)>,
+    /// Replaces the request body (request side) or the current chunk (response side).
+    pub body: Option<Vec<u8>>,
+    /// Makes Envoy match the route table again (the routing header changed).
+    pub clear_route_cache: bool,
+    /// Answers the request locally.
+    pub reply: Option<LocalReply>,
+    /// The per-request ledger record, for filter state (`wasm.<name>`).
+    pub record: Vec<(&'static str, String)>,
+    /// Stops iteration (waiting for the body, or a local reply was sent).
+    pub pause: bool,
+}
+
+impl<'g> Effects<'g> {
+    /// Nothing to do: go on.
+    pub fn proceed() -> Effects<'g> {
+        Effects::default()
+    }
+
+    /// Wait for more of the request.
+    fn pause() -> Effects<'g> {
+        Effects {
+            pause: true,
+            ..Effects::default()
+        }
+    }
+
+    /// Answer locally and stop.
+    fn reply(reply: LocalReply) -> Effects<'g> {
+        Effects {
+            reply: Some(reply),
+            pause: true,
+            ..Effects::default()
+        }
+    }
+}
+
+/// What one VM (one Envoy worker) shares among its requests: the configuration, precomputed
+/// keys, the weighted-draw sequence and the worker's name for the ledger.
+#[derive(Debug)]
+pub struct Gateway {
+    pub config: Config,
+    /// The in-flight count key of each tenant label (by id; `_other` last).
+    in_flight_keys: Vec<String>,
+    draws: Cell<u64>,
+    worker: String,
+}
+
+impl Gateway {
+    /// `seed` starts this worker's weighted-draw sequence; `worker` names it in the ledger.
+    pub fn new(config: Config, seed: u64, worker: String) -> Gateway {
+        let in_flight_keys = config
+            .labels
+            .tenant_values()
+            .map(|label| crate::admission::in_flight_key(&label))
+            .collect();
+        Gateway {
+            config,
+            in_flight_keys,
+            draws: Cell::new(seed),
+            worker,
+        }
+    }
+
+    /// The next draw of this worker's weighted-routing sequence.
+    fn next_draw(&self) -> u64 {
+        let n = self.draws.get();
+        self.draws.set(n.wrapping_add(1));
+        n
+    }
+
+    fn in_flight_key(&self, label: LabelId) -> Option<&str> {
+        self.in_flight_keys
+            .get(usize::from(label))
+            .or(self.in_flight_keys.last())
+            .map(String::as_str)
+    }
+
+    /// A tenant's policy and keys (declared tenants borrow them from the configuration).
+    fn tenant_budget(&self, tenant: &str) -> (&TenantPolicy, std::borrow::Cow<'_, TenantKeys>) {
+        let config = &self.config;
+        match config.tenants.get(tenant) {
+            Some(t) => (&t.policy, std::borrow::Cow::Borrowed(&t.keys)),
+            None => (
+                &config.undeclared_policy,
+                std::borrow::Cow::Owned(config.undeclared_keys(tenant)),
+            ),
+        }
+    }
+}
+
+/// One HTTP exchange through the pipeline.
+#[derive(Default)]
+pub struct Request {
+    state: State,
+    /// The record was written (settled exactly once).
+    recorded: bool,
+}
+
+#[derive(Default)]
+enum State {
+    /// Not an LLM request (or no configuration): Tollgate stays out of the way.
+    #[default]
+    PassThrough,
+    /// Identified, waiting for the whole request body.
+    AwaitingBody {
+        kind: ApiKind,
+        tenant: String,
+        label: LabelId,
+        headers: Headers,
+    },
+    /// Admitted; the response is being watched.
+    Active(Box<Active>),
+    /// Answered locally; `reason` goes to the record.
+    Refused {
+        kind: ApiKind,
+        tenant: Option<(String, LabelId)>,
+        model: Option<String>,
+        reason: &'static str,
+    },
+    /// Answered by Tollgate itself (usage view, cache hit); the record is ready.
+    Answered(Vec<(&'static str, String)>),
+}
+
+/// An admitted request, from its body to its settlement.
+struct Active {
+    label: LabelId,
+    /// The epoch this request was counted in flight in (`None`: it could not be counted).
+    in_flight: Option<u64>,
+    exchange: Exchange,
+    admitted: Admitted,
+    /// When the request was admitted (time to first token).
+    started_ms: u64,
+    first_byte_seen: bool,
+    conversation: Option<String>,
+    cache: CacheStatus,
+}
+
+impl Request {
+    pub fn new() -> Request {
+        Request::default()
+    }
+
+    /// Whether the response still has to be watched (the skin skips reading it otherwise).
+    pub fn is_active(&self) -> bool {
+        matches!(self.state, State::Active(_))
+    }
+
+    /// Remembers a local reply for the record and returns its effects.
+    fn refuse<'g>(
+        &mut self,
+        kind: ApiKind,
+        tenant: Option<(String, LabelId)>,
+        model: Option<String>,
+        refusal: &crate::reply::Refusal,
+    ) -> Effects<'g> {
+        let reply = refusal.reply(kind.family());
+        log::debug!(
+            "tollgate refuses {} request: {}",
+            kind.as_str(),
+            reply.reason
+        );
+        self.state = State::Refused {
+            kind,
+            tenant,
+            model,
+            reason: reply.reason,
+        };
+        Effects::reply(reply)
+    }
+}

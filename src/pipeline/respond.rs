@@ -1,0 +1,116 @@
+//! The response: headers for the client (served model, cache status, rate limits), the body
+//! watched for usage (and rewritten when Tollgate asked for a usage chunk the client did not).
+
+use super::{Effects, Gateway, Host, Request, State};
+use crate::api::Family;
+use crate::metrics::{Histogram, Stat, StatUpdate};
+use crate::window;
+
+/// What the pipeline reads of the response headers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResponseHead<'a> {
+    pub status: u32,
+    pub content_type: Option<&'a [u8]>,
+    pub content_encoding: Option<&'a [u8]>,
+}
+
+impl Request {
+    /// The response headers arrived: the header edits for the client, and the record when the
+    /// response has no body.
+    pub fn on_response_headers<'g, H: Host + ?Sized>(
+        &mut self,
+        gateway: &'g Gateway,
+        host: &H,
+        head: ResponseHead<'_>,
+        end_of_stream: bool,
+    ) -> Effects<'g> {
+        let State::Active(active) = &mut self.state else {
+            return Effects::proceed();
+        };
+        let exchange = &mut active.exchange;
+        exchange.on_response_headers(head.status, head.content_type, head.content_encoding);
+        let mut edits: Vec<(&'g str, Option<Vec<u8>>)> = Vec::new();
+        if let Some(routing) = &gateway.config.routing {
+            let model = exchange.served_model().as_bytes().to_vec();
+            edits.push((routing.model_header.as_str(), Some(model)));
+        }
+        if exchange.rewrites_response_body() {
+            edits.push(("content-length", None));
+        }
+        if !matches!(active.cache, super::CacheStatus::Off) {
+            let status = active.cache.as_str().as_bytes().to_vec();
+            edits.push(("x-tollgate-cache", Some(status)));
+        }
+        if let Some(rate) = active.admitted.rate {
+            let reset_in = rate.reset_ms.saturating_sub(host.now_ms());
+            let headers: [(&'static str, String); 3] = match exchange.kind.family() {
+                Family::OpenAi => [
+                    ("x-ratelimit-limit-tokens", rate.limit.to_string()),
+                    ("x-ratelimit-remaining-tokens", rate.remaining.to_string()),
+                    (
+                        "x-ratelimit-reset-tokens",
+                        window::openai_duration(reset_in),
+                    ),
+                ],
+                Family::Anthropic => [
+                    ("anthropic-ratelimit-tokens-limit", rate.limit.to_string()),
+                    (
+                        "anthropic-ratelimit-tokens-remaining",
+                        rate.remaining.to_string(),
+                    ),
+                    (
+                        "anthropic-ratelimit-tokens-reset",
+                        window::rfc3339(rate.reset_ms),
+                    ),
+                ],
+            };
+            edits.extend(headers.map(|(n, v)| (n, Some(v.into_bytes()))));
+        }
+        let mut effects = Effects {
+            headers: edits,
+            ..Effects::default()
+        };
+        if end_of_stream {
+            active.exchange.on_response_complete();
+            effects.record = self.finalize(gateway, host, false);
+        }
+        effects
+    }
+
+    /// Whether the response body must be read (for usage, the cache copy or a rewrite).
+    pub fn wants_response_body(&self) -> bool {
+        matches!(&self.state, State::Active(a) if a.exchange.wants_response_body())
+    }
+
+    /// A response body chunk (`chunk` is empty when the body is not wanted): the replacement
+    /// chunk when the client must see other bytes, and the record at the end.
+    pub fn on_response_body<'g, H: Host + ?Sized>(
+        &mut self,
+        gateway: &'g Gateway,
+        host: &H,
+        body_size: usize,
+        chunk: &[u8],
+        end_of_stream: bool,
+    ) -> Effects<'g> {
+        let State::Active(active) = &mut self.state else {
+            return Effects::proceed();
+        };
+        let mut effects = Effects::proceed();
+        // Time to first token: streams only (for a JSON answer the first byte is the last).
+        if !active.first_byte_seen && body_size > 0 && active.exchange.facts.stream {
+            active.first_byte_seen = true;
+            let ttft = host.now_ms().saturating_sub(active.started_ms);
+            let stat = Stat::Histogram(Histogram::TimeToFirstTokenMs, active.label);
+            host.stat(StatUpdate::Sample(stat, ttft));
+        }
+        if active.exchange.wants_response_body() {
+            // An empty last chunk still has to flush what the usage-chunk stripper holds.
+            effects.body = active.exchange.on_response_chunk(chunk, end_of_stream);
+        }
+        if end_of_stream {
+            active.exchange.on_response_complete();
+            effects.record = self.finalize(gateway, host, false);
+        }
+        effects
+    }
+}
