@@ -1,1 +1,0 @@
-//! The pipeline, natively: every decision with an in-memory store and a fake clock.
