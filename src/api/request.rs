@@ -27,6 +27,9 @@ pub struct RequestFacts {
     /// The body may bring input it does not contain ([`refers_outside_body`]), so the input
     /// tokens reported can exceed `prompt_bound`.
     pub external_input: bool,
+    /// Greedy decoding: a top-level `temperature` of 0, `top_p` of 0 or `top_k` of 1 (each keeps
+    /// only the most likely token), and `n` absent, null or 1 (the cache's `deterministic`).
+    pub greedy: bool,
 }
 
 /// Keys (and values) through which a request brings input tokens its body does not hold: a
@@ -86,6 +89,71 @@ struct RawRequest<'a> {
     /// Read leniently: only Chat Completions has `n`, and Tollgate only needs it as a bound.
     #[serde(default)]
     n: Option<Lenient>,
+    #[serde(default)]
+    temperature: Number,
+    #[serde(default)]
+    top_p: Number,
+    #[serde(default)]
+    top_k: Number,
+}
+
+/// A JSON number read as `f64`, or anything else (`None`): sampling parameters are the
+/// upstream's to validate; Tollgate only asks whether they are exactly 0 or 1.
+#[derive(Default)]
+struct Number(Option<f64>);
+
+impl<'de> Deserialize<'de> for Number {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Number, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Number;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Number, E> {
+                Ok(Number(Some(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Number, E> {
+                Ok(Number(Some(v as f64)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Number, E> {
+                Ok(Number(Some(v as f64)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Number, E> {
+                Ok(Number(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Number, E> {
+                Ok(Number(None))
+            }
+            fn visit_unit<E>(self) -> Result<Number, E> {
+                Ok(Number(None))
+            }
+            fn visit_none<E>(self) -> Result<Number, E> {
+                Ok(Number(None))
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Number, D::Error> {
+                Number::deserialize(d)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Number, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Number(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Number, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Number(None))
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
+}
+
+impl Number {
+    fn is(&self, want: f64) -> bool {
+        self.0 == Some(want)
+    }
 }
 
 /// A count where one is expected, or anything else (ignored).
@@ -158,23 +226,12 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, Request
             ),
         });
     }
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let raw: RawRequest<'_> = serde_path_to_error::deserialize(&mut de).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        let param = (path != "." && !inner.is_syntax() && !inner.is_eof()).then_some(path);
-        RequestError {
-            message: match &param {
-                Some(p) => format!("Invalid value for '{p}': {}", without_position(&inner)),
-                None => format!("The request body is not valid JSON: {inner}"),
-            },
-            param,
-        }
-    })?;
-    de.end().map_err(|err| RequestError {
-        param: None,
-        message: format!("The request body is not valid JSON: {err}"),
-    })?;
+    // The common body parses on the fast path; only a refused one is read again for the path
+    // of the field at fault (tracking it costs on every field).
+    let raw = match serde_json::from_slice::<RawRequest<'_>>(body) {
+        Ok(raw) => raw,
+        Err(_) => return Err(explain(body)),
+    };
     let model = match raw.model {
         Some(model) if !model.is_empty() => model.into_owned(),
         _ => {
@@ -209,7 +266,42 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, Request
         prompt_estimate: len.div_ceil(4),
         prompt_bound: len,
         external_input: refers_outside_body(body),
+        greedy: matches!(raw.n, None | Some(Lenient::Count(1)))
+            && (raw.temperature.is(0.0) || raw.top_p.is(0.0) || raw.top_k.is(1.0)),
     })
+}
+
+/// Why a body that did not parse was refused: the field at fault, from a second, slower pass.
+fn explain(body: &[u8]) -> RequestError {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let result: Result<RawRequest<'_>, _> = serde_path_to_error::deserialize(&mut de);
+    let err = match result {
+        Ok(_) => match de.end() {
+            Ok(()) => {
+                return RequestError {
+                    param: None,
+                    message: "The request body is not valid JSON".into(),
+                };
+            }
+            Err(err) => {
+                return RequestError {
+                    param: None,
+                    message: format!("The request body is not valid JSON: {err}"),
+                };
+            }
+        },
+        Err(err) => err,
+    };
+    let path = err.path().to_string();
+    let inner = err.into_inner();
+    let param = (path != "." && !inner.is_syntax() && !inner.is_eof()).then_some(path);
+    RequestError {
+        message: match &param {
+            Some(p) => format!("Invalid value for '{p}': {}", without_position(&inner)),
+            None => format!("The request body is not valid JSON: {inner}"),
+        },
+        param,
+    }
 }
 
 fn without_position(err: &serde_json::Error) -> String {

@@ -511,6 +511,7 @@ mod tests {
             r#"{"top_k":1}"#,
         ] {
             assert!(deterministic(body.as_bytes()), "{body}");
+            assert!(greedy(body), "{body}");
         }
         for body in [
             "{}",
@@ -523,6 +524,13 @@ mod tests {
             "nope",
         ] {
             assert!(!deterministic(body.as_bytes()), "{body}");
+            assert!(!greedy(body), "{body}");
         }
+    }
+
+    /// The request parser's reading, which the pipeline uses (one parse per request).
+    fn greedy(body: &str) -> bool {
+        let body = body.replacen('{', r#"{"model":"m","#, 1);
+        crate::api::request::parse_request(CHAT, body.as_bytes()).is_ok_and(|f| f.greedy)
     }
 }

@@ -9,12 +9,11 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, Bytes, MapType, Status};
 
 use crate::metrics::{Labels, Stat, StatUpdate};
-use crate::pipeline::Host;
+use crate::pipeline::{Gateway, Host};
 use crate::reply::LocalReply;
 use crate::store::{SharedStore, Versioned};
 
-/// Every request header (pseudo-headers included), in one host call: cheaper than several
-/// single reads when a handful of them is needed (the cache key).
+/// Every request header (pseudo-headers included), in one host call.
 pub fn request_headers() -> Vec<(String, Bytes)> {
     hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
 }
@@ -26,40 +25,38 @@ pub fn response_header(name: &str) -> Option<Bytes> {
         .flatten()
 }
 
-/// Replaces (or, with `None`, removes) a request header.
-pub fn set_request_header(name: &str, value: Option<&[u8]>) -> Result<(), Status> {
-    hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, value)
+/// Replaces, adds or (with `None`) removes a request (or response) header.
+pub fn set_header(request: bool, name: &str, value: Option<&[u8]>) -> Result<(), Status> {
+    let map = match request {
+        true => MapType::HttpRequestHeaders,
+        false => MapType::HttpResponseHeaders,
+    };
+    hostcalls::set_map_value_bytes(map, name, value)
 }
 
-/// The request body Envoy has buffered so far (`size` as announced by the callback).
-pub fn request_body(size: usize) -> Option<Bytes> {
-    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
-        .ok()
-        .flatten()
-}
-
-/// The response body chunk of the current callback.
-pub fn response_body(size: usize) -> Option<Bytes> {
-    if size == 0 {
-        return None;
+fn body_buffer(request: bool) -> BufferType {
+    match request {
+        true => BufferType::HttpRequestBody,
+        false => BufferType::HttpResponseBody,
     }
-    hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
-        .ok()
-        .flatten()
 }
 
-/// The plugin configuration bytes, in `on_configure`.
-pub fn plugin_configuration(size: usize) -> Option<Bytes> {
-    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
-        .ok()
-        .flatten()
+/// The buffered request body, or the current response chunk (`size` as announced).
+pub fn body(request: bool, size: usize) -> Vec<u8> {
+    buffer(body_buffer(request), size).unwrap_or_default()
 }
 
-/// An Envoy property (`metadata.…`, `filter_state.…`, `request.…`).
-pub fn property(path: &[String]) -> Option<Bytes> {
-    hostcalls::get_property(path.iter().map(String::as_str).collect())
-        .ok()
-        .flatten()
+/// Replaces the buffered request body, or the current response chunk.
+pub fn set_body(request: bool, size: usize, body: &[u8]) -> Result<(), Status> {
+    hostcalls::set_buffer(body_buffer(request), 0, size, body)
+}
+
+/// A buffer's first `size` bytes (the plugin configuration, in `on_configure`).
+pub fn buffer(kind: BufferType, size: usize) -> Option<Bytes> {
+    match size {
+        0 => None,
+        _ => hostcalls::get_buffer(kind, 0, size).ok().flatten(),
+    }
 }
 
 /// Writes filter state `wasm.<name>` (printable with `%FILTER_STATE(wasm.<name>:PLAIN)%`).
@@ -80,41 +77,33 @@ pub fn send_reply(reply: &LocalReply, extra: &[(&str, Option<Vec<u8>>)]) -> Resu
     hostcalls::send_http_response(reply.status, headers, Some(&reply.body))
 }
 
-/// Replaces the buffered request body (the whole of it, `size` as announced).
-pub fn set_request_body(size: usize, body: &[u8]) -> Result<(), Status> {
-    hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body)
+/// Makes Envoy match the route table again (after the routing header was set).
+pub fn clear_route_cache() -> Result<(), Status> {
+    hostcalls::call_foreign_function("clear_route_cache", None).map(|_| ())
 }
 
-/// Replaces the current response body chunk.
-pub fn set_response_body(size: usize, body: &[u8]) -> Result<(), Status> {
-    hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, body)
-}
-
-/// Replaces, adds or (with `None`) removes a response header, in the response headers callback.
-pub fn set_response_header(name: &str, value: Option<&[u8]>) -> Result<(), Status> {
-    hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, value)
-}
-
-/// Nanoseconds since the Unix epoch, by Envoy's clock.
-pub fn now_nanos() -> u64 {
+/// Time since the Unix epoch by Envoy's clock (zero if unavailable).
+pub fn now() -> std::time::Duration {
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
 }
 
-/// Milliseconds since the Unix epoch, by Envoy's clock.
-pub fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// The pipeline's host: Envoy's proxy-wasm shared data (per `vm_id`, shared by all workers),
-/// its clock, properties and stats.
+/// The pipeline's host: Envoy's shared data (per `vm_id`, shared by all workers), its clock,
+/// properties and stats.
 pub struct EnvoyHost<'a> {
-    pub labels: &'a Labels,
+    labels: &'a Labels,
+}
+
+impl<'a> EnvoyHost<'a> {
+    pub fn new(gateway: &'a Gateway) -> EnvoyHost<'a> {
+        EnvoyHost::with_labels(&gateway.config.labels)
+    }
+
+    pub fn with_labels(labels: &'a Labels) -> EnvoyHost<'a> {
+        EnvoyHost { labels }
+    }
 }
 
 impl SharedStore for EnvoyHost<'_> {
@@ -136,19 +125,15 @@ impl SharedStore for EnvoyHost<'_> {
 
 impl Host for EnvoyHost<'_> {
     fn now_ms(&self) -> u64 {
-        now_ms()
+        u64::try_from(now().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn property(&self, path: &[String]) -> Option<Vec<u8>> {
-        property(path)
+        let path = path.iter().map(String::as_str).collect();
+        hostcalls::get_property(path).ok().flatten()
     }
 
     fn stat(&self, update: StatUpdate) {
         super::metrics::apply(update, self.labels);
     }
-}
-
-/// Makes Envoy match the route table again (after the routing header was set).
-pub fn clear_route_cache() -> Result<(), Status> {
-    hostcalls::call_foreign_function("clear_route_cache", None).map(|_| ())
 }

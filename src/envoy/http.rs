@@ -13,16 +13,6 @@ use crate::pipeline::{Effects, Gateway, Headers, Request, ResponseHead};
 pub struct TollgateHttp {
     gateway: Option<Rc<Gateway>>,
     request: Request,
-    /// Test builds only (`--features test-trap`): the request asked this VM to die mid-exchange.
-    #[cfg(feature = "test-trap")]
-    trap: bool,
-}
-
-/// Which way the effects apply.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Request,
-    Response,
 }
 
 impl TollgateHttp {
@@ -30,168 +20,119 @@ impl TollgateHttp {
         TollgateHttp {
             gateway,
             request: Request::new(),
-            #[cfg(feature = "test-trap")]
-            trap: false,
         }
     }
 
-    /// Executes what the pipeline decided; a request whose edits Envoy refused is answered 500.
-    fn apply(
+    /// Runs one pipeline step with the host, then executes its effects (on the request or the
+    /// response; `size`: the callback's body buffer).
+    fn step(
         &mut self,
-        gateway: &Gateway,
-        effects: Effects<'_>,
-        side: Side,
-        size: usize,
+        (request, size): (bool, usize),
+        run: impl for<'g> FnOnce(&mut Request, &'g Gateway, &EnvoyHost<'g>) -> Effects<'g>,
     ) -> Action {
-        let mut failed = false;
-        if let Some(reply) = &effects.reply {
-            if let Err(status) = host::send_reply(reply, &effects.headers) {
-                warn!("tollgate could not send its local reply: {status:?}");
-            }
-        } else {
-            for (name, value) in &effects.headers {
-                let result = match side {
-                    Side::Request => host::set_request_header(name, value.as_deref()),
-                    Side::Response => host::set_response_header(name, value.as_deref()),
-                };
-                if let Err(status) = result {
-                    warn!("tollgate could not set {name}: {status:?}");
-                    failed |= *name == "content-length";
-                }
-            }
-        }
-        if let Some(body) = &effects.body {
-            let result = match side {
-                Side::Request => host::set_request_body(size, body),
-                Side::Response => host::set_response_body(size, body),
+        let Some(gateway) = self.gateway.clone() else {
+            return Action::Continue;
+        };
+        let host = EnvoyHost::new(&gateway);
+        let effects = run(&mut self.request, &gateway, &host);
+        if apply(&effects, request, size) {
+            return match effects.pause {
+                true => Action::Pause,
+                false => Action::Continue,
             };
-            if let Err(status) = result {
-                warn!("tollgate could not replace a body: {status:?}");
-                failed |= side == Side::Request;
+        }
+        // Envoy refused the request's edits: release what it holds and answer 500.
+        let refused = self.request.forward_failed(&gateway, &host);
+        apply(&refused, request, size);
+        Action::Pause
+    }
+}
+
+/// Executes the effects in order; `false` when the request body or its length could not be
+/// replaced (the request must not go upstream half-edited).
+fn apply(effects: &Effects<'_>, request: bool, size: usize) -> bool {
+    let mut ok = true;
+    if let Some(reply) = &effects.reply {
+        if let Err(status) = host::send_reply(reply, &effects.headers) {
+            warn!("tollgate could not send its local reply: {status:?}");
+        }
+    } else {
+        for (name, value) in &effects.headers {
+            if let Err(status) = host::set_header(request, name, value.as_deref()) {
+                warn!("tollgate could not set {name}: {status:?}");
+                ok &= *name != "content-length";
             }
-        }
-        if effects.clear_route_cache
-            && let Err(status) = host::clear_route_cache()
-        {
-            warn!("tollgate could not route the request: {status:?}");
-        }
-        for (name, value) in &effects.record {
-            if let Err(status) = host::set_record_field(name, value.as_bytes()) {
-                warn!("tollgate could not write {name}: {status:?}");
-            }
-        }
-        if failed {
-            let host = EnvoyHost {
-                labels: &gateway.config.labels,
-            };
-            let refused = self.request.forward_failed(gateway, &host);
-            return self.apply(gateway, refused, side, size);
-        }
-        if effects.pause {
-            Action::Pause
-        } else {
-            Action::Continue
         }
     }
+    if let Some(body) = &effects.body
+        && let Err(status) = host::set_body(request, size, body)
+    {
+        warn!("tollgate could not replace a body: {status:?}");
+        ok &= !request;
+    }
+    if effects.clear_route_cache
+        && let Err(status) = host::clear_route_cache()
+    {
+        warn!("tollgate could not route the request: {status:?}");
+    }
+    for (name, value) in &effects.record {
+        if let Err(status) = host::set_record_field(name, value.as_bytes()) {
+            warn!("tollgate could not write {name}: {status:?}");
+        }
+    }
+    ok
 }
 
 impl Context for TollgateHttp {}
 
 impl HttpContext for TollgateHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let Some(gateway) = self.gateway.clone() else {
+        if self.gateway.is_none() {
             return Action::Continue;
-        };
-        let headers = Headers(host::request_headers());
-        #[cfg(feature = "test-trap")]
-        {
-            self.trap = headers.get("x-tollgate-test-trap").is_some();
         }
-        let host = EnvoyHost {
-            labels: &gateway.config.labels,
-        };
-        let effects = self
-            .request
-            .on_request_headers(&gateway, &host, headers, end_of_stream);
-        self.apply(&gateway, effects, Side::Request, 0)
+        let headers = Headers(host::request_headers());
+        self.step((true, 0), |request, gateway, host| {
+            request.on_request_headers(gateway, host, headers, end_of_stream)
+        })
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some(gateway) = self.gateway.clone() else {
-            return Action::Continue;
-        };
-        let host = EnvoyHost {
-            labels: &gateway.config.labels,
-        };
-        let read = || host::request_body(body_size).unwrap_or_default();
-        let effects = self
-            .request
-            .on_request_body(&gateway, &host, body_size, end_of_stream, read);
-        self.apply(&gateway, effects, Side::Request, body_size)
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        self.step((true, size), |request, gateway, host| {
+            let read = || host::body(true, size);
+            request.on_request_body(gateway, host, size, end_of_stream, read)
+        })
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let Some(gateway) = self.gateway.clone() else {
-            return Action::Continue;
-        };
         if !self.request.is_active() {
             return Action::Continue;
         }
-        // Kills this VM while the request holds its reservation and concurrency slot, as a
-        // decompression bomb once did: the e2e suite proves that nothing stays held.
-        #[cfg(feature = "test-trap")]
-        #[allow(clippy::panic)]
-        if self.trap {
-            panic!("tollgate test trap: this VM dies mid-exchange");
-        }
-        let status = host::response_header(":status")
-            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok())
-            .unwrap_or(0);
-        let content_type = host::response_header("content-type");
-        let content_encoding = host::response_header("content-encoding");
-        let head = ResponseHead {
-            status,
-            content_type: content_type.as_deref(),
-            content_encoding: content_encoding.as_deref(),
-        };
-        let host = EnvoyHost {
-            labels: &gateway.config.labels,
-        };
-        let effects = self
-            .request
-            .on_response_headers(&gateway, &host, head, end_of_stream);
-        self.apply(&gateway, effects, Side::Response, 0)
+        let [status, content_type, encoding] =
+            [":status", "content-type", "content-encoding"].map(host::response_header);
+        let head = ResponseHead::new(
+            status.as_deref(),
+            content_type.as_deref(),
+            encoding.as_deref(),
+        );
+        self.step((false, 0), |request, gateway, host| {
+            request.on_response_headers(gateway, host, head, end_of_stream)
+        })
     }
 
-    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some(gateway) = self.gateway.clone() else {
-            return Action::Continue;
-        };
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         if !self.request.is_active() {
             return Action::Continue;
         }
-        let chunk = if self.request.wants_response_body() {
-            host::response_body(body_size).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let host = EnvoyHost {
-            labels: &gateway.config.labels,
-        };
-        let effects =
-            self.request
-                .on_response_body(&gateway, &host, body_size, &chunk, end_of_stream);
-        self.apply(&gateway, effects, Side::Response, body_size)
+        let wanted = self.request.wants_response_body();
+        let chunk = host::body(false, if wanted { size } else { 0 });
+        self.step((false, size), |request, gateway, host| {
+            request.on_response_body(gateway, host, size, &chunk, end_of_stream)
+        })
     }
 
     fn on_log(&mut self) {
-        let Some(gateway) = self.gateway.clone() else {
-            return;
-        };
-        let host = EnvoyHost {
-            labels: &gateway.config.labels,
-        };
-        let effects = self.request.on_log(&gateway, &host);
-        self.apply(&gateway, effects, Side::Response, 0);
+        self.step((false, 0), |request, gateway, host| {
+            request.on_log(gateway, host)
+        });
     }
 }

@@ -6,14 +6,12 @@ use std::rc::Rc;
 
 use log::{error, info};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::ContextType;
+use proxy_wasm::types::{BufferType, ContextType};
 
 use super::host::{self, EnvoyHost};
 use super::http::TollgateHttp;
 use crate::config::Config;
-use crate::metrics::{DENIAL_REASONS, Stat, StatUpdate, UNKNOWN_ID};
-use crate::pipeline::{Gateway, Host};
-use crate::store;
+use crate::pipeline::Gateway;
 
 #[derive(Default)]
 pub struct TollgateRoot {
@@ -24,7 +22,8 @@ impl Context for TollgateRoot {}
 
 impl RootContext for TollgateRoot {
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
-        let bytes = host::plugin_configuration(plugin_configuration_size).unwrap_or_default();
+        let bytes = host::buffer(BufferType::PluginConfiguration, plugin_configuration_size);
+        let bytes = bytes.unwrap_or_default();
         let config = match Config::from_json(&bytes) {
             Ok(config) => config,
             Err(err) => {
@@ -32,38 +31,18 @@ impl RootContext for TollgateRoot {
                 return false;
             }
         };
-        let host = EnvoyHost {
-            labels: &config.labels,
-        };
-        host.stat(StatUpdate::Add(Stat::SharedKeysCreated, 0));
-        // Create every budget key before traffic: a key created by two workers at once could
-        // lose a reservation; an existing key is never touched.
-        let keys = config.shared_keys();
-        let created = keys
-            .iter()
-            .filter(|key| store::ensure(&host, key, store::FRESH))
-            .count();
-        info!(
-            "tollgate configured: {} tenants, {} shared-data keys ({created} created)",
-            config.tenants.len(),
-            keys.len()
-        );
-        // Denial counters exist from the start, at 0, for every tenant label.
-        let labels = config.labels.tenant_ids();
-        for label in labels {
-            for reason in DENIAL_REASONS {
-                host.stat(StatUpdate::Add(Stat::Denials(label, reason), 0));
-            }
-        }
-        host.stat(StatUpdate::Add(
-            Stat::Denials(UNKNOWN_ID, "unauthenticated"),
-            0,
-        ));
         // Workers configure within the same clock tick: the clock alone gave two workers one
         // name. std's hasher keys come from WASI `random_get` (Envoy's RNG).
-        let random = RandomState::new().build_hasher().finish();
-        let worker = format!("{:08x}", (random ^ host::now_nanos()) as u32);
-        self.gateway = Some(Rc::new(Gateway::new(config, host::now_ms(), worker)));
+        let now = host::now();
+        let random = RandomState::new().build_hasher().finish() ^ now.as_nanos() as u64;
+        let seed = u64::try_from(now.as_millis()).unwrap_or(0);
+        let gateway = Gateway::new(config, seed, format!("{:08x}", random as u32));
+        let (keys, created) = gateway.prepare(&EnvoyHost::new(&gateway));
+        info!(
+            "tollgate configured: {} tenants, {keys} shared-data keys ({created} created)",
+            gateway.config.tenants.len()
+        );
+        self.gateway = Some(Rc::new(gateway));
         true
     }
 

@@ -57,6 +57,7 @@ impl Request {
             served,
             resolved: resolved.as_ref(),
             body: &body,
+            greedy: facts.greedy,
             max_tokens: plan.set_max_tokens,
         };
         let mut cache = match cache_step::lookup(gateway, host, headers, &asked, now) {

@@ -59,6 +59,8 @@ pub(super) struct Asked<'a> {
     pub served: &'a str,
     pub resolved: Option<&'a Resolved>,
     pub body: &'a [u8],
+    /// The request asks for greedy decoding ([`crate::api::request::RequestFacts::greedy`]).
+    pub greedy: bool,
     /// The max-tokens value admission plans to send upstream (the key is of the upstream's
     /// request).
     pub max_tokens: Option<u64>,
@@ -78,7 +80,7 @@ pub(super) fn lookup<H: Host + ?Sized>(
     let (policy, ttl, global) = cache.rule(asked.kind, asked.served);
     let eligible = match policy {
         CachePolicy::Always => true,
-        CachePolicy::Deterministic => cache::deterministic(asked.body),
+        CachePolicy::Deterministic => asked.greedy,
         CachePolicy::Never => false,
     };
     if !eligible {

@@ -19,6 +19,10 @@ impl Request {
         end_of_stream: bool,
     ) -> Effects<'g> {
         let config = &gateway.config;
+        #[cfg(feature = "test-trap")]
+        {
+            self.trap = headers.get("x-tollgate-test-trap").is_some();
+        }
         let Some(path) = headers.get(":path") else {
             return Effects::proceed();
         };

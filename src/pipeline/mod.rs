@@ -122,6 +122,30 @@ impl Gateway {
         }
     }
 
+    /// Prepares the host for traffic: creates every shared-data key the configuration implies
+    /// (a key created by two workers at once could lose a reservation; an existing key is never
+    /// touched) and defines the counters that must exist at 0 (denials for every tenant label).
+    /// Returns the number of keys and how many of them were created.
+    pub fn prepare<H: Host + ?Sized>(&self, host: &H) -> (usize, usize) {
+        use crate::metrics::{DENIAL_REASONS, Stat, UNKNOWN_ID};
+        host.stat(StatUpdate::Add(Stat::SharedKeysCreated, 0));
+        let keys = self.config.shared_keys();
+        let created = keys
+            .iter()
+            .filter(|key| crate::store::ensure(host, key, crate::store::FRESH))
+            .count();
+        for label in self.config.labels.tenant_ids() {
+            for reason in DENIAL_REASONS {
+                host.stat(StatUpdate::Add(Stat::Denials(label, reason), 0));
+            }
+        }
+        host.stat(StatUpdate::Add(
+            Stat::Denials(UNKNOWN_ID, "unauthenticated"),
+            0,
+        ));
+        (keys.len(), created)
+    }
+
     /// The next draw of this worker's weighted-routing sequence.
     fn next_draw(&self) -> u64 {
         let n = self.draws.get();
@@ -155,6 +179,9 @@ pub struct Request {
     state: State,
     /// The record was written (settled exactly once).
     recorded: bool,
+    /// Test builds only (`--features test-trap`): the request asked this VM to die mid-exchange.
+    #[cfg(feature = "test-trap")]
+    trap: bool,
 }
 
 #[derive(Default)]

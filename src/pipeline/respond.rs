@@ -14,6 +14,24 @@ pub struct ResponseHead<'a> {
     pub content_encoding: Option<&'a [u8]>,
 }
 
+impl<'a> ResponseHead<'a> {
+    /// From the `:status`, `content-type` and `content-encoding` header values.
+    pub fn new(
+        status: Option<&[u8]>,
+        content_type: Option<&'a [u8]>,
+        content_encoding: Option<&'a [u8]>,
+    ) -> ResponseHead<'a> {
+        let status = status
+            .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u32>().ok())
+            .unwrap_or(0);
+        ResponseHead {
+            status,
+            content_type,
+            content_encoding,
+        }
+    }
+}
+
 impl Request {
     /// The response headers arrived: the header edits for the client, and the record when the
     /// response has no body.
@@ -27,6 +45,13 @@ impl Request {
         let State::Active(active) = &mut self.state else {
             return Effects::proceed();
         };
+        // Kills this VM while the request holds its reservation and concurrency slot, as a
+        // decompression bomb once did: the e2e suite proves that nothing stays held.
+        #[cfg(feature = "test-trap")]
+        #[allow(clippy::panic)]
+        if self.trap {
+            panic!("tollgate test trap: this VM dies mid-exchange");
+        }
         let exchange = &mut active.exchange;
         exchange.on_response_headers(head.status, head.content_type, head.content_encoding);
         let mut edits: Vec<(&'g str, Option<Vec<u8>>)> = Vec::new();

@@ -155,7 +155,10 @@ impl Call {
             ("content-type".to_string(), b"application/json".to_vec()),
         ];
         if let Some(key) = key {
-            headers.push(("authorization".to_string(), format!("Bearer {key}").into_bytes()));
+            headers.push((
+                "authorization".to_string(),
+                format!("Bearer {key}").into_bytes(),
+            ));
         }
         Call {
             headers,
@@ -310,10 +313,7 @@ impl Trace {
                 self.record.insert(name.to_string(), value);
             }
         }
-        let edits = effects
-            .headers
-            .into_iter()
-            .map(|(n, v)| (n.to_string(), v));
+        let edits = effects.headers.into_iter().map(|(n, v)| (n.to_string(), v));
         if let Some(reply) = effects.reply {
             self.reply = Some(reply);
             self.reply_headers.extend(edits);

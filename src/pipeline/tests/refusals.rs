@@ -29,15 +29,28 @@ fn other_paths_and_methods_pass_through_untouched() {
 fn unknown_keys_get_401_in_the_api_family_shape() {
     let gw = gateway(json!({}));
     let host = Fake::new();
-    let openai = run(&gw, &host, &Call::post("/v1/chat/completions", Some("sk-x"), chat_body()), None);
+    let openai = run(
+        &gw,
+        &host,
+        &Call::post("/v1/chat/completions", Some("sk-x"), chat_body()),
+        None,
+    );
     assert_eq!(openai.status(), 401);
     assert_eq!(openai.reply_json()["error"]["code"], "invalid_api_key");
     assert_eq!(openai.field("decision"), "unauthenticated");
     assert_eq!(openai.field("tenant"), "");
-    let anthropic = run(&gw, &host, &Call::post("/v1/messages", None, chat_body()), None);
+    let anthropic = run(
+        &gw,
+        &host,
+        &Call::post("/v1/messages", None, chat_body()),
+        None,
+    );
     assert_eq!(anthropic.status(), 401);
     assert_eq!(anthropic.reply_json()["type"], "error");
-    assert_eq!(anthropic.reply_json()["error"]["type"], "authentication_error");
+    assert_eq!(
+        anthropic.reply_json()["error"]["type"],
+        "authentication_error"
+    );
     assert_eq!(
         host.counter(Stat::Denials(UNKNOWN_ID, "unauthenticated")),
         2
@@ -49,7 +62,8 @@ fn unknown_keys_get_401_in_the_api_family_shape() {
 fn bodies_over_the_cap_get_413_by_header_or_by_size() {
     let gw = gateway(json!({"limits": {"max_request_body_bytes": 64}}));
     let host = Fake::new();
-    let big = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x".repeat(100)}]});
+    let big =
+        json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x".repeat(100)}]});
     let declared = Call::chat(big.clone()).header("content-length", "200");
     let t = run(&gw, &host, &declared, None);
     assert_eq!((t.status(), t.field("decision")), (413, "too_large"));
@@ -67,12 +81,21 @@ fn malformed_and_missing_bodies_get_400() {
     let host = Fake::new();
     for body in [&b"{not json"[..], b"[]", b"{\"messages\": []}"] {
         let t = run(&gw, &host, &Call::chat(json!({})).raw_body(body), None);
-        assert_eq!((t.status(), t.field("decision")), (400, "bad_request"), "{body:?}");
+        assert_eq!(
+            (t.status(), t.field("decision")),
+            (400, "bad_request"),
+            "{body:?}"
+        );
         assert_eq!(t.reply_json()["error"]["type"], "invalid_request_error");
     }
     let t = run(&gw, &host, &Call::chat(json!({})).raw_body(b""), None);
     assert_eq!(t.status(), 400);
-    assert!(t.reply_json()["error"]["message"].as_str().unwrap().contains("no body"));
+    assert!(
+        t.reply_json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no body")
+    );
     // Nothing was reserved.
     assert!(host.gauge(Stat::InFlight(OTHER_ID)).is_none());
 }
@@ -81,7 +104,12 @@ fn malformed_and_missing_bodies_get_400() {
 fn unknown_models_get_model_not_found_with_routing() {
     let gw = gateway(json!({"routing": {"models": {"gpt-4o-mini": {"route": "openai"}}}}));
     let host = Fake::new();
-    let t = run(&gw, &host, &Call::chat(json!({"model": "gpt-9", "messages": []})), None);
+    let t = run(
+        &gw,
+        &host,
+        &Call::chat(json!({"model": "gpt-9", "messages": []})),
+        None,
+    );
     assert_eq!((t.status(), t.field("decision")), (400, "model_not_found"));
     assert_eq!(t.reply_json()["error"]["code"], "model_not_found");
     assert_eq!(t.field("model"), "gpt-9");
@@ -89,10 +117,19 @@ fn unknown_models_get_model_not_found_with_routing() {
 
 #[test]
 fn models_outside_the_allow_list_get_403_and_caps_400() {
-    let gw = gateway(json!({"tenant_defaults": {"models": ["gpt-4o-mini"], "max_output_tokens": 100}}));
+    let gw =
+        gateway(json!({"tenant_defaults": {"models": ["gpt-4o-mini"], "max_output_tokens": 100}}));
     let host = Fake::new();
-    let t = run(&gw, &host, &Call::chat(json!({"model": "gpt-4o", "messages": []})), None);
-    assert_eq!((t.status(), t.field("decision")), (403, "model_not_allowed"));
+    let t = run(
+        &gw,
+        &host,
+        &Call::chat(json!({"model": "gpt-4o", "messages": []})),
+        None,
+    );
+    assert_eq!(
+        (t.status(), t.field("decision")),
+        (403, "model_not_allowed")
+    );
     let t = run(
         &gw,
         &host,
@@ -147,7 +184,10 @@ fn the_usage_view_answers_its_token_and_only_get() {
     assert_eq!(ok.field("decision"), "usage_view");
     assert_eq!(get("nope", "GET").status(), 401);
     let post = get("admin", "POST");
-    assert_eq!((post.status(), post.reply_header("allow").as_deref()), (405, Some("GET")));
+    assert_eq!(
+        (post.status(), post.reply_header("allow").as_deref()),
+        (405, Some("GET"))
+    );
 }
 
 #[test]
@@ -157,6 +197,12 @@ fn the_client_routing_header_is_dropped_and_identity_asked_for() {
     let call = Call::chat(chat_body()).header("x-tollgate-route", "evil");
     let t = run(&gw, &host, &call, Some(&Upstream::chat(1, 1)));
     assert!(t.forwarded);
-    assert!(t.request_edits.contains(&("x-tollgate-route".to_string(), None)));
-    assert_eq!(t.request_edit("accept-encoding").as_deref(), Some("identity"));
+    assert!(
+        t.request_edits
+            .contains(&("x-tollgate-route".to_string(), None))
+    );
+    assert_eq!(
+        t.request_edit("accept-encoding").as_deref(),
+        Some("identity")
+    );
 }

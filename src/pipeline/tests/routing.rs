@@ -30,11 +30,23 @@ fn a_routed_model_sets_the_routing_headers_and_reroutes() {
     let gw = gateway(routing());
     let host = Fake::new();
     let t = run(&gw, &host, &ask("gpt-4o"), Some(&Upstream::chat(1, 1)));
-    assert_eq!(t.request_edit("x-tollgate-route").as_deref(), Some("openai"));
-    assert_eq!(t.request_edit("x-tollgate-model").as_deref(), Some("gpt-4o"));
+    assert_eq!(
+        t.request_edit("x-tollgate-route").as_deref(),
+        Some("openai")
+    );
+    assert_eq!(
+        t.request_edit("x-tollgate-model").as_deref(),
+        Some("gpt-4o")
+    );
     assert!(t.rerouted);
-    assert_eq!(t.response_edit("x-tollgate-model").as_deref(), Some("gpt-4o"));
-    assert_eq!((t.field("served_model"), t.field("route")), ("gpt-4o", "openai"));
+    assert_eq!(
+        t.response_edit("x-tollgate-model").as_deref(),
+        Some("gpt-4o")
+    );
+    assert_eq!(
+        (t.field("served_model"), t.field("route")),
+        ("gpt-4o", "openai")
+    );
     // The model needs no rewrite: the body goes as it came.
     assert_eq!(t.upstream_body, ask("gpt-4o").body);
 }
@@ -43,10 +55,21 @@ fn a_routed_model_sets_the_routing_headers_and_reroutes() {
 fn the_upstream_model_name_is_written_into_the_body() {
     let gw = gateway(routing());
     let host = Fake::new();
-    let t = run(&gw, &host, &ask("claude-3-5-haiku"), Some(&Upstream::chat(1, 1)));
+    let t = run(
+        &gw,
+        &host,
+        &ask("claude-3-5-haiku"),
+        Some(&Upstream::chat(1, 1)),
+    );
     assert_eq!(t.upstream_json()["model"], "claude-3-5-haiku-20241022");
-    assert_eq!(t.request_edit("content-length"), Some(t.upstream_body.len().to_string()));
-    assert_eq!((t.field("model"), t.field("served_model")), ("claude-3-5-haiku", "claude-3-5-haiku"));
+    assert_eq!(
+        t.request_edit("content-length"),
+        Some(t.upstream_body.len().to_string())
+    );
+    assert_eq!(
+        (t.field("model"), t.field("served_model")),
+        ("claude-3-5-haiku", "claude-3-5-haiku")
+    );
 }
 
 #[test]
@@ -54,10 +77,17 @@ fn aliases_draw_by_weight_and_conversations_stick() {
     let gw = gateway(routing());
     let host = Fake::new();
     let served: Vec<String> = (0..100)
-        .map(|_| run(&gw, &host, &ask("fast"), Some(&Upstream::chat(1, 1))).field("served_model").to_string())
+        .map(|_| {
+            run(&gw, &host, &ask("fast"), Some(&Upstream::chat(1, 1)))
+                .field("served_model")
+                .to_string()
+        })
         .collect();
     let big = served.iter().filter(|m| *m == "gpt-4o").count();
-    assert!((5..=15).contains(&big), "{big} of 100 on the weight-1 target");
+    assert!(
+        (5..=15).contains(&big),
+        "{big} of 100 on the weight-1 target"
+    );
     let sticky: Vec<String> = (0..10)
         .map(|_| {
             let call = ask("fast").header("x-conversation", "conv-7");
@@ -95,6 +125,9 @@ fn unknown_models_take_the_unknown_model_route_when_configured() {
     let gw = gateway(config);
     let host = Fake::new();
     let t = run(&gw, &host, &ask("llama-9"), Some(&Upstream::chat(1, 1)));
-    assert_eq!(t.request_edit("x-tollgate-route").as_deref(), Some("fallback"));
+    assert_eq!(
+        t.request_edit("x-tollgate-route").as_deref(),
+        Some("fallback")
+    );
     assert_eq!(t.field("served_model"), "llama-9");
 }

@@ -6,13 +6,17 @@ use super::*;
 use crate::metrics::Counter;
 
 fn metered() -> Gateway {
-    gateway(json!({"tenant_defaults": {"limits": [{"name": "tpm", "tokens": 100_000, "window": "minute"}]},
-                   "limits": {"reservation_ttl_seconds": 7}}))
+    gateway(
+        json!({"tenant_defaults": {"limits": [{"name": "tpm", "tokens": 100_000, "window": "minute"}]},
+                   "limits": {"reservation_ttl_seconds": 7}}),
+    )
 }
 
 fn stream_call() -> Call {
-    Call::chat(json!({"model": "gpt-4o-mini", "messages": [], "stream": true, "max_tokens": 100,
-        "stream_options": {"include_usage": true}}))
+    Call::chat(
+        json!({"model": "gpt-4o-mini", "messages": [], "stream": true, "max_tokens": 100,
+        "stream_options": {"include_usage": true}}),
+    )
 }
 
 fn deltas(n: usize) -> Upstream {
@@ -26,7 +30,12 @@ fn deltas(n: usize) -> Upstream {
 fn a_client_that_leaves_mid_stream_is_charged_what_it_saw() {
     let gw = metered();
     let host = Fake::new();
-    let t = run(&gw, &host, &stream_call(), Some(&deltas(5).cut(3, "downstream_remote_disconnect")));
+    let t = run(
+        &gw,
+        &host,
+        &stream_call(),
+        Some(&deltas(5).cut(3, "downstream_remote_disconnect")),
+    );
     assert_eq!(t.records, 1);
     assert_eq!(t.field("usage_source"), "observed");
     assert_eq!(t.field("output_tokens"), "3");
@@ -38,14 +47,23 @@ fn a_client_that_leaves_mid_stream_is_charged_what_it_saw() {
 fn upstream_failures_before_output_are_refunded() {
     let gw = metered();
     let host = Fake::new();
-    let reset = deltas(2).cut(0, "upstream_reset_before_response_started{connection_termination}");
+    let reset = deltas(2).cut(
+        0,
+        "upstream_reset_before_response_started{connection_termination}",
+    );
     let t = run(&gw, &host, &stream_call(), Some(&reset));
-    assert_eq!((t.field("usage_source"), t.field("input_tokens")), ("refunded", "0"));
+    assert_eq!(
+        (t.field("usage_source"), t.field("input_tokens")),
+        ("refunded", "0")
+    );
     let error = Upstream::json(json!({"error": {"message": "boom"}})).status(500);
     let t = run(&gw, &host, &stream_call(), Some(&error));
     assert_eq!(t.field("usage_source"), "refunded");
     assert_eq!(bucket(&gw, &host, "team-a", "tpm"), (0, 0));
-    assert_eq!(host.gauge(Stat::InFlight(gw.config.labels.tenant_id("team-a"))), Some(0));
+    assert_eq!(
+        host.gauge(Stat::InFlight(gw.config.labels.tenant_id("team-a"))),
+        Some(0)
+    );
 }
 
 #[test]
@@ -53,7 +71,12 @@ fn an_answer_without_usage_is_charged_its_reservation() {
     let gw = metered();
     let host = Fake::new();
     let call = Call::chat(json!({"model": "gpt-4o-mini", "messages": [], "max_tokens": 100}));
-    let t = run(&gw, &host, &call, Some(&Upstream::json(json!({"choices": []}))));
+    let t = run(
+        &gw,
+        &host,
+        &call,
+        Some(&Upstream::json(json!({"choices": []}))),
+    );
     assert_eq!(t.field("usage_source"), "reservation");
     assert_eq!(t.field("output_tokens"), "100");
     let (used, reserved) = bucket(&gw, &host, "team-a", "tpm");
@@ -65,7 +88,12 @@ fn absurd_usage_is_clamped_and_counted_as_an_anomaly() {
     let gw = metered();
     let host = Fake::new();
     let call = Call::chat(json!({"model": "gpt-4o-mini", "messages": [], "max_tokens": 100}));
-    let t = run(&gw, &host, &call, Some(&Upstream::chat(u64::MAX / 4, u64::MAX / 4)));
+    let t = run(
+        &gw,
+        &host,
+        &call,
+        Some(&Upstream::chat(u64::MAX / 4, u64::MAX / 4)),
+    );
     assert_eq!(t.field("usage_anomaly"), "clamped");
     assert_eq!(t.field("output_tokens"), "100");
     let a = gw.config.labels.tenant_id("team-a");
@@ -81,7 +109,10 @@ fn a_body_the_host_cannot_replace_is_refused_and_released() {
     let host = Fake::new();
     let call = Call::chat(json!({"model": "gpt-4o-mini", "messages": [], "stream": true}));
     let mut open = open(&gw, &host, &call);
-    assert!(open.trace.forwarded, "include_usage is injected: the body is replaced");
+    assert!(
+        open.trace.forwarded,
+        "include_usage is injected: the body is replaced"
+    );
     let refused = open.request.forward_failed(&gw, &host);
     assert_eq!(refused.reply.as_ref().map(|r| r.status), Some(500));
     open.trace.forwarded = false;
@@ -89,7 +120,10 @@ fn a_body_the_host_cannot_replace_is_refused_and_released() {
     let t = close(&gw, &host, open, None);
     assert_eq!((t.records, t.field("decision")), (1, "internal"));
     assert_eq!(bucket(&gw, &host, "team-a", "tpm"), (0, 0));
-    assert!(run(&gw, &host, &call, Some(&Upstream::chat(1, 1))).forwarded, "the slot was released");
+    assert!(
+        run(&gw, &host, &call, Some(&Upstream::chat(1, 1))).forwarded,
+        "the slot was released"
+    );
 }
 
 #[test]
@@ -125,7 +159,10 @@ fn every_path_records_once_and_counts_requests_once() {
         let t = run(&gw, &host, &stream_call(), up.as_ref());
         assert_eq!(t.records, 1);
     }
-    let (a, m) = (gw.config.labels.tenant_id("team-a"), gw.config.labels.model_id("gpt-4o-mini"));
+    let (a, m) = (
+        gw.config.labels.tenant_id("team-a"),
+        gw.config.labels.model_id("gpt-4o-mini"),
+    );
     assert_eq!(host.counter(Stat::Counter(Counter::Requests, a, m)), 5);
     assert_eq!(bucket(&gw, &host, "team-a", "tpm").1, 0);
 }

@@ -24,7 +24,11 @@ fn interleaved_exchanges_settle_exactly_on_one_store() {
     let mut pending = Vec::new();
     for round in 0..30u64 {
         // Open on one worker, close on whichever round says: crossing settlements.
-        let (gw, host) = if round % 2 == 0 { (&gw1, &h1) } else { (&gw2, &h2) };
+        let (gw, host) = if round % 2 == 0 {
+            (&gw1, &h1)
+        } else {
+            (&gw2, &h2)
+        };
         pending.push((round, open(gw, host, &call(50))));
         if round % 3 == 2 {
             for (r, open) in pending.drain(..).rev() {
@@ -50,11 +54,17 @@ fn limits_hold_across_workers() {
     assert!(first.trace.forwarded && second.trace.forwarded);
     // The concurrency limit counts both workers' requests.
     let third = run(&gw1, &h1, &call(10), None);
-    assert_eq!((third.status(), third.reply_json()["error"]["type"].as_str()), (429, Some("requests")));
+    assert_eq!(
+        (third.status(), third.reply_json()["error"]["type"].as_str()),
+        (429, Some("requests"))
+    );
     close(&gw2, &h2, second, Some(&Upstream::chat(10, 290)));
     // The token limit counts what the other worker reserved and used: 300 used, ~310 held.
     let big = run(&gw2, &h2, &call(600), None);
-    assert_eq!((big.status(), big.reply_json()["error"]["type"].as_str()), (429, Some("tokens")));
+    assert_eq!(
+        (big.status(), big.reply_json()["error"]["type"].as_str()),
+        (429, Some("tokens"))
+    );
     close(&gw1, &h1, first, Some(&Upstream::chat(10, 10)));
     assert_eq!(bucket(&gw1, &h1, "team-a", "tpm"), (320, 0));
     let fits = run(&gw2, &h2, &call(600), Some(&Upstream::chat(10, 10)));
@@ -67,7 +77,10 @@ fn the_in_flight_gauge_is_the_shared_count() {
     let a = gw1.config.labels.tenant_id("team-a");
     let first = open(&gw1, &h1, &call(5));
     let second = open(&gw2, &h2, &call(5));
-    assert_eq!((h1.gauge(Stat::InFlight(a)), h2.gauge(Stat::InFlight(a))), (Some(1), Some(2)));
+    assert_eq!(
+        (h1.gauge(Stat::InFlight(a)), h2.gauge(Stat::InFlight(a))),
+        (Some(1), Some(2))
+    );
     close(&gw1, &h1, first, Some(&Upstream::chat(1, 1)));
     assert_eq!(h1.gauge(Stat::InFlight(a)), Some(1));
     close(&gw2, &h2, second, Some(&Upstream::chat(1, 1)));
