@@ -30,6 +30,8 @@ x-fake-request-id: ID              ledger entry id (default: random uuid hex)
 x-fake-delay-ms: MS                sleep before answering
 x-fake-chunks: N                   content chunks (default 3); JSON content =
                                    the chunks joined; SSE = one delta each
+x-fake-hold-ms: MS                 SSE: sleep before the last piece (a client that
+                                   leaves mid-stream always can, however slow)
 x-fake-split: SEED                 SSE: cut the body at random byte offsets
                                    (random.Random(SEED)), one HTTP chunk per
                                    piece, ~3 ms apart. Default: one HTTP chunk
@@ -769,9 +771,12 @@ class Handler(BaseHTTPRequestHandler):
             # The exact SSE bytes sent (tests compare what the client received against them).
             ledger.update(entry, sse_body=b"".join(events).decode("utf-8"),
                           usage_event=events[usage_idx].decode("utf-8") if usage_sent else None)
+        hold = _int_knob(self.headers, "x-fake-hold-ms", 0) / 1000
         for i, blob in enumerate(blobs):
             if i and split is not None:
                 time.sleep(SPLIT_SLEEP_S)
+            if hold and i + 1 == len(blobs):
+                time.sleep(hold)
             self._chunk(blob)
         if reset:
             ledger.update(entry, reset=True, events_sent=len(events), usage_sent=usage_sent)

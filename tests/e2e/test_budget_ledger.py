@@ -138,6 +138,8 @@ def plan_requests(rng):
             # split knob paces the stream (~3 ms per piece) so the client leaves mid-stream.
             abort_after = rng.choice([0, 1, 2, 3, 5])
             headers["x-fake-split"] = str(rng.randint(1, 1 << 30))
+            # The end is held back, so even a client slowed by a busy machine leaves mid-stream.
+            headers["x-fake-hold-ms"] = "1500"
         elif mode == "early_abort":
             headers["x-fake-delay-ms"] = "600"  # the client leaves before any answer
         elif mode == "reset":
