@@ -1,19 +1,20 @@
 //! Tollgate: a proxy-wasm filter that makes Envoy an LLM API gateway.
 //!
-//! Request flow (one exchange):
+//! Request flow: one `pipeline::Request` per exchange, driven by `envoy/` (the only module
+//! that names `proxy_wasm`), which executes the `pipeline::Effects` each step returns:
 //! ```text
-//! request headers ─ api::ApiKind::from_path ── not an LLM path ──▶ pass through untouched
-//!        │ tenant::Identity (header │ API-key digest │ metadata) ── unknown ──▶ 401 (reply)
-//!        ▼ pause; buffer the body (cap ──▶ 413)
-//! request body ─── api::request ─ routing::Routing ─ admission::plan ── refusals ──▶ reply
-//!        │ cache::lookup ── hit ──▶ reply from the cache (no reservation)
-//!        │ admission::admit (budget::reserve_all over store::SharedStore, CAS) ── 429
-//!        ▼ routing header + clear_route_cache; api::rewrite when the body must change
-//! response ─────── exchange::Exchange: JSON tail or incremental SSE (gzip decoded) ──▶ Usage
-//! end / on_log ─── admission::settle once · cache::insert · metrics · record → access log
+//! headers ── pipeline::head: api::ApiKind::from_path ── not an LLM path ──▶ pass through
+//!    │ tenant::Identity (header │ API-key digest │ metadata) ── unknown ──▶ 401 reply
+//!    ▼ pause; drop the client's routing header; wait for the body (cap ──▶ 413)
+//! body ───── pipeline::admit: api::request (one parse) · routing · admission::plan ── refusal
+//!    │ pipeline::cache_step ── hit ──▶ pipeline::hit: reply from the cache
+//!    │ admission::admit (budget::reserve_all over store::SharedStore, CAS) ── 429
+//!    ▼ forward: api::rewrite body edits, routing headers, clear_route_cache
+//! upstream ─ pipeline::respond: exchange::Exchange reads usage (JSON tail │ SSE, gzip decoded)
+//! settle ─── pipeline::settle: admission::settle once · cache::insert · stats · ledger record
 //! ```
-//! Everything but `envoy/` is host-free and tested natively and on wasm32; `envoy/` is the only
-//! module that names `proxy_wasm`.
+//! Everything but `envoy/` is host-free and tested natively and on wasm32 (`pipeline::tests`
+//! drives whole exchanges with an in-memory store and a fake clock).
 
 pub mod admission;
 pub mod api;
