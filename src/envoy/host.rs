@@ -15,11 +15,15 @@ use crate::store::{SharedStore, Versioned};
 
 /// Every request header (pseudo-headers included), in one host call.
 pub fn request_headers() -> Vec<(String, Bytes)> {
+    #[cfg(feature = "bench-count")]
+    super::count::host_call();
     hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
 }
 
 /// A response header, as bytes (`None` when absent).
 pub fn response_header(name: &str) -> Option<Bytes> {
+    #[cfg(feature = "bench-count")]
+    super::count::host_call();
     hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
         .ok()
         .flatten()
@@ -31,6 +35,8 @@ pub fn set_header(request: bool, name: &str, value: Option<&[u8]>) -> Result<(),
         true => MapType::HttpRequestHeaders,
         false => MapType::HttpResponseHeaders,
     };
+    #[cfg(feature = "bench-count")]
+    super::count::host_call();
     hostcalls::set_map_value_bytes(map, name, value)
 }
 
@@ -48,6 +54,8 @@ pub fn body(request: bool, size: usize) -> Vec<u8> {
 
 /// Replaces the buffered request body, or the current response chunk.
 pub fn set_body(request: bool, size: usize, body: &[u8]) -> Result<(), Status> {
+    #[cfg(feature = "bench-count")]
+    super::count::host_call();
     hostcalls::set_buffer(body_buffer(request), 0, size, body)
 }
 
@@ -55,17 +63,25 @@ pub fn set_body(request: bool, size: usize, body: &[u8]) -> Result<(), Status> {
 pub fn buffer(kind: BufferType, size: usize) -> Option<Bytes> {
     match size {
         0 => None,
-        _ => hostcalls::get_buffer(kind, 0, size).ok().flatten(),
+        _ => {
+            #[cfg(feature = "bench-count")]
+            super::count::host_call();
+            hostcalls::get_buffer(kind, 0, size).ok().flatten()
+        }
     }
 }
 
 /// Writes filter state `wasm.<name>` (printable with `%FILTER_STATE(wasm.<name>:PLAIN)%`).
 pub fn set_record_field(name: &str, value: &[u8]) -> Result<(), Status> {
+    #[cfg(feature = "bench-count")]
+    super::count::host_call();
     hostcalls::set_property(vec![name], Some(value))
 }
 
 /// Answers the request locally (`extra`: headers whose names come from the configuration).
 pub fn send_reply(reply: &LocalReply, extra: &[(&str, Option<Vec<u8>>)]) -> Result<(), Status> {
+    #[cfg(feature = "bench-count")]
+    super::count::host_call();
     let headers: Vec<(&str, &str)> = reply
         .headers
         .iter()
@@ -79,11 +95,15 @@ pub fn send_reply(reply: &LocalReply, extra: &[(&str, Option<Vec<u8>>)]) -> Resu
 
 /// Makes Envoy match the route table again (after the routing header was set).
 pub fn clear_route_cache() -> Result<(), Status> {
+    #[cfg(feature = "bench-count")]
+    super::count::host_call();
     hostcalls::call_foreign_function("clear_route_cache", None).map(|_| ())
 }
 
 /// Time since the Unix epoch by Envoy's clock (zero if unavailable).
 pub fn now() -> std::time::Duration {
+    #[cfg(feature = "bench-count")]
+    super::count::host_call();
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -108,6 +128,8 @@ impl<'a> EnvoyHost<'a> {
 
 impl SharedStore for EnvoyHost<'_> {
     fn get(&self, key: &str) -> Versioned {
+        #[cfg(feature = "bench-count")]
+        super::count::host_call();
         match hostcalls::get_shared_data(key) {
             Ok((value, cas)) => (value, cas.unwrap_or(0)),
             Err(_) => (None, 0),
@@ -115,6 +137,8 @@ impl SharedStore for EnvoyHost<'_> {
     }
 
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), ()> {
+        #[cfg(feature = "bench-count")]
+        super::count::host_call();
         hostcalls::set_shared_data(key, Some(value), (cas != 0).then_some(cas)).map_err(|_| ())
     }
 
@@ -130,6 +154,8 @@ impl Host for EnvoyHost<'_> {
 
     fn property(&self, path: &[String]) -> Option<Vec<u8>> {
         let path = path.iter().map(String::as_str).collect();
+        #[cfg(feature = "bench-count")]
+        super::count::host_call();
         hostcalls::get_property(path).ok().flatten()
     }
 

@@ -131,6 +131,8 @@ impl HttpContext for TollgateHttp {
     }
 
     fn on_log(&mut self) {
+        #[cfg(feature = "bench-count")]
+        super::count::flush();
         self.step((false, 0), |request, gateway, host| {
             request.on_log(gateway, host)
         });

@@ -2,6 +2,8 @@
 //! `http` turns Envoy's callbacks into calls on the host-free core and applies what it decides,
 //! `host` wraps every host call and maps its status, so no SDK helper that unwraps is reachable.
 
+#[cfg(feature = "bench-count")]
+mod count;
 mod host;
 mod http;
 mod metrics;
