@@ -84,12 +84,20 @@ demo: build envoy
 demo-stop:
 	@if [ -f .run/demo.pid ]; then kill $$(cat .run/demo.pid) && echo "demo stopped"; else echo "no demo running"; fi
 
-# Not part of `make test`: timing is measured and printed, never asserted.
+# Not part of `make test`: timing is measured and printed, never asserted. Bare Envoy, a no-op and a
+# naive wasm filter, Tollgate minimal / realistic / cache hit; BENCH_ARGS="--ladder" prices each
+# feature instead, BENCH_ARGS="--only bare,minimal" runs a subset.
 BENCH_SECONDS ?= 10
+BENCH_ARGS ?=
 bench: build envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(CARGO) build --release --target $(WASM_TARGET) --manifest-path tests/bench/noop/Cargo.toml
-	$(PY) tests/bench/bench.py --seconds $(BENCH_SECONDS)
+	$(CARGO) build --release --target $(WASM_TARGET) --manifest-path tests/bench/naive/Cargo.toml
+	@# Counting builds (host calls and allocations per request), never timed nor shipped.
+	CARGO_TARGET_DIR=target/bench-count $(CARGO) build --release --target $(WASM_TARGET) --lib --features bench-count
+	$(CARGO) build --release --target $(WASM_TARGET) --manifest-path tests/bench/naive/Cargo.toml \
+		--features count --target-dir tests/bench/naive/target/count
+	$(PY) tests/bench/bench.py --seconds $(BENCH_SECONDS) $(BENCH_ARGS)
 
 # Not part of `make test`: a mixed LLM load (Locust) through the demo stack; prints p50/p95/p99 per
 # request type and admitted/denied per tenant, writes target/loadtest/report.json. Never asserts timing.

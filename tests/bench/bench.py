@@ -1,13 +1,32 @@
 #!/usr/bin/env python3
-"""`make bench`: Envoy + Tollgate against the same Envoy without the filter, in one run.
+"""`make bench`: what a wasm filter and Tollgate cost Envoy, side by side in one run.
 
-Variants: (a) bare Envoy, (b) Envoy + a no-op wasm filter (the floor any wasm filter pays),
-(c) Envoy + tollgate.wasm with the shipped config shape. Upstream: a second Envoy answering with
-`direct_response` (1 KB chat JSON, or an SSE stream). Load: wrk, 1 KB chat request bodies, at 1
-and 16 connections. Per run: req/s, p50, p99, gateway Envoy CPU-µs per request (from
-/proc/PID/stat), resident memory. Timing is printed, never asserted.
+Gateway variants, each the shipped envoy/tollgate.yaml (Envoy 1.40, V8, `--concurrency 1`):
+  bare       no wasm filter
+  noop       a Rust wasm filter that does nothing (tests/bench/noop/): the floor any filter pays
+  naive      the obvious filter doing Tollgate's kind of work (tests/bench/naive/): both bodies
+             buffered and serde-parsed, a route header + clear_route_cache, one CAS, one counter
+  minimal    Tollgate: API keys (SHA-256), one token limit, one routed model; no cache, no USD
+             limit, no concurrency limit
+  realistic  minimal + a USD limit (with prices) + max_concurrent + the cache (deterministic); the
+             request has `temperature: 0.2`, so the cache is bypassed
+  hit        the realistic config, the same body every time with `temperature: 0`: after the
+             first request every request is a cache hit
+With --ladder the Tollgate variants are instead one feature added at a time (base, +tokens,
++routing, +usd, +concurrent, +cache) and a per-feature cost table is printed.
 
-    python3 tests/bench/bench.py [--seconds 10] [--wasm path] [--only tollgate]
+Upstream: a second Envoy answering with `direct_response` after reading the request body (1 KB
+chat JSON, or a 22-event SSE stream). Load: wrk, a ~1.16 KB chat body, 1 and 16 connections, JSON
+and SSE. Per run: req/s, p50, p99, gateway Envoy CPU µs per request (utime + stime from /proc),
+RSS, and non-2xx / socket errors. Timing is printed, never asserted.
+
+Then, per wasm variant with a counting build (tollgate `--features bench-count`, naive
+`--features count`), a short run (--count-seconds, 4 connections) gives host calls and
+allocations per request: the counters wasmcustom.tollgate.bench.{host_calls,allocations} over
+the requests Envoy completed (http.llm.downstream_rq_completed). Timing comes only from the
+normal builds.
+
+    python3 tests/bench/bench.py [--seconds 10] [--only bare,minimal] [--ladder] [--count-seconds 2]
 """
 import argparse
 import hashlib
@@ -18,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -27,21 +47,24 @@ import render  # noqa: E402
 from harness import ENVOY, WASM, free_port, http  # noqa: E402
 
 NOOP = os.path.join(HERE, "noop/target/wasm32-wasip1/release/noop.wasm")
+NAIVE = os.path.join(HERE, "naive/target/wasm32-wasip1/release/naive.wasm")
+NAIVE_COUNT = os.path.join(HERE, "naive/target/count/wasm32-wasip1/release/naive.wasm")
+COUNT_WASM = os.path.join(ROOT, "target/bench-count/wasm32-wasip1/release/tollgate.wasm")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KEY = "sk-bench-tenant-07"
-DROP = []
+MODEL = "gpt-4o-mini"
 
-CHAT_REQUEST = json.dumps({
-    "model": "gpt-4o-mini",
+CHAT_REQUEST = {
+    "model": MODEL,
     "messages": [
         {"role": "system", "content": "You are a terse assistant. " * 8},
-        {"role": "user", "content": "Summarise the following text in one sentence. " + "lorem ipsum dolor sit amet " * 22},
+        {"role": "user", "content": "Summarise the following text in one sentence. " + "lorem ipsum dolor sit amet " * 28},
     ],
     "max_tokens": 256,
     "temperature": 0.2,
-})
+}
 CHAT_RESPONSE = json.dumps({
-    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1760000000, "model": "gpt-4o-mini",
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1760000000, "model": MODEL,
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "Lorem ipsum dolor sit amet. " * 24},
                  "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 260, "completion_tokens": 170, "total_tokens": 430,
@@ -52,7 +75,7 @@ CHAT_RESPONSE = json.dumps({
 def sse_response(chunks=20):
     def event(obj):
         return "data: " + json.dumps(obj) + "\n\n"
-    base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1760000000, "model": "gpt-4o-mini"}
+    base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1760000000, "model": MODEL}
     out = [event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "usage": None})]
     for i in range(chunks):
         out.append(event({**base, "choices": [{"index": 0, "delta": {"content": f" word{i}"}}], "usage": None}))
@@ -63,40 +86,65 @@ def sse_response(chunks=20):
     return "".join(out)
 
 
-def plugin_config(tenants=50):
-    """A realistic configuration: tenants by API key (SHA-256), token and USD budgets, routing
-    with an alias, prices, and the cache on (every request is eligible and misses: bodies differ)."""
+# Tollgate features, in the order --ladder adds them.
+LADDER = ("tokens", "routing", "usd", "concurrent", "cache")
+MINIMAL = ("tokens", "routing")
+REALISTIC = LADDER
+
+
+def tollgate_config(features, tenants=50):
+    """Tenants by API key (SHA-256 digests) plus `features`: tokens (one token limit), routing
+    (a routing table with the requested model only), usd (a USD limit and the model's prices),
+    concurrent (max_concurrent), cache (deterministic policy)."""
     keys = [{"sha256": hashlib.sha256(f"sk-bench-tenant-{i:02d}".encode()).hexdigest(), "tenant": f"tenant-{i:02d}"}
             for i in range(tenants)]
-    return {
-        "identity": {"source": "api_key", "api_keys": keys},
-        "tenants": {f"tenant-{i:02d}": {} for i in range(tenants)},
-        "tenant_defaults": {
-            "limits": [{"name": "tpm", "tokens": 10_000_000_000, "window": "minute"},
-                       {"name": "daily-usd", "usd": "1000000", "window": "day"}],
-            "max_concurrent": 1000, "max_output_tokens": 4096,
-        },
-        "prices": {"gpt-4o-mini": {"input": "0.15", "output": "0.60", "cached_input": "0.075"},
-                   "*": {"input": "1.00", "output": "2.00"}},
-        "routing": {"models": {"gpt-4o-mini": {"route": "openai"}, "gpt-4o": {"route": "openai"}},
-                    "aliases": {"fast": {"targets": [{"model": "gpt-4o-mini", "weight": 9},
-                                                     {"model": "gpt-4o", "weight": 1}]}}},
-        "cache": {"max_entries": 256, "max_bytes": 4194304, "policy": "deterministic"},
-    }
-
-
-def trimmed_config(drop):
-    """The realistic configuration without some features (for `--drop cache,routing,limits`):
-    what each feature costs per request."""
-    config = plugin_config()
-    for feature in drop:
-        if feature == "limits":
-            config["tenant_defaults"] = {}
-        elif feature == "routing":
-            config.pop("routing")
-        elif feature:
-            config.pop(feature)
+    config = {"identity": {"source": "api_key", "api_keys": keys},
+              "tenants": {f"tenant-{i:02d}": {} for i in range(tenants)}}
+    policy = {"limits": []}
+    if "tokens" in features:
+        policy["limits"].append({"name": "tpm", "tokens": 10_000_000_000, "window": "minute"})
+    if "usd" in features:
+        policy["limits"].append({"name": "daily-usd", "usd": "1000000", "window": "day"})
+        config["prices"] = {MODEL: {"input": "0.15", "output": "0.60", "cached_input": "0.075"}}
+    if "concurrent" in features:
+        policy["max_concurrent"] = 1000
+    if not policy["limits"]:
+        del policy["limits"]
+    if policy:
+        config["tenant_defaults"] = policy
+    if "routing" in features:
+        config["routing"] = {"models": {MODEL: {"route": "openai"}}}
+    if "cache" in features:
+        config["cache"] = {"max_entries": 256, "max_bytes": 4194304, "policy": "deterministic"}
     return config
+
+
+def variants(ladder):
+    """name -> (wasm, counting wasm or None, plugin config, request temperature)."""
+    out = {"bare": (None, None, {}, 0.2), "noop": (NOOP, None, {}, 0.2), "naive": (NAIVE, NAIVE_COUNT, {}, 0.2)}
+    if ladder:
+        for i, feature in enumerate(("base",) + LADDER):
+            name = "base" if i == 0 else "+" + feature
+            out[name] = (WASM, COUNT_WASM, tollgate_config(LADDER[:i]), 0.2)
+    else:
+        out["minimal"] = (WASM, COUNT_WASM, tollgate_config(MINIMAL), 0.2)
+        out["realistic"] = (WASM, COUNT_WASM, tollgate_config(REALISTIC), 0.2)
+        out["hit"] = (WASM, COUNT_WASM, tollgate_config(REALISTIC), 0)
+    return out
+
+
+def request_body(stream, temperature):
+    body = dict(CHAT_REQUEST, temperature=temperature)
+    if stream:
+        body["stream"] = True
+    return json.dumps(body)
+
+
+def request_headers(stream):
+    headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
+    if stream:
+        headers["x-bench-stream"] = "1"
+    return headers
 
 
 class Proc:
@@ -142,65 +190,131 @@ class Proc:
         self.log.close()
 
 
-def gateway_config(variant, wasm, listen, admin, upstream, access_log):
-    with open(os.path.join(ROOT, "envoy/tollgate.yaml")) as f:
-        template = f.read()
-    if variant == "bare":
-        start = template.index("          - name: tollgate\n")
-        end = template.index("          - name: envoy.filters.http.router\n")
-        template = template[:start] + template[end:]
-    return render.render(template, {
-        "ADMIN_PORT": str(admin), "LISTEN_PORT": str(listen), "UPSTREAM_PORT": str(upstream),
-        "ACCESS_LOG": access_log, "WASM_PATH": NOOP if variant == "noop" else wasm,
-        "PLUGIN_CONFIG": json.dumps(json.dumps(trimmed_config(DROP))),
-    })
+class Gateway(Proc):
+    """The shipped envoy/tollgate.yaml with `wasm` as its filter (none: the filter removed)."""
+
+    def __init__(self, name, wasm, plugin_config, upstream, workdir):
+        with open(os.path.join(ROOT, "envoy/tollgate.yaml")) as f:
+            template = f.read()
+        if wasm is None:
+            start = template.index("          - name: tollgate\n")
+            end = template.index("          - name: envoy.filters.http.router\n")
+            template = template[:start] + template[end:]
+        self.listen, self.admin = free_port(), free_port()
+        super().__init__(render.render(template, {
+            "ADMIN_PORT": str(self.admin), "LISTEN_PORT": str(self.listen), "UPSTREAM_PORT": str(upstream),
+            "ACCESS_LOG": os.path.join(workdir, f"{name}.access.log"), "WASM_PATH": wasm or NOOP,
+            "PLUGIN_CONFIG": json.dumps(json.dumps(plugin_config)),
+        }), workdir, name)
+        self.wait_ready(self.admin)
+        self.url = f"http://127.0.0.1:{self.listen}"
+
+    def stats(self, pattern):
+        """Counters whose name matches the regex `pattern`, from the admin's /stats."""
+        text = http("GET", f"http://127.0.0.1:{self.admin}/stats?filter={urllib.parse.quote(pattern)}", timeout=5)[2].decode()
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                out[name] = int(value)
+        return out
+
+    def probe(self, stream, temperature):
+        """One request as wrk sends it: (status, x-tollgate-cache, the x-tollgate-route header the
+        upstream received: the backend echoes it; "-" when the gateway answered itself)."""
+        status, headers, _ = http("POST", self.url + "/v1/chat/completions",
+                                  request_body(stream, temperature).encode(), request_headers(stream))
+        route = headers.get("x-bench-route", "-") or "(none)"
+        return status, headers.get("x-tollgate-cache", "-"), route
 
 
-def wrk(url, connections, seconds, stream, workdir):
+def wrk(url, connections, seconds, stream, temperature, workdir):
     script = os.path.join(workdir, "post.lua")
     with open(script, "w") as f:
-        headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
-        if stream:
-            headers["x-bench-stream"] = "1"
-        body = json.loads(CHAT_REQUEST)
-        body.update(model="fast", temperature=0)
-        if stream:
-            body["stream"] = True
-        # Every request differs (a counter in the prompt): the cache is looked up and misses.
-        template = json.dumps(body).replace("%", "%%").replace("Summarise", "[%d] Summarise", 1)
-        f.write(f"local template = {json.dumps(template)}\n")
-        f.write("local headers = {}\n")
-        for k, v in headers.items():
-            f.write(f'headers["{k}"] = "{v}"\n')
-        f.write("local n = 0\n")
-        f.write("request = function()\n  n = n + 1\n"
-                "  return wrk.format(\"POST\", nil, headers, string.format(template, n))\nend\n")
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script,
-                          url + "/v1/chat/completions"], capture_output=True, text=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        f.write('wrk.method = "POST"\n')
+        f.write(f"wrk.body = {json.dumps(request_body(stream, temperature))}\n")
+        for k, v in request_headers(stream).items():
+            f.write(f'wrk.headers["{k}"] = "{v}"\n')
+    proc = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script,
+                           url + "/v1/chat/completions"], capture_output=True, text=True)
+    out = proc.stdout
+
+    def number(pattern, cast=int, default=0):
+        m = re.search(pattern, out, re.M)
+        return cast(m.group(1)) if m else default
 
     def pct(p):
         m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        value, unit = float(m.group(1)), m.group(2)
-        return value * {"us": 1, "ms": 1000, "s": 1e6}[unit]
-    return {"rps": rps, "total": total, "p50": pct(50), "p99": pct(99), "errors": int(non2xx.group(1)) if non2xx else 0}
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 1, "ms": 1000, "s": 1e6}[m.group(2)]
+    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    result = {"rps": number(r"Requests/sec:\s+([\d.]+)", float), "total": number(r"(\d+) requests in"),
+              "p50": pct(50), "p99": pct(99), "non2xx": number(r"Non-2xx or 3xx responses: (\d+)"),
+              "socket": sum(int(g) for g in socket.groups()) if socket else 0}
+    if not result["total"]:
+        print(f"    wrk produced no requests: {proc.stderr.strip() or out.strip()}", flush=True)
+    return result
+
+
+def errors(r):
+    return r["non2xx"] + r["socket"] + (0 if r["total"] else 1)
+
+
+def count_run(name, wasm, config, temperature, upstream, seconds, workdir):
+    """Host calls and allocations per request with a counting build: {stream: (calls, allocs)}."""
+    gw = Gateway(name + ".count", wasm, config, upstream, workdir)
+    out = {}
+    try:
+        pattern = r"^(wasmcustom\.tollgate\.bench\.|http\.llm\.downstream_rq_completed$)"
+        for stream in (False, True):
+            gw.probe(stream, temperature)
+            wrk(gw.url, 4, 1, stream, temperature, workdir)  # warm-up: VM, pools, metric ids, cache
+            time.sleep(0.3)
+            before = gw.stats(pattern)
+            r = wrk(gw.url, 4, seconds, stream, temperature, workdir)
+            time.sleep(0.5)  # requests cut by wrk's end are logged (and flushed) a moment later
+            after = gw.stats(pattern)
+
+            def delta(suffix):
+                return sum(v - before.get(k, 0) for k, v in after.items() if k.endswith(suffix))
+            served = delta("downstream_rq_completed")
+            calls, allocs = delta("bench.host_calls"), delta("bench.allocations")
+            if not served or not (calls or allocs):
+                print(f"    {name} count run: no counters ({after}); skipped", flush=True)
+                continue
+            out[stream] = (calls / served, allocs / served, served, errors(r))
+    finally:
+        gw.stop()
+    return out
 
 
 def main():
+    global WASM
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=10)
-    ap.add_argument("--wasm", default=WASM)
-    ap.add_argument("--only", default="")
-    ap.add_argument("--drop", default="", help="features left out of Tollgate's config: cache,routing,limits")
+    ap.add_argument("--seconds", type=int, default=10, help="each timed wrk run")
+    ap.add_argument("--only", default="", help="variants to run, e.g. bare,minimal")
+    ap.add_argument("--ladder", action="store_true",
+                    help="Tollgate variants add one feature at a time: base, +tokens, +routing, +usd, "
+                         "+concurrent, +cache (bypass); prints the per-feature cost")
+    ap.add_argument("--count-seconds", type=int, default=2,
+                    help="the counting builds' run per body (0: no host call / allocation counts)")
+    ap.add_argument("--wasm", default=WASM, help="the tollgate.wasm timed")
     args = ap.parse_args()
-    DROP.extend(args.drop.split(","))
+    WASM = os.path.abspath(args.wasm)
+    table = variants(args.ladder)
+    names = [v for v in table if not args.only or v in args.only.split(",")]
+    for name in names:
+        for path in table[name][:2]:
+            if path and not os.path.exists(path):
+                sys.exit(f"{name}: {os.path.relpath(path, ROOT)} is missing (make bench builds it)")
     workdir = tempfile.mkdtemp(prefix="tollgate-bench-")
     with open(os.path.join(workdir, "chat.json"), "w") as f:
         f.write(CHAT_RESPONSE)
     with open(os.path.join(workdir, "chat.sse"), "w") as f:
         f.write(sse_response())
+    print(f"request body: {len(request_body(False, 0.2))} bytes JSON, {len(request_body(True, 0.2))} streamed; "
+          f"response: {len(CHAT_RESPONSE)} bytes JSON, {len(sse_response())} SSE; {args.seconds} s per run", flush=True)
     backend_port, backend_admin = free_port(), free_port()
     with open(os.path.join(HERE, "backend.yaml")) as f:
         backend = Proc(render.render(f.read(), {
@@ -208,43 +322,92 @@ def main():
             "JSON_BODY": os.path.join(workdir, "chat.json"), "SSE_BODY": os.path.join(workdir, "chat.sse")}),
             workdir, "backend")
     backend.wait_ready(backend_admin)
-    variants = [v for v in ("bare", "noop", "tollgate") if not args.only or v in args.only.split(",")]
-    results = {}
+    results, counts = {}, {}
     try:
-        for variant in variants:
-            listen, admin = free_port(), free_port()
-            gw = Proc(gateway_config(variant, args.wasm, listen, admin, backend_port,
-                                     os.path.join(workdir, f"{variant}.access.log")), workdir, variant)
-            gw.wait_ready(admin)
-            url = f"http://127.0.0.1:{listen}"
-            wrk(url, 4, 2, False, workdir)  # warm-up: VMs, connection pools
+        for name in names:
+            wasm, count_wasm, config, temperature = table[name]
+            gw = Gateway(name, wasm, config, backend_port, workdir)
+            for stream in (False, True):
+                status, cache, route = gw.probe(stream, temperature)
+                if temperature == 0:
+                    status, cache, route = gw.probe(stream, temperature)  # the first one stored it
+                print(f"  {name:11} {'sse ' if stream else 'json'} probe: status {status}, upstream got x-tollgate-route {route}, "
+                      f"x-tollgate-cache {cache}", flush=True)
+            wrk(gw.url, 4, 2, False, temperature, workdir)  # warm-up: VMs, connection pools
             for stream in (False, True):
                 for conns in (1, 16):
                     before = gw.cpu_seconds()
-                    r = wrk(url, conns, args.seconds, stream, workdir)
+                    r = wrk(gw.url, conns, args.seconds, stream, temperature, workdir)
                     r["cpu_us"] = (gw.cpu_seconds() - before) * 1e6 / max(r["total"], 1)
                     r["rss"] = gw.rss_mib()
-                    results[(variant, stream, conns)] = r
-                    print(f"  {variant:9} {'sse ' if stream else 'json'} c={conns:<3} {r['rps']:9.0f} req/s  "
+                    results[(name, stream, conns)] = r
+                    flag = "  <-- ERRORS" if errors(r) else ""
+                    print(f"  {name:11} {'sse ' if stream else 'json'} c={conns:<3} {r['rps']:9.0f} req/s  "
                           f"p50 {r['p50']:7.0f} µs  p99 {r['p99']:7.0f} µs  cpu {r['cpu_us']:6.1f} µs/req  "
-                          f"rss {r['rss']:5.1f} MiB  non-2xx {r['errors']}", flush=True)
+                          f"rss {r['rss']:5.1f} MiB  non-2xx {r['non2xx']}  socket errors {r['socket']}{flag}",
+                          flush=True)
             gw.stop()
+        if args.count_seconds:
+            for name in names:
+                wasm, count_wasm, config, temperature = table[name]
+                if count_wasm:
+                    counts[name] = count_run(name, count_wasm, config, temperature, backend_port,
+                                             args.count_seconds, workdir)
     finally:
         backend.stop()
-    print(f"\nwasm: {os.path.relpath(args.wasm, ROOT)} {os.path.getsize(args.wasm)} bytes; "
-          f"noop.wasm {os.path.getsize(NOOP)} bytes")
-    print(f"{'body':5} {'conns':>5} {'variant':9} {'req/s':>9} {'×bare':>6} {'p50 µs':>8} {'+p50':>6} "
-          f"{'p99 µs':>8} {'cpu µs':>7} {'+cpu':>6} {'rss MiB':>8}")
+    report(args, names, table, results, counts)
+
+
+def report(args, names, table, results, counts):
+    sizes = [(os.path.relpath(p, ROOT), os.path.getsize(p)) for p in (WASM, NOOP, NAIVE, COUNT_WASM, NAIVE_COUNT)
+             if os.path.exists(p)]
+    print("\nwasm: " + "; ".join(f"{p} {n} bytes" for p, n in sizes))
+    print(f"\n{'body':5} {'conns':>5} {'variant':11} {'req/s':>9} {'×bare':>6} {'p50 µs':>8} {'+p50':>6} "
+          f"{'p99 µs':>8} {'cpu µs':>7} {'+cpu':>6} {'rss MiB':>8} {'+rss':>6} {'errors':>6}")
+    nan = float("nan")
     for stream in (False, True):
         for conns in (1, 16):
             bare = results.get(("bare", stream, conns))
-            for variant in variants:
-                r = results[(variant, stream, conns)]
-                ratio = r["rps"] / bare["rps"] if bare else float("nan")
-                dp50 = r["p50"] - bare["p50"] if bare else float("nan")
-                dcpu = r["cpu_us"] - bare["cpu_us"] if bare else float("nan")
-                print(f"{'sse' if stream else 'json':5} {conns:>5} {variant:9} {r['rps']:9.0f} {ratio:6.2f} "
-                      f"{r['p50']:8.0f} {dp50:+6.0f} {r['p99']:8.0f} {r['cpu_us']:7.1f} {dcpu:+6.1f} {r['rss']:8.1f}")
+            for name in names:
+                r = results[(name, stream, conns)]
+                ratio = r["rps"] / bare["rps"] if bare and bare["rps"] else nan
+                dp50 = r["p50"] - bare["p50"] if bare else nan
+                dcpu = r["cpu_us"] - bare["cpu_us"] if bare else nan
+                drss = r["rss"] - bare["rss"] if bare else nan
+                print(f"{'sse' if stream else 'json':5} {conns:>5} {name:11} {r['rps']:9.0f} {ratio:6.2f} "
+                      f"{r['p50']:8.0f} {dp50:+6.0f} {r['p99']:8.0f} {r['cpu_us']:7.1f} {dcpu:+6.1f} "
+                      f"{r['rss']:8.1f} {drss:+6.1f} {errors(r):6}")
+    failed = [(k, r) for k, r in results.items() if errors(r)]
+    for (name, stream, conns), r in failed:
+        print(f"!! {name} {'sse' if stream else 'json'} c={conns}: {r['non2xx']} non-2xx, "
+              f"{r['socket']} socket errors, {r['total']} requests")
+    if args.ladder:
+        steps = [n for n in names if n == "base" or n.startswith("+")]
+        print("\nper feature: Envoy CPU µs per request added by each step (base: over bare)")
+        print(f"{'feature':12} " + " ".join(f"{('sse' if s else 'json') + ' c=' + str(c):>10}"
+                                            for s in (False, True) for c in (1, 16)))
+        for i, name in enumerate(steps):
+            prev = "bare" if i == 0 else steps[i - 1]
+            cells = []
+            for s in (False, True):
+                for c in (1, 16):
+                    a, b = results.get((name, s, c)), results.get((prev, s, c))
+                    cells.append(f"{a['cpu_us'] - b['cpu_us']:+10.1f}" if a and b else f"{'':>10}")
+            print(f"{name:12} " + " ".join(cells))
+    if counts:
+        print(f"\nper request, counting builds ({args.count_seconds} s, 4 connections; host calls: wasm -> Envoy)")
+        print(f"{'variant':11} {'json calls':>10} {'json allocs':>11} {'sse calls':>10} {'sse allocs':>11} {'requests':>9}")
+        for name in names:
+            if name not in counts:
+                continue
+            c = counts[name]
+            cells = []
+            for stream in (False, True):
+                calls, allocs, _, _ = c.get(stream, (nan, nan, 0, 0))
+                cells += [f"{calls:10.1f}", f"{allocs:11.1f}"]
+            served = "/".join(str(c[s][2]) for s in (False, True) if s in c)
+            bad = sum(c[s][3] for s in c)
+            print(f"{name:11} {' '.join(cells)} {served:>9}" + (f"  <-- {bad} errors" if bad else ""))
 
 
 if __name__ == "__main__":
