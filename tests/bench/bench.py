@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -206,7 +207,11 @@ class Gateway(Proc):
             "ACCESS_LOG": os.path.join(workdir, f"{name}.access.log"), "WASM_PATH": wasm or NOOP,
             "PLUGIN_CONFIG": json.dumps(json.dumps(plugin_config)),
         }), workdir, name)
-        self.wait_ready(self.admin)
+        try:
+            self.wait_ready(self.admin)
+        except BaseException:
+            self.stop()
+            raise
         self.url = f"http://127.0.0.1:{self.listen}"
 
     def stats(self, pattern):
@@ -322,31 +327,36 @@ def main():
             "JSON_BODY": os.path.join(workdir, "chat.json"), "SSE_BODY": os.path.join(workdir, "chat.sse")}),
             workdir, "backend")
     backend.wait_ready(backend_admin)
-    results, counts = {}, {}
+    results, counts, probe_errors = {}, {}, []
     try:
         for name in names:
             wasm, count_wasm, config, temperature = table[name]
             gw = Gateway(name, wasm, config, backend_port, workdir)
-            for stream in (False, True):
-                status, cache, route = gw.probe(stream, temperature)
-                if temperature == 0:
-                    status, cache, route = gw.probe(stream, temperature)  # the first one stored it
-                print(f"  {name:11} {'sse ' if stream else 'json'} probe: status {status}, upstream got x-tollgate-route {route}, "
-                      f"x-tollgate-cache {cache}", flush=True)
-            wrk(gw.url, 4, 2, False, temperature, workdir)  # warm-up: VMs, connection pools
-            for stream in (False, True):
-                for conns in (1, 16):
-                    before = gw.cpu_seconds()
-                    r = wrk(gw.url, conns, args.seconds, stream, temperature, workdir)
-                    r["cpu_us"] = (gw.cpu_seconds() - before) * 1e6 / max(r["total"], 1)
-                    r["rss"] = gw.rss_mib()
-                    results[(name, stream, conns)] = r
-                    flag = "  <-- ERRORS" if errors(r) else ""
-                    print(f"  {name:11} {'sse ' if stream else 'json'} c={conns:<3} {r['rps']:9.0f} req/s  "
-                          f"p50 {r['p50']:7.0f} µs  p99 {r['p99']:7.0f} µs  cpu {r['cpu_us']:6.1f} µs/req  "
-                          f"rss {r['rss']:5.1f} MiB  non-2xx {r['non2xx']}  socket errors {r['socket']}{flag}",
-                          flush=True)
-            gw.stop()
+            try:
+                for stream in (False, True):
+                    status, cache, route = gw.probe(stream, temperature)
+                    if temperature == 0:
+                        status, cache, route = gw.probe(stream, temperature)  # the first one stored it
+                    flag = "" if status == 200 else "  <-- ERRORS"
+                    if flag:
+                        probe_errors.append(f"{name} {'sse' if stream else 'json'} probe: status {status}")
+                    print(f"  {name:11} {'sse ' if stream else 'json'} probe: status {status}, "
+                          f"upstream got x-tollgate-route {route}, x-tollgate-cache {cache}{flag}", flush=True)
+                wrk(gw.url, 4, 2, False, temperature, workdir)  # warm-up: VMs, connection pools
+                for stream in (False, True):
+                    for conns in (1, 16):
+                        before = gw.cpu_seconds()
+                        r = wrk(gw.url, conns, args.seconds, stream, temperature, workdir)
+                        r["cpu_us"] = (gw.cpu_seconds() - before) * 1e6 / max(r["total"], 1)
+                        r["rss"] = gw.rss_mib()
+                        results[(name, stream, conns)] = r
+                        flag = "  <-- ERRORS" if errors(r) else ""
+                        print(f"  {name:11} {'sse ' if stream else 'json'} c={conns:<3} {r['rps']:9.0f} req/s  "
+                              f"p50 {r['p50']:7.0f} µs  p99 {r['p99']:7.0f} µs  cpu {r['cpu_us']:6.1f} µs/req  "
+                              f"rss {r['rss']:5.1f} MiB  non-2xx {r['non2xx']}  socket errors {r['socket']}{flag}",
+                              flush=True)
+            finally:
+                gw.stop()
         if args.count_seconds:
             for name in names:
                 wasm, count_wasm, config, temperature = table[name]
@@ -355,10 +365,11 @@ def main():
                                              args.count_seconds, workdir)
     finally:
         backend.stop()
-    report(args, names, table, results, counts)
+        shutil.rmtree(workdir, ignore_errors=True)  # the access logs: hundreds of MB
+    report(args, names, results, counts, probe_errors)
 
 
-def report(args, names, table, results, counts):
+def report(args, names, results, counts, probe_errors):
     sizes = [(os.path.relpath(p, ROOT), os.path.getsize(p)) for p in (WASM, NOOP, NAIVE, COUNT_WASM, NAIVE_COUNT)
              if os.path.exists(p)]
     print("\nwasm: " + "; ".join(f"{p} {n} bytes" for p, n in sizes))
@@ -377,6 +388,8 @@ def report(args, names, table, results, counts):
                 print(f"{'sse' if stream else 'json':5} {conns:>5} {name:11} {r['rps']:9.0f} {ratio:6.2f} "
                       f"{r['p50']:8.0f} {dp50:+6.0f} {r['p99']:8.0f} {r['cpu_us']:7.1f} {dcpu:+6.1f} "
                       f"{r['rss']:8.1f} {drss:+6.1f} {errors(r):6}")
+    for line in probe_errors:
+        print(f"!! {line}")
     failed = [(k, r) for k, r in results.items() if errors(r)]
     for (name, stream, conns), r in failed:
         print(f"!! {name} {'sse' if stream else 'json'} c={conns}: {r['non2xx']} non-2xx, "
