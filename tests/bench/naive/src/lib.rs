@@ -127,45 +127,10 @@ impl HttpContext for Naive {
 /// Host calls and allocations per request (feature `count`), as Tollgate's `bench-count`.
 #[cfg(feature = "count")]
 mod count {
-    use std::cell::Cell;
-
-    use proxy_wasm::hostcalls;
-    use proxy_wasm::types::MetricType;
-
     #[global_allocator]
-    static ALLOCATOR: countalloc::Counting = countalloc::Counting;
+    static ALLOCATOR: benchcount::Counting = benchcount::Counting;
 
-    thread_local! {
-        static HOST_CALLS: Cell<u64> = const { Cell::new(0) };
-        static FLUSHED_ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-        static IDS: Cell<Option<(u32, u32)>> = const { Cell::new(None) };
-    }
-
-    pub fn host_call() {
-        HOST_CALLS.with(|calls| calls.set(calls.get().saturating_add(1)));
-    }
-
-    pub fn flush() {
-        let allocations =
-            countalloc::allocations().saturating_sub(FLUSHED_ALLOCATIONS.with(Cell::get));
-        let calls = HOST_CALLS.with(|c| c.replace(0));
-        let ids = IDS.with(Cell::get).or_else(|| {
-            let calls = hostcalls::define_metric(MetricType::Counter, "tollgate.bench.host_calls");
-            let allocs =
-                hostcalls::define_metric(MetricType::Counter, "tollgate.bench.allocations");
-            let ids = (calls.ok()?, allocs.ok()?);
-            IDS.with(|i| i.set(Some(ids)));
-            Some(ids)
-        });
-        if let Some((calls_id, allocations_id)) = ids {
-            let _ = hostcalls::increment_metric(calls_id, i64::try_from(calls).unwrap_or(i64::MAX));
-            let _ = hostcalls::increment_metric(
-                allocations_id,
-                i64::try_from(allocations).unwrap_or(i64::MAX),
-            );
-        }
-        FLUSHED_ALLOCATIONS.with(|f| f.set(countalloc::allocations()));
-    }
+    pub use benchcount::{flush, host_call};
 }
 
 #[cfg(not(feature = "count"))]

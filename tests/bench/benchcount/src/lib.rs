@@ -1,0 +1,89 @@
+//! Host calls and allocations per request, for `make bench` only.
+//!
+//! A filter registers [`Counting`] as its `#[global_allocator]`, calls [`host_call`] before each
+//! of its host calls and [`flush`] once per request (in `on_log`). The counts since the last
+//! flush are added to the Envoy counters `tollgate.bench.host_calls` and
+//! `tollgate.bench.allocations` (`wasmcustom.tollgate.bench.*` in `/stats`); the flush's own host
+//! calls and allocations are left out.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+const HOST_CALLS_METRIC: &str = "tollgate.bench.host_calls";
+const ALLOCATIONS_METRIC: &str = "tollgate.bench.allocations";
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static HOST_CALLS: Cell<u64> = const { Cell::new(0) };
+    /// The allocation count at the end of the last flush.
+    static FLUSHED_ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    /// The two counters' ids, once defined.
+    static IDS: Cell<Option<(u32, u32)>> = const { Cell::new(None) };
+}
+
+/// [`System`], counting every allocation and reallocation (`alloc`, `alloc_zeroed`, `realloc`).
+pub struct Counting;
+
+// SAFETY: every method forwards its arguments unchanged to `System`, which upholds the
+// `GlobalAlloc` contract; the counter is an atomic and never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc` is passed on as is.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc_zeroed` is passed on as is.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `realloc` is passed on as is.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract for `dealloc` is passed on as is.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+/// Counts one host call (wasm to Envoy).
+pub fn host_call() {
+    HOST_CALLS.with(|calls| calls.set(calls.get().saturating_add(1)));
+}
+
+/// Adds the host calls and allocations counted since the last flush to the Envoy counters.
+pub fn flush() {
+    let allocations = ALLOCATIONS
+        .load(Ordering::Relaxed)
+        .saturating_sub(FLUSHED_ALLOCATIONS.with(Cell::get));
+    let calls = HOST_CALLS.with(|c| c.replace(0));
+    if let Some((calls_id, allocations_id)) = ids() {
+        let _ = hostcalls::increment_metric(calls_id, i64::try_from(calls).unwrap_or(i64::MAX));
+        let _ = hostcalls::increment_metric(
+            allocations_id,
+            i64::try_from(allocations).unwrap_or(i64::MAX),
+        );
+    }
+    // Read last, so whatever this flush allocated is not counted against the next request.
+    FLUSHED_ALLOCATIONS.with(|f| f.set(ALLOCATIONS.load(Ordering::Relaxed)));
+}
+
+fn ids() -> Option<(u32, u32)> {
+    if let Some(ids) = IDS.with(Cell::get) {
+        return Some(ids);
+    }
+    let calls = hostcalls::define_metric(MetricType::Counter, HOST_CALLS_METRIC).ok()?;
+    let allocations = hostcalls::define_metric(MetricType::Counter, ALLOCATIONS_METRIC).ok()?;
+    IDS.with(|i| i.set(Some((calls, allocations))));
+    Some((calls, allocations))
+}
