@@ -267,7 +267,8 @@ def errors(r):
 
 
 def count_run(name, wasm, config, temperature, upstream, seconds, workdir):
-    """Host calls and allocations per request with a counting build: {stream: (calls, allocs)}."""
+    """Host calls and allocations per request with a counting build:
+    {stream: (calls per request, allocations per request, requests, errors)}."""
     gw = Gateway(name + ".count", wasm, config, upstream, workdir)
     out = {}
     try:
@@ -308,7 +309,11 @@ def main():
     args = ap.parse_args()
     WASM = os.path.abspath(args.wasm)
     table = variants(args.ladder)
-    names = [v for v in table if not args.only or v in args.only.split(",")]
+    only = [v for v in args.only.split(",") if v]
+    if set(only) - set(table):
+        sys.exit(f"--only: unknown variant(s) {', '.join(sorted(set(only) - set(table)))}; "
+                 f"variants: {', '.join(table)}")
+    names = [v for v in table if not only or v in only]
     for name in names:
         for path in table[name][:2]:
             if path and not os.path.exists(path):
