@@ -1,11 +1,8 @@
-//! Every host call the filter makes, with Envoy's statuses mapped at the seam.
-//!
-//! The SDK's `hostcalls` panic on statuses they do not expect; each wrapper here is only called
-//! in the phases where Envoy answers `Ok`/`NotFound` for it (headers in their own callbacks,
-//! bodies with the size Envoy just announced, properties from HTTP contexts), and otherwise
-//! returns a value the caller treats as "not available".
+//! Every host call the filter makes, with Envoy's statuses mapped at the seam. The SDK's
+//! `hostcalls` panic on statuses they do not expect; each wrapper is only called in phases where
+//! Envoy answers `Ok`/`NotFound`, and otherwise returns what the caller treats as "not there".
 
-use proxy_wasm::hostcalls;
+use super::hostcalls;
 use proxy_wasm::types::{BufferType, Bytes, MapType, Status};
 
 use crate::metrics::{Labels, Stat, StatUpdate};
@@ -15,15 +12,11 @@ use crate::store::{SharedStore, Versioned};
 
 /// Every request header (pseudo-headers included), in one host call.
 pub fn request_headers() -> Vec<(String, Bytes)> {
-    #[cfg(feature = "bench-count")]
-    super::count::host_call();
     hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
 }
 
 /// A response header, as bytes (`None` when absent).
 pub fn response_header(name: &str) -> Option<Bytes> {
-    #[cfg(feature = "bench-count")]
-    super::count::host_call();
     hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
         .ok()
         .flatten()
@@ -35,8 +28,6 @@ pub fn set_header(request: bool, name: &str, value: Option<&[u8]>) -> Result<(),
         true => MapType::HttpRequestHeaders,
         false => MapType::HttpResponseHeaders,
     };
-    #[cfg(feature = "bench-count")]
-    super::count::host_call();
     hostcalls::set_map_value_bytes(map, name, value)
 }
 
@@ -54,8 +45,6 @@ pub fn body(request: bool, size: usize) -> Vec<u8> {
 
 /// Replaces the buffered request body, or the current response chunk.
 pub fn set_body(request: bool, size: usize, body: &[u8]) -> Result<(), Status> {
-    #[cfg(feature = "bench-count")]
-    super::count::host_call();
     hostcalls::set_buffer(body_buffer(request), 0, size, body)
 }
 
@@ -63,25 +52,17 @@ pub fn set_body(request: bool, size: usize, body: &[u8]) -> Result<(), Status> {
 pub fn buffer(kind: BufferType, size: usize) -> Option<Bytes> {
     match size {
         0 => None,
-        _ => {
-            #[cfg(feature = "bench-count")]
-            super::count::host_call();
-            hostcalls::get_buffer(kind, 0, size).ok().flatten()
-        }
+        _ => hostcalls::get_buffer(kind, 0, size).ok().flatten(),
     }
 }
 
 /// Writes filter state `wasm.<name>` (printable with `%FILTER_STATE(wasm.<name>:PLAIN)%`).
 pub fn set_record_field(name: &str, value: &[u8]) -> Result<(), Status> {
-    #[cfg(feature = "bench-count")]
-    super::count::host_call();
     hostcalls::set_property(vec![name], Some(value))
 }
 
 /// Answers the request locally (`extra`: headers whose names come from the configuration).
 pub fn send_reply(reply: &LocalReply, extra: &[(&str, Option<Vec<u8>>)]) -> Result<(), Status> {
-    #[cfg(feature = "bench-count")]
-    super::count::host_call();
     let headers: Vec<(&str, &str)> = reply
         .headers
         .iter()
@@ -95,15 +76,11 @@ pub fn send_reply(reply: &LocalReply, extra: &[(&str, Option<Vec<u8>>)]) -> Resu
 
 /// Makes Envoy match the route table again (after the routing header was set).
 pub fn clear_route_cache() -> Result<(), Status> {
-    #[cfg(feature = "bench-count")]
-    super::count::host_call();
     hostcalls::call_foreign_function("clear_route_cache", None).map(|_| ())
 }
 
 /// Time since the Unix epoch by Envoy's clock (zero if unavailable).
 pub fn now() -> std::time::Duration {
-    #[cfg(feature = "bench-count")]
-    super::count::host_call();
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -118,18 +95,13 @@ pub struct EnvoyHost<'a> {
 
 impl<'a> EnvoyHost<'a> {
     pub fn new(gateway: &'a Gateway) -> EnvoyHost<'a> {
-        EnvoyHost::with_labels(&gateway.config.labels)
-    }
-
-    pub fn with_labels(labels: &'a Labels) -> EnvoyHost<'a> {
+        let labels = &gateway.config.labels;
         EnvoyHost { labels }
     }
 }
 
 impl SharedStore for EnvoyHost<'_> {
     fn get(&self, key: &str) -> Versioned {
-        #[cfg(feature = "bench-count")]
-        super::count::host_call();
         match hostcalls::get_shared_data(key) {
             Ok((value, cas)) => (value, cas.unwrap_or(0)),
             Err(_) => (None, 0),
@@ -137,8 +109,6 @@ impl SharedStore for EnvoyHost<'_> {
     }
 
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), ()> {
-        #[cfg(feature = "bench-count")]
-        super::count::host_call();
         hostcalls::set_shared_data(key, Some(value), (cas != 0).then_some(cas)).map_err(|_| ())
     }
 
@@ -154,8 +124,6 @@ impl Host for EnvoyHost<'_> {
 
     fn property(&self, path: &[String]) -> Option<Vec<u8>> {
         let path = path.iter().map(String::as_str).collect();
-        #[cfg(feature = "bench-count")]
-        super::count::host_call();
         hostcalls::get_property(path).ok().flatten()
     }
 

@@ -48,8 +48,7 @@ impl TollgateHttp {
     }
 }
 
-/// Executes the effects in order; `false` when the request body or its length could not be
-/// replaced (the request must not go upstream half-edited).
+/// Executes the effects in order; `false` when the request body or length was not replaced.
 fn apply(effects: &Effects<'_>, request: bool, size: usize) -> bool {
     let mut ok = true;
     if let Some(reply) = &effects.reply {
@@ -87,9 +86,6 @@ impl Context for TollgateHttp {}
 
 impl HttpContext for TollgateHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        if self.gateway.is_none() {
-            return Action::Continue;
-        }
         let headers = Headers(host::request_headers());
         self.step((true, 0), |request, gateway, host| {
             request.on_request_headers(gateway, host, headers, end_of_stream)
@@ -132,7 +128,7 @@ impl HttpContext for TollgateHttp {
 
     fn on_log(&mut self) {
         #[cfg(feature = "bench-count")]
-        super::count::flush();
+        benchcount::flush();
         self.step((false, 0), |request, gateway, host| {
             request.on_log(gateway, host)
         });

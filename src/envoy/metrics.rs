@@ -4,9 +4,9 @@
 use std::cell::RefCell;
 
 use hashbrown::HashMap;
-use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
+use super::hostcalls;
 use crate::metrics::{Labels, Stat, StatKind, StatUpdate};
 
 thread_local! {
@@ -23,8 +23,6 @@ fn id(stat: Stat, labels: &Labels) -> Option<u32> {
             StatKind::Gauge => MetricType::Gauge,
             StatKind::Histogram => MetricType::Histogram,
         };
-        #[cfg(feature = "bench-count")]
-        super::count::host_call();
         let id = hostcalls::define_metric(kind, &stat.name(labels)).ok()?;
         ids.borrow_mut().insert(stat, id);
         Some(id)
@@ -39,15 +37,11 @@ pub fn apply(update: StatUpdate, labels: &Labels) {
             if let Some(id) = id(stat, labels)
                 && delta > 0
             {
-                #[cfg(feature = "bench-count")]
-                super::count::host_call();
                 let _ = hostcalls::increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
             }
         }
         StatUpdate::Set(stat, value) | StatUpdate::Sample(stat, value) => {
             if let Some(id) = id(stat, labels) {
-                #[cfg(feature = "bench-count")]
-                super::count::host_call();
                 let _ = hostcalls::record_metric(id, value);
             }
         }

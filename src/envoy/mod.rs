@@ -2,13 +2,19 @@
 //! `http` turns Envoy's callbacks into calls on the host-free core and applies what it decides,
 //! `host` wraps every host call and maps its status, so no SDK helper that unwraps is reachable.
 
-#[cfg(feature = "bench-count")]
-mod count;
 mod host;
 mod http;
 mod metrics;
 mod root;
 
+// Bench builds (`bench-count`, never shipped) count every host call and allocation: `make bench`.
+#[cfg(feature = "bench-count")]
+use benchcount::counted as hostcalls;
+#[cfg(feature = "bench-count")]
+#[global_allocator]
+static ALLOCATOR: benchcount::Counting = benchcount::Counting;
+#[cfg(not(feature = "bench-count"))]
+use proxy_wasm::hostcalls;
 use proxy_wasm::types::LogLevel;
 
 proxy_wasm::main! {{

@@ -87,3 +87,93 @@ fn ids() -> Option<(u32, u32)> {
     IDS.with(|i| i.set(Some((calls, allocations))));
     Some((calls, allocations))
 }
+
+/// The SDK's host calls Tollgate makes, each counted: a bench build imports this module in
+/// place of `proxy_wasm::hostcalls`, so the filter's code is the same in both builds.
+pub mod counted {
+    use std::time::SystemTime;
+
+    use proxy_wasm::hostcalls as sdk;
+    use proxy_wasm::types::{BufferType, Bytes, MapType, MetricType, Status};
+
+    use super::host_call;
+
+    pub fn get_map_bytes(map: MapType) -> Result<Vec<(String, Bytes)>, Status> {
+        host_call();
+        sdk::get_map_bytes(map)
+    }
+
+    pub fn get_map_value_bytes(map: MapType, key: &str) -> Result<Option<Bytes>, Status> {
+        host_call();
+        sdk::get_map_value_bytes(map, key)
+    }
+
+    pub fn set_map_value_bytes(map: MapType, key: &str, value: Option<&[u8]>) -> Result<(), Status> {
+        host_call();
+        sdk::set_map_value_bytes(map, key, value)
+    }
+
+    pub fn get_buffer(kind: BufferType, start: usize, size: usize) -> Result<Option<Bytes>, Status> {
+        host_call();
+        sdk::get_buffer(kind, start, size)
+    }
+
+    pub fn set_buffer(kind: BufferType, start: usize, size: usize, value: &[u8]) -> Result<(), Status> {
+        host_call();
+        sdk::set_buffer(kind, start, size, value)
+    }
+
+    pub fn set_property(path: Vec<&str>, value: Option<&[u8]>) -> Result<(), Status> {
+        host_call();
+        sdk::set_property(path, value)
+    }
+
+    pub fn get_property(path: Vec<&str>) -> Result<Option<Bytes>, Status> {
+        host_call();
+        sdk::get_property(path)
+    }
+
+    pub fn send_http_response(
+        status: u32,
+        headers: Vec<(&str, &str)>,
+        body: Option<&[u8]>,
+    ) -> Result<(), Status> {
+        host_call();
+        sdk::send_http_response(status, headers, body)
+    }
+
+    pub fn call_foreign_function(name: &str, args: Option<&[u8]>) -> Result<Option<Bytes>, Status> {
+        host_call();
+        sdk::call_foreign_function(name, args)
+    }
+
+    pub fn get_current_time() -> Result<SystemTime, Status> {
+        host_call();
+        sdk::get_current_time()
+    }
+
+    pub fn get_shared_data(key: &str) -> Result<(Option<Bytes>, Option<u32>), Status> {
+        host_call();
+        sdk::get_shared_data(key)
+    }
+
+    pub fn set_shared_data(key: &str, value: Option<&[u8]>, cas: Option<u32>) -> Result<(), Status> {
+        host_call();
+        sdk::set_shared_data(key, value, cas)
+    }
+
+    pub fn define_metric(kind: MetricType, name: &str) -> Result<u32, Status> {
+        host_call();
+        sdk::define_metric(kind, name)
+    }
+
+    pub fn increment_metric(id: u32, offset: i64) -> Result<(), Status> {
+        host_call();
+        sdk::increment_metric(id, offset)
+    }
+
+    pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
+        host_call();
+        sdk::record_metric(id, value)
+    }
+}
