@@ -54,14 +54,66 @@ const EXTERNAL_INPUT_MARKERS: [&[u8]; 12] = [
 
 /// Whether a request body may bring input it does not contain (see [`EXTERNAL_INPUT_MARKERS`]).
 /// Without any, every input token it can be charged covers at least one byte of the body.
-/// One pass over the body's quotes.
 pub fn refers_outside_body(body: &[u8]) -> bool {
-    body.iter().enumerate().any(|(i, b)| {
-        *b == b'"'
-            && body
-                .get(i..)
-                .is_some_and(|rest| EXTERNAL_INPUT_MARKERS.iter().any(|m| rest.starts_with(m)))
-    })
+    shape(body, usize::MAX).external
+}
+
+/// What one pass over a body's structure finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    /// Arrays and objects nest deeper than the limit (the pass stops there).
+    too_deep: bool,
+    /// A string that opens with one of the [`EXTERNAL_INPUT_MARKERS`].
+    external: bool,
+}
+
+/// One pass, no allocation: nesting depth (brackets inside strings do not count) and the
+/// external-input markers, checked at the strings' opening quotes only. Meaningful for valid
+/// JSON, harmless on anything else.
+fn shape(body: &[u8], max_depth: usize) -> Shape {
+    let mut found = Shape {
+        too_deep: false,
+        external: false,
+    };
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&b) = body.get(i) {
+        match b {
+            b'"' => {
+                let rest = body.get(i..).unwrap_or_default();
+                if !found.external && EXTERNAL_INPUT_MARKERS.iter().any(|m| rest.starts_with(m)) {
+                    found.external = true;
+                }
+                match string_end(body, i.saturating_add(1)) {
+                    Some(end) => i = end,
+                    None => return found,
+                }
+            }
+            b'{' | b'[' => {
+                depth = depth.saturating_add(1);
+                if depth > max_depth {
+                    found.too_deep = true;
+                    return found;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i = i.saturating_add(1);
+    }
+    found
+}
+
+/// The index of the quote that closes a string whose contents start at `from` (`None`: it
+/// never closes). Skips to the next quote or backslash at a time, not byte by byte.
+fn string_end(body: &[u8], mut from: usize) -> Option<usize> {
+    loop {
+        let at = from.checked_add(memchr::memchr2(b'"', b'\\', body.get(from..)?)?)?;
+        match body.get(at) {
+            Some(b'"') => return Some(at),
+            _ => from = at.checked_add(2)?,
+        }
+    }
 }
 
 /// Why a request body cannot be read; answered with 400 in the API's error shape.
@@ -179,33 +231,7 @@ pub const MAX_JSON_DEPTH: usize = 100;
 /// Whether `body` nests arrays and objects deeper than `max` (brackets inside strings do not
 /// count). One pass, no allocation; meaningful for valid JSON, harmless on anything else.
 pub fn nested_deeper_than(body: &[u8], max: usize) -> bool {
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in body {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth = depth.saturating_add(1);
-                if depth > max {
-                    return true;
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    false
+    shape(body, max).too_deep
 }
 
 /// Reads the request facts of `kind` from a complete JSON body.
@@ -218,7 +244,8 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, Request
         });
     }
     // serde skips unknown members without a depth limit, but the rewrite cannot parse them back.
-    if nested_deeper_than(body, MAX_JSON_DEPTH) {
+    let shape = shape(body, MAX_JSON_DEPTH);
+    if shape.too_deep {
         return Err(RequestError {
             param: None,
             message: format!(
@@ -265,7 +292,7 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, Request
         },
         prompt_estimate: len.div_ceil(4),
         prompt_bound: len,
-        external_input: refers_outside_body(body),
+        external_input: shape.external,
         greedy: matches!(raw.n, None | Some(Lenient::Count(1)))
             && (raw.temperature.is(0.0) || raw.top_p.is(0.0) || raw.top_k.is(1.0)),
     })
@@ -413,7 +440,44 @@ mod tests {
         assert!(nested_deeper_than(br#"{"a":"\\",[]}"#, 1));
     }
 
+    /// The byte-at-a-time depth scan the word-at-a-time one replaced.
+    fn deeper_reference(body: &[u8], max: usize) -> bool {
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        for &b in body {
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > max {
+                        return true;
+                    }
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        false
+    }
+
     proptest::proptest! {
+        #[test]
+        fn the_depth_scan_matches_the_bytewise_one(
+            body in proptest::collection::vec(proptest::sample::select(b"{}[]\"\\ a".to_vec()), 0..64),
+            max in 0usize..6,
+        ) {
+            proptest::prop_assert_eq!(nested_deeper_than(&body, max), deeper_reference(&body, max));
+        }
+
         #[test]
         fn never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
             let _ = parse_request(ApiKind::ChatCompletions, &body);

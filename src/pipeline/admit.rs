@@ -82,7 +82,12 @@ impl Request {
                 .filter(|r| r.upstream_model != facts.model)
                 .map(|r| r.upstream_model.clone()),
         };
+        // Usage is read from the response: ask for it uncompressed (gzip is still decoded when
+        // an upstream ignores this).
         let mut effects = Effects::proceed();
+        effects
+            .headers
+            .push(("accept-encoding", Some(b"identity".to_vec())));
         if !edits.is_empty() {
             match rewrite::apply(kind, &body, &edits) {
                 Some(new) => {

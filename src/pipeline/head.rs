@@ -67,21 +67,13 @@ impl Request {
             label,
             headers,
         };
-        // A client must never pick the cluster: its routing header goes (Tollgate sets its own
-        // once the body is read). Usage is read from the response: ask for it uncompressed
-        // (gzip is still decoded when an upstream ignores this).
-        let route_header = config
-            .routing
-            .as_ref()
-            .map_or("x-tollgate-route", |r| r.header.as_str());
-        Effects {
-            headers: vec![
-                (route_header, None),
-                ("accept-encoding", Some(b"identity".to_vec())),
-            ],
-            pause: true,
-            ..Effects::default()
+        // A client must never pick the cluster. With routing, Tollgate sets the routing header
+        // itself once the body is read (and makes Envoy match again); without, it goes now.
+        let mut effects = Effects::pause();
+        if config.routing.is_none() {
+            effects.headers.push(("x-tollgate-route", None));
         }
+        effects
     }
 
     /// The request body so far: refuses it past the cap, waits for its end, then decides.
