@@ -222,6 +222,8 @@ pub struct Admitted {
     pub held: Vec<Held>,
     /// The epoch the concurrency slot was taken in, when the tenant has a concurrency limit.
     pub concurrency: Option<u64>,
+    /// The tenant's requests in flight once this one took its slot (with a concurrency limit).
+    pub in_flight: Option<u64>,
     pub rate: Option<RateInfo>,
 }
 
@@ -275,9 +277,12 @@ pub fn admit<S: SharedStore + ?Sized>(
         });
     }
     let epoch = policy.epoch(now_ms);
-    let concurrency = match policy.max_concurrent {
-        Some(max) => Some(acquire_slot(store, &keys.concurrency, max, epoch)?.0),
-        None => None,
+    let (concurrency, in_flight) = match policy.max_concurrent {
+        Some(max) => {
+            let (taken, count) = acquire_slot(store, &keys.concurrency, max, epoch)?;
+            (Some(taken), Some(count))
+        }
+        None => (None, None),
     };
     let mut clamped = false;
     loop {
@@ -305,6 +310,7 @@ pub fn admit<S: SharedStore + ?Sized>(
                     plan,
                     held,
                     concurrency,
+                    in_flight,
                     rate,
                 });
             }
@@ -511,8 +517,16 @@ pub fn in_flight(bytes: Option<&[u8]>, epoch: u64) -> u64 {
     in_flight_at(bytes, epoch).total()
 }
 
-/// Settles an admitted request with the usage it is charged for. Returns how many writes
-/// failed under contention (for the log; nothing panics).
+/// What a settlement did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// Writes that failed under contention (for the log; nothing panics).
+    pub failed: usize,
+    /// The tenant's requests in flight once the slot was released (with a concurrency limit).
+    pub in_flight: Option<u64>,
+}
+
+/// Settles an admitted request with the usage it is charged for.
 pub fn settle<S: SharedStore + ?Sized>(
     store: &S,
     policy: &TenantPolicy,
@@ -521,7 +535,7 @@ pub fn settle<S: SharedStore + ?Sized>(
     charged: &Usage,
     price: Option<&Price>,
     now_ms: u64,
-) -> usize {
+) -> Settled {
     let actual: Vec<u64> = admitted
         .held
         .iter()
@@ -546,12 +560,13 @@ pub fn settle<S: SharedStore + ?Sized>(
         now_ms,
         policy.epoch(now_ms),
     );
-    if let Some(taken) = admitted.concurrency
-        && release_slot(store, &keys.concurrency, taken, policy.epoch(now_ms)).is_none()
-    {
+    let in_flight = admitted
+        .concurrency
+        .and_then(|taken| release_slot(store, &keys.concurrency, taken, policy.epoch(now_ms)));
+    if admitted.concurrency.is_some() && in_flight.is_none() {
         failed += 1;
     }
-    failed
+    Settled { failed, in_flight }
 }
 
 #[cfg(test)]
@@ -641,7 +656,7 @@ mod tests {
             output: 20,
             ..Usage::default()
         };
-        assert_eq!(settle(&store, &policy, &keys, &a, &used, None, 1), 0);
+        assert_eq!(settle(&store, &policy, &keys, &a, &used, None, 1).failed, 0);
         // 30 used, 70 left: 60 fits, a second 60 does not.
         let a2 = admit(&store, &policy, &keys, "m", None, p, 2).unwrap();
         settle(

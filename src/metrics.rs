@@ -9,9 +9,7 @@
 
 use std::borrow::Cow;
 
-use hashbrown::HashMap;
-#[cfg(test)]
-use hashbrown::HashSet;
+use hashbrown::{HashMap, HashSet};
 
 /// Shared-data keys this filter ever created (the key space is bounded by the configuration).
 pub const SHARED_KEYS_CREATED: &str = "tollgate.shared_data.keys_created";
@@ -83,6 +81,8 @@ pub const UNKNOWN_ID: LabelId = LabelId::MAX - 1;
 pub struct Labels {
     tenants: HashMap<String, LabelId>,
     tenant_values: Vec<String>,
+    /// Tenant label ids whose value no other kept tenant sanitises to (`a.b` and `a_b` share).
+    exclusive: HashSet<LabelId>,
     models: HashMap<String, LabelId>,
     model_values: Vec<String>,
 }
@@ -116,9 +116,17 @@ impl Labels {
         let mut models = models;
         let (tenants, tenant_values) = first(&mut tenants, max_tenant_labels);
         let (models, model_values) = first(&mut models, max_model_labels);
+        let exclusive = (0..tenant_values.len())
+            .filter(|&i| {
+                let value = tenant_values.get(i);
+                tenant_values.iter().filter(|v| Some(*v) == value).count() == 1
+            })
+            .filter_map(|i| LabelId::try_from(i).ok())
+            .collect();
         Labels {
             tenants,
             tenant_values,
+            exclusive,
             models,
             model_values,
         }
@@ -152,6 +160,11 @@ impl Labels {
         } else {
             Cow::Borrowed(OTHER)
         }
+    }
+
+    /// Whether the label stands for one tenant only (its own name, no other sanitised onto it).
+    pub fn is_exclusive(&self, id: LabelId) -> bool {
+        self.exclusive.contains(&id)
     }
 
     pub fn tenant_id(&self, name: &str) -> LabelId {

@@ -139,9 +139,21 @@ impl Request {
             .and_then(|r| r.conversation_header.as_deref())
             .and_then(|name| headers.get(name))
             .map(|id| String::from_utf8_lossy(id).into_owned());
-        let in_flight = enter_in_flight(gateway, host, label, policy.epoch(now));
+        // A tenant with a concurrency limit and a label of its own already counts its requests
+        // in flight (its slot key): the gauge comes from there, without a second count.
+        let slot_gauge = admitted
+            .in_flight
+            .filter(|_| label_is_tenant(gateway, &exchange.tenant, label));
+        let in_flight = match slot_gauge {
+            Some(count) => {
+                host.stat(StatUpdate::Set(Stat::InFlight(label), count));
+                None
+            }
+            None => enter_in_flight(gateway, host, label, policy.epoch(now)),
+        };
         self.state = State::Active(Box::new(Active {
             label,
+            slot_gauge: slot_gauge.is_some(),
             in_flight,
             exchange,
             admitted,
@@ -167,7 +179,7 @@ impl Request {
         let (policy, keys) = gateway.tenant_budget(&exchange.tenant);
         let price = gateway.config.price(exchange.served_model());
         let now = host.now_ms();
-        admission::settle(
+        let settled = admission::settle(
             host,
             policy,
             &keys,
@@ -176,9 +188,7 @@ impl Request {
             price,
             now,
         );
-        if let Some(taken) = active.in_flight {
-            leave_in_flight(gateway, host, active.label, taken, policy.epoch(now));
-        }
+        active.leave(gateway, host, settled.in_flight, policy.epoch(now));
         let who = Some((exchange.tenant.clone(), active.label));
         let model = Some(exchange.facts.model.clone());
         self.refuse(exchange.kind, who, model, &rewrite_failed())
@@ -223,6 +233,30 @@ fn route<H: Host + ?Sized>(
         .ok_or_else(|| Refusal::ModelNotFound {
             model: requested.to_string(),
         })
+}
+
+/// Whether `label` stands for `tenant` alone (a declared tenant with its own label value).
+fn label_is_tenant(gateway: &Gateway, tenant: &str, label: LabelId) -> bool {
+    let labels = &gateway.config.labels;
+    gateway.config.tenants.contains_key(tenant) && labels.is_exclusive(label)
+}
+
+impl Active {
+    /// Counts the request out of the in-flight gauge: from its slot count (`released`, when
+    /// the gauge comes from the concurrency slot) or its label's shared count.
+    pub(super) fn leave<H: Host + ?Sized>(
+        &self,
+        gateway: &Gateway,
+        host: &H,
+        released: Option<u64>,
+        epoch: u64,
+    ) {
+        match (self.slot_gauge, released, self.in_flight) {
+            (true, Some(count), _) => host.stat(StatUpdate::Set(Stat::InFlight(self.label), count)),
+            (false, _, Some(taken)) => leave_in_flight(gateway, host, self.label, taken, epoch),
+            _ => {}
+        }
+    }
 }
 
 /// Counts a request in its tenant label's shared in-flight count and sets the gauge from it.

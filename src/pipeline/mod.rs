@@ -212,6 +212,8 @@ enum State {
 /// An admitted request, from its body to its settlement.
 struct Active {
     label: LabelId,
+    /// The in-flight gauge comes from the tenant's concurrency slot count.
+    slot_gauge: bool,
     /// The epoch this request was counted in flight in (`None`: it could not be counted).
     in_flight: Option<u64>,
     exchange: Exchange,

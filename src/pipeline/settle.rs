@@ -1,7 +1,6 @@
 //! The end of an exchange: settle the reservation exactly once, store a qualifying response in
 //! the cache, count the usage and write the ledger record.
 
-use super::admit::leave_in_flight;
 use super::cache_step::CacheStatus;
 use super::{Active, Effects, Gateway, Host, Request, State};
 use crate::admission;
@@ -82,15 +81,14 @@ fn settle<H: Host + ?Sized>(
     let now = host.now_ms();
     let model = config.labels.model_id(active.exchange.served_model());
     count_usage(host, active.label, model, &charged, billed_micro);
-    if let Some(taken) = active.in_flight {
-        leave_in_flight(gateway, host, active.label, taken, policy.epoch(now));
-    }
     if active.exchange.usage_anomaly().is_some() {
         host.stat(StatUpdate::Add(Stat::UsageAnomalies(active.label), 1));
     }
     store_in_cache(gateway, host, active, model, now);
-    let failed = admission::settle(host, policy, &keys, &active.admitted, &charged, price, now);
-    if failed > 0 {
+    let settled = admission::settle(host, policy, &keys, &active.admitted, &charged, price, now);
+    active.leave(gateway, host, settled.in_flight, policy.epoch(now));
+    if settled.failed > 0 {
+        let failed = settled.failed;
         log::warn!("tollgate could not settle {failed} budget buckets under contention");
     }
     let mut fields = active.exchange.record();

@@ -86,3 +86,19 @@ fn the_in_flight_gauge_is_the_shared_count() {
     close(&gw2, &h2, second, Some(&Upstream::chat(1, 1)));
     assert_eq!(h2.gauge(Stat::InFlight(a)), Some(0));
 }
+
+#[test]
+fn with_a_concurrency_limit_the_gauge_is_the_slot_count() {
+    let ((gw1, h1), (gw2, h2)) = two_workers(json!({"tenant_defaults": {"max_concurrent": 5}}));
+    let a = gw1.config.labels.tenant_id("team-a");
+    let first = open(&gw1, &h1, &call(5));
+    let second = open(&gw2, &h2, &call(5));
+    assert_eq!((h1.gauge(Stat::InFlight(a)), h2.gauge(Stat::InFlight(a))), (Some(1), Some(2)));
+    close(&gw2, &h2, second, Some(&Upstream::chat(1, 1)));
+    assert_eq!(h2.gauge(Stat::InFlight(a)), Some(1));
+    close(&gw1, &h1, first, Some(&Upstream::chat(1, 1)));
+    assert_eq!(h1.gauge(Stat::InFlight(a)), Some(0));
+    // No second count was kept: the label's shared in-flight key was never written.
+    let key = crate::admission::in_flight_key("team-a");
+    assert_eq!(h1.store.get(&key).0, None);
+}
