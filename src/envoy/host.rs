@@ -6,29 +6,31 @@ use super::hostcalls;
 use proxy_wasm::types::{BufferType, Bytes, MapType, Status};
 
 use crate::metrics::{Labels, Stat, StatUpdate};
-use crate::pipeline::{Gateway, Host};
+use crate::pipeline::{Gateway, Headers, Host};
 use crate::reply::LocalReply;
 use crate::store::{SharedStore, Versioned};
 
-/// Every request header (pseudo-headers included), in one host call.
-pub fn request_headers() -> Vec<(String, Bytes)> {
-    hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
+fn header_map(request: bool) -> MapType {
+    match request {
+        true => MapType::HttpRequestHeaders,
+        false => MapType::HttpResponseHeaders,
+    }
 }
 
-/// A response header, as bytes (`None` when absent).
-pub fn response_header(name: &str) -> Option<Bytes> {
-    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
-        .ok()
-        .flatten()
+/// Every request (or response) header, pseudo-headers included, in one host call.
+pub fn headers(request: bool) -> Headers {
+    Headers(hostcalls::get_map_bytes(header_map(request)).unwrap_or_default())
+}
+
+/// Replaces the whole request (or response) header map, in one host call.
+pub fn set_headers(request: bool, headers: &Headers) -> Result<(), Status> {
+    let pairs = headers.0.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
+    hostcalls::set_map_bytes(header_map(request), pairs.collect())
 }
 
 /// Replaces, adds or (with `None`) removes a request (or response) header.
 pub fn set_header(request: bool, name: &str, value: Option<&[u8]>) -> Result<(), Status> {
-    let map = match request {
-        true => MapType::HttpRequestHeaders,
-        false => MapType::HttpResponseHeaders,
-    };
-    hostcalls::set_map_value_bytes(map, name, value)
+    hostcalls::set_map_value_bytes(header_map(request), name, value)
 }
 
 fn body_buffer(request: bool) -> BufferType {

@@ -1,5 +1,4 @@
-//! Envoy's HTTP callbacks, mapped onto the pipeline: each callback gathers what the core needs,
-//! hands it to [`Request`] and executes the [`Effects`] it returns.
+//! Envoy's HTTP callbacks: each gathers its inputs, runs a [`Request`] step, executes [`Effects`].
 
 use std::rc::Rc;
 
@@ -8,7 +7,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use super::host::{self, EnvoyHost};
-use crate::pipeline::{Effects, Gateway, Headers, Request, ResponseHead};
+use crate::pipeline::{Effects, Gateway, Request};
 
 pub struct TollgateHttp {
     gateway: Option<Rc<Gateway>>,
@@ -55,6 +54,11 @@ fn apply(effects: &Effects<'_>, request: bool, size: usize) -> bool {
         if let Err(status) = host::send_reply(reply, &effects.headers) {
             warn!("tollgate could not send its local reply: {status:?}");
         }
+    } else if let Some(map) = &effects.header_map {
+        if let Err(status) = host::set_headers(request, map) {
+            warn!("tollgate could not set the headers: {status:?}");
+            ok &= !(request && effects.body.is_some());
+        }
     } else {
         for (name, value) in &effects.headers {
             if let Err(status) = host::set_header(request, name, value.as_deref()) {
@@ -86,7 +90,7 @@ impl Context for TollgateHttp {}
 
 impl HttpContext for TollgateHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let headers = Headers(host::request_headers());
+        let headers = host::headers(true);
         self.step((true, 0), |request, gateway, host| {
             request.on_request_headers(gateway, host, headers, end_of_stream)
         })
@@ -103,15 +107,9 @@ impl HttpContext for TollgateHttp {
         if !self.request.is_active() {
             return Action::Continue;
         }
-        let [status, content_type, encoding] =
-            [":status", "content-type", "content-encoding"].map(host::response_header);
-        let head = ResponseHead::new(
-            status.as_deref(),
-            content_type.as_deref(),
-            encoding.as_deref(),
-        );
+        let headers = host::headers(false);
         self.step((false, 0), |request, gateway, host| {
-            request.on_response_headers(gateway, host, head, end_of_stream)
+            request.on_response_headers(gateway, host, headers, end_of_stream)
         })
     }
 

@@ -21,7 +21,7 @@ impl Request {
         host: &H,
         kind: ApiKind,
         (tenant, label): (String, LabelId),
-        headers: &Headers,
+        mut headers: Headers,
         body: Vec<u8>,
     ) -> Effects<'g> {
         let config = &gateway.config;
@@ -38,7 +38,7 @@ impl Request {
         };
         let (policy, keys) = gateway.tenant_budget(&tenant);
         let now = host.now_ms();
-        let resolved = match route(gateway, host, headers, policy, &keys, &facts.model, now) {
+        let resolved = match route(gateway, host, &headers, policy, &keys, &facts.model, now) {
             Ok(resolved) => resolved,
             Err(refusal) => return self.refuse(kind, who, Some(facts.model), &refusal),
         };
@@ -60,7 +60,7 @@ impl Request {
             greedy: facts.greedy,
             max_tokens: plan.set_max_tokens,
         };
-        let mut cache = match cache_step::lookup(gateway, host, headers, &asked, now) {
+        let mut cache = match cache_step::lookup(gateway, host, &headers, &asked, now) {
             Lookup::Hit(hit, key) => {
                 let served = served.to_string();
                 return self.serve_hit(
@@ -151,6 +151,9 @@ impl Request {
             }
             None => enter_in_flight(gateway, host, label, policy.epoch(now)),
         };
+        // The request's headers go back whole: one host call instead of one per edit.
+        headers.apply(&effects.headers);
+        effects.header_map = Some(headers);
         self.state = State::Active(Box::new(Active {
             label,
             slot_gauge: slot_gauge.is_some(),

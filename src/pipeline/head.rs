@@ -61,18 +61,20 @@ impl Request {
             };
             return self.refuse(kind, Some((tenant, label)), None, &refusal);
         }
-        self.state = State::AwaitingBody {
-            kind,
-            tenant,
-            label,
-            headers,
-        };
         // A client must never pick the cluster. With routing, Tollgate sets the routing header
         // itself once the body is read (and makes Envoy match again); without, it goes now.
         let mut effects = Effects::pause();
         if config.routing.is_none() {
             effects.headers.push(("x-tollgate-route", None));
         }
+        let mut headers = headers;
+        headers.apply(&effects.headers);
+        self.state = State::AwaitingBody {
+            kind,
+            tenant,
+            label,
+            headers,
+        };
         effects
     }
 
@@ -107,7 +109,7 @@ impl Request {
         else {
             return Effects::proceed();
         };
-        self.admit(gateway, host, kind, (tenant, label), &headers, read_body())
+        self.admit(gateway, host, kind, (tenant, label), headers, read_body())
     }
 
     fn take_tenant(&mut self) -> Option<(String, LabelId)> {

@@ -39,10 +39,21 @@ pub trait Host: SharedStore {
 
 /// The request headers, read from the host in one call (names are lower case, as Envoy
 /// keeps them).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Headers(pub Vec<(String, Vec<u8>)>);
 
 impl Headers {
+    /// Applies header edits as Envoy would one by one: every value of the name goes, and a
+    /// `Some` value is added at the end.
+    pub fn apply(&mut self, edits: &[(&str, Option<Vec<u8>>)]) {
+        for (name, value) in edits {
+            self.0.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+            if let Some(value) = value {
+                self.0.push((name.to_ascii_lowercase(), value.clone()));
+            }
+        }
+    }
+
     /// The first value of `name` (`None` when absent).
     pub fn get(&self, name: &str) -> Option<&[u8]> {
         self.0
@@ -59,6 +70,9 @@ pub struct Effects<'g> {
     /// Header edits of the current direction: `None` removes the header. With a `reply`, the
     /// extra headers of the reply.
     pub headers: Vec<(&'g str, Option<Vec<u8>>)>,
+    /// The whole header map with `headers` applied, when the host is to replace the map in one
+    /// call instead of one call per edit (the response headers).
+    pub header_map: Option<Headers>,
     /// Replaces the request body (request side) or the current chunk (response side).
     pub body: Option<Vec<u8>>,
     /// Makes Envoy match the route table again (the routing header changed).

@@ -1,7 +1,7 @@
 //! The response: headers for the client (served model, cache status, rate limits), the body
 //! watched for usage (and rewritten when Tollgate asked for a usage chunk the client did not).
 
-use super::{Effects, Gateway, Host, Request, State};
+use super::{Effects, Gateway, Headers, Host, Request, State};
 use crate::api::Family;
 use crate::metrics::{Histogram, Stat, StatUpdate};
 use crate::window;
@@ -15,19 +15,16 @@ pub struct ResponseHead<'a> {
 }
 
 impl<'a> ResponseHead<'a> {
-    /// From the `:status`, `content-type` and `content-encoding` header values.
-    pub fn new(
-        status: Option<&[u8]>,
-        content_type: Option<&'a [u8]>,
-        content_encoding: Option<&'a [u8]>,
-    ) -> ResponseHead<'a> {
-        let status = status
+    /// From the `:status`, `content-type` and `content-encoding` headers.
+    pub fn of(headers: &'a Headers) -> ResponseHead<'a> {
+        let status = headers
+            .get(":status")
             .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u32>().ok())
             .unwrap_or(0);
         ResponseHead {
             status,
-            content_type,
-            content_encoding,
+            content_type: headers.get("content-type"),
+            content_encoding: headers.get("content-encoding"),
         }
     }
 }
@@ -35,13 +32,16 @@ impl<'a> ResponseHead<'a> {
 impl Request {
     /// The response headers arrived: the header edits for the client, and the record when the
     /// response has no body.
+    /// `headers`: all of them, read in one host call; edited, they come back whole in
+    /// [`Effects::header_map`] (one host call instead of one per edit).
     pub fn on_response_headers<'g, H: Host + ?Sized>(
         &mut self,
         gateway: &'g Gateway,
         host: &H,
-        head: ResponseHead<'_>,
+        mut headers: Headers,
         end_of_stream: bool,
     ) -> Effects<'g> {
+        let head = ResponseHead::of(&headers);
         let State::Active(active) = &mut self.state else {
             return Effects::proceed();
         };
@@ -91,7 +91,9 @@ impl Request {
             };
             edits.extend(headers.map(|(n, v)| (n, Some(v.into_bytes()))));
         }
+        headers.apply(&edits);
         let mut effects = Effects {
+            header_map: (!edits.is_empty()).then_some(headers),
             headers: edits,
             ..Effects::default()
         };

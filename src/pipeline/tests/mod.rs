@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 use serde_json::{Value, json};
 
-use super::{Effects, Gateway, Headers, Host, Request, ResponseHead};
+use super::{Effects, Gateway, Headers, Host, Request};
 use crate::budget;
 use crate::config::Config;
 use crate::metrics::{Stat, StatUpdate};
@@ -368,6 +368,13 @@ pub fn open(gateway: &Gateway, host: &Fake, call: &Call) -> Open {
         } else {
             let body = call.body.clone();
             let effects = request.on_request_body(gateway, host, body.len(), true, || body);
+            if let Some(map) = &effects.header_map {
+                // The whole map goes back: the client's headers with the edits applied.
+                for (name, value) in &effects.headers {
+                    assert_eq!(map.get(name), value.as_deref(), "{name}");
+                }
+                assert_eq!(map.get(":path"), Headers(call.headers.clone()).get(":path"));
+            }
             let replied = effects.reply.is_some();
             trace.take(effects);
             trace.forwarded = !replied;
@@ -383,13 +390,23 @@ pub fn close(gateway: &Gateway, host: &Fake, open: Open, upstream: Option<&Upstr
         mut trace,
     } = open;
     if let (true, Some(up)) = (trace.forwarded && request.is_active(), upstream) {
-        let head = ResponseHead {
-            status: up.status,
-            content_type: Some(up.content_type.as_bytes()),
-            content_encoding: None,
-        };
+        let head = Headers(vec![
+            (":status".to_string(), up.status.to_string().into_bytes()),
+            (
+                "content-type".to_string(),
+                up.content_type.as_bytes().to_vec(),
+            ),
+            ("content-length".to_string(), b"100".to_vec()),
+        ]);
         let no_body = up.chunks.is_empty() && up.complete;
         let effects = request.on_response_headers(gateway, host, head, no_body);
+        if let Some(map) = &effects.header_map {
+            // The whole map comes back, edited as the edits say.
+            for (name, value) in &effects.headers {
+                assert_eq!(map.get(name), value.as_deref(), "{name}");
+            }
+            assert_eq!(map.get(":status"), Some(up.status.to_string().as_bytes()));
+        }
         trace.response_edits.extend(
             effects
                 .headers

@@ -93,7 +93,10 @@ fn with_a_concurrency_limit_the_gauge_is_the_slot_count() {
     let a = gw1.config.labels.tenant_id("team-a");
     let first = open(&gw1, &h1, &call(5));
     let second = open(&gw2, &h2, &call(5));
-    assert_eq!((h1.gauge(Stat::InFlight(a)), h2.gauge(Stat::InFlight(a))), (Some(1), Some(2)));
+    assert_eq!(
+        (h1.gauge(Stat::InFlight(a)), h2.gauge(Stat::InFlight(a))),
+        (Some(1), Some(2))
+    );
     close(&gw2, &h2, second, Some(&Upstream::chat(1, 1)));
     assert_eq!(h2.gauge(Stat::InFlight(a)), Some(1));
     close(&gw1, &h1, first, Some(&Upstream::chat(1, 1)));
