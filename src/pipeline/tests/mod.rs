@@ -3,6 +3,7 @@
 
 mod admission;
 mod cache;
+mod identity;
 mod refusals;
 mod routing;
 mod settlement;
