@@ -103,6 +103,11 @@ pub mod counted {
         sdk::get_map_bytes(map)
     }
 
+    pub fn set_map_bytes(map: MapType, pairs: Vec<(&str, &[u8])>) -> Result<(), Status> {
+        host_call();
+        sdk::set_map_bytes(map, pairs)
+    }
+
     pub fn get_map_value_bytes(map: MapType, key: &str) -> Result<Option<Bytes>, Status> {
         host_call();
         sdk::get_map_value_bytes(map, key)
