@@ -25,7 +25,6 @@ impl Request {
         body: Vec<u8>,
     ) -> Effects<'g> {
         let config = &gateway.config;
-        let who = Some((tenant.clone(), label));
         let facts = match parse_request(kind, &body) {
             Ok(facts) => facts,
             Err(err) => {
@@ -33,14 +32,30 @@ impl Request {
                     param: err.param,
                     message: err.message,
                 };
-                return self.refuse(kind, who, None, &refusal);
+                return self.refuse(kind, Some((tenant, label)), None, &refusal);
             }
         };
         let (policy, keys) = gateway.tenant_budget(&tenant);
         let now = host.now_ms();
-        let resolved = match route(gateway, host, &headers, policy, &keys, &facts.model, now) {
+        let conversation = config
+            .routing
+            .as_ref()
+            .and_then(|r| r.conversation_header.as_deref())
+            .and_then(|name| headers.get(name))
+            .filter(|id| !id.is_empty());
+        let resolved = match route(
+            gateway,
+            host,
+            conversation,
+            policy,
+            &keys,
+            &facts.model,
+            now,
+        ) {
             Ok(resolved) => resolved,
-            Err(refusal) => return self.refuse(kind, who, Some(facts.model), &refusal),
+            Err(refusal) => {
+                return self.refuse(kind, Some((tenant, label)), Some(facts.model), &refusal);
+            }
         };
         let served = resolved
             .as_ref()
@@ -48,7 +63,9 @@ impl Request {
         let price = config.price(served);
         let plan = match admission::plan(policy, kind, &facts, served) {
             Ok(plan) => plan,
-            Err(refusal) => return self.refuse(kind, who, Some(facts.model), &refusal),
+            Err(refusal) => {
+                return self.refuse(kind, Some((tenant, label)), Some(facts.model), &refusal);
+            }
         };
         let asked = Asked {
             kind,
@@ -64,14 +81,26 @@ impl Request {
             Lookup::Hit(hit, key) => {
                 let served = served.to_string();
                 return self.serve_hit(
-                    gateway, host, kind, who, facts, resolved, served, *hit, key, plan, now,
+                    gateway,
+                    host,
+                    kind,
+                    Some((tenant, label)),
+                    facts,
+                    resolved,
+                    served,
+                    *hit,
+                    key,
+                    plan,
+                    now,
                 );
             }
             Lookup::Status(status) => status,
         };
         let admitted = match admission::admit(host, policy, &keys, served, price, plan, now) {
             Ok(admitted) => admitted,
-            Err(refusal) => return self.refuse(kind, who, Some(facts.model), &refusal),
+            Err(refusal) => {
+                return self.refuse(kind, Some((tenant, label)), Some(facts.model), &refusal);
+            }
         };
         cache.rekey(plan.set_max_tokens, admitted.plan.set_max_tokens);
         let edits = Edits {
@@ -107,7 +136,7 @@ impl Request {
                         price,
                         now,
                     );
-                    return self.refuse(kind, who, model, &rewrite_failed());
+                    return self.refuse(kind, Some((tenant, label)), model, &rewrite_failed());
                 }
             }
         }
@@ -133,12 +162,7 @@ impl Request {
         if admitted.plan.inject_include_usage {
             exchange.set_include_usage_injected();
         }
-        let conversation = config
-            .routing
-            .as_ref()
-            .and_then(|r| r.conversation_header.as_deref())
-            .and_then(|name| headers.get(name))
-            .map(|id| String::from_utf8_lossy(id).into_owned());
+        let conversation = conversation.map(|id| String::from_utf8_lossy(id).into_owned());
         // A tenant with a concurrency limit and a label of its own already counts its requests
         // in flight (its slot key): the gauge comes from there, without a second count.
         let slot_gauge = admitted
@@ -179,19 +203,7 @@ impl Request {
             return Effects::proceed();
         };
         let exchange = &active.exchange;
-        let (policy, keys) = gateway.tenant_budget(&exchange.tenant);
-        let price = gateway.config.price(exchange.served_model());
-        let now = host.now_ms();
-        let settled = admission::settle(
-            host,
-            policy,
-            &keys,
-            &active.admitted,
-            &Usage::default(),
-            price,
-            now,
-        );
-        active.leave(gateway, host, settled.in_flight, policy.epoch(now));
+        active.release(gateway, host, &Usage::default(), host.now_ms());
         let who = Some((exchange.tenant.clone(), active.label));
         let model = Some(exchange.facts.model.clone());
         self.refuse(exchange.kind, who, model, &rewrite_failed())
@@ -208,7 +220,7 @@ fn rewrite_failed() -> Refusal {
 fn route<H: Host + ?Sized>(
     gateway: &Gateway,
     host: &H,
-    headers: &Headers,
+    conversation: Option<&[u8]>,
     policy: &TenantPolicy,
     keys: &TenantKeys,
     requested: &str,
@@ -221,11 +233,6 @@ fn route<H: Host + ?Sized>(
     // Reading the budget costs shared-data reads: only for aliases that can downgrade.
     let downgrade = routing.may_downgrade(overrides, requested)
         && policy.past_downgrade_threshold(host, keys, requested, now);
-    let conversation = routing
-        .conversation_header
-        .as_deref()
-        .and_then(|name| headers.get(name))
-        .filter(|id| !id.is_empty());
     let draw = match conversation {
         Some(id) => Draw::Conversation(id),
         None => Draw::Sequence(gateway.next_draw()),
@@ -245,19 +252,30 @@ fn label_is_tenant(gateway: &Gateway, tenant: &str, label: LabelId) -> bool {
 }
 
 impl Active {
-    /// Counts the request out of the in-flight gauge: from its slot count (`released`, when
-    /// the gauge comes from the concurrency slot) or its label's shared count.
-    pub(super) fn leave<H: Host + ?Sized>(
+    /// Settles the reservation with what is `charged` (once per exchange: the caller has taken
+    /// the request out of `State::Active`) and counts the request out of the in-flight gauge:
+    /// from its slot count when the gauge comes from the concurrency slot, or its label's shared
+    /// count.
+    pub(super) fn release<H: Host + ?Sized>(
         &self,
         gateway: &Gateway,
         host: &H,
-        released: Option<u64>,
-        epoch: u64,
+        charged: &Usage,
+        now: u64,
     ) {
-        match (self.slot_gauge, released, self.in_flight) {
+        let (policy, keys) = gateway.tenant_budget(&self.exchange.tenant);
+        let price = gateway.config.price(self.exchange.served_model());
+        let settled = admission::settle(host, policy, &keys, &self.admitted, charged, price, now);
+        match (self.slot_gauge, settled.in_flight, self.in_flight) {
             (true, Some(count), _) => host.stat(StatUpdate::Set(Stat::InFlight(self.label), count)),
-            (false, _, Some(taken)) => leave_in_flight(gateway, host, self.label, taken, epoch),
+            (false, _, Some(taken)) => {
+                leave_in_flight(gateway, host, self.label, taken, policy.epoch(now));
+            }
             _ => {}
+        }
+        if settled.failed > 0 {
+            let failed = settled.failed;
+            log::warn!("tollgate could not settle {failed} budget buckets under contention");
         }
     }
 }

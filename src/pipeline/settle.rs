@@ -3,7 +3,6 @@
 
 use super::cache_step::CacheStatus;
 use super::{Active, Effects, Gateway, Host, Request, State};
-use crate::admission;
 use crate::api::Usage;
 use crate::cache;
 use crate::cost;
@@ -75,7 +74,6 @@ fn settle<H: Host + ?Sized>(
 ) -> Vec<(&'static str, String)> {
     let config = &gateway.config;
     let (charged, _) = active.exchange.finish(upstream_failed);
-    let (policy, keys) = gateway.tenant_budget(&active.exchange.tenant);
     let price = config.price(active.exchange.served_model());
     let billed_micro = price.map_or(0, |p| cost::billed_micro_usd(p.cost(&charged)));
     let now = host.now_ms();
@@ -85,12 +83,7 @@ fn settle<H: Host + ?Sized>(
         host.stat(StatUpdate::Add(Stat::UsageAnomalies(active.label), 1));
     }
     store_in_cache(gateway, host, active, model, now);
-    let settled = admission::settle(host, policy, &keys, &active.admitted, &charged, price, now);
-    active.leave(gateway, host, settled.in_flight, policy.epoch(now));
-    if settled.failed > 0 {
-        let failed = settled.failed;
-        log::warn!("tollgate could not settle {failed} budget buckets under contention");
-    }
+    active.release(gateway, host, &charged, now);
     let mut fields = active.exchange.record();
     fields.push(("tollgate.decision", "admitted".to_string()));
     fields.push(("tollgate.cost_usd", cost::format_micro_usd(billed_micro)));

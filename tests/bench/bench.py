@@ -290,6 +290,12 @@ def count_run(name, wasm, config, temperature, upstream, seconds, workdir):
                 print(f"    {name} count run: no counters ({after}); skipped", flush=True)
                 continue
             out[stream] = (calls / served, allocs / served, served, errors(r))
+            by_name = {k.rsplit(".", 1)[1]: v - before.get(k, 0) for k, v in after.items()
+                       if ".bench.calls." in k and v > before.get(k, 0)}
+            if by_name:
+                print(f"    {name} {'sse' if stream else 'json'} host calls per request: " + ", ".join(
+                    f"{k} {v / served:.1f}" for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])),
+                    flush=True)
     finally:
         gw.stop()
     return out

@@ -22,6 +22,9 @@ thread_local! {
     static HOST_CALLS: Cell<u64> = const { Cell::new(0) };
     /// The allocation count at the end of the last flush.
     static FLUSHED_ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    /// Host calls by SDK function since the last flush, with each name's counter id once defined.
+    static BY_NAME: std::cell::RefCell<Vec<(&'static str, u64, Option<u32>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
     /// The two counters' ids, once defined.
     static IDS: Cell<Option<(u32, u32)>> = const { Cell::new(None) };
 }
@@ -61,6 +64,19 @@ pub fn host_call() {
     HOST_CALLS.with(|calls| calls.set(calls.get().saturating_add(1)));
 }
 
+/// Counts one host call, by the SDK function's name too: each name's count goes to the counter
+/// `tollgate.bench.calls.<name>` at the flush, so the bench can show where the calls go.
+pub fn host_call_named(name: &'static str) {
+    host_call();
+    BY_NAME.with(|by_name| {
+        let mut by_name = by_name.borrow_mut();
+        match by_name.iter_mut().find(|(n, _, _)| *n == name) {
+            Some((_, count, _)) => *count += 1,
+            None => by_name.push((name, 1, None)),
+        }
+    });
+}
+
 /// Adds the host calls and allocations counted since the last flush to the Envoy counters.
 pub fn flush() {
     let allocations = ALLOCATIONS
@@ -74,6 +90,18 @@ pub fn flush() {
             i64::try_from(allocations).unwrap_or(i64::MAX),
         );
     }
+    BY_NAME.with(|by_name| {
+        for (name, count, id) in by_name.borrow_mut().iter_mut() {
+            if id.is_none() {
+                let metric = format!("tollgate.bench.calls.{name}");
+                *id = hostcalls::define_metric(MetricType::Counter, &metric).ok();
+            }
+            if let Some(id) = id {
+                let _ = hostcalls::increment_metric(*id, i64::try_from(*count).unwrap_or(i64::MAX));
+            }
+            *count = 0;
+        }
+    });
     // Read last, so whatever this flush allocated is not counted against the next request.
     FLUSHED_ALLOCATIONS.with(|f| f.set(ALLOCATIONS.load(Ordering::Relaxed)));
 }
@@ -96,45 +124,45 @@ pub mod counted {
     use proxy_wasm::hostcalls as sdk;
     use proxy_wasm::types::{BufferType, Bytes, MapType, MetricType, Status};
 
-    use super::host_call;
+    use super::host_call_named;
 
     pub fn get_map_bytes(map: MapType) -> Result<Vec<(String, Bytes)>, Status> {
-        host_call();
+        host_call_named("get_map_bytes");
         sdk::get_map_bytes(map)
     }
 
     pub fn set_map_bytes(map: MapType, pairs: Vec<(&str, &[u8])>) -> Result<(), Status> {
-        host_call();
+        host_call_named("set_map_bytes");
         sdk::set_map_bytes(map, pairs)
     }
 
     pub fn get_map_value_bytes(map: MapType, key: &str) -> Result<Option<Bytes>, Status> {
-        host_call();
+        host_call_named("get_map_value_bytes");
         sdk::get_map_value_bytes(map, key)
     }
 
     pub fn set_map_value_bytes(map: MapType, key: &str, value: Option<&[u8]>) -> Result<(), Status> {
-        host_call();
+        host_call_named("set_map_value_bytes");
         sdk::set_map_value_bytes(map, key, value)
     }
 
     pub fn get_buffer(kind: BufferType, start: usize, size: usize) -> Result<Option<Bytes>, Status> {
-        host_call();
+        host_call_named("get_buffer");
         sdk::get_buffer(kind, start, size)
     }
 
     pub fn set_buffer(kind: BufferType, start: usize, size: usize, value: &[u8]) -> Result<(), Status> {
-        host_call();
+        host_call_named("set_buffer");
         sdk::set_buffer(kind, start, size, value)
     }
 
     pub fn set_property(path: Vec<&str>, value: Option<&[u8]>) -> Result<(), Status> {
-        host_call();
+        host_call_named("set_property");
         sdk::set_property(path, value)
     }
 
     pub fn get_property(path: Vec<&str>) -> Result<Option<Bytes>, Status> {
-        host_call();
+        host_call_named("get_property");
         sdk::get_property(path)
     }
 
@@ -143,42 +171,42 @@ pub mod counted {
         headers: Vec<(&str, &str)>,
         body: Option<&[u8]>,
     ) -> Result<(), Status> {
-        host_call();
+        host_call_named("send_http_response");
         sdk::send_http_response(status, headers, body)
     }
 
     pub fn call_foreign_function(name: &str, args: Option<&[u8]>) -> Result<Option<Bytes>, Status> {
-        host_call();
+        host_call_named("call_foreign_function");
         sdk::call_foreign_function(name, args)
     }
 
     pub fn get_current_time() -> Result<SystemTime, Status> {
-        host_call();
+        host_call_named("get_current_time");
         sdk::get_current_time()
     }
 
     pub fn get_shared_data(key: &str) -> Result<(Option<Bytes>, Option<u32>), Status> {
-        host_call();
+        host_call_named("get_shared_data");
         sdk::get_shared_data(key)
     }
 
     pub fn set_shared_data(key: &str, value: Option<&[u8]>, cas: Option<u32>) -> Result<(), Status> {
-        host_call();
+        host_call_named("set_shared_data");
         sdk::set_shared_data(key, value, cas)
     }
 
     pub fn define_metric(kind: MetricType, name: &str) -> Result<u32, Status> {
-        host_call();
+        host_call_named("define_metric");
         sdk::define_metric(kind, name)
     }
 
     pub fn increment_metric(id: u32, offset: i64) -> Result<(), Status> {
-        host_call();
+        host_call_named("increment_metric");
         sdk::increment_metric(id, offset)
     }
 
     pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
-        host_call();
+        host_call_named("record_metric");
         sdk::record_metric(id, value)
     }
 }
