@@ -93,6 +93,8 @@ impl Default for TenantPolicy {
 /// The shared-data keys of one tenant, computed once at configuration time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantKeys {
+    /// The budget scope: the tenant, or an undeclared tenant's slot (`~<n>`).
+    pub scope: String,
     /// One per limit, same order as `TenantPolicy::limits`.
     pub buckets: Vec<String>,
     pub concurrency: String,
@@ -104,6 +106,7 @@ impl TenantKeys {
     /// `vm_id` must not read the old format's keys.
     pub fn new(scope: &str, policy: &TenantPolicy) -> TenantKeys {
         TenantKeys {
+            scope: scope.to_string(),
             buckets: policy
                 .limits
                 .iter()
@@ -242,8 +245,23 @@ fn amount(limit: &Limit, usage: &Usage, price: Option<&Price>, strict: bool) -> 
     }
 }
 
+/// Why a request was not admitted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Denied {
+    /// Refused: the reply says why.
+    Refused(Refusal),
+    /// Global limit `limit`'s lease is `need` short: refill it, then try again. Nothing is held.
+    Short { limit: usize, need: u64 },
+}
+
+impl From<Refusal> for Denied {
+    fn from(refusal: Refusal) -> Denied {
+        Denied::Refused(refusal)
+    }
+}
+
 /// Reserves a concurrency slot and every applicable budget, or refuses with a 429 (or a 400
-/// when a USD budget applies to a model without a price).
+/// when a USD budget applies to a model without a price), or asks for a global lease's refill.
 #[allow(clippy::too_many_arguments)]
 pub fn admit<S: SharedStore + ?Sized>(
     store: &S,
@@ -253,7 +271,7 @@ pub fn admit<S: SharedStore + ?Sized>(
     price: Option<&Price>,
     mut plan: Plan,
     now_ms: u64,
-) -> Result<Admitted, Refusal> {
+) -> Result<Admitted, Denied> {
     let applicable: Vec<usize> = policy
         .limits
         .iter()
@@ -269,12 +287,12 @@ pub fn admit<S: SharedStore + ?Sized>(
                 .is_some_and(|l| l.unit == Unit::PicoUsd)
         })
     {
-        return Err(Refusal::BadRequest {
+        return Err(Denied::Refused(Refusal::BadRequest {
             param: Some("model".into()),
             message: format!(
                 "The model '{model}' has no price, so its USD budget cannot be enforced."
             ),
-        });
+        }));
     }
     let epoch = policy.epoch(now_ms);
     let (concurrency, in_flight) = match policy.max_concurrent {
@@ -315,6 +333,12 @@ pub fn admit<S: SharedStore + ?Sized>(
                 });
             }
             Err(denial) => {
+                if let Denial::Short { limit, need } = denial {
+                    if let Some(taken) = concurrency {
+                        release_slot(store, &keys.concurrency, taken, epoch);
+                    }
+                    return Err(Denied::Short { limit, need });
+                }
                 // Clamp mode: one more try with the output that still fits everywhere.
                 if !clamped
                     && let Some(min) = policy.clamp_min_output_tokens
@@ -331,7 +355,7 @@ pub fn admit<S: SharedStore + ?Sized>(
                 if let Some(taken) = concurrency {
                     release_slot(store, &keys.concurrency, taken, epoch);
                 }
-                return Err(refusal(policy, denial, now_ms));
+                return Err(Denied::Refused(refusal(policy, denial, now_ms)));
             }
         }
     }
@@ -405,7 +429,7 @@ fn refusal(policy: &TenantPolicy, denial: Denial, now_ms: u64) -> Refusal {
                 None => contended(),
             }
         }
-        Denial::Contended => contended(),
+        Denial::Contended | Denial::Short { .. } => contended(),
     }
 }
 
@@ -583,6 +607,7 @@ mod tests {
             amount,
             window: Window::Minute,
             model: None,
+            global: None,
         }
     }
 
@@ -646,10 +671,10 @@ mod tests {
         // The concurrency slot is taken.
         assert!(matches!(
             admit(&store, &policy, &keys, "m", None, p, 0),
-            Err(Refusal::RateLimited {
+            Err(Denied::Refused(Refusal::RateLimited {
                 kind: "requests",
                 ..
-            })
+            }))
         ));
         let used = Usage {
             input: 10,
@@ -675,11 +700,11 @@ mod tests {
         let refused = admit(&store, &policy, &keys, "m", None, p, 4).unwrap_err();
         assert!(matches!(
             refused,
-            Refusal::RateLimited {
+            Denied::Refused(Refusal::RateLimited {
                 kind: "tokens",
                 retry_after_secs: 60,
                 ..
-            }
+            })
         ));
     }
 
@@ -720,13 +745,13 @@ mod tests {
         };
         assert!(matches!(
             admit(&store, &policy, &keys, "m", None, p, 0),
-            Err(Refusal::BadRequest { .. })
+            Err(Denied::Refused(Refusal::BadRequest { .. }))
         ));
         let price = Price::new(400_000, 600_000, None, None);
         assert!(admit(&store, &policy, &keys, "m", Some(&price), p, 0).is_ok());
         assert!(matches!(
             admit(&store, &policy, &keys, "m", Some(&price), p, 0),
-            Err(Refusal::QuotaExceeded { .. })
+            Err(Denied::Refused(Refusal::QuotaExceeded { .. }))
         ));
     }
 }

@@ -10,6 +10,14 @@
 //!
 //! `reserved` is a [`Ring`] of epochs: a reservation whose VM died before settling it expires
 //! after the reservation TTL instead of holding the budget until Envoy restarts.
+//!
+//! A global limit's bucket also holds a [`Lease`]: the allowance this Envoy took from the
+//! rate-limit service's counter for the current window. Admission then needs
+//! `used + reserved + estimate <= granted` as well; when the lease is short the request waits
+//! for a refill ([`Denial::Short`]), and what the service refused is remembered for the window
+//! (its counter only grows within a window, so a need it refused is refused until the window
+//! turns). A global limit's settlement lands in the window its reservation was taken in: that
+//! window's lease paid for it.
 
 use crate::holdings::{RING_BYTES, Ring};
 use crate::store::{SharedStore, UpdateError, update};
@@ -34,6 +42,16 @@ pub struct Limit {
     pub window: Window,
     /// Only requests for this model count against it.
     pub model: Option<String>,
+    /// Leased from the rate-limit service's global counter (`None`: this Envoy's own budget).
+    pub global: Option<GlobalLimit>,
+}
+
+/// A global limit's own settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GlobalLimit {
+    /// When the service cannot be reached: what this Envoy may admit on its own per window, in
+    /// the limit's unit (`None`: deny).
+    pub fallback: Option<u64>,
 }
 
 impl Limit {
@@ -50,9 +68,37 @@ pub struct Bucket {
     pub used: u64,
     /// What requests in flight reserved, by the epoch they reserved it in.
     pub held: Ring,
+    /// A global limit's lease for this window.
+    pub lease: Option<Lease>,
 }
 
 const BUCKET_BYTES: usize = 16 + RING_BYTES;
+const LEASE_BYTES: usize = 32;
+
+/// What this Envoy took from a global limit's counter in the current window (amounts in the
+/// limit's unit: tokens or picodollars).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Allowance granted by the service (and by the fallback allowance), all refills together.
+    pub granted: u64,
+    /// The counter's remaining as the service last reported it (`u64::MAX`: never reported).
+    pub remaining: u64,
+    /// The smallest need the service refused this window (`u64::MAX`: none).
+    pub refused_at: u64,
+    /// Of `granted`, what the fallback allowance gave while the service was unreachable.
+    pub fallback: u64,
+}
+
+impl Default for Lease {
+    fn default() -> Lease {
+        Lease {
+            granted: 0,
+            remaining: u64::MAX,
+            refused_at: u64::MAX,
+            fallback: 0,
+        }
+    }
+}
 
 impl Bucket {
     /// Decodes a stored bucket; absent or foreign bytes read as an empty bucket.
@@ -63,34 +109,68 @@ impl Bucket {
                 .and_then(|s| <[u8; 8]>::try_from(s).ok())
                 .map_or(0, u64::from_le_bytes)
         };
+        let lease_at = BUCKET_BYTES / 8;
         match bytes {
-            Some(b) if b.len() == BUCKET_BYTES => Bucket {
+            Some(b) if b.len() == BUCKET_BYTES || b.len() == BUCKET_BYTES + LEASE_BYTES => Bucket {
                 window_start: field(0),
                 used: field(1),
-                held: Ring::decode(b.get(16..).unwrap_or_default()),
+                held: Ring::decode(b.get(16..BUCKET_BYTES).unwrap_or_default()),
+                lease: (b.len() > BUCKET_BYTES).then(|| Lease {
+                    granted: field(lease_at),
+                    remaining: field(lease_at + 1),
+                    refused_at: field(lease_at + 2),
+                    fallback: field(lease_at + 3),
+                }),
             },
             _ => Bucket::default(),
         }
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(BUCKET_BYTES);
+        let mut out = Vec::with_capacity(BUCKET_BYTES + LEASE_BYTES);
         out.extend_from_slice(&self.window_start.to_le_bytes());
         out.extend_from_slice(&self.used.to_le_bytes());
         self.held.encode_into(&mut out);
+        if let Some(lease) = &self.lease {
+            for field in [
+                lease.granted,
+                lease.remaining,
+                lease.refused_at,
+                lease.fallback,
+            ] {
+                out.extend_from_slice(&field.to_le_bytes());
+            }
+        }
         out
     }
 
-    /// The bucket as of `now` (and its reservation `epoch`): a new window starts with nothing
-    /// used, reservations kept; reservations of expired epochs are gone.
-    pub fn at(mut self, window: Window, now_ms: u64, epoch: u64) -> Bucket {
-        let start = window.start(now_ms);
-        if start > self.window_start {
+    /// The bucket of `limit` as of `now` (and its reservation `epoch`): a new window starts
+    /// with nothing used and, for a global limit, an empty lease; reservations are kept;
+    /// reservations of expired epochs are gone.
+    pub fn at(mut self, limit: &Limit, now_ms: u64, epoch: u64) -> Bucket {
+        let start = limit.window.start(now_ms);
+        let new_window = start > self.window_start;
+        if new_window {
             self.window_start = start;
             self.used = 0;
         }
+        self.lease = match (limit.global, self.lease) {
+            (None, _) => None,
+            (Some(_), Some(lease)) if !new_window => Some(lease),
+            (Some(_), _) => Some(Lease::default()),
+        };
         self.held.advance(epoch);
         self
+    }
+
+    /// What can still be admitted here without asking anyone: the amount left after what is
+    /// used and reserved, and for a global limit also within the lease.
+    pub fn room(&self, amount: u64) -> u64 {
+        let cap = match &self.lease {
+            Some(lease) => lease.granted.min(amount),
+            None => amount,
+        };
+        cap.saturating_sub(self.used.saturating_add(self.reserved()))
     }
 
     /// What requests in flight hold.
@@ -127,6 +207,8 @@ pub enum Denial {
     },
     /// The store stayed contended (the request is refused, nothing is held).
     Contended,
+    /// Global limit `limit`'s lease is `need` short of the estimate: a refill may admit it.
+    Short { limit: usize, need: u64 },
 }
 
 /// Reserves `amounts[i]` against each `(limit index, key)` in `targets`, all or nothing: on a
@@ -144,14 +226,25 @@ pub fn reserve_all<S: SharedStore + ?Sized>(
             continue;
         };
         let result = update(store, key, |bytes| {
-            let mut bucket = Bucket::decode(bytes).at(limit.window, now_ms, epoch);
+            let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
             let remaining = bucket.remaining(limit.amount);
+            let exhausted = Denial::Exhausted {
+                limit: index,
+                remaining: bucket.room(limit.amount),
+                reset_ms: limit.window.end(now_ms),
+            };
             if amount > remaining {
-                return Err(Denial::Exhausted {
-                    limit: index,
-                    remaining,
-                    reset_ms: limit.window.end(now_ms),
-                });
+                return Err(exhausted);
+            }
+            if let Some(lease) = &bucket.lease {
+                let held = bucket.used.saturating_add(bucket.reserved());
+                let need = held.saturating_add(amount).saturating_sub(lease.granted);
+                if need >= lease.refused_at {
+                    return Err(exhausted);
+                }
+                if need > 0 {
+                    return Err(Denial::Short { limit: index, need });
+                }
             }
             let taken = bucket.held.hold(amount);
             Ok((bucket.encode(), (bucket, taken)))
@@ -197,8 +290,12 @@ pub fn settle_all<S: SharedStore + ?Sized>(
             continue;
         };
         let result: Result<(), UpdateError<()>> = update(store, key, |bytes| {
-            let mut bucket = Bucket::decode(bytes).at(limit.window, now_ms, epoch);
-            bucket.used = bucket.used.saturating_add(used);
+            let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
+            // A global limit charges the window whose lease paid for the reservation: a
+            // settlement after the window turned only releases what it held.
+            if bucket.lease.is_none() || h.after.window_start >= bucket.window_start {
+                bucket.used = bucket.used.saturating_add(used);
+            }
             bucket.held.release(h.epoch, h.amount);
             Ok((bucket.encode(), ()))
         });
@@ -215,7 +312,61 @@ pub fn read<S: SharedStore + ?Sized>(
     now_ms: u64,
     epoch: u64,
 ) -> Bucket {
-    Bucket::decode(store.get(key).0.as_deref()).at(limit.window, now_ms, epoch)
+    Bucket::decode(store.get(key).0.as_deref()).at(limit, now_ms, epoch)
+}
+
+/// A refill's answer, applied to a global limit's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refill {
+    /// The service granted `amount` (in the limit's unit); it reported `remaining` if it did.
+    Granted { amount: u64, remaining: Option<u64> },
+    /// The service refused `need`: nothing this large is granted again this window.
+    Refused { need: u64 },
+    /// The service could not be asked: the fallback allowance is granted once per window, if
+    /// the limit has one.
+    Unavailable,
+}
+
+/// Applies a refill's answer to the lease of `limit` (stored under `key`). Returns whether the
+/// lease grew (a granted refill, or a fallback allowance not yet used this window).
+pub fn refill<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    limit: &Limit,
+    answer: Refill,
+    now_ms: u64,
+    epoch: u64,
+) -> bool {
+    let result = update(store, key, |bytes| {
+        let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
+        let Some(lease) = bucket.lease.as_mut() else {
+            return Err(());
+        };
+        let grew = match answer {
+            Refill::Granted { amount, remaining } => {
+                lease.granted = lease.granted.saturating_add(amount);
+                if let Some(remaining) = remaining {
+                    lease.remaining = remaining;
+                }
+                true
+            }
+            Refill::Refused { need } => {
+                lease.refused_at = lease.refused_at.min(need);
+                lease.remaining = lease.remaining.min(need.saturating_sub(1));
+                false
+            }
+            Refill::Unavailable => match limit.global.and_then(|g| g.fallback) {
+                Some(allowance) if lease.fallback == 0 && allowance > 0 => {
+                    lease.granted = lease.granted.saturating_add(allowance);
+                    lease.fallback = allowance;
+                    true
+                }
+                _ => false,
+            },
+        };
+        Ok((bucket.encode(), grew))
+    });
+    matches!(result, Ok(true))
 }
 
 #[cfg(test)]
@@ -230,6 +381,7 @@ mod tests {
             amount,
             window: Window::Minute,
             model: None,
+            global: None,
         }
     }
 

@@ -23,6 +23,7 @@ pub mod cache;
 pub mod config;
 pub mod cost;
 pub mod exchange;
+pub mod global;
 pub mod holdings;
 pub mod metrics;
 pub mod pipeline;

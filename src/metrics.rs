@@ -207,6 +207,10 @@ pub enum Stat {
     CacheEntries,
     CacheBytes,
     SharedKeysCreated,
+    /// Refills of global leases by outcome: `granted`, `refused`, `unavailable`.
+    GlobalRefills(LabelId, &'static str),
+    /// Requests admitted from a fallback allowance (the rate-limit service was unreachable).
+    GlobalFallbackAdmits(LabelId),
 }
 
 /// How a stat is recorded.
@@ -241,6 +245,14 @@ impl Stat {
             Stat::CacheEntries => "tollgate.cache.entries".to_string(),
             Stat::CacheBytes => "tollgate.cache.bytes".to_string(),
             Stat::SharedKeysCreated => SHARED_KEYS_CREATED.to_string(),
+            Stat::GlobalRefills(t, outcome) => format!(
+                "tollgate.tenant.{}.reason.{outcome}.global_refills",
+                labels.tenant_value(t)
+            ),
+            Stat::GlobalFallbackAdmits(t) => format!(
+                "tollgate.tenant.{}.global_fallback_admits",
+                labels.tenant_value(t)
+            ),
         }
     }
 }

@@ -37,6 +37,9 @@ pub enum Refusal {
     },
     /// 500: an internal failure of the gateway (never a trap).
     Internal { message: String },
+    /// 503: a global budget needed the rate-limit service, which could not be asked (and the
+    /// limit has no fallback allowance left). Transient: SDKs retry it.
+    BudgetUnavailable { message: String },
 }
 
 /// A reply for Envoy to send: status, headers and body.
@@ -167,6 +170,14 @@ impl Refusal {
                 ("server_error", None),
                 "api_error",
             ),
+            Refusal::BudgetUnavailable { message } => (
+                503,
+                "budget_unavailable",
+                message.as_str(),
+                None,
+                ("server_error", Some("budget_service_unavailable")),
+                "api_error",
+            ),
         };
         let body = match family {
             Family::OpenAi => serde_json::to_vec(&OpenAiError {
@@ -198,6 +209,7 @@ impl Refusal {
                 headers.push(("x-should-retry", "false".to_string()));
             }
             Refusal::MethodNotAllowed { allow } => headers.push(("allow", (*allow).to_string())),
+            Refusal::BudgetUnavailable { .. } => headers.push(("retry-after", "1".to_string())),
             _ => {}
         }
         LocalReply {

@@ -102,6 +102,30 @@ impl Window {
         }
     }
 
+    /// The window's id for a global counter: its start in UTC at the window's own precision,
+    /// so every replica names the same window the same way whatever the rate-limit service's
+    /// own unit: "2026-11" (month), "2026-11-28" (day), "2026-11-28T07" (hour),
+    /// "2026-11-28T07:05" (minute), "2026-11-28T07:05:30/90s" (N seconds).
+    pub fn id(&self, now_ms: u64) -> String {
+        let stamp = rfc3339(self.start(now_ms));
+        let cut = |n: usize| stamp.get(..n).unwrap_or(&stamp).to_string();
+        match self {
+            Window::Month => cut(7),
+            Window::Day => cut(10),
+            Window::Hour => cut(13),
+            Window::Minute => cut(16),
+            Window::Seconds(n) => format!("{}/{n}s", cut(19)),
+        }
+    }
+
+    /// The longest this window can be, in seconds (a calendar month: 31 days).
+    pub fn max_seconds(&self) -> u64 {
+        match self.fixed_length_ms() {
+            Some(len) => len / SECOND_MS,
+            None => 31 * DAY_MS / SECOND_MS,
+        }
+    }
+
     /// The length of a fixed window (never 0), `None` for the calendar month.
     fn fixed_length_ms(&self) -> Option<u64> {
         match self {
@@ -474,5 +498,24 @@ mod tests {
                 let _ = parse(&s);
             }
         }
+    }
+    #[test]
+    fn window_ids_name_the_window_at_its_precision() {
+        // 2026-11-28T07:05:42.123Z
+        let now = 1_795_849_542_123;
+        assert_eq!(rfc3339(now), "2026-11-28T07:05:42Z");
+        assert_eq!(Window::Month.id(now), "2026-11");
+        assert_eq!(Window::Day.id(now), "2026-11-28");
+        assert_eq!(Window::Hour.id(now), "2026-11-28T07");
+        assert_eq!(Window::Minute.id(now), "2026-11-28T07:05");
+        assert_eq!(Window::Seconds(90).id(now), "2026-11-28T07:04:30/90s");
+        assert_eq!(Window::Seconds(1).id(now), "2026-11-28T07:05:42/1s");
+        // Every instant of a window gives its id; the next window another.
+        let minute = Window::Minute;
+        assert_eq!(minute.id(minute.start(now)), minute.id(minute.end(now) - 1));
+        assert_ne!(minute.id(now), minute.id(minute.end(now)));
+        assert_eq!(Window::Month.max_seconds(), 2_678_400);
+        assert_eq!(Window::Seconds(90).max_seconds(), 90);
+        assert_eq!(Window::Hour.max_seconds(), 3600);
     }
 }

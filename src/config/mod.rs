@@ -7,6 +7,7 @@
 //! serde structs of `raw`.
 
 mod cache;
+mod global;
 mod identity;
 mod limits;
 mod raw;
@@ -76,6 +77,8 @@ pub struct Config {
     pub labels: Labels,
     /// The response cache (`None`: off).
     pub cache: Option<Cache>,
+    /// The rate-limit service that `global` limits are leased from (`None`: none is).
+    pub global: Option<crate::global::GlobalBudgets>,
 }
 
 /// `usage_view`: where and for whom.
@@ -248,7 +251,23 @@ impl TryFrom<RawConfig> for Config {
             max_models,
         );
         let cache = raw.cache.as_ref().map(cache::build_cache).transpose()?;
+        let global = raw
+            .global_budgets
+            .as_ref()
+            .map(global::build_global)
+            .transpose()?;
+        let any_global = {
+            let mut policies = tenants.values().map(|t| &t.policy).chain([&defaults]);
+            policies.any(|p| p.limits.iter().any(|l| l.global.is_some()))
+        };
+        if global.is_none() && any_global {
+            return Err(ConfigError::new(
+                "global_budgets",
+                "a limit is marked `global`: name the rate-limit service's cluster here",
+            ));
+        }
         Ok(Config {
+            global,
             identity,
             limits,
             tenants,

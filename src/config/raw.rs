@@ -22,6 +22,17 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) metrics: RawMetrics,
     pub(super) cache: Option<RawCache>,
+    pub(super) global_budgets: Option<RawGlobalBudgets>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGlobalBudgets {
+    pub(super) cluster: String,
+    pub(super) domain: Option<String>,
+    pub(super) timeout_ms: Option<u64>,
+    pub(super) replicas: Option<u64>,
+    pub(super) refill_share: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -126,6 +137,10 @@ pub(super) struct RawLimit {
     pub(super) usd: Option<String>,
     pub(super) window: String,
     pub(super) model: Option<String>,
+    #[serde(default)]
+    pub(super) global: bool,
+    /// A token count, or a USD decimal string, as the limit's own amount.
+    pub(super) fallback: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use hashbrown::HashMap;
 
 use crate::admission::{TenantKeys, TenantPolicy};
-use crate::budget::{Limit, Unit};
+use crate::budget::{GlobalLimit, Limit, Unit};
 use crate::cost;
 use crate::holdings;
 use crate::routing::ModelRoute;
@@ -175,12 +175,42 @@ fn limit(at: &str, raw: &RawLimit) -> Result<Limit, ConfigError> {
             None => format!("{unit_name}-{}", window.as_str()),
         },
     };
+    let fallback = match (&raw.fallback, unit) {
+        (None, _) => None,
+        (Some(_), _) if !raw.global => {
+            return Err(ConfigError::new(
+                format!("{at}.fallback"),
+                "only a `global` limit has a fallback allowance",
+            ));
+        }
+        (Some(serde_json::Value::Number(n)), Unit::Tokens) => {
+            Some(n.as_u64().ok_or_else(|| {
+                ConfigError::new(format!("{at}.fallback"), "must be a whole number of tokens")
+            })?)
+        }
+        (Some(serde_json::Value::String(usd)), Unit::PicoUsd) => {
+            Some(cost::parse_usd(usd).map_err(|r| ConfigError::new(format!("{at}.fallback"), r))?)
+        }
+        (Some(_), Unit::Tokens) => {
+            return Err(ConfigError::new(
+                format!("{at}.fallback"),
+                "a tokens limit's fallback is a number of tokens",
+            ));
+        }
+        (Some(_), Unit::PicoUsd) => {
+            return Err(ConfigError::new(
+                format!("{at}.fallback"),
+                "a USD limit's fallback is a decimal string such as \"1.00\"",
+            ));
+        }
+    };
     Ok(Limit {
         name,
         unit,
         amount,
         window,
         model: raw.model.clone(),
+        global: raw.global.then_some(GlobalLimit { fallback }),
     })
 }
 

@@ -2,8 +2,9 @@
 //! request upstream.
 
 use super::cache_step::{self, Asked, Lookup};
+use super::refill::Parked;
 use super::{Active, Effects, Gateway, Headers, Host, Request, State};
-use crate::admission::{self, TenantKeys, TenantPolicy};
+use crate::admission::{self, Denied, TenantKeys, TenantPolicy};
 use crate::api::request::parse_request;
 use crate::api::rewrite::{self, Edits};
 use crate::api::{ApiKind, Usage};
@@ -20,9 +21,24 @@ impl Request {
         gateway: &'g Gateway,
         host: &H,
         kind: ApiKind,
+        who: (String, LabelId),
+        headers: Headers,
+        body: Vec<u8>,
+    ) -> Effects<'g> {
+        self.admit_again(gateway, host, kind, who, headers, body, 0)
+    }
+
+    /// [`Request::admit`], for the `attempts`-th time (a global lease was refilled since).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn admit_again<'g, H: Host + ?Sized>(
+        &mut self,
+        gateway: &'g Gateway,
+        host: &H,
+        kind: ApiKind,
         (tenant, label): (String, LabelId),
         mut headers: Headers,
         body: Vec<u8>,
+        attempts: u8,
     ) -> Effects<'g> {
         let config = &gateway.config;
         let facts = match parse_request(kind, &body) {
@@ -80,28 +96,55 @@ impl Request {
         let mut cache = match cache_step::lookup(gateway, host, &headers, &asked, now) {
             Lookup::Hit(hit, key) => {
                 let served = served.to_string();
-                return self.serve_hit(
-                    gateway,
-                    host,
-                    kind,
-                    Some((tenant, label)),
-                    facts,
-                    resolved,
-                    served,
-                    *hit,
-                    key,
-                    plan,
-                    now,
-                );
+                let who = Some((tenant, label));
+                let args = (facts, resolved, served, *hit, key, plan, now);
+                let (f, r, sv, h, k, p, n) = args;
+                return match self.serve_hit(gateway, host, kind, who, f, r, sv, h, k, p, n) {
+                    Ok(effects) => effects,
+                    Err((tenant, limit, need)) => {
+                        let parked = Parked {
+                            kind,
+                            tenant,
+                            label,
+                            headers,
+                            body,
+                            attempts,
+                        };
+                        self.wait_for_lease(gateway, host, parked, (limit, need), now)
+                    }
+                };
             }
             Lookup::Status(status) => status,
         };
         let admitted = match admission::admit(host, policy, &keys, served, price, plan, now) {
             Ok(admitted) => admitted,
-            Err(refusal) => {
+            Err(Denied::Refused(refusal)) => {
                 return self.refuse(kind, Some((tenant, label)), Some(facts.model), &refusal);
             }
+            Err(Denied::Short { limit, need }) => {
+                let parked = Parked {
+                    kind,
+                    tenant,
+                    label,
+                    headers,
+                    body,
+                    attempts,
+                };
+                return self.wait_for_lease(gateway, host, parked, (limit, need), now);
+            }
         };
+        // Global limits: the ledger says whether the lease came from the service or, while it
+        // was unreachable, from the fallback allowance.
+        let global = admitted
+            .held
+            .iter()
+            .filter_map(|h| h.after.lease)
+            .map(|lease| lease.fallback > 0)
+            .reduce(|a, b| a || b)
+            .map(|fallback| if fallback { "fallback" } else { "lease" });
+        if global == Some("fallback") {
+            host.stat(StatUpdate::Add(Stat::GlobalFallbackAdmits(label), 1));
+        }
         cache.rekey(plan.set_max_tokens, admitted.plan.set_max_tokens);
         let edits = Edits {
             max_tokens: admitted.plan.set_max_tokens,
@@ -188,6 +231,7 @@ impl Request {
             first_byte_seen: false,
             conversation,
             cache,
+            global,
         }));
         effects
     }

@@ -2,7 +2,7 @@
 //! `cache.charge_hits`) no charge.
 
 use super::{Effects, Gateway, Host, Request, State};
-use crate::admission::{self, Plan};
+use crate::admission::{self, Denied, Plan};
 use crate::api::request::RequestFacts;
 use crate::api::{ApiKind, Usage};
 use crate::cache::{CacheKey, Hit};
@@ -14,7 +14,9 @@ use crate::routing::Resolved;
 
 impl Request {
     /// Answers from the cache. Hits are free unless `cache.charge_hits`; either way they count
-    /// as saved tokens and saved cost at the served model's price.
+    /// as saved tokens and saved cost at the served model's price. A charged hit whose global
+    /// lease is short gives its tenant back with the limit and the need (see
+    /// [`Request::wait_for_lease`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn serve_hit<'g, H: Host + ?Sized>(
         &mut self,
@@ -29,10 +31,10 @@ impl Request {
         key: CacheKey,
         plan: Plan,
         now: u64,
-    ) -> Effects<'g> {
+    ) -> Result<Effects<'g>, (String, usize, u64)> {
         let config = &gateway.config;
         let Some((tenant, label)) = who else {
-            return Effects::proceed();
+            return Ok(Effects::proceed());
         };
         // The usage the cached answer stands for, read like any response.
         let mut probe = Exchange::new(kind, tenant, facts, config.limits);
@@ -50,9 +52,10 @@ impl Request {
                     admission::settle(host, policy, &keys, &admitted, &usage, price, now);
                     (charged, billed) = (usage, saved_micro);
                 }
-                Err(refusal) => {
+                Err(Denied::Short { limit, need }) => return Err((probe.tenant, limit, need)),
+                Err(Denied::Refused(refusal)) => {
                     let model = Some(probe.facts.model);
-                    return self.refuse(kind, Some((probe.tenant, label)), model, &refusal);
+                    return Ok(self.refuse(kind, Some((probe.tenant, label)), model, &refusal));
                 }
             }
         }
@@ -98,6 +101,6 @@ impl Request {
                 .headers
                 .push((routing.model_header.as_str(), Some(served.into_bytes())));
         }
-        effects
+        Ok(effects)
     }
 }

@@ -8,12 +8,13 @@ mod admit;
 mod cache_step;
 mod head;
 mod hit;
+mod refill;
 mod respond;
 mod settle;
 #[cfg(test)]
 mod tests;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 use crate::admission::{Admitted, TenantKeys, TenantPolicy};
 use crate::api::ApiKind;
@@ -24,6 +25,7 @@ use crate::reply::LocalReply;
 use crate::store::SharedStore;
 
 use cache_step::CacheStatus;
+pub use refill::{RefillCall, Refilled};
 pub use respond::ResponseHead;
 
 /// What the pipeline needs from its host besides the request itself: the shared store, the
@@ -83,6 +85,10 @@ pub struct Effects<'g> {
     pub record: Vec<(&'static str, String)>,
     /// Stops iteration (waiting for the body, or a local reply was sent).
     pub pause: bool,
+    /// The request waits for a global lease's refill: the host sends what
+    /// [`Gateway::refills_due`] gives and resumes the request ([`Request::resume`]) when
+    /// [`Gateway::refill_answered`] names its ticket.
+    pub wait: bool,
 }
 
 impl<'g> Effects<'g> {
@@ -118,6 +124,8 @@ pub struct Gateway {
     in_flight_keys: Vec<String>,
     draws: Cell<u64>,
     worker: String,
+    /// Global leases being refilled on this worker.
+    refills: RefCell<refill::Refills>,
 }
 
 impl Gateway {
@@ -133,6 +141,7 @@ impl Gateway {
             in_flight_keys,
             draws: Cell::new(seed),
             worker,
+            refills: RefCell::new(refill::Refills::default()),
         }
     }
 
@@ -191,6 +200,8 @@ impl Gateway {
 #[derive(Default)]
 pub struct Request {
     state: State,
+    /// The host's name for this request, given back when a refill it waits for ends.
+    ticket: u32,
     /// The record was written (settled exactly once).
     recorded: bool,
     /// Test builds only (`--features test-trap`): the request asked this VM to die mid-exchange.
@@ -210,6 +221,8 @@ enum State {
         label: LabelId,
         headers: Headers,
     },
+    /// Waiting for a global lease's refill, with what it takes to admit it again.
+    Waiting(Box<refill::Parked>),
     /// Admitted; the response is being watched.
     Active(Box<Active>),
     /// Answered locally; `reason` goes to the record.
@@ -237,11 +250,21 @@ struct Active {
     first_byte_seen: bool,
     conversation: Option<String>,
     cache: CacheStatus,
+    /// With a global limit: `lease`, or `fallback` when the service was unreachable.
+    global: Option<&'static str>,
 }
 
 impl Request {
     pub fn new() -> Request {
         Request::default()
+    }
+
+    /// A request the host calls `ticket` (Envoy: its context id).
+    pub fn with_ticket(ticket: u32) -> Request {
+        Request {
+            ticket,
+            ..Request::default()
+        }
     }
 
     /// Whether the response still has to be watched (the skin skips reading it otherwise).

@@ -57,6 +57,12 @@ impl Request {
                 fields
             }
             State::Answered(fields) => std::mem::take(fields),
+            // The client left while its global lease was being refilled: nothing was held.
+            State::Waiting(parked) => vec![
+                ("tollgate.api", parked.kind.as_str().to_string()),
+                ("tollgate.decision", "client_aborted".to_string()),
+                ("tollgate.tenant", parked.tenant.clone()),
+            ],
         };
         self.recorded = true;
         fields.push(("tollgate.worker", gateway.worker.clone()));
@@ -89,6 +95,9 @@ fn settle<H: Host + ?Sized>(
     fields.push(("tollgate.cost_usd", cost::format_micro_usd(billed_micro)));
     if !matches!(active.cache, CacheStatus::Off) {
         fields.push(("tollgate.cache", active.cache.as_str().to_string()));
+    }
+    if let Some(global) = active.global {
+        fields.push(("tollgate.global", global.to_string()));
     }
     if let Some(conversation) = &active.conversation {
         fields.push(("tollgate.conversation_id", conversation.clone()));

@@ -3,6 +3,7 @@
 
 mod admission;
 mod cache;
+mod global;
 mod identity;
 mod refusals;
 mod routing;
@@ -268,6 +269,8 @@ pub struct Trace {
     pub record: BTreeMap<String, String>,
     /// How many times a record was written (exactly once for every request Tollgate took).
     pub records: usize,
+    /// Parked, waiting for a global lease's refill.
+    pub waiting: bool,
 }
 
 impl Trace {
@@ -341,11 +344,14 @@ fn edit(edits: &[(String, Option<Vec<u8>>)], name: &str) -> Option<String> {
 pub struct Open {
     pub request: Request,
     pub trace: Trace,
+    pub ticket: u32,
 }
 
 /// Sends the request through the pipeline; stops before the upstream answers.
 pub fn open(gateway: &Gateway, host: &Fake, call: &Call) -> Open {
-    let mut request = Request::new();
+    thread_local!(static TICKETS: Cell<u32> = const { Cell::new(1) });
+    let ticket = TICKETS.with(|t| t.replace(t.get() + 1));
+    let mut request = Request::with_ticket(ticket);
     let mut trace = Trace {
         upstream_body: call.body.clone(),
         ..Trace::default()
@@ -377,11 +383,29 @@ pub fn open(gateway: &Gateway, host: &Fake, call: &Call) -> Open {
                 assert_eq!(map.get(":path"), Headers(call.headers.clone()).get(":path"));
             }
             let replied = effects.reply.is_some();
+            let waiting = effects.wait;
+            assert!(!waiting || effects.pause, "a waiting request is paused");
             trace.take(effects);
-            trace.forwarded = !replied;
+            trace.waiting = waiting;
+            trace.forwarded = !replied && !waiting;
         }
     }
-    Open { request, trace }
+    Open {
+        request,
+        trace,
+        ticket,
+    }
+}
+
+/// A waiting request's refill ended: it is admitted again (or refused).
+pub fn resume(gateway: &Gateway, host: &Fake, open: &mut Open, refilled: super::Refilled) {
+    assert!(open.trace.waiting, "only a waiting request resumes");
+    let effects = open.request.resume(gateway, host, refilled);
+    let replied = effects.reply.is_some();
+    let waiting = effects.wait;
+    open.trace.take(effects);
+    open.trace.waiting = waiting;
+    open.trace.forwarded = !replied && !waiting;
 }
 
 /// The upstream answers (or fails) and the exchange ends with `on_log`.
@@ -389,6 +413,7 @@ pub fn close(gateway: &Gateway, host: &Fake, open: Open, upstream: Option<&Upstr
     let Open {
         mut request,
         mut trace,
+        ..
     } = open;
     if let (true, Some(up)) = (trace.forwarded && request.is_active(), upstream) {
         let head = Headers(vec![

@@ -1,0 +1,76 @@
+//! `global_budgets`: the rate-limit service global limits are leased from.
+
+use super::ConfigError;
+use super::raw::RawGlobalBudgets;
+use crate::global::GlobalBudgets;
+
+pub(super) fn build_global(raw: &RawGlobalBudgets) -> Result<GlobalBudgets, ConfigError> {
+    let defaults = GlobalBudgets::default();
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    // Envoy reads the gRPC call's target as a serialized GrpcService first: a plain name is
+    // never one, so it is always taken as a cluster name.
+    if !plain(&raw.cluster)
+        || !raw
+            .cluster
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic())
+    {
+        return Err(ConfigError::new(
+            "global_budgets.cluster",
+            "an Envoy cluster name: a letter, then [A-Za-z0-9._-], at most 128 characters",
+        ));
+    }
+    let domain = match &raw.domain {
+        None => defaults.domain,
+        Some(d) if plain(d) => d.clone(),
+        Some(_) => {
+            return Err(ConfigError::new(
+                "global_budgets.domain",
+                "1-128 characters of [A-Za-z0-9._-]",
+            ));
+        }
+    };
+    let timeout_ms = match raw.timeout_ms {
+        None => defaults.timeout_ms,
+        Some(ms) if (1..=60_000).contains(&ms) => ms,
+        Some(_) => {
+            return Err(ConfigError::new(
+                "global_budgets.timeout_ms",
+                "must be between 1 and 60000",
+            ));
+        }
+    };
+    let replicas = match raw.replicas {
+        None => defaults.replicas,
+        Some(n) if (1..=10_000).contains(&n) => n,
+        Some(_) => {
+            return Err(ConfigError::new(
+                "global_budgets.replicas",
+                "must be between 1 and 10000",
+            ));
+        }
+    };
+    let share_permille = match raw.refill_share {
+        None => defaults.share_permille,
+        Some(share) if share > 0.0 && share <= 1.0 => ((share * 1000.0).round() as u64).max(1),
+        Some(_) => {
+            return Err(ConfigError::new(
+                "global_budgets.refill_share",
+                "must be a fraction in (0, 1], e.g. 0.1",
+            ));
+        }
+    };
+    Ok(GlobalBudgets {
+        cluster: raw.cluster.clone(),
+        domain,
+        timeout_ms,
+        replicas,
+        share_permille,
+    })
+}

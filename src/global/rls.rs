@@ -1,0 +1,260 @@
+//! Envoy's rate limit service, v3: `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`.
+//!
+//! The messages are declared here with `prost`, field for field from Envoy's
+//! `envoy/service/ratelimit/v3/rls.proto` and `envoy/extensions/common/ratelimit/v3/ratelimit.proto`
+//! (the trimmed copy in `proto/` is the reference), keeping only the fields Tollgate writes or
+//! reads: prost skips the others when decoding. Enums are their `int32` wire values.
+
+use prost::Message;
+
+/// The gRPC service and method, as `dispatch_grpc_call` names them.
+pub const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+pub const METHOD: &str = "ShouldRateLimit";
+
+/// `envoy.service.ratelimit.v3.RateLimitRequest`.
+#[derive(Clone, PartialEq, Message)]
+pub struct RateLimitRequest {
+    #[prost(string, tag = "1")]
+    pub domain: String,
+    #[prost(message, repeated, tag = "2")]
+    pub descriptors: Vec<RateLimitDescriptor>,
+    /// The hits this call adds (0 means 1 to both servers).
+    #[prost(uint32, tag = "3")]
+    pub hits_addend: u32,
+}
+
+/// `envoy.extensions.common.ratelimit.v3.RateLimitDescriptor` (its `limit` override and
+/// per-descriptor `hits_addend` are not used: Limitador ignores both).
+#[derive(Clone, PartialEq, Message)]
+pub struct RateLimitDescriptor {
+    #[prost(message, repeated, tag = "1")]
+    pub entries: Vec<Entry>,
+}
+
+/// `envoy.extensions.common.ratelimit.v3.RateLimitDescriptor.Entry`.
+#[derive(Clone, PartialEq, Message)]
+pub struct Entry {
+    #[prost(string, tag = "1")]
+    pub key: String,
+    #[prost(string, tag = "2")]
+    pub value: String,
+}
+
+/// `envoy.service.ratelimit.v3.RateLimitResponse`.
+#[derive(Clone, PartialEq, Message)]
+pub struct RateLimitResponse {
+    /// `Code`: 0 UNKNOWN, 1 OK, 2 OVER_LIMIT.
+    #[prost(int32, tag = "1")]
+    pub overall_code: i32,
+    #[prost(message, repeated, tag = "2")]
+    pub statuses: Vec<DescriptorStatus>,
+    #[prost(message, repeated, tag = "3")]
+    pub response_headers_to_add: Vec<HeaderValue>,
+}
+
+/// `envoy.service.ratelimit.v3.RateLimitResponse.DescriptorStatus`.
+#[derive(Clone, PartialEq, Message)]
+pub struct DescriptorStatus {
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    #[prost(message, optional, tag = "2")]
+    pub current_limit: Option<RateLimit>,
+    #[prost(uint32, tag = "3")]
+    pub limit_remaining: u32,
+    #[prost(message, optional, tag = "4")]
+    pub duration_until_reset: Option<Duration>,
+}
+
+/// `envoy.service.ratelimit.v3.RateLimitResponse.RateLimit`.
+#[derive(Clone, PartialEq, Message)]
+pub struct RateLimit {
+    #[prost(uint32, tag = "1")]
+    pub requests_per_unit: u32,
+    #[prost(int32, tag = "2")]
+    pub unit: i32,
+    #[prost(string, tag = "3")]
+    pub name: String,
+}
+
+/// `google.protobuf.Duration`.
+#[derive(Clone, Copy, PartialEq, Message)]
+pub struct Duration {
+    #[prost(int64, tag = "1")]
+    pub seconds: i64,
+    #[prost(int32, tag = "2")]
+    pub nanos: i32,
+}
+
+/// `envoy.config.core.v3.HeaderValue`.
+#[derive(Clone, PartialEq, Message)]
+pub struct HeaderValue {
+    #[prost(string, tag = "1")]
+    pub key: String,
+    #[prost(string, tag = "2")]
+    pub value: String,
+}
+
+const OK: i32 = 1;
+const OVER_LIMIT: i32 = 2;
+
+/// One refill: `hits` on the counter named by `entries`.
+pub fn encode_request(domain: &str, entries: &[(&str, String)], hits: u32) -> Vec<u8> {
+    RateLimitRequest {
+        domain: domain.to_string(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: entries
+                .iter()
+                .map(|(key, value)| Entry {
+                    key: (*key).to_string(),
+                    value: value.clone(),
+                })
+                .collect(),
+        }],
+        hits_addend: hits,
+    }
+    .encode_to_vec()
+}
+
+/// What a refill's answer says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    /// `OK`: the hits were added. `OVER_LIMIT` or `UNKNOWN`: they were not.
+    pub granted: bool,
+    /// The counter's remaining hits after the call, if the service said: the descriptor's
+    /// status when it names a limit (envoyproxy/ratelimit), else `x-ratelimit-remaining`
+    /// (Limitador with `--rate-limit-headers DRAFT_VERSION_03`).
+    pub remaining: Option<u64>,
+    /// Time until the counter resets, in ms, if the service said (the status's
+    /// `duration_until_reset`, else `x-ratelimit-reset` seconds).
+    pub reset_ms: Option<u64>,
+}
+
+/// Reads a `RateLimitResponse`; `None` when the bytes are not one, or the code is UNKNOWN
+/// (what Limitador answers to an empty domain): neither grants anything.
+pub fn decode_response(bytes: &[u8]) -> Option<Answer> {
+    let response = RateLimitResponse::decode(bytes).ok()?;
+    let granted = match response.overall_code {
+        OK => true,
+        OVER_LIMIT => false,
+        _ => return None,
+    };
+    let status = response
+        .statuses
+        .first()
+        .filter(|s| s.current_limit.is_some());
+    let header = |name: &str| {
+        response
+            .response_headers_to_add
+            .iter()
+            .find(|h| h.key.eq_ignore_ascii_case(name))
+            .and_then(|h| h.value.trim().parse::<u64>().ok())
+    };
+    let remaining = match status {
+        Some(s) => Some(u64::from(s.limit_remaining)),
+        None => header("x-ratelimit-remaining"),
+    };
+    let reset_ms = match status.and_then(|s| s.duration_until_reset) {
+        Some(d) => Some(
+            u64::try_from(d.seconds)
+                .unwrap_or(0)
+                .saturating_mul(1000)
+                .saturating_add(u64::try_from(d.nanos).unwrap_or(0) / 1_000_000),
+        ),
+        None => header("x-ratelimit-reset").map(|s| s.saturating_mul(1000)),
+    };
+    Some(Answer {
+        granted,
+        remaining,
+        reset_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refill_request_on_the_wire() {
+        let bytes = encode_request("tg", &[("k", "v".to_string())], 300);
+        // domain (1), one descriptor (2) with one entry (1: key, 2: value), hits_addend (3).
+        let expected = [
+            0x0a, 2, b't', b'g', 0x12, 8, 0x0a, 6, 0x0a, 1, b'k', 0x12, 1, b'v', 0x18, 0xac, 0x02,
+        ];
+        assert_eq!(bytes, expected);
+        let back = RateLimitRequest::decode(bytes.as_slice()).unwrap();
+        assert_eq!(back.hits_addend, 300);
+        assert_eq!(back.descriptors[0].entries[0].value, "v");
+    }
+
+    #[test]
+    fn answers_from_either_engine() {
+        // envoyproxy/ratelimit: a status naming the limit, its remaining and reset.
+        let ratelimit = RateLimitResponse {
+            overall_code: OK,
+            statuses: vec![DescriptorStatus {
+                code: OK,
+                current_limit: Some(RateLimit {
+                    requests_per_unit: 1000,
+                    unit: 2,
+                    name: String::new(),
+                }),
+                limit_remaining: 700,
+                duration_until_reset: Some(Duration {
+                    seconds: 12,
+                    nanos: 500_000_000,
+                }),
+            }],
+            response_headers_to_add: vec![],
+        };
+        assert_eq!(
+            decode_response(&ratelimit.encode_to_vec()),
+            Some(Answer {
+                granted: true,
+                remaining: Some(700),
+                reset_ms: Some(12_500)
+            })
+        );
+        // Limitador: no statuses; with DRAFT_VERSION_03 headers.
+        let limitador = RateLimitResponse {
+            overall_code: OVER_LIMIT,
+            statuses: vec![],
+            response_headers_to_add: vec![
+                HeaderValue {
+                    key: "X-RateLimit-Limit".into(),
+                    value: "10, 10;w=60".into(),
+                },
+                HeaderValue {
+                    key: "X-RateLimit-Remaining".into(),
+                    value: "2".into(),
+                },
+                HeaderValue {
+                    key: "X-RateLimit-Reset".into(),
+                    value: "59".into(),
+                },
+            ],
+        };
+        assert_eq!(
+            decode_response(&limitador.encode_to_vec()),
+            Some(Answer {
+                granted: false,
+                remaining: Some(2),
+                reset_ms: Some(59_000)
+            })
+        );
+        // Without headers nothing is known but the verdict.
+        let bare = RateLimitResponse {
+            overall_code: OK,
+            statuses: vec![],
+            response_headers_to_add: vec![],
+        };
+        let answer = decode_response(&bare.encode_to_vec()).unwrap();
+        assert_eq!(
+            (answer.granted, answer.remaining, answer.reset_ms),
+            (true, None, None)
+        );
+        // UNKNOWN, and bytes that are no response, grant nothing.
+        assert_eq!(decode_response(&[0x08, 0x00]), None);
+        assert_eq!(decode_response(&[0xff, 0xff, 0xff]), None);
+        assert_eq!(decode_response(&[]), None);
+    }
+}

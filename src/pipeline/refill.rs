@@ -1,0 +1,326 @@
+//! Refills of global leases. A request whose lease is short joins the refill of that (tenant,
+//! limit) on this worker, or starts one; the host sends it (`Gateway::refills_due`, from the
+//! worker's root context, so the answer always finds its way back) and hands the answer to
+//! `Gateway::refill_answered`, which applies it to the lease and names the requests to resume.
+//! A resumed request is admitted again from its body ([`Request::resume`]).
+
+use hashbrown::HashMap;
+
+use super::{Effects, Gateway, Headers, Host, Request, State};
+use crate::admission::{TenantKeys, TenantPolicy};
+use crate::api::ApiKind;
+use crate::budget::{self, Refill};
+use crate::global::{self, rls};
+use crate::metrics::{LabelId, Stat, StatUpdate};
+use crate::reply::Refusal;
+
+/// A request admitted again this many times without fitting is refused (429).
+const MAX_ATTEMPTS: u8 = 3;
+/// After the service could not be asked, a limit is decided without it for this long.
+const BACKOFF_MS: u64 = 1_000;
+
+/// This worker's refills in flight, by bucket key (bounded by the configuration's keys).
+#[derive(Debug, Default)]
+pub(super) struct Refills {
+    flights: HashMap<String, Flight>,
+    down_until: HashMap<String, u64>,
+}
+
+#[derive(Debug)]
+struct Flight {
+    tenant: String,
+    limit: usize,
+    /// The amount asked for, in the limit's unit.
+    asked: u64,
+    message: Vec<u8>,
+    /// When it was handed to the host (`None`: not yet).
+    sent_at: Option<u64>,
+    waiters: Vec<u32>,
+}
+
+/// A refill the host is to send to the rate-limit service; `key` names it when it answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefillCall {
+    pub key: String,
+    pub message: Vec<u8>,
+}
+
+/// How a refill ended, for the requests that waited on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refilled {
+    /// The lease grew (granted, or the fallback allowance while the service was unreachable).
+    Grew,
+    /// The service refused: the requests are admitted again against what is left, or refused.
+    Refused,
+    /// The service could not be asked and no fallback allowance is left.
+    Unavailable,
+}
+
+/// A request waiting for its lease.
+pub(super) struct Parked {
+    pub kind: ApiKind,
+    pub tenant: String,
+    pub label: LabelId,
+    pub headers: Headers,
+    pub body: Vec<u8>,
+    pub attempts: u8,
+}
+
+enum Join {
+    Waiting,
+    Unavailable,
+    TooLarge,
+}
+
+impl Gateway {
+    /// Refills to send now (each once).
+    pub fn refills_due(&self, now_ms: u64) -> Vec<RefillCall> {
+        let mut refills = self.refills.borrow_mut();
+        refills
+            .flights
+            .iter_mut()
+            .filter(|(_, f)| f.sent_at.is_none())
+            .map(|(key, flight)| {
+                flight.sent_at = Some(now_ms);
+                RefillCall {
+                    key: key.clone(),
+                    message: std::mem::take(&mut flight.message),
+                }
+            })
+            .collect()
+    }
+
+    /// Refills sent longer ago than the call's timeout and a second: their answer is lost, and
+    /// the host answers them as failed.
+    pub fn refills_overdue(&self, now_ms: u64) -> Vec<String> {
+        let Some(global) = &self.config.global else {
+            return Vec::new();
+        };
+        let deadline = global.timeout_ms.saturating_add(1_000);
+        let refills = self.refills.borrow();
+        refills
+            .flights
+            .iter()
+            .filter(|(_, f)| {
+                f.sent_at
+                    .is_some_and(|t| now_ms.saturating_sub(t) > deadline)
+            })
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    /// Whether any refill is waiting to be sent or answered (the host keeps its timer on).
+    pub fn refills_pending(&self) -> bool {
+        !self.refills.borrow().flights.is_empty()
+    }
+
+    /// Applies a refill's answer (`None`: the call failed or timed out) to its lease and
+    /// returns how it ended and the tickets of the requests to resume.
+    pub fn refill_answered<H: Host + ?Sized>(
+        &self,
+        host: &H,
+        key: &str,
+        answer: Option<&[u8]>,
+        now_ms: u64,
+    ) -> (Refilled, Vec<u32>) {
+        let Some(flight) = self.refills.borrow_mut().flights.remove(key) else {
+            return (Refilled::Unavailable, Vec::new());
+        };
+        let (policy, _) = self.tenant_budget(&flight.tenant);
+        let Some(limit) = policy.limits.get(flight.limit) else {
+            return (Refilled::Unavailable, flight.waiters);
+        };
+        let label = self.config.labels.tenant_id(&flight.tenant);
+        let epoch = policy.epoch(now_ms);
+        let size = global::hit_size(limit.unit);
+        let (refill, outcome) = match answer.and_then(rls::decode_response) {
+            Some(a) if a.granted => (
+                Refill::Granted {
+                    amount: flight.asked,
+                    remaining: a.remaining.map(|r| r.saturating_mul(size)),
+                },
+                "granted",
+            ),
+            Some(_) => (Refill::Refused { need: flight.asked }, "refused"),
+            None => (Refill::Unavailable, "unavailable"),
+        };
+        host.stat(StatUpdate::Add(Stat::GlobalRefills(label, outcome), 1));
+        let grew = budget::refill(host, key, limit, refill, now_ms, epoch);
+        let refilled = match refill {
+            Refill::Refused { .. } => Refilled::Refused,
+            _ if grew => Refilled::Grew,
+            _ => Refilled::Unavailable,
+        };
+        if matches!(refill, Refill::Unavailable) {
+            let mut refills = self.refills.borrow_mut();
+            refills
+                .down_until
+                .insert(key.to_string(), now_ms.saturating_add(BACKOFF_MS));
+        }
+        (refilled, flight.waiters)
+    }
+
+    /// Joins the refill of `keys.buckets[limit]`, or starts one.
+    #[allow(clippy::too_many_arguments)]
+    fn join_refill<H: Host + ?Sized>(
+        &self,
+        host: &H,
+        tenant: &str,
+        policy: &TenantPolicy,
+        keys: &TenantKeys,
+        limit: usize,
+        need: u64,
+        ticket: u32,
+        now_ms: u64,
+    ) -> Join {
+        let (Some(global), Some(l), Some(key)) = (
+            &self.config.global,
+            policy.limits.get(limit),
+            keys.buckets.get(limit),
+        ) else {
+            return Join::Unavailable;
+        };
+        let mut refills = self.refills.borrow_mut();
+        if let Some(flight) = refills.flights.get_mut(key) {
+            flight.waiters.push(ticket);
+            return Join::Waiting;
+        }
+        if refills.down_until.get(key).is_some_and(|&t| t > now_ms) {
+            return Join::Unavailable;
+        }
+        let bucket = budget::read(host, key, l, now_ms, policy.epoch(now_ms));
+        let lease = bucket.lease.unwrap_or_default();
+        // Once the service refused this window, ask for the need alone.
+        let remaining = match lease.refused_at {
+            u64::MAX => lease.remaining,
+            _ => 0,
+        };
+        let Some(hits) = global::refill_hits(global, l, need, remaining, lease.granted) else {
+            return Join::TooLarge;
+        };
+        let declared = self.config.tenants.contains_key(tenant);
+        let entries = global::descriptor(
+            if declared { tenant } else { "~" },
+            &l.name,
+            &keys.scope,
+            &l.window.id(now_ms),
+        );
+        let message = rls::encode_request(&global.domain, &entries, hits);
+        refills.flights.insert(
+            key.clone(),
+            Flight {
+                tenant: tenant.to_string(),
+                limit,
+                asked: u64::from(hits).saturating_mul(global::hit_size(l.unit)),
+                message,
+                sent_at: None,
+                waiters: vec![ticket],
+            },
+        );
+        Join::Waiting
+    }
+}
+
+impl Request {
+    /// Global limit `limit`'s lease is `need` short: wait for a refill, or decide now when the
+    /// service is known to be unreachable.
+    pub(super) fn wait_for_lease<'g, H: Host + ?Sized>(
+        &mut self,
+        gateway: &'g Gateway,
+        host: &H,
+        parked: Parked,
+        (limit, need): (usize, u64),
+        now: u64,
+    ) -> Effects<'g> {
+        let who = Some((parked.tenant.clone(), parked.label));
+        if parked.attempts >= MAX_ATTEMPTS {
+            let refusal = Refusal::RateLimited {
+                message: "The global budget is busy; please retry.".into(),
+                retry_after_secs: 1,
+                kind: "tokens",
+            };
+            return self.refuse(parked.kind, who, None, &refusal);
+        }
+        let (policy, keys) = gateway.tenant_budget(&parked.tenant);
+        let joined = gateway.join_refill(
+            host,
+            &parked.tenant,
+            policy,
+            &keys,
+            limit,
+            need,
+            self.ticket,
+            now,
+        );
+        match joined {
+            Join::Waiting => {
+                self.state = State::Waiting(Box::new(parked));
+                Effects {
+                    pause: true,
+                    wait: true,
+                    ..Effects::default()
+                }
+            }
+            Join::Unavailable => {
+                let grew = match (policy.limits.get(limit), keys.buckets.get(limit)) {
+                    (Some(l), Some(key)) => {
+                        let epoch = policy.epoch(now);
+                        budget::refill(host, key, l, Refill::Unavailable, now, epoch)
+                    }
+                    _ => false,
+                };
+                self.state = State::Waiting(Box::new(parked));
+                let refilled = if grew {
+                    Refilled::Grew
+                } else {
+                    Refilled::Unavailable
+                };
+                self.resume(gateway, host, refilled)
+            }
+            Join::TooLarge => {
+                let refusal = Refusal::RateLimited {
+                    message: "This request is larger than one refill of the global budget.".into(),
+                    retry_after_secs: 1,
+                    kind: "tokens",
+                };
+                self.refuse(parked.kind, who, None, &refusal)
+            }
+        }
+    }
+
+    /// The refill this request waited for ended: admit it again (or refuse it when the service
+    /// could not be asked).
+    pub fn resume<'g, H: Host + ?Sized>(
+        &mut self,
+        gateway: &'g Gateway,
+        host: &H,
+        refilled: Refilled,
+    ) -> Effects<'g> {
+        let State::Waiting(parked) = std::mem::take(&mut self.state) else {
+            return Effects::proceed();
+        };
+        let Parked {
+            kind,
+            tenant,
+            label,
+            headers,
+            body,
+            attempts,
+        } = *parked;
+        if refilled == Refilled::Unavailable {
+            let refusal = Refusal::BudgetUnavailable {
+                message: "The global budget service cannot be reached; please retry.".into(),
+            };
+            return self.refuse(kind, Some((tenant, label)), None, &refusal);
+        }
+        self.admit_again(
+            gateway,
+            host,
+            kind,
+            (tenant, label),
+            headers,
+            body,
+            attempts + 1,
+        )
+    }
+}
