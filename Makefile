@@ -14,7 +14,7 @@ TRAP_WASM := target/test-trap/wasm32-wasip1/release/tollgate.wasm
 WASM_RUNNER := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/tests/wasi-run.mjs"
 FUZZ_SECONDS ?= 60
 
-.PHONY: soak build test lint test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz bench loadtest oci compose-render clean toolchain
+.PHONY: soak build test lint rls test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz bench loadtest oci compose-render clean toolchain
 
 toolchain:
 	@rustup target list --installed 2>/dev/null | grep -q $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -61,7 +61,14 @@ validate: build envoy
 	$(PY) tests/validate_configs.py
 	$(PY) examples/docker-compose/render.py --check
 
-test-e2e: build envoy $(TRAP_WASM)
+# The test rate-limit service (tests/rls: limitador 0.14 over Redis) for the global-budget tests.
+RLS := target/rls/debug/tollgate-test-rls
+rls:
+	bash tests/rls/patch.sh
+	$(CARGO) build --manifest-path tests/rls/Cargo.toml --target-dir target/rls
+	$(CARGO) build --features cli --bin tollgate-limits
+
+test-e2e: build envoy $(TRAP_WASM) rls
 	$(PY) -m pytest -q tests/e2e
 
 test: lint test-unit test-wasm validate test-e2e

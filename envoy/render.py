@@ -43,6 +43,8 @@ DEFAULTS = {
     "OPENAI_BACKUP_ENDPOINTS": "",
     "ANTHROPIC_ENDPOINTS": "",
     "SELFHOSTED_ENDPOINTS": "",
+    # The rate-limit service global budgets are leased from (Limitador's gRPC port by default).
+    "RATELIMIT_ENDPOINTS": "127.0.0.1:8081",
     # tollgate-providers.yaml: SDS files with the provider API keys, and the Azure OpenAI resource.
     "SECRETS_DIR": os.path.join(HERE, "secrets"),
     "AZURE_OPENAI_HOST": "example.openai.azure.com",
@@ -50,7 +52,7 @@ DEFAULTS = {
 
 # Fields given as "IP:PORT,…" and rendered as a YAML flow list of Envoy lb_endpoints.
 ENDPOINT_FIELDS = ("OPENAI_ENDPOINTS", "OPENAI_BACKUP_ENDPOINTS", "ANTHROPIC_ENDPOINTS",
-                   "SELFHOSTED_ENDPOINTS")
+                   "SELFHOSTED_ENDPOINTS", "RATELIMIT_ENDPOINTS")
 
 
 def lb_endpoints(spec):

@@ -12,18 +12,19 @@ pub(super) fn build_global(raw: &RawGlobalBudgets) -> Result<GlobalBudgets, Conf
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     };
-    // Envoy reads the gRPC call's target as a serialized GrpcService first: a plain name is
-    // never one, so it is always taken as a cluster name.
-    if !plain(&raw.cluster)
-        || !raw
-            .cluster
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_alphabetic())
-    {
+    if !plain(&raw.cluster) {
         return Err(ConfigError::new(
             "global_budgets.cluster",
-            "an Envoy cluster name: a letter, then [A-Za-z0-9._-], at most 128 characters",
+            "an Envoy cluster name: 1-128 characters of [A-Za-z0-9._-]",
+        ));
+    }
+    // Envoy reads a gRPC call's target as a serialized `GrpcService` when it parses as one
+    // (some names do: "Hx" is a varint field), and only otherwise as a cluster name.
+    if <() as prost::Message>::decode(raw.cluster.as_bytes()).is_ok() {
+        return Err(ConfigError::new(
+            "global_budgets.cluster",
+            "Envoy would read this name as a protobuf message, not a cluster name: choose \
+             another (a name starting with a lower-case letter, such as \"ratelimit\", is safe)",
         ));
     }
     let domain = match &raw.domain {

@@ -81,6 +81,29 @@ pub fn clear_route_cache() -> Result<(), Status> {
     hostcalls::call_foreign_function("clear_route_cache", None).map(|_| ())
 }
 
+/// Sends a refill to the rate-limit service's cluster (from the root context: its answer comes
+/// back there). `Err` when Envoy cannot send it (no such cluster).
+pub fn dispatch_refill(cluster: &str, message: &[u8], timeout_ms: u64) -> Result<u32, Status> {
+    let timeout = std::time::Duration::from_millis(timeout_ms.max(1));
+    let (service, method) = (crate::global::rls::SERVICE, crate::global::rls::METHOD);
+    hostcalls::dispatch_grpc_call(cluster, service, method, vec![], Some(message), timeout)
+}
+
+/// The root's timer: every millisecond while refills are pending, else off.
+pub fn tick(on: bool) {
+    let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(u64::from(on)));
+}
+
+/// Makes context `id` the one later host calls act on (`Err`: it is gone).
+pub fn set_context(id: u32) -> Result<(), Status> {
+    hostcalls::set_effective_context(id)
+}
+
+/// Lets a paused request go on upstream.
+pub fn resume_request() {
+    let _ = hostcalls::resume_http_request();
+}
+
 /// Time since the Unix epoch by Envoy's clock (zero if unavailable).
 pub fn now() -> std::time::Duration {
     hostcalls::get_current_time()

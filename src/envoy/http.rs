@@ -1,24 +1,34 @@
 //! Envoy's HTTP callbacks: each gathers its inputs, runs a [`Request`] step, executes [`Effects`].
 
-use std::rc::Rc;
+use std::cell::RefCell;
+use std::rc::{Rc, Weak};
 
+use hashbrown::HashMap;
 use log::warn;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use super::host::{self, EnvoyHost};
-use crate::pipeline::{Effects, Gateway, Request};
+use crate::pipeline::{Effects, Gateway, Refilled, Request};
+
+thread_local! {
+    /// Requests waiting for a global lease's refill, by context id: the root resumes them.
+    static PARKED: RefCell<HashMap<u32, Weak<RefCell<Request>>>> = RefCell::new(HashMap::new());
+}
 
 pub struct TollgateHttp {
     gateway: Option<Rc<Gateway>>,
-    request: Request,
+    request: Rc<RefCell<Request>>,
+    id: u32,
 }
 
 impl TollgateHttp {
-    pub fn new(gateway: Option<Rc<Gateway>>) -> TollgateHttp {
+    pub fn new(gateway: Option<Rc<Gateway>>, id: u32) -> TollgateHttp {
+        let request = Rc::new(RefCell::new(Request::with_ticket(id)));
         TollgateHttp {
             gateway,
-            request: Request::new(),
+            request,
+            id,
         }
     }
 
@@ -29,24 +39,65 @@ impl TollgateHttp {
         (request, size): (bool, usize),
         run: impl for<'g> FnOnce(&mut Request, &'g Gateway, &EnvoyHost<'g>) -> Effects<'g>,
     ) -> Action {
-        let Some(gateway) = self.gateway.clone() else {
+        let (Some(gateway), Ok(mut req)) = (self.gateway.clone(), self.request.try_borrow_mut())
+        else {
             return Action::Continue;
         };
         let host = EnvoyHost::new(&gateway);
-        let effects = run(&mut self.request, &gateway, &host);
-        if apply(&effects, request, size) {
-            return match effects.pause {
-                true => Action::Pause,
-                false => Action::Continue,
-            };
-        }
-        // Envoy refused the request's edits: release what it holds and answer 500.
-        let refused = self.request.forward_failed(&gateway, &host);
-        apply(&refused, request, size);
-        Action::Pause
+        let effects = run(&mut req, &gateway, &host);
+        execute(
+            &gateway,
+            &host,
+            (&self.request, &mut req, self.id),
+            effects,
+            (request, size),
+        )
     }
 }
 
+/// Executes a step's effects. Envoy refusing the request's edits releases what the request
+/// holds and answers 500; a request that waits for a refill is parked for the root to resume.
+fn execute(
+    gateway: &Gateway,
+    host: &EnvoyHost<'_>,
+    (cell, req, id): (&Rc<RefCell<Request>>, &mut Request, u32),
+    effects: Effects<'_>,
+    (request, size): (bool, usize),
+) -> Action {
+    if !apply(&effects, request, size) {
+        let refused = req.forward_failed(gateway, host);
+        apply(&refused, request, size);
+        return Action::Pause;
+    }
+    if effects.wait {
+        PARKED.with(|p| p.borrow_mut().insert(id, Rc::downgrade(cell)));
+        host::tick(true);
+    }
+    match effects.pause {
+        true => Action::Pause,
+        false => Action::Continue,
+    }
+}
+
+/// A refill the request `id` waited for ended: admits it again in its own context, and lets
+/// it go upstream when admitted.
+pub fn resume(gateway: &Gateway, id: u32, refilled: Refilled) {
+    let Some(cell) = PARKED
+        .with(|p| p.borrow_mut().remove(&id))
+        .and_then(|w| w.upgrade())
+    else {
+        return;
+    };
+    let (Ok(()), Ok(mut req)) = (host::set_context(id), cell.try_borrow_mut()) else {
+        return;
+    };
+    let host = EnvoyHost::new(gateway);
+    let size = req.parked_body_len();
+    let effects = req.resume(gateway, &host, refilled);
+    if execute(gateway, &host, (&cell, &mut req, id), effects, (true, size)) == Action::Continue {
+        host::resume_request();
+    }
+}
 /// Executes the effects in order; `false` when the request body or length was not replaced.
 fn apply(effects: &Effects<'_>, request: bool, size: usize) -> bool {
     let mut ok = true;
@@ -104,7 +155,7 @@ impl HttpContext for TollgateHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        if !self.request.is_active() {
+        if !self.request.try_borrow().is_ok_and(|r| r.is_active()) {
             return Action::Continue;
         }
         let headers = host::headers(false);
@@ -114,10 +165,10 @@ impl HttpContext for TollgateHttp {
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        if !self.request.is_active() {
-            return Action::Continue;
-        }
-        let wanted = self.request.wants_response_body();
+        let wanted = match self.request.try_borrow() {
+            Ok(r) if r.is_active() => r.wants_response_body(),
+            _ => return Action::Continue,
+        };
         let chunk = host::body(false, if wanted { size } else { 0 });
         self.step((false, size), |request, gateway, host| {
             request.on_response_body(gateway, host, size, &chunk, end_of_stream)
@@ -127,6 +178,7 @@ impl HttpContext for TollgateHttp {
     fn on_log(&mut self) {
         #[cfg(feature = "bench-count")]
         benchcount::flush();
+        PARKED.with(|p| p.borrow_mut().remove(&self.id));
         self.step((false, 0), |request, gateway, host| {
             request.on_log(gateway, host)
         });

@@ -20,5 +20,5 @@ use proxy_wasm::types::LogLevel;
 proxy_wasm::main! {{
     // Installs the SDK's logger and a panic hook that logs at critical level before the trap.
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_context_id| Box::new(root::TollgateRoot::default()));
+    proxy_wasm::set_root_context(|id| Box::new(root::TollgateRoot::new(id)));
 }}

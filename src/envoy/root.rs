@@ -4,6 +4,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 
+use hashbrown::HashMap;
 use log::{error, info};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
@@ -12,13 +13,44 @@ use super::host::{self, EnvoyHost};
 use super::http::TollgateHttp;
 use crate::config::Config;
 use crate::pipeline::Gateway;
+use crate::pipeline::Host as _;
 
-#[derive(Default)]
 pub struct TollgateRoot {
     gateway: Option<Rc<Gateway>>,
+    id: u32,
+    /// Refills sent, by gRPC token: the lease they refill.
+    calls: HashMap<u32, String>,
 }
 
-impl Context for TollgateRoot {}
+impl TollgateRoot {
+    pub fn new(id: u32) -> TollgateRoot {
+        let (gateway, calls) = (None, HashMap::new());
+        TollgateRoot { gateway, id, calls }
+    }
+
+    /// A refill ended (`None`: it failed): applies it and resumes the requests that waited.
+    fn answered(&self, gateway: &Gateway, key: &str, body: Option<&[u8]>) {
+        let host = EnvoyHost::new(gateway);
+        let (refilled, waiters) = gateway.refill_answered(&host, key, body, host.now_ms());
+        for id in waiters {
+            super::http::resume(gateway, id, refilled);
+        }
+        let _ = host::set_context(self.id);
+    }
+}
+
+impl Context for TollgateRoot {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let (Some(gateway), Some(key)) = (self.gateway.clone(), self.calls.remove(&token_id))
+        else {
+            return;
+        };
+        let body = (status_code == 0)
+            .then(|| host::buffer(BufferType::GrpcReceiveBuffer, response_size))
+            .flatten();
+        self.answered(&gateway, &key, body.as_deref());
+    }
+}
 
 impl RootContext for TollgateRoot {
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
@@ -46,9 +78,37 @@ impl RootContext for TollgateRoot {
         true
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Returning `None` would make the SDK panic: a missing configuration passes traffic through.
-        Some(Box::new(TollgateHttp::new(self.gateway.clone())))
+        Some(Box::new(TollgateHttp::new(
+            self.gateway.clone(),
+            context_id,
+        )))
+    }
+
+    /// Sends the refills requests wait for (from here, so every answer finds the root), and
+    /// fails those whose answer is overdue.
+    fn on_tick(&mut self) {
+        let Some(gateway) = self.gateway.clone() else {
+            return host::tick(false);
+        };
+        let Some(global) = &gateway.config.global else {
+            return host::tick(false);
+        };
+        let now = EnvoyHost::new(&gateway).now_ms();
+        for call in gateway.refills_due(now) {
+            match host::dispatch_refill(&global.cluster, &call.message, global.timeout_ms) {
+                Ok(token) => drop(self.calls.insert(token, call.key)),
+                Err(_) => self.answered(&gateway, &call.key, None),
+            }
+        }
+        for key in gateway.refills_overdue(now) {
+            self.calls.retain(|_, k| *k != key);
+            self.answered(&gateway, &key, None);
+        }
+        if !gateway.refills_pending() {
+            host::tick(false);
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -3,6 +3,7 @@
 //! Redis). The lease itself lives in the limit's bucket ([`crate::budget::Lease`]); this module
 //! has the service's settings, the refill's size and its messages ([`rls`]).
 
+pub mod limits;
 pub mod rls;
 
 use crate::budget::{Limit, Unit};

@@ -135,11 +135,16 @@ impl Request {
         };
         // Global limits: the ledger says whether the lease came from the service or, while it
         // was unreachable, from the fallback allowance.
+        // A lease is spent service-granted part first: a request that only fits with the
+        // fallback allowance was decided without the service.
         let global = admitted
             .held
             .iter()
-            .filter_map(|h| h.after.lease)
-            .map(|lease| lease.fallback > 0)
+            .filter_map(|h| Some((h.after, h.after.lease?)))
+            .map(|(after, lease)| {
+                let from_service = lease.granted.saturating_sub(lease.fallback);
+                after.used.saturating_add(after.reserved()) > from_service
+            })
             .reduce(|a, b| a || b)
             .map(|fallback| if fallback { "fallback" } else { "lease" });
         if global == Some("fallback") {

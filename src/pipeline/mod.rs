@@ -267,6 +267,14 @@ impl Request {
         }
     }
 
+    /// The length of a waiting request's body, as Envoy buffered it (0 when not waiting).
+    pub fn parked_body_len(&self) -> usize {
+        match &self.state {
+            State::Waiting(parked) => parked.body.len(),
+            _ => 0,
+        }
+    }
+
     /// Whether the response still has to be watched (the skin skips reading it otherwise).
     pub fn is_active(&self) -> bool {
         matches!(self.state, State::Active(_))

@@ -57,12 +57,17 @@ impl Request {
                 fields
             }
             State::Answered(fields) => std::mem::take(fields),
-            // The client left while its global lease was being refilled: nothing was held.
-            State::Waiting(parked) => vec![
-                ("tollgate.api", parked.kind.as_str().to_string()),
-                ("tollgate.decision", "client_aborted".to_string()),
-                ("tollgate.tenant", parked.tenant.clone()),
-            ],
+            // The client left while its global lease was being refilled: nothing was held,
+            // and the request is not resumed.
+            State::Waiting(parked) => {
+                let fields = vec![
+                    ("tollgate.api", parked.kind.as_str().to_string()),
+                    ("tollgate.decision", "client_aborted".to_string()),
+                    ("tollgate.tenant", parked.tenant.clone()),
+                ];
+                self.state = State::PassThrough;
+                fields
+            }
         };
         self.recorded = true;
         fields.push(("tollgate.worker", gateway.worker.clone()));

@@ -20,6 +20,8 @@ import render  # noqa: E402
 ENVOY = os.path.join(ROOT, ".venv/bin/envoy")
 WASM = os.path.join(ROOT, "target/wasm32-wasip1/release/tollgate.wasm")
 FAKE = os.path.join(ROOT, "tests/fake_upstream.py")
+RLS = os.path.join(ROOT, "target/rls/debug/tollgate-test-rls")
+LIMITS = os.path.join(ROOT, "target/debug/tollgate-limits")
 
 
 def free_port():
@@ -184,6 +186,127 @@ class Envoy:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log_file.close()
+
+
+def _stop(proc, timeout=5):
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class Redis:
+    """Debian's redis-server 7.0 on a free port, nothing persisted."""
+
+    def __init__(self):
+        self.start(free_port())
+
+    def start(self, port):
+        self.port = port
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            try:
+                if self.command("PING") == "+PONG":
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}"
+
+    def command(self, *args):
+        """One command over RESP; the reply's first line (or, for a bulk string, its value)."""
+        payload = f"*{len(args)}\r\n" + "".join(f"${len(str(a))}\r\n{a}\r\n" for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(payload.encode())
+            data = b""
+            while b"\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            if data.startswith(b"$") and not data.startswith(b"$-1"):
+                size = int(data[1:data.index(b"\r\n")])
+                while len(data) < data.index(b"\r\n") + 2 + size:
+                    data += sock.recv(65536)
+                start = data.index(b"\r\n") + 2
+                return data[start:start + size].decode()
+            if data.startswith(b"*"):
+                while not data.endswith(b"\r\n"):
+                    data += sock.recv(65536)
+                return data.decode()
+            return data.split(b"\r\n")[0].decode()
+
+    def counters(self):
+        """{key: value} of every integer counter Limitador keeps."""
+        out = {}
+        listing = self.command("KEYS", "*")
+        for line in listing.split("\r\n"):
+            if line and not line.startswith(("*", "$")):
+                value = self.command("GET", line)
+                if value.lstrip("-").isdigit():
+                    out[line] = int(value)
+        return out
+
+    def stop(self):
+        _stop(self.proc)
+
+
+class RateLimitService:
+    """The test rate limit service (tests/rls: limitador 0.14 over Redis) serving the limits
+    `tollgate-limits limitador` writes for `plugin_config`."""
+
+    def __init__(self, plugin_config, redis, headers=True):
+        self.dir = tempfile.mkdtemp(prefix="tollgate-rls-")
+        config_path = os.path.join(self.dir, "plugin.json")
+        with open(config_path, "w") as f:
+            json.dump(plugin_config, f)
+        self.limits = os.path.join(self.dir, "limits.yaml")
+        with open(self.limits, "w") as f:
+            f.write(subprocess.check_output([LIMITS, "limitador", config_path], text=True))
+        self.redis, self.headers = redis, headers
+        self.port = None
+        self.start()
+
+    def start(self):
+        port_file = os.path.join(self.dir, "port")
+        if os.path.exists(port_file):
+            os.unlink(port_file)
+        args = [RLS, "--limits", self.limits, "--redis", self.redis.url, "--port-file", port_file]
+        if self.port is not None:
+            args += ["--port", str(self.port)]
+        if self.headers:
+            args += ["--rate-limit-headers", "DRAFT_VERSION_03"]
+        self.log = open(os.path.join(self.dir, "rls.log"), "a")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if os.path.exists(port_file) and open(port_file).read().strip():
+                port = int(open(port_file).read().strip())
+                if self.port is None:
+                    self.port = port
+                elif port != self.port:
+                    # Restarted: it must come back where Envoy's cluster points.
+                    raise RuntimeError("the rate limit service came back on another port")
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError("the rate limit service exited:\n" + open(self.log.name).read())
+            time.sleep(0.05)
+        raise RuntimeError("the rate limit service did not start")
+
+    def stop(self):
+        _stop(self.proc)
+        self.log.close()
 
 
 def raw_post(port, path, headers, body):

@@ -289,3 +289,20 @@ fn a_global_limit_needs_the_service_configured() {
     assert_eq!(e.field, "tenant_defaults.limits[0].fallback");
     let _ = rls::SERVICE;
 }
+
+#[test]
+fn a_cluster_name_envoy_would_read_as_a_grpc_service_is_refused() {
+    let with = |cluster: &str| {
+        let raw = json!({
+            "identity": {"source": "header", "header": "x-t"},
+            "global_budgets": {"cluster": cluster}});
+        Config::from_json(&serde_json::to_vec(&raw).unwrap()).map(|c| c.global.unwrap().cluster)
+    };
+    assert_eq!(with("ratelimit").unwrap(), "ratelimit");
+    assert_eq!(with("rls").unwrap(), "rls");
+    assert_eq!(with("Hx").unwrap_err().field, "global_budgets.cluster");
+    assert_eq!(
+        with("rate limit").unwrap_err().field,
+        "global_budgets.cluster"
+    );
+}

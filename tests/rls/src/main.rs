@@ -12,8 +12,9 @@
 //!   DRAFT_VERSION_03` the `X-RateLimit-*` headers of the most restrictive counter, sorted by key;
 //! - any limiter error is gRPC `UNAVAILABLE` "Service unavailable".
 //!
-//! Usage: `tollgate-test-rls --limits FILE --redis URL --port-file FILE [--rate-limit-headers
-//! DRAFT_VERSION_03]`. It binds 127.0.0.1 on a free port and writes the port to the port file.
+//! Usage: `tollgate-test-rls --limits FILE --redis URL --port-file FILE [--port N]
+//! [--rate-limit-headers DRAFT_VERSION_03]`. It binds 127.0.0.1 (on a free port without `--port`)
+//! and writes the port to the port file.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -114,7 +115,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .configure_with(limits)
         .await
         .map_err(|e| format!("limits: {e}"))?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port: u16 = arg(&args, "--port").map_or(Ok(0), |p| p.parse())?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     let port = listener.local_addr()?.port();
     let tmp = format!("{port_file}.tmp");
     std::fs::write(&tmp, port.to_string())?;

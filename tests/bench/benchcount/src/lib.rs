@@ -205,6 +205,33 @@ pub mod counted {
         sdk::increment_metric(id, offset)
     }
 
+    pub fn dispatch_grpc_call(
+        upstream: &str,
+        service: &str,
+        method: &str,
+        metadata: Vec<(&str, &[u8])>,
+        message: Option<&[u8]>,
+        timeout: std::time::Duration,
+    ) -> Result<u32, Status> {
+        host_call_named("dispatch_grpc_call");
+        sdk::dispatch_grpc_call(upstream, service, method, metadata, message, timeout)
+    }
+
+    pub fn set_tick_period(period: std::time::Duration) -> Result<(), Status> {
+        host_call_named("set_tick_period");
+        sdk::set_tick_period(period)
+    }
+
+    pub fn set_effective_context(context_id: u32) -> Result<(), Status> {
+        host_call_named("set_effective_context");
+        sdk::set_effective_context(context_id)
+    }
+
+    pub fn resume_http_request() -> Result<(), Status> {
+        host_call_named("resume_http_request");
+        sdk::resume_http_request()
+    }
+
     pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
         host_call_named("record_metric");
         sdk::record_metric(id, value)
