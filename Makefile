@@ -45,8 +45,9 @@ lint: toolchain
 		echo "lint: proxy_wasm named outside src/envoy/"; exit 1; fi
 	@# The bench build (host calls and allocations counted) stays warning-free too.
 	$(CARGO) clippy --target $(WASM_TARGET) --lib --features bench-count -- -D warnings
-	@# Sizes: the skin under 400 lines in all; no file over 600 lines before its tests.
-	@n=$$(cat src/envoy/*.rs | wc -l); [ $$n -lt 400 ] || { echo "lint: src/envoy/ has $$n lines (keep it under 400)"; exit 1; }
+	@# Sizes: the skin under 400 lines of code (blank and comment-only lines not counted); no file
+	@# over 600 lines before its tests.
+	@n=$$(cat src/envoy/*.rs | grep -cvE '^\s*(//|$$)'); [ $$n -lt 400 ] || { echo "lint: src/envoy/ has $$n lines of code (keep it under 400)"; exit 1; }
 	@for f in $$(find src -name '*.rs' -not -path '*/tests/*'); do \
 		n=$$(awk '/^#\[cfg\(test\)\]/{exit} {c++} END{print c+0}' $$f); \
 		[ $$n -le 600 ] || { echo "lint: $$f has $$n lines before its tests (at most 600)"; exit 1; }; done

@@ -257,6 +257,38 @@ impl Stat {
     }
 }
 
+/// Envoy's metric id of each stat, defined on first use and kept per VM, so a request's stats
+/// cost a hash of a few bytes, never a formatted name.
+#[derive(Debug, Default)]
+pub struct StatIds(std::cell::RefCell<hashbrown::HashMap<Stat, u32>>);
+
+impl StatIds {
+    /// The metric `update` acts on, defined with `define(kind, name)` the first time, and the
+    /// value to add (`Ok`) or record (`Err`); `None` when it cannot be defined or there is
+    /// nothing to add (an `Add` of 0 only defines it).
+    pub fn resolve(
+        &self,
+        update: StatUpdate,
+        labels: &Labels,
+        define: impl FnOnce(StatKind, &str) -> Option<u32>,
+    ) -> Option<(u32, Result<i64, u64>)> {
+        let (stat, value) = match update {
+            StatUpdate::Add(stat, delta) => (stat, Ok(i64::try_from(delta).unwrap_or(i64::MAX))),
+            StatUpdate::Set(stat, value) | StatUpdate::Sample(stat, value) => (stat, Err(value)),
+        };
+        let known = self.0.borrow().get(&stat).copied();
+        let id = match known {
+            Some(id) => id,
+            None => {
+                let id = define(stat.kind(), &stat.name(labels))?;
+                self.0.borrow_mut().insert(stat, id);
+                id
+            }
+        };
+        (value != Ok(0)).then_some((id, value))
+    }
+}
+
 /// What to do with a stat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatUpdate {

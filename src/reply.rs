@@ -42,6 +42,23 @@ pub enum Refusal {
     BudgetUnavailable { message: String },
 }
 
+impl LocalReply {
+    /// Its headers, then the `extra` ones (names from the configuration) that are text.
+    pub fn header_pairs<'a>(
+        &'a self,
+        extra: &'a [(&str, Option<Vec<u8>>)],
+    ) -> Vec<(&'a str, &'a str)> {
+        let extra = extra.iter().filter_map(|(name, value)| {
+            Some((*name, std::str::from_utf8(value.as_deref()?).ok()?))
+        });
+        let own = self
+            .headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_str()));
+        own.chain(extra).collect()
+    }
+}
+
 /// A reply for Envoy to send: status, headers and body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalReply {

@@ -65,15 +65,7 @@ pub fn set_record_field(name: &str, value: &[u8]) -> Result<(), Status> {
 
 /// Answers the request locally (`extra`: headers whose names come from the configuration).
 pub fn send_reply(reply: &LocalReply, extra: &[(&str, Option<Vec<u8>>)]) -> Result<(), Status> {
-    let headers: Vec<(&str, &str)> = reply
-        .headers
-        .iter()
-        .map(|(name, value)| (*name, value.as_str()))
-        .chain(extra.iter().filter_map(|(name, value)| {
-            Some((*name, std::str::from_utf8(value.as_deref()?).ok()?))
-        }))
-        .collect();
-    hostcalls::send_http_response(reply.status, headers, Some(&reply.body))
+    hostcalls::send_http_response(reply.status, reply.header_pairs(extra), Some(&reply.body))
 }
 
 /// Makes Envoy match the route table again (after the routing header was set).

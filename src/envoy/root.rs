@@ -1,10 +1,7 @@
 //! The root context: validates the plugin configuration once and hands it to each request.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 
-use hashbrown::HashMap;
 use log::{error, info};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
@@ -18,14 +15,11 @@ use crate::pipeline::Host as _;
 pub struct TollgateRoot {
     gateway: Option<Rc<Gateway>>,
     id: u32,
-    /// Refills sent, by gRPC token: the lease they refill.
-    calls: HashMap<u32, String>,
 }
 
 impl TollgateRoot {
     pub fn new(id: u32) -> TollgateRoot {
-        let (gateway, calls) = (None, HashMap::new());
-        TollgateRoot { gateway, id, calls }
+        TollgateRoot { gateway: None, id }
     }
 
     /// A refill ended (`None`: it failed): applies it and resumes the requests that waited.
@@ -41,8 +35,10 @@ impl TollgateRoot {
 
 impl Context for TollgateRoot {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
-        let (Some(gateway), Some(key)) = (self.gateway.clone(), self.calls.remove(&token_id))
-        else {
+        let Some(gateway) = self.gateway.clone() else {
+            return;
+        };
+        let Some(key) = gateway.refill_of(token_id) else {
             return;
         };
         let body = (status_code == 0)
@@ -63,12 +59,9 @@ impl RootContext for TollgateRoot {
                 return false;
             }
         };
-        // Workers configure within the same clock tick: the clock alone gave two workers one
-        // name. std's hasher keys come from WASI `random_get` (Envoy's RNG).
         let now = host::now();
-        let random = RandomState::new().build_hasher().finish() ^ now.as_nanos() as u64;
-        let seed = u64::try_from(now.as_millis()).unwrap_or(0);
-        let gateway = Gateway::new(config, seed, format!("{:08x}", random as u32));
+        let now_ms = u64::try_from(now.as_millis()).unwrap_or(0);
+        let gateway = Gateway::for_worker(config, now_ms, now.as_nanos() as u64);
         let (keys, created) = gateway.prepare(&EnvoyHost::new(&gateway));
         info!(
             "tollgate configured: {} tenants, {keys} shared-data keys ({created} created)",
@@ -98,12 +91,11 @@ impl RootContext for TollgateRoot {
         let now = EnvoyHost::new(&gateway).now_ms();
         for call in gateway.refills_due(now) {
             match host::dispatch_refill(&global.cluster, &call.message, global.timeout_ms) {
-                Ok(token) => drop(self.calls.insert(token, call.key)),
+                Ok(token) => gateway.refill_sent(call.key, token),
                 Err(_) => self.answered(&gateway, &call.key, None),
             }
         }
         for key in gateway.refills_overdue(now) {
-            self.calls.retain(|_, k| *k != key);
             self.answered(&gateway, &key, None);
         }
         if !gateway.refills_pending() {

@@ -145,6 +145,18 @@ impl Gateway {
         }
     }
 
+    /// A worker's gateway, named at random in the ledger: workers configure within the same
+    /// clock tick, so the clock alone gave two of them one name (std's hasher keys come from
+    /// WASI `random_get`, Envoy's RNG, on wasm32).
+    pub fn for_worker(config: Config, now_ms: u64, now_ns: u64) -> Gateway {
+        use std::hash::{BuildHasher, Hasher};
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+            ^ now_ns;
+        Gateway::new(config, now_ms, format!("{:08x}", random as u32))
+    }
+
     /// Prepares the host for traffic: creates every shared-data key the configuration implies
     /// (a key created by two workers at once could lose a reservation; an existing key is never
     /// touched) and defines the counters that must exist at 0 (denials for every tenant label).

@@ -24,6 +24,8 @@ const BACKOFF_MS: u64 = 1_000;
 pub(super) struct Refills {
     flights: HashMap<String, Flight>,
     down_until: HashMap<String, u64>,
+    /// The host's handle of each refill sent (Envoy: the gRPC call's token).
+    tokens: HashMap<u32, String>,
 }
 
 #[derive(Debug)]
@@ -90,6 +92,16 @@ impl Gateway {
             .collect()
     }
 
+    /// The host sent refill `key` as `token`.
+    pub fn refill_sent(&self, key: String, token: u32) {
+        self.refills.borrow_mut().tokens.insert(token, key);
+    }
+
+    /// The refill the host sent as `token` (once).
+    pub fn refill_of(&self, token: u32) -> Option<String> {
+        self.refills.borrow_mut().tokens.remove(&token)
+    }
+
     /// Refills sent longer ago than the call's timeout and a second: their answer is lost, and
     /// the host answers them as failed.
     pub fn refills_overdue(&self, now_ms: u64) -> Vec<String> {
@@ -97,8 +109,8 @@ impl Gateway {
             return Vec::new();
         };
         let deadline = global.timeout_ms.saturating_add(1_000);
-        let refills = self.refills.borrow();
-        refills
+        let mut refills = self.refills.borrow_mut();
+        let overdue: Vec<String> = refills
             .flights
             .iter()
             .filter(|(_, f)| {
@@ -106,7 +118,9 @@ impl Gateway {
                     .is_some_and(|t| now_ms.saturating_sub(t) > deadline)
             })
             .map(|(key, _)| key.clone())
-            .collect()
+            .collect();
+        refills.tokens.retain(|_, key| !overdue.contains(key));
+        overdue
     }
 
     /// Whether any refill is waiting to be sent or answered (the host keeps its timer on).
