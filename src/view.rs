@@ -44,6 +44,22 @@ struct LimitView<'a> {
     reserved: serde_json::Value,
     remaining: serde_json::Value,
     resets_at: String,
+    /// A global limit: this replica's lease (absent for local limits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    global: Option<LeaseView>,
+}
+
+/// A global limit's lease on this replica, this window.
+#[derive(Serialize)]
+struct LeaseView {
+    /// Granted by the service (and the fallback allowance) to this replica.
+    granted: serde_json::Value,
+    /// What this replica has used of it (charged and reserved).
+    used: serde_json::Value,
+    /// The service's remaining as it last said (`null`: it never said).
+    global_remaining: Option<serde_json::Value>,
+    /// Of `granted`, the fallback allowance spent while the service was unreachable.
+    fallback: serde_json::Value,
 }
 
 fn amount(unit: Unit, value: u64) -> serde_json::Value {
@@ -81,6 +97,13 @@ pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) 
                         reserved: amount(limit.unit, b.reserved()),
                         remaining: amount(limit.unit, b.remaining(limit.amount)),
                         resets_at: rfc3339(limit.window.end(now_ms)),
+                        global: b.lease.map(|lease| LeaseView {
+                            granted: amount(limit.unit, lease.granted),
+                            used: amount(limit.unit, b.used.saturating_add(b.reserved())),
+                            global_remaining: (lease.remaining != u64::MAX)
+                                .then(|| amount(limit.unit, lease.remaining)),
+                            fallback: amount(limit.unit, lease.fallback),
+                        }),
                     }
                 })
                 .collect();

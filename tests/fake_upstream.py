@@ -20,7 +20,8 @@ Endpoints (POST, matched by path suffix, query string ignored):
     .../responses          OpenAI Responses          (api "responses")
     .../embeddings         OpenAI Embeddings         (api "embeddings")
     .../messages           Anthropic Messages        (api "messages")
-Control: ``GET /ledger`` (JSON array, arrival order), ``DELETE /ledger`` or
+Control: ``GET /ledger`` (JSON array, arrival order; ``?id=ID``: only that id's entries, without
+dumping a ledger of tens of thousands), ``DELETE /ledger`` or
 ``POST /ledger/reset`` (clear), ``GET /healthz`` ("ok"). Anything else: 404.
 A body that is not a JSON object: 400 in the API's error shape.
 
@@ -130,7 +131,7 @@ Ledger entry (recorded before the body is written, then updated)::
 import argparse, base64, fcntl, gzip, hashlib, json, math, os, random, signal  # noqa: E401
 import socket, string, struct, sys, termios, threading, time, uuid, zlib  # noqa: E401
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 API_SUFFIXES = (("/chat/completions", "chat_completions"), ("/responses", "responses"),
                 ("/embeddings", "embeddings"), ("/messages", "messages"))
@@ -171,9 +172,11 @@ class Ledger:
         with self._lock:
             entry.update(fields)
 
-    def dump(self):
+    def dump(self, entry_id=None):
         with self._lock:
-            return json.dumps(self._entries, ensure_ascii=False)
+            entries = self._entries if entry_id is None else [
+                e for e in self._entries if e.get("id") == entry_id]
+            return json.dumps(entries, ensure_ascii=False)
 
     def clear(self):
         with self._lock:
@@ -619,7 +622,8 @@ class Handler(BaseHTTPRequestHandler):
         if (method, path) == ("GET", "/healthz"):
             self._send_simple(200, b"ok", "text/plain")
         elif (method, path) == ("GET", "/ledger"):
-            self._send_simple(200, self.server.ledger.dump().encode("utf-8"))
+            entry_id = parse_qs(urlsplit(self.path).query).get("id", [None])[0]
+            self._send_simple(200, self.server.ledger.dump(entry_id).encode("utf-8"))
         elif (method, path) in (("DELETE", "/ledger"), ("POST", "/ledger/reset")):
             self.server.ledger.clear()
             self._send_simple(200, {"ok": True})

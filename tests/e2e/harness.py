@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,8 +69,9 @@ class FakeUpstream:
 
     def entry(self, request_id, timeout=5.0):
         deadline = time.time() + timeout
+        query = "/ledger?id=" + urllib.parse.quote(request_id)
         while time.time() < deadline:
-            for e in self.ledger():
+            for e in json.loads(http("GET", self.url + query)[2]):
                 if e["id"] == request_id:
                     return e
             time.sleep(0.05)

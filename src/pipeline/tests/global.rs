@@ -306,3 +306,36 @@ fn a_cluster_name_envoy_would_read_as_a_grpc_service_is_refused() {
         "global_budgets.cluster"
     );
 }
+
+#[test]
+fn the_usage_view_shows_the_lease() {
+    let gw = leased(json!({}));
+    let host = Fake::new();
+    let mut o = open(&gw, &host, &call(100));
+    let answer = || {
+        Some(RateLimitResponse {
+            response_headers_to_add: vec![rls::HeaderValue {
+                key: "X-RateLimit-Remaining".into(),
+                value: "7500".into(),
+            }],
+            ..ok().unwrap()
+        })
+    };
+    serve(&gw, &host, |_| answer());
+    resume(&gw, &host, &mut o, Refilled::Grew);
+    let view: Value =
+        serde_json::from_slice(&crate::view::render(&host, &gw.config, host.now_ms())).unwrap();
+    let limit = &view["tenants"][0]["limits"][0];
+    assert_eq!(view["tenants"][0]["tenant"], "team-a");
+    assert_eq!(limit["global"]["granted"], 2500);
+    assert_eq!(limit["global"]["global_remaining"], 7500);
+    assert_eq!(limit["global"]["fallback"], 0);
+    assert!(limit["global"]["used"].as_u64().unwrap() > 100);
+    // Local limits show no lease.
+    assert!(view["tenants"][1]["limits"][0].get("global").is_some());
+    let local =
+        gateway(json!({"tenant_defaults": {"limits": [{"tokens": 5, "window": "minute"}]}}));
+    let view: Value =
+        serde_json::from_slice(&crate::view::render(&host, &local.config, host.now_ms())).unwrap();
+    assert!(view["tenants"][0]["limits"][0].get("global").is_none());
+}
