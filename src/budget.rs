@@ -320,8 +320,9 @@ pub fn read<S: SharedStore + ?Sized>(
 pub enum Refill {
     /// The service granted `amount` (in the limit's unit); it reported `remaining` if it did.
     Granted { amount: u64, remaining: Option<u64> },
-    /// The service refused `need`: nothing this large is granted again this window.
-    Refused { need: u64 },
+    /// The service refused `need`: nothing this large is granted again this window, nor
+    /// anything above what it says is left (`remaining`, when it says).
+    Refused { need: u64, remaining: Option<u64> },
     /// The service could not be asked: the fallback allowance is granted once per window, if
     /// the limit has one.
     Unavailable,
@@ -350,9 +351,10 @@ pub fn refill<S: SharedStore + ?Sized>(
                 }
                 true
             }
-            Refill::Refused { need } => {
-                lease.refused_at = lease.refused_at.min(need);
-                lease.remaining = lease.remaining.min(need.saturating_sub(1));
+            Refill::Refused { need, remaining } => {
+                let left = remaining.unwrap_or(u64::MAX).min(need.saturating_sub(1));
+                lease.refused_at = lease.refused_at.min(left.saturating_add(1));
+                lease.remaining = lease.remaining.min(left);
                 false
             }
             Refill::Unavailable => match limit.global.and_then(|g| g.fallback) {

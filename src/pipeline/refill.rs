@@ -155,7 +155,13 @@ impl Gateway {
                 },
                 "granted",
             ),
-            Some(_) => (Refill::Refused { need: flight.asked }, "refused"),
+            Some(a) => (
+                Refill::Refused {
+                    need: flight.asked,
+                    remaining: a.remaining.map(|r| r.saturating_mul(size)),
+                },
+                "refused",
+            ),
             None => (Refill::Unavailable, "unavailable"),
         };
         host.stat(StatUpdate::Add(Stat::GlobalRefills(label, outcome), 1));

@@ -129,3 +129,25 @@ def test_without_the_service_requests_get_503_or_the_fallback_allowance(stack):
         time.sleep(0.3)
     else:
         pytest.fail("the lease was not refilled after the service came back")
+
+
+def test_without_redis_the_service_answers_unavailable_and_requests_get_503(stack):
+    envoy, _, redis = stack
+    redis.stop()
+    try:
+        # team-f's fallback allowance is spent (see above), and its lease has no room for this.
+        rid, status, headers, data = chat(envoy, "team-f", max_tokens=60000)
+        assert status == 503, data
+        assert json.loads(data)["error"]["code"] == "budget_service_unavailable"
+        prom = envoy.prometheus()
+        assert 'tollgate_global_refills{tenant="team-f",reason="unavailable"}' in prom
+    finally:
+        redis.start(redis.port)
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        rid, status, _, _ = chat(envoy, "team-f", max_tokens=60000)
+        if status == 200:
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail("no refill once Redis was back")

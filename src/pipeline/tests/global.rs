@@ -339,3 +339,37 @@ fn the_usage_view_shows_the_lease() {
         serde_json::from_slice(&crate::view::render(&host, &local.config, host.now_ms())).unwrap();
     assert!(view["tenants"][0]["limits"][0].get("global").is_none());
 }
+
+#[test]
+fn a_refusal_that_says_what_is_left_refuses_more_than_that_without_a_call() {
+    let gw = leased(json!({}));
+    let host = Fake::new();
+    let mut o = open(&gw, &host, &call(100));
+    let refused_with = |left: &str| {
+        Some(RateLimitResponse {
+            response_headers_to_add: vec![rls::HeaderValue {
+                key: "X-RateLimit-Remaining".into(),
+                value: left.into(),
+            }],
+            ..over_limit().unwrap()
+        })
+    };
+    let (asked, _) = serve(&gw, &host, |_| refused_with("60"));
+    assert_eq!(asked.len(), 1);
+    resume(&gw, &host, &mut o, Refilled::Refused);
+    // The request needs more than the 60 left: refused at once.
+    assert_eq!(o.trace.status(), 429);
+    assert!(!gw.refills_pending());
+    let t = run(&gw, &host, &call(100), None);
+    assert_eq!(t.status(), 429);
+    assert!(!gw.refills_pending());
+    // A request that fits in what is left asks for it.
+    let small = open(
+        &gw,
+        &host,
+        &Call::chat(json!({"model": "m", "max_tokens": 1})),
+    );
+    assert!(small.trace.waiting);
+    let (asked, _) = serve(&gw, &host, |_| ok());
+    assert!(asked[0].hits_addend <= 60, "{}", asked[0].hits_addend);
+}
