@@ -14,7 +14,7 @@ TRAP_WASM := target/test-trap/wasm32-wasip1/release/tollgate.wasm
 WASM_RUNNER := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/tests/wasi-run.mjs"
 FUZZ_SECONDS ?= 60
 
-.PHONY: soak build test lint rls test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz bench loadtest oci compose-render clean toolchain
+.PHONY: soak build test lint rls limits-examples test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz bench loadtest oci compose-render clean toolchain
 
 toolchain:
 	@rustup target list --installed 2>/dev/null | grep -q $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -68,6 +68,11 @@ rls:
 	bash tests/rls/patch.sh
 	$(CARGO) build --manifest-path tests/rls/Cargo.toml --target-dir target/rls
 	$(CARGO) build --features cli --bin tollgate-limits
+
+# The rate-limit service's limits for examples/global/plugin.json (a unit test fails when stale).
+limits-examples:
+	$(CARGO) run -q --features cli --bin tollgate-limits -- limitador examples/global/plugin.json > examples/global/limitador-limits.yaml
+	$(CARGO) run -q --features cli --bin tollgate-limits -- ratelimit examples/global/plugin.json > examples/global/ratelimit-config.yaml
 
 test-e2e: build envoy $(TRAP_WASM) rls
 	$(PY) -m pytest -q tests/e2e

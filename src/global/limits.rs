@@ -167,6 +167,25 @@ mod tests {
         assert!(order.windows(2).all(|w| w[0] < w[1]));
     }
 
+    /// The shipped examples are what the generator writes (`make limits-examples` rewrites
+    /// them).
+    #[test]
+    fn the_shipped_examples_do_not_drift() {
+        let config =
+            Config::from_json(include_bytes!("../../examples/global/plugin.json")).unwrap();
+        let stale = "examples/global is stale: run `make limits-examples`";
+        assert_eq!(
+            limitador(&config),
+            include_str!("../../examples/global/limitador-limits.yaml"),
+            "{stale}"
+        );
+        assert_eq!(
+            ratelimit(&config).unwrap(),
+            include_str!("../../examples/global/ratelimit-config.yaml"),
+            "{stale}"
+        );
+    }
+
     #[test]
     fn ratelimit_config_nests_policy_limit_scope_window() {
         let text = ratelimit(&config(TWO)).unwrap();
