@@ -73,7 +73,7 @@ pub struct Bucket {
 }
 
 const BUCKET_BYTES: usize = 16 + RING_BYTES;
-const LEASE_BYTES: usize = 32;
+const LEASE_BYTES: usize = 40;
 
 /// What this Envoy took from a global limit's counter in the current window (amounts in the
 /// limit's unit: tokens or picodollars).
@@ -87,6 +87,9 @@ pub struct Lease {
     pub refused_at: u64,
     /// Of `granted`, what the fallback allowance gave while the service was unreachable.
     pub fallback: u64,
+    /// A worker of this Envoy is refilling the lease until then (ms; 0: none is): the others
+    /// wait for it instead of asking too.
+    pub refilling_until: u64,
 }
 
 impl Default for Lease {
@@ -96,6 +99,7 @@ impl Default for Lease {
             remaining: u64::MAX,
             refused_at: u64::MAX,
             fallback: 0,
+            refilling_until: 0,
         }
     }
 }
@@ -120,6 +124,7 @@ impl Bucket {
                     remaining: field(lease_at + 1),
                     refused_at: field(lease_at + 2),
                     fallback: field(lease_at + 3),
+                    refilling_until: field(lease_at + 4),
                 }),
             },
             _ => Bucket::default(),
@@ -137,6 +142,7 @@ impl Bucket {
                 lease.remaining,
                 lease.refused_at,
                 lease.fallback,
+                lease.refilling_until,
             ] {
                 out.extend_from_slice(&field.to_le_bytes());
             }
@@ -326,23 +332,61 @@ pub enum Refill {
     /// The service could not be asked: the fallback allowance is granted once per window, if
     /// the limit has one.
     Unavailable,
+    /// As `Unavailable`, decided without a call (the service failed a moment ago): another
+    /// worker's claim on the refill stays.
+    Fallback,
 }
 
-/// Applies a refill's answer to the lease of `limit` (stored under `key`). Returns whether the
-/// lease grew (a granted refill, or a fallback allowance not yet used this window).
+/// Claims the refill of `limit`'s lease for this worker until `until_ms`: `Ok` with the bucket
+/// when no other worker of this Envoy is refilling it, `Err` with the bucket when one is.
+pub fn claim_refill<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    limit: &Limit,
+    (now_ms, until_ms): (u64, u64),
+    epoch: u64,
+) -> Result<Bucket, Bucket> {
+    let result = update(store, key, |bytes| {
+        let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
+        match bucket.lease.as_mut() {
+            Some(lease) if lease.refilling_until <= now_ms => {
+                lease.refilling_until = until_ms;
+                Ok((bucket.encode(), bucket))
+            }
+            _ => Err(bucket),
+        }
+    });
+    match result {
+        Ok(bucket) => Ok(bucket),
+        Err(UpdateError::Refused(bucket)) => Err(bucket),
+        Err(UpdateError::Contended) => Err(read(store, key, limit, now_ms, epoch)),
+    }
+}
+
+/// Applies a refill's answer to the lease of `limit` (stored under `key`), if the window is
+/// still the one it was asked for (`window_start`): `None` when it turned (the grant belongs
+/// to the old window's counter), else whether the lease grew (a granted refill, or a fallback
+/// allowance not yet used this window). The refill's claim ends either way.
 pub fn refill<S: SharedStore + ?Sized>(
     store: &S,
     key: &str,
     limit: &Limit,
-    answer: Refill,
+    (answer, window_start): (Refill, u64),
     now_ms: u64,
     epoch: u64,
-) -> bool {
+) -> Option<bool> {
     let result = update(store, key, |bytes| {
         let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
+        let current = bucket.window_start == window_start;
         let Some(lease) = bucket.lease.as_mut() else {
             return Err(());
         };
+        if !matches!(answer, Refill::Fallback) {
+            lease.refilling_until = 0;
+        }
+        if !current {
+            return Ok((bucket.encode(), None));
+        }
         let grew = match answer {
             Refill::Granted { amount, remaining } => {
                 lease.granted = lease.granted.saturating_add(amount);
@@ -357,7 +401,7 @@ pub fn refill<S: SharedStore + ?Sized>(
                 lease.remaining = lease.remaining.min(left);
                 false
             }
-            Refill::Unavailable => match limit.global.and_then(|g| g.fallback) {
+            Refill::Unavailable | Refill::Fallback => match limit.global.and_then(|g| g.fallback) {
                 Some(allowance) if lease.fallback == 0 && allowance > 0 => {
                     lease.granted = lease.granted.saturating_add(allowance);
                     lease.fallback = allowance;
@@ -366,9 +410,9 @@ pub fn refill<S: SharedStore + ?Sized>(
                 _ => false,
             },
         };
-        Ok((bucket.encode(), grew))
+        Ok((bucket.encode(), Some(grew)))
     });
-    matches!(result, Ok(true))
+    result.unwrap_or(Some(false))
 }
 
 #[cfg(test)]

@@ -98,6 +98,12 @@ impl RootContext for TollgateRoot {
         for key in gateway.refills_overdue(now) {
             self.answered(&gateway, &key, None);
         }
+        for waiters in gateway.refills_watched(&EnvoyHost::new(&gateway), now) {
+            for id in waiters {
+                super::http::resume(&gateway, id, crate::pipeline::Refilled::Grew);
+            }
+            let _ = host::set_context(self.id);
+        }
         if !gateway.refills_pending() {
             host::tick(false);
         }

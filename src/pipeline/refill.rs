@@ -32,6 +32,10 @@ pub(super) struct Refills {
 struct Flight {
     tenant: String,
     limit: usize,
+    /// The window the refill is for (its grant counts in no other).
+    window_start: u64,
+    /// Another worker of this Envoy is refilling the lease: this one only watches the bucket.
+    foreign: bool,
     /// The amount asked for, in the limit's unit.
     asked: u64,
     message: Vec<u8>,
@@ -81,7 +85,7 @@ impl Gateway {
         refills
             .flights
             .iter_mut()
-            .filter(|(_, f)| f.sent_at.is_none())
+            .filter(|(_, f)| f.sent_at.is_none() && !f.foreign)
             .map(|(key, flight)| {
                 flight.sent_at = Some(now_ms);
                 RefillCall {
@@ -113,6 +117,7 @@ impl Gateway {
         let overdue: Vec<String> = refills
             .flights
             .iter()
+            .filter(|(_, f)| !f.foreign)
             .filter(|(_, f)| {
                 f.sent_at
                     .is_some_and(|t| now_ms.saturating_sub(t) > deadline)
@@ -121,6 +126,32 @@ impl Gateway {
             .collect();
         refills.tokens.retain(|_, key| !overdue.contains(key));
         overdue
+    }
+
+    /// Refills another worker of this Envoy is making that ended (its claim on the lease is
+    /// gone or expired, or the window turned): their waiters are admitted again.
+    pub fn refills_watched<H: Host + ?Sized>(&self, host: &H, now_ms: u64) -> Vec<Vec<u32>> {
+        let mut refills = self.refills.borrow_mut();
+        let ended: Vec<String> = refills
+            .flights
+            .iter()
+            .filter(|(_, f)| f.foreign)
+            .filter(|(key, f)| {
+                let (policy, _) = self.tenant_budget(&f.tenant);
+                let Some(limit) = policy.limits.get(f.limit) else {
+                    return true;
+                };
+                let bucket = budget::read(host, key, limit, now_ms, policy.epoch(now_ms));
+                let claimed = bucket.lease.is_some_and(|l| l.refilling_until > now_ms);
+                !claimed || bucket.window_start != f.window_start
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        ended
+            .iter()
+            .filter_map(|key| refills.flights.remove(key))
+            .map(|flight| flight.waiters)
+            .collect()
     }
 
     /// Whether any refill is waiting to be sent or answered (the host keeps its timer on).
@@ -165,11 +196,19 @@ impl Gateway {
             None => (Refill::Unavailable, "unavailable"),
         };
         host.stat(StatUpdate::Add(Stat::GlobalRefills(label, outcome), 1));
-        let grew = budget::refill(host, key, limit, refill, now_ms, epoch);
-        let refilled = match refill {
-            Refill::Refused { .. } => Refilled::Refused,
-            _ if grew => Refilled::Grew,
-            _ => Refilled::Unavailable,
+        let applied = budget::refill(
+            host,
+            key,
+            limit,
+            (refill, flight.window_start),
+            now_ms,
+            epoch,
+        );
+        let refilled = match (refill, applied) {
+            (Refill::Refused { .. }, Some(_)) => Refilled::Refused,
+            // Granted, or the window turned meanwhile: admitted again (in the new window).
+            (_, Some(true) | None) => Refilled::Grew,
+            (_, Some(false)) => Refilled::Unavailable,
         };
         if matches!(refill, Refill::Unavailable) {
             let mut refills = self.refills.borrow_mut();
@@ -208,7 +247,28 @@ impl Gateway {
         if refills.down_until.get(key).is_some_and(|&t| t > now_ms) {
             return Join::Unavailable;
         }
-        let bucket = budget::read(host, key, l, now_ms, policy.epoch(now_ms));
+        // One refill per lease on this Envoy: a claim in the bucket tells the other workers.
+        let until = now_ms.saturating_add(global.timeout_ms.saturating_add(1_000));
+        let claim = budget::claim_refill(host, key, l, (now_ms, until), policy.epoch(now_ms));
+        let bucket = match claim {
+            Ok(bucket) => bucket,
+            Err(bucket) => {
+                refills.flights.insert(
+                    key.clone(),
+                    Flight {
+                        tenant: tenant.to_string(),
+                        limit,
+                        window_start: bucket.window_start,
+                        foreign: true,
+                        asked: 0,
+                        message: Vec::new(),
+                        sent_at: Some(now_ms),
+                        waiters: vec![ticket],
+                    },
+                );
+                return Join::Waiting;
+            }
+        };
         let lease = bucket.lease.unwrap_or_default();
         // Once the service refused this window, ask for the need alone.
         let remaining = match lease.refused_at {
@@ -231,6 +291,8 @@ impl Gateway {
             Flight {
                 tenant: tenant.to_string(),
                 limit,
+                window_start: bucket.window_start,
+                foreign: false,
                 asked: u64::from(hits).saturating_mul(global::hit_size(l.unit)),
                 message,
                 sent_at: None,
@@ -285,7 +347,9 @@ impl Request {
                 let grew = match (policy.limits.get(limit), keys.buckets.get(limit)) {
                     (Some(l), Some(key)) => {
                         let epoch = policy.epoch(now);
-                        budget::refill(host, key, l, Refill::Unavailable, now, epoch)
+                        let start = l.window.start(now);
+                        let answer = (Refill::Fallback, start);
+                        budget::refill(host, key, l, answer, now, epoch) == Some(true)
                     }
                     _ => false,
                 };

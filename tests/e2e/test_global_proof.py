@@ -36,12 +36,12 @@ RUN_SECONDS = 26
 SHARE = 0.25
 
 
-def config(global_):
+def config(global_, minute=MINUTE_LIMIT, day=DAY_LIMIT):
     return {
         "identity": {"source": "header", "header": "x-tenant"},
         "tenants": {"g": {"strict": True, "default_output_tokens": 64, "limits": [
-            {"name": "tpm", "tokens": MINUTE_LIMIT, "window": "minute", "global": global_},
-            {"name": "tpd", "tokens": DAY_LIMIT, "window": "day", "global": global_}]}},
+            {"name": "tpm", "tokens": minute, "window": "minute", "global": global_},
+            {"name": "tpd", "tokens": day, "window": "day", "global": global_}]}},
         "global_budgets": {"cluster": "ratelimit", "replicas": REPLICAS, "refill_share": SHARE,
                            "timeout_ms": 500},
     }
@@ -179,6 +179,24 @@ def proof(upstream):
             e.stop()
         rls.stop()
         redis.stop()
+    # A budget large against one request: how many requests one refill serves.
+    redis = Redis()
+    big = config(True, minute=2_000_000, day=20_000_000)
+    rls = RateLimitService(big, redis)
+    extra = {"RATELIMIT_ENDPOINTS": f"127.0.0.1:{rls.port}"}
+    larges = [Envoy(big, upstream.port, extra=extra) for _ in range(REPLICAS)]
+    try:
+        wait_for_second(2, 46)
+        large = drive(larges, 8)
+        time.sleep(1.0)
+        large_calls = sum(e.stats("cluster.ratelimit.upstream_rq_total").get(
+            "cluster.ratelimit.upstream_rq_total", 0) for e in larges)
+        large_lines = ledgers([e.access_log for e in larges])
+    finally:
+        for e in larges:
+            e.stop()
+        rls.stop()
+        redis.stop()
     # The baseline: the same load with local budgets only, within one minute.
     locals_ = [Envoy(config(False), upstream.port) for _ in range(REPLICAS)]
     try:
@@ -190,7 +208,8 @@ def proof(upstream):
         for e in locals_:
             e.stop()
     return {"results": results, "lines": lines, "counters": counters, "calls": calls,
-            "base": base, "base_lines": base_lines}
+            "base": base, "base_lines": base_lines, "large": large, "large_calls": large_calls,
+            "large_lines": large_lines}
 
 
 def admitted(lines):
@@ -278,6 +297,13 @@ def test_remote_calls_and_latency(proof):
           f"ms p99 {percentile(base_ok, 99) * 1000:.1f} ms")
     # Refusals are remembered for the window: a storm of 429s makes few calls.
     assert calls < len(proof["results"]) / 20
+    large = admitted(proof["large_lines"])
+    large_ok = [r["latency"] for r in proof["large"] if r["status"] == 200]
+    print(f"  a budget of 2,000,000 tokens a minute: {proof['large_calls']} refill calls for "
+          f"{len(large)} admitted requests ({proof['large_calls'] / max(1, len(large)):.4f} each); "
+          f"latency p50 {percentile(large_ok, 50) * 1000:.1f} ms p99 "
+          f"{percentile(large_ok, 99) * 1000:.1f} ms")
+    assert len(large) > 100 and proof["large_calls"] < len(large) / 10
 
 
 def test_local_budgets_alone_charge_about_three_times_the_limit(proof):

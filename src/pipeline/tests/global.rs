@@ -373,3 +373,74 @@ fn a_refusal_that_says_what_is_left_refuses_more_than_that_without_a_call() {
     let (asked, _) = serve(&gw, &host, |_| ok());
     assert!(asked[0].hits_addend <= 60, "{}", asked[0].hits_addend);
 }
+
+fn two_workers() -> ((Gateway, Fake), (Gateway, Fake)) {
+    let extra = json!({
+        "global_budgets": {"cluster": "rls", "domain": "tg", "replicas": 2, "refill_share": 0.5},
+        "tenant_defaults": {"limits": [
+            {"name": "tpm", "tokens": 10000, "window": "minute", "global": true}]},
+    });
+    let first = Fake::new();
+    let second = Fake::sharing(first.store.clone());
+    let a = Gateway::new(config(extra.clone()), 0, "w1".to_string());
+    let b = Gateway::new(config(extra), 1, "w2".to_string());
+    ((a, first), (b, second))
+}
+
+#[test]
+fn one_refill_per_lease_across_the_workers_of_an_envoy() {
+    let ((gw1, h1), (gw2, h2)) = two_workers();
+    let mut a = open(&gw1, &h1, &call(100));
+    let mut b = open(&gw2, &h2, &call(100));
+    assert!(a.trace.waiting && b.trace.waiting);
+    // Only the first worker asks; the second watches the lease.
+    assert!(gw2.refills_due(h2.now_ms()).is_empty());
+    assert!(gw2.refills_pending());
+    assert!(gw2.refills_watched(&h2, h2.now_ms()).is_empty());
+    let (asked, woken) = serve(&gw1, &h1, |_| ok());
+    assert_eq!(asked.len(), 1);
+    resume(&gw1, &h1, &mut a, woken[0].0);
+    assert!(a.trace.forwarded);
+    // The claim is gone: the second worker's request is admitted from the grown lease.
+    assert_eq!(gw2.refills_watched(&h2, h2.now_ms()), vec![vec![b.ticket]]);
+    assert!(!gw2.refills_pending());
+    resume(&gw2, &h2, &mut b, Refilled::Grew);
+    assert!(b.trace.forwarded);
+}
+
+#[test]
+fn a_claim_left_by_a_dead_worker_expires() {
+    let ((gw1, h1), (gw2, h2)) = two_workers();
+    let _dead = open(&gw1, &h1, &call(100));
+    let _ = gw1.refills_due(h1.now_ms()); // sent, never answered: the VM died
+    let mut b = open(&gw2, &h2, &call(100));
+    assert!(b.trace.waiting);
+    h2.advance(1_000);
+    assert!(gw2.refills_watched(&h2, h2.now_ms()).is_empty());
+    // The claim lasts the call's timeout (250 ms) and a second.
+    h2.advance(300);
+    assert_eq!(gw2.refills_watched(&h2, h2.now_ms()), vec![vec![b.ticket]]);
+    resume(&gw2, &h2, &mut b, Refilled::Grew);
+    assert!(b.trace.waiting, "it asks itself now");
+    let (asked, woken) = serve(&gw2, &h2, |_| ok());
+    assert_eq!(asked.len(), 1);
+    resume(&gw2, &h2, &mut b, woken[0].0);
+    assert!(b.trace.forwarded);
+}
+
+#[test]
+fn a_grant_answered_after_the_window_turned_is_not_counted_in_the_new_window() {
+    let gw = leased(json!({}));
+    let host = Fake::new();
+    let mut o = open(&gw, &host, &call(100));
+    let calls = gw.refills_due(host.now_ms());
+    host.advance(60_000);
+    let bytes = ok().unwrap().encode_to_vec();
+    let (refilled, _) = gw.refill_answered(&host, &calls[0].key, Some(&bytes), host.now_ms());
+    assert_eq!(refilled, Refilled::Grew);
+    // Admitted again in the new window: its lease is empty, so it asks again, for this window.
+    resume(&gw, &host, &mut o, refilled);
+    assert!(o.trace.waiting);
+    let (asked, _) = serve(&gw, &host, |_| ok());
+    assert_eq!(entries(&asked[0])[3].1, "2026-11-28T10:01");
+}
