@@ -337,15 +337,15 @@ pub enum Refill {
     Fallback,
 }
 
-/// Claims the refill of `limit`'s lease for this worker until `until_ms`: `Ok` with the bucket
-/// when no other worker of this Envoy is refilling it, `Err` with the bucket when one is.
+/// Claims the refill of `limit`'s lease for this worker until `until_ms`. Returns whether it
+/// did (no other worker of this Envoy is refilling it) and the bucket as it is now.
 pub fn claim_refill<S: SharedStore + ?Sized>(
     store: &S,
     key: &str,
     limit: &Limit,
     (now_ms, until_ms): (u64, u64),
     epoch: u64,
-) -> Result<Bucket, Bucket> {
+) -> (bool, Bucket) {
     let result = update(store, key, |bytes| {
         let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
         match bucket.lease.as_mut() {
@@ -353,13 +353,12 @@ pub fn claim_refill<S: SharedStore + ?Sized>(
                 lease.refilling_until = until_ms;
                 Ok((bucket.encode(), bucket))
             }
-            _ => Err(bucket),
+            _ => Err(()),
         }
     });
     match result {
-        Ok(bucket) => Ok(bucket),
-        Err(UpdateError::Refused(bucket)) => Err(bucket),
-        Err(UpdateError::Contended) => Err(read(store, key, limit, now_ms, epoch)),
+        Ok(bucket) => (true, bucket),
+        Err(_) => (false, read(store, key, limit, now_ms, epoch)),
     }
 }
 

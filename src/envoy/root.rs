@@ -9,8 +9,7 @@ use proxy_wasm::types::{BufferType, ContextType};
 use super::host::{self, EnvoyHost};
 use super::http::TollgateHttp;
 use crate::config::Config;
-use crate::pipeline::Gateway;
-use crate::pipeline::Host as _;
+use crate::pipeline::{Gateway, Host as _, Refilled};
 
 pub struct TollgateRoot {
     gateway: Option<Rc<Gateway>>,
@@ -26,6 +25,11 @@ impl TollgateRoot {
     fn answered(&self, gateway: &Gateway, key: &str, body: Option<&[u8]>) {
         let host = EnvoyHost::new(gateway);
         let (refilled, waiters) = gateway.refill_answered(&host, key, body, host.now_ms());
+        self.wake(gateway, waiters, refilled);
+    }
+
+    /// Resumes each waiting request in its own context, then comes back to the root's.
+    fn wake(&self, gateway: &Gateway, waiters: Vec<u32>, refilled: Refilled) {
         for id in waiters {
             super::http::resume(gateway, id, refilled);
         }
@@ -35,10 +39,9 @@ impl TollgateRoot {
 
 impl Context for TollgateRoot {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
-        let Some(gateway) = self.gateway.clone() else {
-            return;
-        };
-        let Some(key) = gateway.refill_of(token_id) else {
+        let Some((gateway, key)) =
+            (self.gateway.clone()).and_then(|g| Some((g.clone(), g.refill_of(token_id)?)))
+        else {
             return;
         };
         let body = (status_code == 0)
@@ -99,10 +102,7 @@ impl RootContext for TollgateRoot {
             self.answered(&gateway, &key, None);
         }
         for waiters in gateway.refills_watched(&EnvoyHost::new(&gateway), now) {
-            for id in waiters {
-                super::http::resume(&gateway, id, crate::pipeline::Refilled::Grew);
-            }
-            let _ = host::set_context(self.id);
+            self.wake(&gateway, waiters, Refilled::Grew);
         }
         if !gateway.refills_pending() {
             host::tick(false);

@@ -251,8 +251,8 @@ impl Gateway {
         let until = now_ms.saturating_add(global.timeout_ms.saturating_add(1_000));
         let claim = budget::claim_refill(host, key, l, (now_ms, until), policy.epoch(now_ms));
         let bucket = match claim {
-            Ok(bucket) => bucket,
-            Err(bucket) => {
+            (true, bucket) => bucket,
+            (false, bucket) => {
                 refills.flights.insert(
                     key.clone(),
                     Flight {
