@@ -1,8 +1,10 @@
-//! Refills of global leases. A request whose lease is short joins the refill of that (tenant,
-//! limit) on this worker, or starts one; the host sends it (`Gateway::refills_due`, from the
-//! worker's root context, so the answer always finds its way back) and hands the answer to
-//! `Gateway::refill_answered`, which applies it to the lease and names the requests to resume.
-//! A resumed request is admitted again from its body ([`Request::resume`]).
+//! Refills of global leases, one per (tenant, limit) per Envoy. A request whose lease is short
+//! joins the refill this worker is making, or claims the lease and starts one, or, when another
+//! worker holds the claim, watches the lease until that refill ends (`Gateway::refills_watched`).
+//! The host sends a refill (`Gateway::refills_due`, from the worker's root context, so the
+//! answer always finds its way back) and hands the answer to `Gateway::refill_answered`, which
+//! applies it to the lease and names the requests to resume. A resumed request is admitted again
+//! from its body ([`Request::resume`]).
 
 use hashbrown::HashMap;
 
