@@ -5,6 +5,7 @@
 use super::hostcalls;
 use proxy_wasm::types::{BufferType, Bytes, MapType, Status};
 
+use crate::global::GlobalBudgets;
 use crate::metrics::{Labels, Stat, StatUpdate};
 use crate::pipeline::{Gateway, Headers, Host};
 use crate::reply::LocalReply;
@@ -75,9 +76,9 @@ pub fn clear_route_cache() -> Result<(), Status> {
 
 /// Sends a refill to the rate-limit service's cluster (from the root context: its answer comes
 /// back there). `Err` when Envoy cannot send it (no such cluster).
-pub fn dispatch_refill(cluster: &str, message: &[u8], timeout_ms: u64) -> Result<u32, Status> {
-    let timeout = std::time::Duration::from_millis(timeout_ms.max(1));
-    let (service, method) = (crate::global::rls::SERVICE, crate::global::rls::METHOD);
+pub fn dispatch_refill(global: &GlobalBudgets, message: &[u8]) -> Result<u32, Status> {
+    let timeout = std::time::Duration::from_millis(global.timeout_ms.max(1));
+    let ((service, method), cluster) = (global.protocol().method(), &global.cluster);
     hostcalls::dispatch_grpc_call(cluster, service, method, vec![], Some(message), timeout)
 }
 

@@ -93,7 +93,7 @@ impl RootContext for TollgateRoot {
         };
         let now = EnvoyHost::new(&gateway).now_ms();
         for call in gateway.refills_due(now) {
-            match host::dispatch_refill(&global.cluster, &call.message, global.timeout_ms) {
+            match host::dispatch_refill(global, &call.message) {
                 Ok(token) => gateway.refill_sent(call.key, token),
                 Err(_) => self.answered(&gateway, &call.key, None),
             }

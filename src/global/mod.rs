@@ -1,7 +1,8 @@
 //! Global budgets: limits whose allowance is leased, in chunks, from a rate-limit service that
 //! every Envoy replica shares (Envoy's RLS v3, served by Limitador or envoyproxy/ratelimit over
 //! Redis). The lease itself lives in the limit's bucket ([`crate::budget::Lease`]); this module
-//! has the service's settings, the refill's size and its messages ([`rls`]).
+//! has the service's settings, the refill's size, and the protocol a refill speaks
+//! ([`LeaseProtocol`]; today [`rls`]).
 
 pub mod limits;
 pub mod rls;
@@ -22,6 +23,40 @@ pub struct GlobalBudgets {
     /// A refill takes at most this share (thousandths) of what the service has left, split
     /// over the replicas (never less than the request needs).
     pub share_permille: u64,
+}
+
+impl GlobalBudgets {
+    /// The protocol refills speak (Envoy's RLS v3: the one both engines serve).
+    pub fn protocol(&self) -> &'static dyn LeaseProtocol {
+        &rls::Rls
+    }
+}
+
+/// How a refill asks a global counter service for hits and reads its answer. Refills go
+/// through it alone, so another protocol (Limitador's atomic Reserve/Commit, say) is one more
+/// implementation and a `global_budgets` setting to choose it.
+pub trait LeaseProtocol {
+    /// The gRPC service and method a refill calls.
+    fn method(&self) -> (&'static str, &'static str);
+    /// The message asking for `hits` on the counter named by `entries` in `domain`.
+    fn ask(&self, domain: &str, entries: &[(&str, String)], hits: u32) -> Vec<u8>;
+    /// What the service answered; `None` when the bytes grant nothing (the limit is then
+    /// decided without the service).
+    fn answer(&self, bytes: &[u8]) -> Option<Answer>;
+}
+
+/// What a refill's answer says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    /// `OK`: the hits were added. `OVER_LIMIT` or `UNKNOWN`: they were not.
+    pub granted: bool,
+    /// The counter's remaining hits after the call, if the service said: the descriptor's
+    /// status when it names a limit (envoyproxy/ratelimit), else `x-ratelimit-remaining`
+    /// (Limitador with `--rate-limit-headers DRAFT_VERSION_03`).
+    pub remaining: Option<u64>,
+    /// Time until the counter resets, in ms, if the service said (the status's
+    /// `duration_until_reset`, else `x-ratelimit-reset` seconds).
+    pub reset_ms: Option<u64>,
 }
 
 impl Default for GlobalBudgets {

@@ -2,10 +2,31 @@
 //!
 //! The messages are declared here with `prost`, field for field from Envoy's
 //! `envoy/service/ratelimit/v3/rls.proto` and `envoy/extensions/common/ratelimit/v3/ratelimit.proto`
-//! (the trimmed copy in `proto/` is the reference), keeping only the fields Tollgate writes or
+//! keeping only the fields Tollgate writes or
 //! reads: prost skips the others when decoding. Enums are their `int32` wire values.
+//! `proto/` keeps Envoy's files, copied unchanged; a test checks every field declared here
+//! against them.
 
 use prost::Message;
+
+use super::{Answer, LeaseProtocol};
+
+/// Envoy's RLS v3, as Limitador and envoyproxy/ratelimit serve it.
+pub struct Rls;
+
+impl LeaseProtocol for Rls {
+    fn method(&self) -> (&'static str, &'static str) {
+        (SERVICE, METHOD)
+    }
+
+    fn ask(&self, domain: &str, entries: &[(&str, String)], hits: u32) -> Vec<u8> {
+        encode_request(domain, entries, hits)
+    }
+
+    fn answer(&self, bytes: &[u8]) -> Option<Answer> {
+        decode_response(bytes)
+    }
+}
 
 /// The gRPC service and method, as `dispatch_grpc_call` names them.
 pub const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
@@ -115,20 +136,6 @@ pub fn encode_request(domain: &str, entries: &[(&str, String)], hits: u32) -> Ve
     .encode_to_vec()
 }
 
-/// What a refill's answer says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Answer {
-    /// `OK`: the hits were added. `OVER_LIMIT` or `UNKNOWN`: they were not.
-    pub granted: bool,
-    /// The counter's remaining hits after the call, if the service said: the descriptor's
-    /// status when it names a limit (envoyproxy/ratelimit), else `x-ratelimit-remaining`
-    /// (Limitador with `--rate-limit-headers DRAFT_VERSION_03`).
-    pub remaining: Option<u64>,
-    /// Time until the counter resets, in ms, if the service said (the status's
-    /// `duration_until_reset`, else `x-ratelimit-reset` seconds).
-    pub reset_ms: Option<u64>,
-}
-
 /// Reads a `RateLimitResponse`; `None` when the bytes are not one, or the code is UNKNOWN
 /// (what Limitador answers to an empty domain): neither grants anything.
 pub fn decode_response(bytes: &[u8]) -> Option<Answer> {
@@ -172,6 +179,45 @@ pub fn decode_response(bytes: &[u8]) -> Option<Answer> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every field declared above, as Envoy's files in `proto/` declare it (type, name, tag).
+    #[test]
+    fn the_messages_match_envoys_protos() {
+        let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        let rls = squash(include_str!(
+            "../../proto/envoy/service/ratelimit/v3/rls.proto"
+        ));
+        let descriptor = squash(include_str!(
+            "../../proto/envoy/extensions/common/ratelimit/v3/ratelimit.proto"
+        ));
+        for declared in [
+            "string domain = 1;",
+            "repeated envoy.extensions.common.ratelimit.v3.RateLimitDescriptor descriptors = 2;",
+            "uint32 hits_addend = 3",
+            "Code overall_code = 1;",
+            "repeated DescriptorStatus statuses = 2;",
+            "repeated config.core.v3.HeaderValue response_headers_to_add = 3;",
+            "Code code = 1;",
+            "RateLimit current_limit = 2;",
+            "uint32 limit_remaining = 3;",
+            "google.protobuf.Duration duration_until_reset = 4;",
+            "uint32 requests_per_unit = 1;",
+            "Unit unit = 2;",
+            "string name = 3;",
+            "OK = 1;",
+            "OVER_LIMIT = 2;",
+        ] {
+            assert!(rls.contains(declared), "rls.proto: {declared}");
+        }
+        for declared in [
+            "repeated Entry entries = 1",
+            "string key = 1",
+            "string value = 2",
+        ] {
+            assert!(descriptor.contains(declared), "ratelimit.proto: {declared}");
+        }
+        assert_eq!((OK, OVER_LIMIT), (1, 2));
+    }
 
     #[test]
     fn a_refill_request_on_the_wire() {

@@ -12,7 +12,7 @@ use super::{Effects, Gateway, Headers, Host, Request, State};
 use crate::admission::{TenantKeys, TenantPolicy};
 use crate::api::ApiKind;
 use crate::budget::{self, Refill};
-use crate::global::{self, rls};
+use crate::global;
 use crate::metrics::{LabelId, Stat, StatUpdate};
 use crate::reply::Refusal;
 
@@ -180,7 +180,9 @@ impl Gateway {
         let label = self.config.labels.tenant_id(&flight.tenant);
         let epoch = policy.epoch(now_ms);
         let size = global::hit_size(limit.unit);
-        let (refill, outcome) = match answer.and_then(rls::decode_response) {
+        let service = self.config.global.as_ref().map(|g| g.protocol());
+        let decoded = answer.zip(service).and_then(|(bytes, s)| s.answer(bytes));
+        let (refill, outcome) = match decoded {
             Some(a) if a.granted => (
                 Refill::Granted {
                     amount: flight.asked,
@@ -287,7 +289,7 @@ impl Gateway {
             &keys.scope,
             &l.window.id(now_ms),
         );
-        let message = rls::encode_request(&global.domain, &entries, hits);
+        let message = global.protocol().ask(&global.domain, &entries, hits);
         refills.flights.insert(
             key.clone(),
             Flight {
