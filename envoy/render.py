@@ -7,7 +7,7 @@ PLUGIN_CONFIG_FILE (a JSON file) becomes PLUGIN_CONFIG, the plugin configuration
 every field without a value takes the default below. Unknown ${NAME}s are an error.
 The *_ENDPOINTS fields take "IP:PORT,IP:PORT…" (STATIC clusters: IP addresses; a bare PORT means
 127.0.0.1) and become a YAML flow list of lb_endpoints; left empty, they are one endpoint at
-127.0.0.1:UPSTREAM_PORT.
+127.0.0.1:UPSTREAM_PORT. RATELIMIT_ENDPOINTS's cluster is STRICT_DNS: HOST:PORT works there too.
 
     python3 envoy/render.py envoy/tollgate.yaml OPENAI_ENDPOINTS=127.0.0.1:18001,127.0.0.1:18002
 """
@@ -43,7 +43,8 @@ DEFAULTS = {
     "OPENAI_BACKUP_ENDPOINTS": "",
     "ANTHROPIC_ENDPOINTS": "",
     "SELFHOSTED_ENDPOINTS": "",
-    # The rate-limit service global budgets are leased from (Limitador's gRPC port by default).
+    # The rate-limit service global budgets are leased from (Limitador's gRPC port by default;
+    # a STRICT_DNS cluster, so a name like limitador:8081 works too).
     "RATELIMIT_ENDPOINTS": "127.0.0.1:8081",
     # tollgate-providers.yaml: SDS files with the provider API keys, and the Azure OpenAI resource.
     "SECRETS_DIR": os.path.join(HERE, "secrets"),
