@@ -265,18 +265,29 @@ class Redis:
 
 
 class RateLimitService:
-    """The test rate limit service (tests/rls: limitador 0.14 over Redis) serving the limits
-    `tollgate-limits limitador` writes for `plugin_config`."""
+    """The test rate limit service (tests/rls) over Redis, serving the limits `tollgate-limits`
+    writes for `plugin_config`: `engine="limitador"` answers as limitador-server (limitador 0.14,
+    `tollgate-limits limitador`), `engine="ratelimit"` as envoyproxy/ratelimit's Redis cache
+    (`tollgate-limits ratelimit`). `headers`: the engine's rate-limit headers (default: on for
+    Limitador, DRAFT_VERSION_03; off for ratelimit, as its LIMIT_RESPONSE_HEADERS_ENABLED).
+    Every answered call is observed in `grants_log` (see `grants()`); neither real server has it
+    and it changes no answer."""
 
-    def __init__(self, plugin_config, redis, headers=True):
+    def __init__(self, plugin_config, redis, headers=None, engine="limitador"):
+        if engine not in ("limitador", "ratelimit"):
+            raise ValueError(f"unknown engine {engine}")
         self.dir = tempfile.mkdtemp(prefix="tollgate-rls-")
         config_path = os.path.join(self.dir, "plugin.json")
         with open(config_path, "w") as f:
             json.dump(plugin_config, f)
-        self.limits = os.path.join(self.dir, "limits.yaml")
+        name = "limits.yaml" if engine == "limitador" else "ratelimit-config.yaml"
+        self.limits = os.path.join(self.dir, name)
         with open(self.limits, "w") as f:
-            f.write(subprocess.check_output([LIMITS, "limitador", config_path], text=True))
-        self.redis, self.headers = redis, headers
+            f.write(subprocess.check_output([LIMITS, engine, config_path], text=True))
+        self.grants_log = os.path.join(self.dir, "grants.log")
+        self.engine = engine
+        self.redis = redis
+        self.headers = (engine == "limitador") if headers is None else headers
         self.port = None
         self.start()
 
@@ -284,11 +295,18 @@ class RateLimitService:
         port_file = os.path.join(self.dir, "port")
         if os.path.exists(port_file):
             os.unlink(port_file)
-        args = [RLS, "--limits", self.limits, "--redis", self.redis.url, "--port-file", port_file]
+        args = [RLS, "--engine", self.engine, "--redis", self.redis.url, "--port-file", port_file,
+                "--grants-log", self.grants_log]
+        if self.engine == "limitador":
+            args += ["--limits", self.limits]
+            if self.headers:
+                args += ["--rate-limit-headers", "DRAFT_VERSION_03"]
+        else:
+            args += ["--config", self.limits]
+            if self.headers:
+                args += ["--response-headers"]
         if self.port is not None:
             args += ["--port", str(self.port)]
-        if self.headers:
-            args += ["--rate-limit-headers", "DRAFT_VERSION_03"]
         self.log = open(os.path.join(self.dir, "rls.log"), "a")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 30
@@ -305,6 +323,22 @@ class RateLimitService:
                 raise RuntimeError("the rate limit service exited:\n" + open(self.log.name).read())
             time.sleep(0.05)
         raise RuntimeError("the rate limit service did not start")
+
+    def grants(self):
+        """Every counted descriptor of every answered call, in order: dicts of `code` (`OK` or
+        `OVER_LIMIT`), `hits`, `after` (the counter after the increase; None for Limitador,
+        which does not say) and `key` (ratelimit: its Redis key; Limitador: domain:entries)."""
+        out = []
+        if not os.path.exists(self.grants_log):
+            return out
+        with open(self.grants_log, encoding="utf-8") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    continue
+                code, hits, after, key = line.rstrip("\n").split("\t", 3)
+                out.append({"code": code, "hits": int(hits),
+                            "after": None if after == "-" else int(after), "key": key})
+        return out
 
     def stop(self):
         _stop(self.proc)

@@ -1,21 +1,29 @@
 """Global budgets across three Envoy replicas, the proof: three Envoys (`--concurrency 2` each)
-lease one tenant's minute and day limits from one rate-limit service (tests/rls: Limitador over
+lease one tenant's minute and day limits from one rate-limit service (tests/rls over
 redis-server) while 64 clients send mixed requests (JSON and SSE, clients leaving mid-stream,
 upstream resets, errors, answers without usage) spread over the three listeners, across a
 minute boundary; one Envoy is killed with SIGKILL mid-run and another one started in its place.
+It runs against both engines the test server has: Limitador (limitador-server's answers: a read,
+then an increment when admitted) and envoyproxy/ratelimit (its Redis cache: `INCRBY`, then
+compare, so a refused refill stays counted), the latter in a shorter run.
 
-One run (a module fixture) drives the load; the tests check what it recorded:
-* strict mode: the tokens charged per window, summed over every replica's ledger, within the
-  limit, and within what the service granted;
-* Redis's counters minus the ledgers' sum (capacity stranded in leases) within the stated bound;
+One run per engine (module fixtures) drives the load; the tests check what it recorded:
+* strict mode: the tokens charged per window, summed over every replica's ledger, within what
+  the service granted, and that within the limit (for envoyproxy/ratelimit, whose `INCRBY` is
+  atomic, always; for Limitador up to its racing read-then-increment);
+* what the service granted minus the ledgers' sum (capacity stranded in leases) within the
+  stated bound; with envoyproxy/ratelimit, the refused hits Redis counted too (printed);
 * remote calls per admitted request, and the added latency against local budgets;
 * the same load with local budgets only charges about three times the limit.
+What the service granted is Limitador's Redis counters (it counts admitted hits only), or for
+envoyproxy/ratelimit the test server's grants log (its counters hold granted + refused hits).
 Figures are printed (`pytest -s`) for the README; timing is never asserted.
 """
 import collections
 import json
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -33,6 +41,8 @@ REPLICAS = 3
 WORKERS = 2
 CLIENTS = 64
 RUN_SECONDS = 26
+# The envoyproxy/ratelimit run: shorter, started later in the minute, still across a boundary.
+RATELIMIT_SECONDS = 22
 SHARE = 0.25
 
 
@@ -146,10 +156,12 @@ def minute_of(line):
     return line["time"][:16]
 
 
-@pytest.fixture(scope="module")
-def proof(upstream):
+def run_engine(engine, upstream, start, seconds, kill_at, replace_at):
+    """One proof run against `engine`: three Envoys leasing from the test server over a fresh
+    redis-server, started when the second of the minute is within `start`, driven for `seconds`;
+    the second Envoy is SIGKILLed at `kill_at` and a fourth started at `replace_at`."""
     redis = Redis()
-    rls = RateLimitService(config(True), redis)
+    rls = RateLimitService(config(True), redis, engine=engine)
     extra = {"RATELIMIT_ENDPOINTS": f"127.0.0.1:{rls.port}"}
     envoys = [Envoy(config(True), upstream.port, extra=extra) for _ in range(REPLICAS)]
     logs = [e.access_log for e in envoys]
@@ -166,19 +178,27 @@ def proof(upstream):
         logs.append(envoys[-1].access_log)
 
     try:
-        wait_for_second(38, 44)
-        results = drive(envoys, RUN_SECONDS, [(6, kill), (10, replace)])
+        wait_for_second(*start)
+        results = drive(envoys, seconds, [(kill_at, kill), (replace_at, replace)])
         time.sleep(1.0)  # the last access-log lines (flushed every 50 ms)
         calls = sum(e.stats("cluster.ratelimit.upstream_rq_total").get(
             "cluster.ratelimit.upstream_rq_total", 0) for e in envoys if e.proc.poll() is None)
         calls += stats["killed"].get("cluster.ratelimit.upstream_rq_total", 0)
         lines = ledgers(logs)
         counters = redis.counters()
+        grants = rls.grants()
     finally:
         for e in envoys:
             e.stop()
         rls.stop()
         redis.stop()
+    return {"engine": engine, "results": results, "lines": lines, "counters": counters,
+            "grants": grants, "calls": calls}
+
+
+@pytest.fixture(scope="module")
+def proof(upstream):
+    run = run_engine("limitador", upstream, (38, 44), RUN_SECONDS, 6, 10)
     # A budget large against one request: how many requests one refill serves.
     redis = Redis()
     big = config(True, minute=2_000_000, day=20_000_000)
@@ -207,9 +227,17 @@ def proof(upstream):
     finally:
         for e in locals_:
             e.stop()
-    return {"results": results, "lines": lines, "counters": counters, "calls": calls,
-            "base": base, "base_lines": base_lines, "large": large, "large_calls": large_calls,
-            "large_lines": large_lines}
+    run.update(base=base, base_lines=base_lines, large=large, large_calls=large_calls,
+               large_lines=large_lines)
+    return run
+
+
+@pytest.fixture(scope="module")
+def proof_ratelimit(upstream):
+    """The same proof against envoyproxy/ratelimit's answers: 22 s from the 42nd-52nd second
+    (the Limitador fixture usually ends there, so it seldom waits), one Envoy killed at 5 s and
+    another started at 8 s."""
+    return run_engine("ratelimit", upstream, (42, 52), RATELIMIT_SECONDS, 5, 8)
 
 
 def admitted(lines):
@@ -221,82 +249,149 @@ def percentile(values, p):
     return values[min(len(values) - 1, int(len(values) * p / 100))] if values else 0
 
 
-def test_the_load_was_what_the_proof_needs(proof):
-    modes = collections.Counter(r["mode"] for r in proof["results"])
-    statuses = collections.Counter(r["status"] for r in proof["results"])
-    minutes = {minute_of(l) for l in admitted(proof["lines"])}
+def window_start(window):
+    """The Unix second a window id starts at (`2026-11-28T07:05` or `2026-11-28`, UTC): the
+    start envoyproxy/ratelimit's epoch-aligned MINUTE or DAY gives the same window."""
+    fmt = "%Y-%m-%dT%H:%M" if "T" in window else "%Y-%m-%d"
+    return int(datetime.strptime(window, fmt).replace(tzinfo=timezone.utc).timestamp())
+
+
+RATELIMIT_KEY = re.compile(r"_tollgate\.limit_(?P<limit>.+?)_tollgate\.scope_.*"
+                           r"_tollgate\.window_(?P<window>.+)_(?P<start>\d+)$")
+
+
+def ratelimit_counters(run):
+    """envoyproxy/ratelimit's counters, one per Redis key: {key: {limit, window, own (keyed by
+    the window's own start, not a refill that reached the server after the window turned),
+    granted, refused (hits answered OVER_LIMIT), counted (Redis's value)}}."""
+    out = {}
+    for g in run["grants"]:
+        m = RATELIMIT_KEY.search(g["key"])
+        c = out.setdefault(g["key"], {
+            "limit": m["limit"], "window": m["window"],
+            "own": int(m["start"]) == window_start(m["window"]),
+            "granted": 0, "refused": 0, "counted": run["counters"].get(g["key"], 0)})
+        c["granted" if g["code"] == "OK" else "refused"] += g["hits"]
+    return out
+
+
+def granted(run, limit, window):
+    """What the service granted to (limit, window): Limitador's Redis counters (it counts what
+    it admits only), or envoyproxy/ratelimit's OK answers on the window's own counter."""
+    if run["engine"] == "limitador":
+        return sum(v for k, v in run["counters"].items() if limit in k and window in k)
+    return sum(c["granted"] for c in ratelimit_counters(run).values()
+               if c["limit"] == limit and c["window"] == window and c["own"])
+
+
+def charged_per_window(run):
+    """{(limit, window id): tokens charged}, summed over every replica's ledger."""
+    out = collections.Counter()
+    for line in admitted(run["lines"]):
+        out[("tpm", minute_of(line))] += charged(line)
+        out[("tpd", line["time"][:10])] += charged(line)
+    return out
+
+
+def check_load(run):
+    modes = collections.Counter(r["mode"] for r in run["results"])
+    statuses = collections.Counter(r["status"] for r in run["results"])
+    minutes = {minute_of(l) for l in admitted(run["lines"])}
     sent = {datetime.fromtimestamp(r["started_at"], timezone.utc).strftime("%Y-%m-%dT%H:%M")
-            for r in proof["results"]}
-    print(f"\n  requests {len(proof['results'])}, modes {dict(modes)}, statuses {dict(statuses)}")
-    print(f"  admitted lines {len(admitted(proof['lines']))} over minutes {sorted(minutes)}")
+            for r in run["results"]}
+    print(f"\n  [{run['engine']}] requests {len(run['results'])}, modes {dict(modes)}, "
+          f"statuses {dict(statuses)}")
+    print(f"  admitted lines {len(admitted(run['lines']))} over minutes {sorted(minutes)}")
     assert len(sent) == 2, sent  # the run crossed a minute boundary
     assert statuses[429] > 0 and statuses[200] > 0
     assert modes["abort"] > 20 and modes["reset"] > 10
 
 
-def test_strict_charges_per_window_stay_within_the_limit_across_replicas(proof):
-    lines = admitted(proof["lines"])
-    per_minute = collections.Counter()
-    for line in lines:
-        per_minute[minute_of(line)] += charged(line)
-    day = sum(per_minute.values())
-    print(f"\n  charged per minute over the replicas: {dict(per_minute)} (limit {MINUTE_LIMIT}); "
-          f"day {day} (limit {DAY_LIMIT})")
-    # Strict mode charges at most what the service granted; the service grants at most the
-    # limit if it counts atomically. Limitador's ShouldRateLimit reads, then increments: refills
-    # racing from several workers can pass together, so the limit holds up to that overshoot.
-    granted = {m: sum(v for k, v in proof["counters"].items() if "tpm" in k and m in k)
-               for m in per_minute}
-    granted_day = sum(v for k, v in proof["counters"].items() if "tpd" in k)
-    for minute, spent in per_minute.items():
-        assert spent <= max(MINUTE_LIMIT, granted[minute]), (minute, spent, granted[minute])
-    assert day <= max(DAY_LIMIT, granted_day)
-    print(f"  the service granted per minute {granted} and {granted_day} for the day: over the "
-          f"limit by {max(0, max(granted.values()) - MINUTE_LIMIT)} (minute) and "
-          f"{max(0, granted_day - DAY_LIMIT)} (day); charged over the limit: "
-          f"{max(0, max(per_minute.values()) - MINUTE_LIMIT)} and {max(0, day - DAY_LIMIT)}")
+def check_charges(run):
+    spent = charged_per_window(run)
+    per_minute = {w: v for (limit, w), v in spent.items() if limit == "tpm"}
+    per_day = {w: v for (limit, w), v in spent.items() if limit == "tpd"}
+    print(f"\n  [{run['engine']}] charged per minute over the replicas: {per_minute} "
+          f"(limit {MINUTE_LIMIT}); day {per_day} (limit {DAY_LIMIT})")
+    grants = {(limit, w): granted(run, limit, w) for (limit, w) in spent}
+    limits = {"tpm": MINUTE_LIMIT, "tpd": DAY_LIMIT}
+    # Strict mode charges at most what the service granted.
+    for key, value in spent.items():
+        assert value <= grants[key], (key, value, grants[key])
+    if run["engine"] == "limitador":
+        # Limitador's ShouldRateLimit reads, then increments: refills racing from several
+        # replicas can pass together, so the limit holds up to that overshoot.
+        for key, value in spent.items():
+            assert value <= max(limits[key[0]], grants[key]), (key, value, grants[key])
+    else:
+        # envoyproxy/ratelimit's INCRBY then compare is atomic: every counter grants at most
+        # the limit, so the charges stay within the limit too.
+        for key, c in ratelimit_counters(run).items():
+            assert c["granted"] <= limits[c["limit"]], (key, c)
+            # Every hit it answered was counted (a call cut off mid-flight may count more).
+            assert c["counted"] >= c["granted"] + c["refused"], (key, c)
+        for key, value in spent.items():
+            assert value <= grants[key] <= limits[key[0]], (key, value, grants[key])
+    over = {f"{l} {w}": max(0, g - limits[l]) for (l, w), g in grants.items()}
+    print(f"  the service granted {dict((f'{l} {w}', g) for (l, w), g in grants.items())}: "
+          f"over the limit by {over}; charged over the limit: "
+          f"{dict((f'{l} {w}', max(0, v - limits[l])) for (l, w), v in spent.items())}")
 
 
-def test_redis_holds_what_was_granted_and_leases_strand_within_the_bound(proof):
-    lines = admitted(proof["lines"])
-    per_minute = collections.Counter(minute_of(l) for l in lines for _ in [0])
-    charged_minute = collections.Counter()
-    for line in lines:
-        charged_minute[minute_of(line)] += charged(line)
-    granted_minute = {m: sum(v for k, v in proof["counters"].items() if "tpm" in k and m in k)
-                      for m in charged_minute}
-    granted_day = sum(v for k, v in proof["counters"].items() if "tpd" in k)
-    print(f"\n  redis counters: {proof['counters']}")
-    print(f"  granted per minute {granted_minute}, day {granted_day}")
+def check_stranded(run):
+    spent = charged_per_window(run)
+    print(f"\n  [{run['engine']}] redis counters: {run['counters']}")
     # Per replica (four processes ran): a chunk per worker plus less than one request's
     # estimate (strict: prompt bytes + 64), a chunk being a share of the limit over the
     # replicas, or the estimate.
     estimate = 64 + 400
-    for limit, granted, spent in [(MINUTE_LIMIT, g, charged_minute[m]) for m, g in
-                                  granted_minute.items()] + [
-            (DAY_LIMIT, granted_day, sum(charged_minute.values()))]:
-        stranded = granted - spent
+    limits = {"tpm": MINUTE_LIMIT, "tpd": DAY_LIMIT}
+    for (name, window), value in sorted(spent.items()):
+        limit = limits[name]
+        given = granted(run, name, window)
+        stranded = given - value
         chunk = max(estimate, int(SHARE * limit / REPLICAS))
         bound = (REPLICAS + 1) * (WORKERS * chunk + estimate)
-        print(f"  limit {limit}: granted {granted}, charged {spent}, stranded {stranded} "
-              f"(bound {bound})")
-        assert spent <= granted, (spent, granted)
+        print(f"  {name} {window} (limit {limit}): granted {given}, charged {value}, "
+              f"stranded {stranded} (bound {bound})")
+        assert value <= given, (value, given)
         assert 0 <= stranded <= bound
-    assert sum(per_minute.values()) == len(lines)
+    if run["engine"] == "ratelimit":
+        for key, c in sorted(ratelimit_counters(run).items()):
+            late = "" if c["own"] else " (a refill the server counted after its window turned)"
+            print(f"  redis {c['limit']} {c['window']}: counted {c['counted']} = granted "
+                  f"{c['granted']} + refused and counted {c['counted'] - c['granted']} "
+                  f"({c['refused']} hits answered OVER_LIMIT){late}")
+
+
+def check_calls(run):
+    lines = admitted(run["lines"])
+    calls = run["calls"]
+    print(f"\n  [{run['engine']}] refill calls {calls} for {len(lines)} admitted requests: "
+          f"{calls / max(1, len(lines)):.3f} per admitted request")
+    # Refusals are remembered for the window: a storm of 429s makes few calls.
+    assert calls < len(run["results"]) / 20
+
+
+def test_the_load_was_what_the_proof_needs(proof):
+    check_load(proof)
+
+
+def test_strict_charges_per_window_stay_within_the_limit_across_replicas(proof):
+    check_charges(proof)
+
+
+def test_redis_holds_what_was_granted_and_leases_strand_within_the_bound(proof):
+    check_stranded(proof)
 
 
 def test_remote_calls_and_latency(proof):
-    lines = admitted(proof["lines"])
+    check_calls(proof)
     ok = [r["latency"] for r in proof["results"] if r["status"] == 200]
     base_ok = [r["latency"] for r in proof["base"] if r["status"] == 200]
-    calls = proof["calls"]
-    print(f"\n  refill calls {calls} for {len(lines)} admitted requests: "
-          f"{calls / max(1, len(lines)):.3f} per admitted request")
     print(f"  latency of 200s, global p50 {percentile(ok, 50) * 1000:.1f} ms p99 "
           f"{percentile(ok, 99) * 1000:.1f} ms; local p50 {percentile(base_ok, 50) * 1000:.1f} "
           f"ms p99 {percentile(base_ok, 99) * 1000:.1f} ms")
-    # Refusals are remembered for the window: a storm of 429s makes few calls.
-    assert calls < len(proof["results"]) / 20
     large = admitted(proof["large_lines"])
     large_ok = [r["latency"] for r in proof["large"] if r["status"] == 200]
     print(f"  a budget of 2,000,000 tokens a minute: {proof['large_calls']} refill calls for "
@@ -314,3 +409,22 @@ def test_local_budgets_alone_charge_about_three_times_the_limit(proof):
     total = max(per_minute.values())
     print(f"\n  local budgets only: charged {dict(per_minute)} against a limit of {MINUTE_LIMIT}")
     assert total > 2 * MINUTE_LIMIT
+
+
+# envoyproxy/ratelimit (its Redis cache: INCRBY, then compare), the shorter run.
+
+def test_ratelimit_engine_the_load_was_what_the_proof_needs(proof_ratelimit):
+    check_load(proof_ratelimit)
+
+
+def test_ratelimit_engine_charges_within_what_it_granted_and_grants_within_the_limit(
+        proof_ratelimit):
+    check_charges(proof_ratelimit)
+
+
+def test_ratelimit_engine_strands_within_the_bound_and_counts_refused_hits(proof_ratelimit):
+    check_stranded(proof_ratelimit)
+
+
+def test_ratelimit_engine_remote_calls(proof_ratelimit):
+    check_calls(proof_ratelimit)

@@ -1,5 +1,8 @@
-//! A test rate limit service: Envoy's RLS v3 `ShouldRateLimit` answered by Limitador's library
-//! (`limitador` 0.14) over Redis, the way `limitador-server`'s RLS endpoint answers it:
+//! A test rate limit service: Envoy's RLS v3 `ShouldRateLimit`, answered by one of two engines
+//! over Redis.
+//!
+//! `--engine limitador` (the default): Limitador's library (`limitador` 0.14), the way
+//! `limitador-server`'s RLS endpoint answers:
 //!
 //! - the request's `domain` is the Limitador namespace; an empty domain answers `UNKNOWN` and
 //!   touches nothing;
@@ -12,12 +15,29 @@
 //!   DRAFT_VERSION_03` the `X-RateLimit-*` headers of the most restrictive counter, sorted by key;
 //! - any limiter error is gRPC `UNAVAILABLE` "Service unavailable".
 //!
-//! Usage: `tollgate-test-rls --limits FILE --redis URL --port-file FILE [--port N]
-//! [--rate-limit-headers DRAFT_VERSION_03]`. It binds 127.0.0.1 (on a free port without `--port`)
-//! and writes the port to the port file.
+//! `--engine ratelimit --config FILE` (repeatable, one file per domain): envoyproxy/ratelimit
+//! with its Redis fixed-window cache, see `ratelimit.rs` for what it follows; with
+//! `--response-headers` its `RateLimit-*` headers (`LIMIT_RESPONSE_HEADERS_ENABLED`);
+//! `--expiration-jitter-max-seconds N` (default 300) and `--cache-key-prefix P` (default "") are
+//! its settings of the same names.
+//!
+//! Usage: `tollgate-test-rls [--engine limitador] --limits FILE --redis URL --port-file FILE
+//! [--port N] [--rate-limit-headers DRAFT_VERSION_03] [--grants-log FILE]`, or
+//! `tollgate-test-rls --engine ratelimit --config FILE --redis URL --port-file FILE [--port N]
+//! [--response-headers] [--grants-log FILE]`. It binds 127.0.0.1 (on a free port without
+//! `--port`) and writes the port to the port file.
+//!
+//! `--grants-log FILE` is observation only, which neither real server has: every answered call
+//! appends one line per counted descriptor, `code<TAB>hits<TAB>counter after (or -)<TAB>key`
+//! (`OK` or `OVER_LIMIT`; for Limitador the key is the domain and the entries, for ratelimit its
+//! Redis cache key), written before the answer is sent, so a test can tell what the service
+//! granted from what it counted. It changes no answer.
+
+mod ratelimit;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
@@ -30,18 +50,40 @@ use limitador::limit::{Context, Limit};
 use limitador::storage::redis::AsyncRedisStorage;
 use tonic::{Request, Response, Status};
 
-struct Service {
-    limiter: Arc<AsyncRateLimiter>,
-    headers: bool,
+enum Engine {
+    Limitador {
+        limiter: Arc<AsyncRateLimiter>,
+        headers: bool,
+    },
+    Ratelimit(Box<ratelimit::Engine>),
 }
 
-#[tonic::async_trait]
-impl RateLimitService for Service {
-    async fn should_rate_limit(
+struct Service {
+    engine: Engine,
+    /// `--grants-log`: observation only.
+    grants: Option<Mutex<std::fs::File>>,
+}
+
+impl Service {
+    fn observe(&self, lines: &[(bool, u64, Option<u64>, String)]) {
+        let Some(file) = &self.grants else { return };
+        let mut text = String::new();
+        for (over, hits, after, key) in lines {
+            let code = if *over { "OVER_LIMIT" } else { "OK" };
+            let after = after.map_or("-".to_string(), |a| a.to_string());
+            text += &format!("{code}\t{hits}\t{after}\t{key}\n");
+        }
+        if let Ok(mut f) = file.lock() {
+            let _ = f.write_all(text.as_bytes());
+        }
+    }
+
+    async fn limitador(
         &self,
-        request: Request<RateLimitRequest>,
+        limiter: &AsyncRateLimiter,
+        headers: bool,
+        req: RateLimitRequest,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        let req = request.into_inner();
         if req.domain.is_empty() {
             return Ok(Response::new(RateLimitResponse {
                 overall_code: Code::Unknown.into(),
@@ -58,20 +100,45 @@ impl RateLimitService for Service {
                     .collect()
             })
             .collect();
-        let hits_addend = if req.hits_addend == 0 { 1 } else { req.hits_addend } as u64;
+        let hits_addend = if req.hits_addend == 0 {
+            1
+        } else {
+            req.hits_addend
+        } as u64;
         let mut ctx = Context::default();
         ctx.list_binding("descriptors".to_string(), values);
+        let observed_key = self.grants.is_some().then(|| {
+            let descriptors: Vec<String> = req
+                .descriptors
+                .iter()
+                .map(|d| {
+                    let entries: Vec<String> = d
+                        .entries
+                        .iter()
+                        .map(|e| format!("{}={}", e.key, e.value))
+                        .collect();
+                    entries.join(",")
+                })
+                .collect();
+            format!("{}:{}", req.domain, descriptors.join(";"))
+        });
         let namespace = req.domain.into();
-        let checked = self
-            .limiter
+        let checked = limiter
             .check_rate_limited_and_update(&namespace, &ctx, hits_addend)
             .await;
         let mut result = match checked {
             Ok(result) => result,
             Err(_) => return Err(Status::unavailable("Service unavailable")),
         };
-        let code = if result.limited { Code::OverLimit } else { Code::Ok };
-        let mut headers: Vec<HeaderValue> = match self.headers {
+        if let Some(key) = observed_key {
+            self.observe(&[(result.limited, hits_addend, None, key)]);
+        }
+        let code = if result.limited {
+            Code::OverLimit
+        } else {
+            Code::Ok
+        };
+        let mut headers: Vec<HeaderValue> = match headers {
             true => result
                 .response_header()
                 .into_iter()
@@ -92,39 +159,103 @@ impl RateLimitService for Service {
     }
 }
 
+#[tonic::async_trait]
+impl RateLimitService for Service {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let req = request.into_inner();
+        match &self.engine {
+            Engine::Limitador { limiter, headers } => self.limitador(limiter, *headers, req).await,
+            Engine::Ratelimit(engine) => {
+                let (response, observed) = engine.should_rate_limit(&req).await?;
+                if self.grants.is_some() {
+                    let lines: Vec<_> = observed
+                        .into_iter()
+                        .map(|o| (o.over_limit, o.hits, Some(o.after), o.key))
+                        .collect();
+                    self.observe(&lines);
+                }
+                Ok(Response::new(response))
+            }
+        }
+    }
+}
+
 fn arg(args: &[String], name: &str) -> Option<String> {
     let at = args.iter().position(|a| a == name)?;
     args.get(at + 1).cloned()
 }
 
+fn all_args(args: &[String], name: &str) -> Vec<String> {
+    args.windows(2)
+        .filter(|w| w[0] == name)
+        .map(|w| w[1].clone())
+        .collect()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let limits_path = arg(&args, "--limits").ok_or("--limits FILE is required")?;
     let redis = arg(&args, "--redis").ok_or("--redis URL is required")?;
     let port_file = arg(&args, "--port-file").ok_or("--port-file FILE is required")?;
-    let headers = match arg(&args, "--rate-limit-headers").as_deref() {
-        None | Some("NONE") => false,
-        Some("DRAFT_VERSION_03") => true,
-        Some(other) => return Err(format!("unknown --rate-limit-headers {other}").into()),
+    let engine = match arg(&args, "--engine").as_deref() {
+        None | Some("limitador") => {
+            let limits_path = arg(&args, "--limits").ok_or("--limits FILE is required")?;
+            let headers = match arg(&args, "--rate-limit-headers").as_deref() {
+                None | Some("NONE") => false,
+                Some("DRAFT_VERSION_03") => true,
+                Some(other) => return Err(format!("unknown --rate-limit-headers {other}").into()),
+            };
+            let limits: Vec<Limit> = serde_yaml::from_reader(std::fs::File::open(&limits_path)?)?;
+            let storage = AsyncRedisStorage::new(&redis).await?;
+            let limiter = AsyncRateLimiter::new_with_storage(Box::new(storage));
+            limiter
+                .configure_with(limits)
+                .await
+                .map_err(|e| format!("limits: {e}"))?;
+            Engine::Limitador {
+                limiter: Arc::new(limiter),
+                headers,
+            }
+        }
+        Some("ratelimit") => {
+            let mut files = Vec::new();
+            for path in all_args(&args, "--config") {
+                let text = std::fs::read_to_string(&path)?;
+                files.push((path, text));
+            }
+            if files.is_empty() {
+                return Err("--config FILE is required with --engine ratelimit".into());
+            }
+            let config = ratelimit::Config::load(&files)?;
+            let jitter: i64 =
+                arg(&args, "--expiration-jitter-max-seconds").map_or(Ok(300), |s| s.parse())?;
+            let prefix = arg(&args, "--cache-key-prefix").unwrap_or_default();
+            let headers = args.iter().any(|a| a == "--response-headers");
+            Engine::Ratelimit(Box::new(
+                ratelimit::Engine::new(config, &redis, jitter, prefix, headers).await?,
+            ))
+        }
+        Some(other) => return Err(format!("unknown --engine {other}").into()),
     };
-    let limits: Vec<Limit> = serde_yaml::from_reader(std::fs::File::open(&limits_path)?)?;
-    let storage = AsyncRedisStorage::new(&redis).await?;
-    let limiter = AsyncRateLimiter::new_with_storage(Box::new(storage));
-    limiter
-        .configure_with(limits)
-        .await
-        .map_err(|e| format!("limits: {e}"))?;
+    let grants = match arg(&args, "--grants-log") {
+        Some(path) => Some(Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        )),
+        None => None,
+    };
     let port: u16 = arg(&args, "--port").map_or(Ok(0), |p| p.parse())?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     let port = listener.local_addr()?.port();
     let tmp = format!("{port_file}.tmp");
     std::fs::write(&tmp, port.to_string())?;
     std::fs::rename(&tmp, &port_file)?;
-    let service = Service {
-        limiter: Arc::new(limiter),
-        headers,
-    };
+    let service = Service { engine, grants };
     tonic::transport::Server::builder()
         .add_service(RateLimitServiceServer::new(service))
         .serve_with_incoming_shutdown(
