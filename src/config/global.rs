@@ -12,10 +12,17 @@ pub(super) fn build_global(raw: &RawGlobalBudgets) -> Result<GlobalBudgets, Conf
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     };
-    if !plain(&raw.cluster) {
+    // Istio names its clusters `outbound|PORT|SUBSET|HOST`: `|` is allowed in a cluster name.
+    let cluster_name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 255
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'|'))
+    };
+    if !cluster_name(&raw.cluster) {
         return Err(ConfigError::new(
             "global_budgets.cluster",
-            "an Envoy cluster name: 1-128 characters of [A-Za-z0-9._-]",
+            "an Envoy cluster name: 1-255 characters of [A-Za-z0-9._|-]",
         ));
     }
     // Envoy reads a gRPC call's target as a serialized `GrpcService` when it parses as one

@@ -300,6 +300,9 @@ fn a_cluster_name_envoy_would_read_as_a_grpc_service_is_refused() {
     };
     assert_eq!(with("ratelimit").unwrap(), "ratelimit");
     assert_eq!(with("rls").unwrap(), "rls");
+    // Istio's cluster for a Service port.
+    let istio = "outbound|8081||limitador.tollgate-budgets.svc.cluster.local";
+    assert_eq!(with(istio).unwrap(), istio);
     assert_eq!(with("Hx").unwrap_err().field, "global_budgets.cluster");
     assert_eq!(
         with("rate limit").unwrap_err().field,
