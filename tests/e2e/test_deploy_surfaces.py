@@ -14,6 +14,12 @@
   (routes, retries, timeouts, stats tags). The Wasm filter config that envoyfilter-stop-iteration.yaml
   delivers runs on the real Envoy and answers an LLM request. The config a WasmPlugin becomes
   (Istio's translation, which has no allow_on_headers_stop_iteration) leaves that request hanging.
+  Global budgets (global-budgets.yaml): global_budgets.cluster is the EnvoyFilter's HTTP/2 cluster
+  to Limitador's Service and grpc port, Limitador serves exactly what `tollgate-limits limitador`
+  writes from the plugin configuration, over `redis` storage with the rate-limit headers,
+  global_budgets.replicas is the gateway's maxReplicas, and only the gateway reaches Limitador.
+  On the real Envoy, with that cluster pointed at the test rate-limit service (tests/rls) and
+  redis-server, a request is admitted from a lease and Redis holds the granted counters.
 - Paths, in every shipped config (plain, jwt, providers, compose, Istio): the connection manager
   normalises paths (normalize_path, merge_slashes, UNESCAPE_AND_FORWARD), every route that
   forwards requires a POST to an LLM path, and the last route answers 404 in OpenAI's shape
@@ -34,12 +40,15 @@ import sys
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import uuid
 
 import pytest
 import yaml
 
-from harness import ENVOY, ROOT, WASM, FakeUpstream, free_port, http
+from harness import (ENVOY, LIMITS, RLS, ROOT, WASM, FakeUpstream, RateLimitService, Redis,
+                     free_port, http)
 
 COMPOSE_DIR = os.path.join(ROOT, "examples", "docker-compose")
 ISTIO_DIR = os.path.join(ROOT, "examples", "istio")
@@ -60,6 +69,7 @@ def load_module(name, path):
 compose_render = load_module("compose_render", os.path.join(COMPOSE_DIR, "render.py"))
 envoy_render = load_module("envoy_render_for_surfaces", os.path.join(ROOT, "envoy", "render.py"))
 oci_image = load_module("oci_image", OCI_TOOL)
+render_limits = load_module("istio_render_limits", os.path.join(ISTIO_DIR, "render_limits.py"))
 
 
 def need_wasm():
@@ -482,18 +492,33 @@ def test_oci_image_round_trips_through_a_loopback_registry(oci_layout, tmp_path)
 # Istio
 # ---------------------------------------------------------------------------------------------
 
-def istio_resources():
+GLOBAL_BUDGETS_YAML = "global-budgets.yaml"
+
+
+def istio_resources(only=None, exclude=()):
+    """{kind: [resource]} of the example's manifests (all, the files in `only`, or all but
+    `exclude`)."""
     docs = {}
     for name in sorted(os.listdir(ISTIO_DIR)):
-        if name.endswith(".yaml") and name != "gateway-values.yaml":
-            for doc in load_yaml_all(os.path.join(ISTIO_DIR, name)):
-                docs.setdefault(doc["kind"], []).append(doc)
+        if not name.endswith(".yaml") or name == "gateway-values.yaml" or name in exclude:
+            continue
+        if only is not None and name not in only:
+            continue
+        for doc in load_yaml_all(os.path.join(ISTIO_DIR, name)):
+            docs.setdefault(doc["kind"], []).append(doc)
     return docs
 
 
 def one(docs, kind):
     assert len(docs[kind]) == 1, kind
     return docs[kind][0]
+
+
+def named(docs, kind, name, namespace=None):
+    found = [d for d in docs.get(kind, []) if d["metadata"]["name"] == name
+             and namespace in (None, d["metadata"].get("namespace"))]
+    assert len(found) == 1, f"{kind} {namespace}/{name}: {len(found)} found"
+    return found[0]
 
 
 def envoyfilter_patch(docs, apply_to):
@@ -524,7 +549,9 @@ def test_istio_resources_have_the_expected_kinds_and_selectors():
     docs = istio_resources()
     assert {k: len(v) for k, v in docs.items()} == {
         "WasmPlugin": 1, "EnvoyFilter": 1, "Gateway": 1, "ServiceEntry": 2, "DestinationRule": 2,
-        "VirtualService": 1, "ConfigMap": 1,
+        "VirtualService": 1, "ConfigMap": 2,
+        # global-budgets.yaml: Limitador and Redis.
+        "Namespace": 1, "PersistentVolumeClaim": 1, "Deployment": 2, "Service": 2, "NetworkPolicy": 2,
     }
     plugin = one(docs, "WasmPlugin")
     assert plugin["apiVersion"] == "extensions.istio.io/v1alpha1"
@@ -540,11 +567,18 @@ def test_istio_resources_have_the_expected_kinds_and_selectors():
     assert envoyfilter["apiVersion"] == "networking.istio.io/v1alpha3"
     assert envoyfilter["spec"]["workloadSelector"]["labels"] == selector
     assert one(docs, "Gateway")["spec"]["selector"] == selector
-    namespaces = {d["metadata"]["namespace"] for kind in docs.values() for d in kind}
+    tollgate = istio_resources(exclude=(GLOBAL_BUDGETS_YAML,))
+    namespaces = {d["metadata"]["namespace"] for kind in tollgate.values() for d in kind}
     assert namespaces == {"istio-ingress"}
+    # The rate-limit service lives in a namespace of its own, which the file creates.
+    budgets = istio_resources(only=(GLOBAL_BUDGETS_YAML,))
+    namespace = one(budgets, "Namespace")["metadata"]["name"]
+    assert namespace not in namespaces
+    assert {d["metadata"]["namespace"] for kind, ds in budgets.items() if kind != "Namespace"
+            for d in ds} == {namespace}
     values = load_yaml(os.path.join(ISTIO_DIR, "gateway-values.yaml"))
     annotations = values["podAnnotations"]
-    assert annotations["sidecar.istio.io/bootstrapOverride"] == one(docs, "ConfigMap")["metadata"]["name"]
+    named(docs, "ConfigMap", annotations["sidecar.istio.io/bootstrapOverride"], "istio-ingress")
     proxy_config = yaml.safe_load(annotations["proxy.istio.io/config"])
     assert proxy_config["proxyStatsMatcher"]["inclusionPrefixes"] == ["wasmcustom.tollgate"]
 
@@ -626,7 +660,9 @@ def test_istio_virtual_service_routes_every_tollgate_route():
 
 def test_istio_stats_bootstrap_matches_the_shipped_config():
     docs = istio_resources()
-    bootstrap = json.loads(one(docs, "ConfigMap")["data"]["custom_bootstrap.json"])
+    name = load_yaml(os.path.join(ISTIO_DIR, "gateway-values.yaml"))["podAnnotations"][
+        "sidecar.istio.io/bootstrapOverride"]
+    bootstrap = json.loads(named(docs, "ConfigMap", name)["data"]["custom_bootstrap.json"])
     shipped = rendered_envoy()["stats_config"]
     assert bootstrap == {"stats_config": {
         "stats_tags": shipped["stats_tags"],
@@ -637,9 +673,10 @@ def test_istio_stats_bootstrap_matches_the_shipped_config():
 
 
 class StaticEnvoy:
-    """Envoy on loopback running envoy/tollgate.yaml with the tollgate filter's config replaced."""
+    """Envoy on loopback running envoy/tollgate.yaml with the tollgate filter's config replaced
+    (and `clusters` added)."""
 
-    def __init__(self, tmp_path, upstream_port, wasm_config, plugin_config):
+    def __init__(self, tmp_path, upstream_port, wasm_config, plugin_config, clusters=()):
         self.port, admin_port = free_port(), free_port()
         with open(os.path.join(ROOT, "envoy", "tollgate.yaml"), encoding="utf-8") as f:
             text = envoy_render.render(f.read(), {
@@ -652,14 +689,17 @@ class StaticEnvoy:
         hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         (tollgate,) = [f for f in hcm["http_filters"] if f["name"] == "tollgate"]
         tollgate["typed_config"] = {"@type": WASM_TYPE, "config": wasm_config}
+        config["static_resources"]["clusters"].extend(clusters)
+        self.access_log = tmp_path / "access.log"
         path = tmp_path / "envoy.json"
         path.write_text(json.dumps(config), encoding="utf-8")
         self.log_path = tmp_path / "envoy.log"
         self.log_file = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [ENVOY, "-c", str(path), "--concurrency", "1", "--disable-hot-restart", "--log-level", "warn"],
+            [ENVOY, "-c", str(path), "--concurrency", "1", "--disable-hot-restart", "--log-level", "warn",
+             "--file-flush-interval-msec", "50"],
             stdout=self.log_file, stderr=subprocess.STDOUT)
-        admin = f"http://127.0.0.1:{admin_port}"
+        self.admin = admin = f"http://127.0.0.1:{admin_port}"
         deadline = time.time() + 60
         while True:
             if self.proc.poll() is not None:
@@ -678,11 +718,34 @@ class StaticEnvoy:
             self.log_file.flush()
         return self.log_path.read_text(errors="replace")[-4000:]
 
-    def chat(self, timeout):
+    def chat(self, timeout, headers=None):
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
         return http("POST", f"http://127.0.0.1:{self.port}/v1/chat/completions", body,
-                    {"authorization": f"Bearer {DEMO_KEY}", "content-type": "application/json"},
+                    {"authorization": f"Bearer {DEMO_KEY}", "content-type": "application/json",
+                     **(headers or {})},
                     timeout=timeout)
+
+    def access_line(self, request_id, timeout=5.0):
+        """The access-log line of the request sent with `x-request-id: request_id`."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.access_log.exists():
+                for line in self.access_log.read_text().splitlines():
+                    if line.strip() and json.loads(line).get("request_id") == request_id:
+                        return json.loads(line)
+            time.sleep(0.05)
+        raise AssertionError(f"no access log line for {request_id}")
+
+    def stats(self, prefix):
+        """Admin /stats counters and gauges whose names start with `prefix`."""
+        body = http("GET", self.admin + "/stats?filter=" + urllib.parse.quote("^" + re.escape(prefix)),
+                    timeout=10)[2].decode()
+        out = {}
+        for line in body.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                out[name] = int(value)
+        return out
 
     def stop(self):
         if self.proc.poll() is None:
@@ -713,6 +776,8 @@ def test_istio_envoyfilter_filter_config_answers_llm_requests(tmp_path, provider
     docs = istio_resources()
     plugin_config = one(docs, "WasmPlugin")["spec"]["pluginConfig"]
     # The ECDS config as the Istio agent hands it to Envoy: the OCI code becomes a local file.
+    # Without the rate-limit cluster, team-a's global limits are decided by their `fallback`
+    # allowance; test_istio_global_budgets_lease_from_the_rate_limit_service runs it with one.
     envoy = StaticEnvoy(tmp_path, provider.port, with_local_code(ecds_wasm_config(docs)), plugin_config)
     try:
         status, headers, body = envoy.chat(timeout=20)
@@ -752,6 +817,263 @@ def test_istio_wasmplugin_translation_stalls_llm_requests(tmp_path, provider):
         assert status == 404 and json.loads(data)["error"]["code"] == "not_found"
     finally:
         envoy.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Istio: global budgets (global-budgets.yaml)
+# ---------------------------------------------------------------------------------------------
+
+# limitador-server's options that take a value (the others are flags), and its default RLS port.
+LIMITADOR_VALUE_OPTIONS = {"-b", "--rls-ip", "-p", "--rls-port", "-B", "--http-ip", "-P", "--http-port",
+                           "--tracing-endpoint", "-H", "--rate-limit-headers", "--limit-name-in-labels-file"}
+LIMITADOR_RLS_PORT = 8081
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def global_plugin_config(docs):
+    config = one(docs, "WasmPlugin")["spec"]["pluginConfig"]
+    assert "global_budgets" in config, "the Istio plugin configuration has no global_budgets"
+    return config
+
+
+def rls_cluster(docs):
+    """The EnvoyFilter's cluster that global_budgets.cluster names, and its one host and port."""
+    patch = envoyfilter_patch(docs, "CLUSTER")
+    assert patch["match"]["context"] == "GATEWAY"
+    assert patch["patch"]["operation"] == "ADD"
+    cluster = patch["patch"]["value"]
+    assert cluster["name"] == global_plugin_config(docs)["global_budgets"]["cluster"]
+    assert cluster["load_assignment"]["cluster_name"] == cluster["name"]
+    (group,) = cluster["load_assignment"]["endpoints"]
+    (endpoint,) = group["lb_endpoints"]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    return cluster, address["address"], address["port_value"]
+
+
+def selected_deployment(docs, service):
+    """The one Deployment whose pods `service` selects."""
+    selector = service["spec"]["selector"]
+    found = [d for d in docs["Deployment"] if d["metadata"]["namespace"] == service["metadata"]["namespace"]
+             and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+    assert len(found) == 1, f"Service {service['metadata']['name']} selects {len(found)} Deployments"
+    deployment = found[0]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= \
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    return deployment
+
+
+def backend(docs, host, port):
+    """What a cluster-local name (NAME.NAMESPACE.svc.cluster.local) and port reach: the Service, its
+    port, the Deployment it selects, and the container and container port the port targets."""
+    match = re.fullmatch(r"([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local", host)
+    assert match, f"{host} is not a Service's cluster-local name"
+    service = named(docs, "Service", match.group(1), match.group(2))
+    # Not headless: Istio's own cluster for a headless Service is ORIGINAL_DST, which a gRPC
+    # call from the filter cannot use.
+    assert service["spec"].get("clusterIP") != "None"
+    (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == port]
+    deployment = selected_deployment(docs, service)
+    target = service_port.get("targetPort", port)
+    found = [(c, p) for c in deployment["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])
+             if target in (p.get("name"), p["containerPort"])]
+    assert len(found) == 1, f"{host}:{port} targets {target}: {len(found)} container ports"
+    container, container_port = found[0]
+    return {"service": service, "port": service_port, "deployment": deployment,
+            "container": container, "container_port": container_port}
+
+
+def limitador(docs):
+    """backend() of the rate-limit cluster: Limitador."""
+    _, host, port = rls_cluster(docs)
+    return backend(docs, host, port)
+
+
+def limitador_command(container):
+    """limitador-server's options ({name: value}) and positional arguments."""
+    argv = list(container.get("command", [])) + list(container.get("args", []))
+    assert argv[0] == "limitador-server", argv
+    options, positional, rest = {}, [], argv[1:]
+    while rest:
+        arg = rest.pop(0)
+        if arg.startswith("-"):
+            name, eq, value = arg.partition("=")
+            options[name] = value if eq else (rest.pop(0) if name in LIMITADOR_VALUE_OPTIONS else True)
+        else:
+            positional.append(arg)
+    return options, positional
+
+
+def mounted_configmap(docs, deployment, container, path):
+    """The ConfigMap and the text that `path` reads in `container`."""
+    directory, key = os.path.split(path)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"].rstrip("/") == directory]
+    # A directory mount: a subPath mount would never see the ConfigMap change.
+    assert "subPath" not in mount
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert "items" not in volume["configMap"]
+    configmap = named(docs, "ConfigMap", volume["configMap"]["name"], deployment["metadata"]["namespace"])
+    return configmap, configmap["data"][key]
+
+
+def limits_configmap_text(docs):
+    found = limitador(docs)
+    _, positional = limitador_command(found["container"])
+    return mounted_configmap(docs, found["deployment"], found["container"], positional[0])[1]
+
+
+def need_rls():
+    for path in (RLS, LIMITS):
+        if not os.path.exists(path):
+            pytest.fail(f"{path} is missing: run `make rls` first")
+
+
+def test_istio_global_budgets_cluster_is_limitadors_grpc_port_over_http2():
+    docs = istio_resources()
+    cluster, _, _ = rls_cluster(docs)
+    # gRPC: HTTP/2, stated on the cluster (Envoy's default upstream protocol is HTTP/1.1).
+    options = cluster["typed_extension_protocol_options"][HTTP_PROTOCOL_OPTIONS]
+    assert options["@type"] == "type.googleapis.com/" + HTTP_PROTOCOL_OPTIONS
+    assert "http2_protocol_options" in options["explicit_http_config"]
+    assert cluster["type"] in {"STRICT_DNS", "LOGICAL_DNS"}
+    # Its address is Limitador's Service and its grpc port (a name or appProtocol that makes
+    # Istio's own cluster for the port HTTP/2 as well), which is where Limitador serves RLS.
+    found = limitador(docs)
+    port = found["port"]
+    assert port["name"].split("-")[0] == "grpc" and port.get("appProtocol", "grpc") == "grpc"
+    container = found["container"]
+    options, _ = limitador_command(container)
+    rls_port = int(options.get("--rls-port", options.get("-p", LIMITADOR_RLS_PORT)))
+    assert found["container_port"]["containerPort"] == rls_port
+    image, _, tag = container["image"].rpartition(":")
+    assert image == "quay.io/kuadrant/limitador" and re.fullmatch(r"v\d+\.\d+\.\d+", tag)
+    # The cluster speaks plain text (no transport socket): Limitador's pods get no sidecar, or
+    # a STRICT PeerAuthentication would refuse the connection.
+    assert "transport_socket" not in cluster and "transport_socket_matches" not in cluster
+    assert found["deployment"]["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+    namespace = named(docs, "Namespace", found["service"]["metadata"]["namespace"])
+    assert namespace["metadata"]["labels"]["istio-injection"] == "disabled"
+
+
+def test_istio_limitador_serves_the_generated_limits_from_redis():
+    need_rls()
+    docs = istio_resources()
+    config = global_plugin_config(docs)
+    found = limitador(docs)
+    options, positional = limitador_command(found["container"])
+    # Tollgate sizes its refills from X-RateLimit-Remaining.
+    assert options.get("--rate-limit-headers", options.get("-H")) == "DRAFT_VERSION_03"
+    limits_file, storage, redis_url = positional
+    # `redis`, never `redis_cached` (replicas would grant from stale, locally cached counts).
+    assert storage == "redis"
+    # The limits file is the ConfigMap's, and that is what tollgate-limits writes from the plugin
+    # configuration (render_limits.py rewrites it).
+    configmap, limits = mounted_configmap(docs, found["deployment"], found["container"], limits_file)
+    generated = render_limits.generate(config, LIMITS)
+    assert limits == generated, (
+        "global-budgets.yaml's limits ConfigMap is stale: run python3 examples/istio/render_limits.py")
+    with open(os.path.join(ISTIO_DIR, GLOBAL_BUDGETS_YAML), encoding="utf-8") as f:
+        text = f.read()
+    assert render_limits.render(text, generated) == text
+    assert render_limits.plugin_config() == config
+    # Limitador's namespace is the RLS domain Tollgate sends.
+    domain = config["global_budgets"].get("domain", "tollgate")
+    assert {limit["namespace"] for limit in yaml.safe_load(limits)} == {domain}
+    # The Redis URL is the Redis Service in Limitador's namespace, on the port Redis listens on.
+    url = urllib.parse.urlsplit(redis_url)
+    assert url.scheme == "redis"
+    namespace = configmap["metadata"]["namespace"]
+    fqdn = url.hostname if "." in url.hostname else f"{url.hostname}.{namespace}.svc.cluster.local"
+    redis = backend(docs, fqdn, url.port or 6379)
+    assert redis["service"]["metadata"]["namespace"] == namespace
+    container = redis["container"]
+    assert redis["container_port"]["containerPort"] == 6379 and container["image"].startswith("redis:")
+    # The counters of a day or a month outlive a Redis restart: an append-only file on a volume.
+    args = container.get("command", []) + container.get("args", [])
+    assert args[args.index("--appendonly") + 1] == "yes"
+    (data,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/data"]
+    (volume,) = [v for v in redis["deployment"]["spec"]["template"]["spec"]["volumes"] if v["name"] == data["name"]]
+    named(docs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"], namespace)
+
+
+def test_istio_global_budgets_replicas_are_the_gateways_most_pods():
+    config = global_plugin_config(istio_resources())
+    values = load_yaml(os.path.join(ISTIO_DIR, "gateway-values.yaml"))
+    autoscaling = values.get("autoscaling", {})
+    # The istio/gateway chart autoscales by default, from 1 to 5 pods.
+    most = autoscaling.get("maxReplicas", 5) if autoscaling.get("enabled", True) else values["replicaCount"]
+    assert config["global_budgets"]["replicas"] == most
+
+
+def test_istio_only_the_gateway_reaches_limitador_and_only_limitador_redis():
+    docs = istio_resources()
+    found = limitador(docs)
+    namespace = found["service"]["metadata"]["namespace"]
+    limitador_labels = found["deployment"]["spec"]["template"]["metadata"]["labels"]
+
+    def ingress_of(pod_labels):
+        policies = [p for p in docs["NetworkPolicy"] if p["metadata"]["namespace"] == namespace
+                    and p["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()]
+        assert len(policies) == 1
+        assert policies[0]["spec"]["policyTypes"] == ["Ingress"]
+        (rule,) = policies[0]["spec"]["ingress"]
+        (peer,) = rule["from"]
+        return peer, [p["port"] for p in rule["ports"]]
+
+    peer, ports = ingress_of(limitador_labels)
+    assert peer["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": one(docs, "EnvoyFilter")["metadata"]["namespace"]}
+    assert peer["podSelector"]["matchLabels"] == one(docs, "WasmPlugin")["spec"]["selector"]["matchLabels"]
+    assert ports in ([found["container_port"]["containerPort"]], [found["container_port"]["name"]])
+    _, positional = limitador_command(found["container"])
+    redis_service = named(docs, "Service", urllib.parse.urlsplit(positional[2]).hostname.split(".")[0], namespace)
+    peer, ports = ingress_of(selected_deployment(docs, redis_service)["spec"]["template"]["metadata"]["labels"])
+    assert set(peer) == {"podSelector"}
+    assert peer["podSelector"]["matchLabels"].items() <= limitador_labels.items()
+    assert ports == [6379]
+
+
+def test_istio_global_budgets_lease_from_the_rate_limit_service(tmp_path, provider):
+    """The EnvoyFilter's Wasm config and its rate-limit cluster on the real Envoy, the cluster
+    pointed at the test rate-limit service (Limitador 0.14's Redis check, tests/rls) serving the
+    ConfigMap's limits over redis-server: the demo key's tenant is admitted from a lease."""
+    need_wasm()
+    need_rls()
+    docs = istio_resources()
+    plugin_config = global_plugin_config(docs)
+    cluster = copy.deepcopy(rls_cluster(docs)[0])
+    redis = Redis()
+    rls = envoy = None
+    try:
+        rls = RateLimitService(plugin_config, redis)
+        # It serves what tollgate-limits writes for this configuration: the ConfigMap, exactly.
+        with open(rls.limits, encoding="utf-8") as f:
+            assert f.read() == limits_configmap_text(docs)
+        # Istio's Envoy resolves the Service's name; this one connects to the test service.
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        address["socket_address"].update(address="127.0.0.1", port_value=rls.port)
+        envoy = StaticEnvoy(tmp_path, provider.port, with_local_code(ecds_wasm_config(docs)), plugin_config,
+                            clusters=[cluster])
+        request_id = str(uuid.uuid4())
+        status, _, body = envoy.chat(timeout=20, headers={"x-request-id": request_id})
+        assert status == 200, body
+        line = envoy.access_line(request_id)
+        assert line["tenant"] == "team-a" and line["global"] == "lease", line
+        # The service granted team-a's leases: its counters in Redis hold them.
+        counters = redis.counters()
+        for limit in ("tpm", "daily-usd"):
+            assert sum(v for k, v in counters.items() if "team-a" in k and limit in k) > 0, (limit, counters)
+        # Through the EnvoyFilter's cluster, over HTTP/2.
+        prefix = f"cluster.{cluster['name']}."
+        stats = envoy.stats(prefix)
+        assert stats.get(prefix + "upstream_rq_total", 0) >= 1, stats
+        assert stats.get(prefix + "upstream_cx_http2_total", 0) >= 1, stats
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        if rls is not None:
+            rls.stop()
+        redis.stop()
+    assert "panicked" not in envoy.log()
 
 
 # ---------------------------------------------------------------------------------------------
