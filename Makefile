@@ -61,6 +61,7 @@ test-wasm: toolchain
 validate: build envoy
 	$(PY) tests/validate_configs.py
 	$(PY) examples/docker-compose/render.py --check
+	$(PY) examples/global/render.py --check
 
 # The test rate-limit service (tests/rls: limitador 0.14 over Redis) for the global-budget tests.
 RLS := target/rls/debug/tollgate-test-rls
@@ -144,6 +145,7 @@ oci: build
 # examples/docker-compose/envoy.yaml is generated from envoy/tollgate.yaml + tollgate.json.
 compose-render:
 	python3 examples/docker-compose/render.py
+	python3 examples/global/render.py
 
 clean:
 	$(CARGO) clean
