@@ -87,22 +87,27 @@ def main(argv=None):
     if args.stdout:
         sys.stdout.write(text)
         return
-    if args.check:
+    if args.wasm_path != CONTAINER_WASM or args.access_log != CONTAINER_ACCESS_LOG:
+        sys.exit("--wasm-path/--access-log only with --stdout: envoy.yaml keeps the container paths")
+    check_or_write(text, OUTPUT, args.check, "python3 examples/docker-compose/render.py")
+
+
+def check_or_write(text, output, check, command):
+    """Writes `text` to `output`, or with `check` exits 1 unless `output` already holds it."""
+    name = os.path.relpath(output, ROOT)
+    if check:
         try:
-            with open(OUTPUT, encoding="utf-8") as f:
+            with open(output, encoding="utf-8") as f:
                 current = f.read()
         except FileNotFoundError:
             current = None
         if current != text:
-            sys.exit(f"{os.path.relpath(OUTPUT, ROOT)} is stale: run "
-                     "python3 examples/docker-compose/render.py")
-        print(f"{os.path.relpath(OUTPUT, ROOT)} is up to date")
+            sys.exit(f"{name} is stale: run {command}")
+        print(f"{name} is up to date")
         return
-    if args.wasm_path != CONTAINER_WASM or args.access_log != CONTAINER_ACCESS_LOG:
-        sys.exit("--wasm-path/--access-log only with --stdout: envoy.yaml keeps the container paths")
-    with open(OUTPUT, "w", encoding="utf-8") as f:
+    with open(output, "w", encoding="utf-8") as f:
         f.write(text)
-    print(f"wrote {os.path.relpath(OUTPUT, ROOT)}")
+    print(f"wrote {name}")
 
 
 if __name__ == "__main__":

@@ -67,19 +67,7 @@ def main(argv=None):
     local = (args.wasm_path, args.access_log, args.ratelimit)
     if local != (compose.CONTAINER_WASM, compose.CONTAINER_ACCESS_LOG, RATELIMIT):
         sys.exit("--wasm-path/--access-log/--ratelimit only with --stdout")
-    if args.check:
-        try:
-            with open(OUTPUT, encoding="utf-8") as f:
-                current = f.read()
-        except FileNotFoundError:
-            current = None
-        if current != text:
-            sys.exit(f"{os.path.relpath(OUTPUT, ROOT)} is stale: run python3 examples/global/render.py")
-        print(f"{os.path.relpath(OUTPUT, ROOT)} is up to date")
-        return
-    with open(OUTPUT, "w", encoding="utf-8") as f:
-        f.write(text)
-    print(f"wrote {os.path.relpath(OUTPUT, ROOT)}")
+    compose.check_or_write(text, OUTPUT, args.check, "python3 examples/global/render.py")
 
 
 if __name__ == "__main__":
