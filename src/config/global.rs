@@ -34,6 +34,12 @@ pub(super) fn build_global(raw: &RawGlobalBudgets) -> Result<GlobalBudgets, Conf
              another (a name starting with a lower-case letter, such as \"ratelimit\", is safe)",
         ));
     }
+    let Some(target) = crate::global::rls::grpc_target(&raw.cluster) else {
+        return Err(ConfigError::new(
+            "global_budgets.cluster",
+            "an Istio cluster name (with `|`) and its host are at most 123 bytes together",
+        ));
+    };
     let domain = match &raw.domain {
         None => defaults.domain,
         Some(d) if plain(d) => d.clone(),
@@ -76,6 +82,7 @@ pub(super) fn build_global(raw: &RawGlobalBudgets) -> Result<GlobalBudgets, Conf
     };
     Ok(GlobalBudgets {
         cluster: raw.cluster.clone(),
+        target,
         domain,
         timeout_ms,
         replicas,

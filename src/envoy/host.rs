@@ -78,8 +78,8 @@ pub fn clear_route_cache() -> Result<(), Status> {
 /// back there). `Err` when Envoy cannot send it (no such cluster).
 pub fn dispatch_refill(global: &GlobalBudgets, message: &[u8]) -> Result<u32, Status> {
     let timeout = std::time::Duration::from_millis(global.timeout_ms.max(1));
-    let ((service, method), cluster) = (global.protocol().method(), &global.cluster);
-    hostcalls::dispatch_grpc_call(cluster, service, method, vec![], Some(message), timeout)
+    let ((service, method), target) = (global.protocol().method(), &global.target);
+    hostcalls::dispatch_grpc_call(target, service, method, vec![], Some(message), timeout)
 }
 
 /// The root's timer: every millisecond while refills are pending, else off.

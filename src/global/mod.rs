@@ -14,6 +14,8 @@ use crate::budget::{Limit, Unit};
 pub struct GlobalBudgets {
     /// The Envoy cluster (HTTP/2) serving `envoy.service.ratelimit.v3.RateLimitService`.
     pub cluster: String,
+    /// What a refill's `dispatch_grpc_call` is given to reach it ([`rls::grpc_target`]).
+    pub target: String,
     /// The RLS domain (Limitador's namespace).
     pub domain: String,
     /// How long a refill may take before the request is decided without the service.
@@ -63,6 +65,7 @@ impl Default for GlobalBudgets {
     fn default() -> GlobalBudgets {
         GlobalBudgets {
             cluster: String::new(),
+            target: String::new(),
             domain: "tollgate".to_string(),
             timeout_ms: 250,
             replicas: 2,

@@ -115,6 +115,42 @@ pub struct HeaderValue {
     pub value: String,
 }
 
+/// `envoy.config.core.v3.GrpcService`, its `envoy_grpc` target only.
+#[derive(Clone, PartialEq, Message)]
+pub struct GrpcService {
+    #[prost(message, optional, tag = "1")]
+    pub envoy_grpc: Option<EnvoyGrpc>,
+}
+
+/// `envoy.config.core.v3.GrpcService.EnvoyGrpc`.
+#[derive(Clone, PartialEq, Message)]
+pub struct EnvoyGrpc {
+    #[prost(string, tag = "1")]
+    pub cluster_name: String,
+    #[prost(string, tag = "2")]
+    pub authority: String,
+}
+
+/// What `dispatch_grpc_call` is given to reach `cluster`. Envoy reads the target as a
+/// serialized `GrpcService` when it parses as one, else as a cluster name whose calls carry
+/// the name as `:authority`. An Istio cluster name (`outbound|PORT|SUBSET|HOST`) is no valid
+/// authority (HTTP/2 servers, Limitador's among them, reset the stream), so for a name with a
+/// `|` the target is a `GrpcService` naming the cluster, with HOST as the authority. `None`
+/// when that message is not UTF-8 text, which the SDK's `&str` needs: its length prefixes
+/// stay ASCII only while the name and the host fit in 123 bytes together.
+pub fn grpc_target(cluster: &str) -> Option<String> {
+    let Some((_, host)) = cluster.rsplit_once('|') else {
+        return Some(cluster.to_string());
+    };
+    let service = GrpcService {
+        envoy_grpc: Some(EnvoyGrpc {
+            cluster_name: cluster.to_string(),
+            authority: host.to_string(),
+        }),
+    };
+    String::from_utf8(service.encode_to_vec()).ok()
+}
+
 const OK: i32 = 1;
 const OVER_LIMIT: i32 = 2;
 
@@ -209,6 +245,16 @@ mod tests {
         ] {
             assert!(rls.contains(declared), "rls.proto: {declared}");
         }
+        let grpc = squash(include_str!(
+            "../../proto/envoy/config/core/v3/grpc_service.proto"
+        ));
+        for declared in [
+            "EnvoyGrpc envoy_grpc = 1;",
+            "string cluster_name = 1",
+            "string authority = 2",
+        ] {
+            assert!(grpc.contains(declared), "grpc_service.proto: {declared}");
+        }
         for declared in [
             "repeated Entry entries = 1",
             "string key = 1",
@@ -217,6 +263,26 @@ mod tests {
             assert!(descriptor.contains(declared), "ratelimit.proto: {declared}");
         }
         assert_eq!((OK, OVER_LIMIT), (1, 2));
+    }
+
+    #[test]
+    fn an_istio_cluster_is_reached_with_its_host_as_the_authority() {
+        assert_eq!(grpc_target("ratelimit").as_deref(), Some("ratelimit"));
+        let istio = "outbound|8081||limitador.tollgate-budgets.svc.cluster.local";
+        let target = grpc_target(istio).unwrap();
+        let service = GrpcService::decode(target.as_bytes()).unwrap();
+        let envoy = service.envoy_grpc.unwrap();
+        assert_eq!(envoy.cluster_name, istio);
+        assert_eq!(
+            envoy.authority,
+            "limitador.tollgate-budgets.svc.cluster.local"
+        );
+        // The longest that stays text: 123 bytes of name and host together.
+        let fits = format!("outbound|1||{}", "h".repeat(55));
+        assert_eq!(fits.len() + 55, 122);
+        assert!(grpc_target(&fits).is_some());
+        let long = format!("outbound|1||{}", "h".repeat(70));
+        assert_eq!(grpc_target(&long), None);
     }
 
     #[test]

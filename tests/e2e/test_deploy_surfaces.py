@@ -14,12 +14,14 @@
   (routes, retries, timeouts, stats tags). The Wasm filter config that envoyfilter-stop-iteration.yaml
   delivers runs on the real Envoy and answers an LLM request. The config a WasmPlugin becomes
   (Istio's translation, which has no allow_on_headers_stop_iteration) leaves that request hanging.
-  Global budgets (global-budgets.yaml): global_budgets.cluster is the EnvoyFilter's HTTP/2 cluster
-  to Limitador's Service and grpc port, Limitador serves exactly what `tollgate-limits limitador`
-  writes from the plugin configuration, over `redis` storage with the rate-limit headers,
-  global_budgets.replicas is the gateway's maxReplicas, and only the gateway reaches Limitador.
-  On the real Envoy, with that cluster pointed at the test rate-limit service (tests/rls) and
-  redis-server, a request is admitted from a lease and Redis holds the granted counters.
+  Global budgets (global-budgets.yaml): global_budgets.cluster is Istio's own cluster for
+  Limitador's Service and grpc port (outbound|PORT||HOST, HTTP/2 for appProtocol grpc; no
+  EnvoyFilter cluster), Limitador serves exactly what `tollgate-limits limitador` writes from the
+  plugin configuration, over `redis` storage with the rate-limit headers, global_budgets.replicas
+  is the gateway's maxReplicas, and only the gateway reaches Limitador. On the real Envoy, with a
+  cluster of that name built as Istio builds it and the test rate-limit service (tests/rls) over
+  redis-server as its endpoint, a request is admitted from a lease and Redis holds the granted
+  counters.
 - Paths, in every shipped config (plain, jwt, providers, compose, Istio): the connection manager
   normalises paths (normalize_path, merge_slashes, UNESCAPE_AND_FORWARD), every route that
   forwards requires a POST to an LLM path, and the last route answers 404 in OpenAI's shape
@@ -836,18 +838,50 @@ def global_plugin_config(docs):
     return config
 
 
-def rls_cluster(docs):
-    """The EnvoyFilter's cluster that global_budgets.cluster names, and its one host and port."""
-    patch = envoyfilter_patch(docs, "CLUSTER")
-    assert patch["match"]["context"] == "GATEWAY"
-    assert patch["patch"]["operation"] == "ADD"
-    cluster = patch["patch"]["value"]
-    assert cluster["name"] == global_plugin_config(docs)["global_budgets"]["cluster"]
-    assert cluster["load_assignment"]["cluster_name"] == cluster["name"]
-    (group,) = cluster["load_assignment"]["endpoints"]
-    (endpoint,) = group["lb_endpoints"]
-    address = endpoint["endpoint"]["address"]["socket_address"]
-    return cluster, address["address"], address["port_value"]
+# Istio's cluster for a Service port (model.BuildSubsetKey): outbound|PORT|SUBSET|HOST, with no
+# subset here.
+ISTIO_CLUSTER = re.compile(r"outbound\|(\d+)\|\|([a-z0-9-]+\.[a-z0-9-]+\.svc\.cluster\.local)")
+
+
+def rls_cluster_host_port(docs):
+    """global_budgets.cluster, and the Service host and port of the Istio cluster it names."""
+    name = global_plugin_config(docs)["global_budgets"]["cluster"]
+    match = ISTIO_CLUSTER.fullmatch(name)
+    assert match, f"global_budgets.cluster {name!r} is not Istio's cluster of a Service port"
+    # Istio builds it: no EnvoyFilter patch adds a cluster (a WasmPlugin could not).
+    assert [p for p in one(docs, "EnvoyFilter")["spec"]["configPatches"] if p["applyTo"] == "CLUSTER"] == []
+    return name, match.group(2), int(match.group(1))
+
+
+def istio_grpc_cluster(name, port):
+    """The cluster Istio builds for a Service port of protocol gRPC, for a gateway
+    (pilot/pkg/networking/core/cluster_builder.go: buildCluster, setH2Options), with its EDS
+    endpoints replaced by one STATIC endpoint on loopback."""
+    return {
+        "name": name,
+        # Istio's stat prefix (util.DelimitedStatsPrefix).
+        "alt_stat_name": name + ";",
+        # Istio: EDS, eds_cluster_config {ads, service_name: the cluster's name}.
+        "type": "STATIC",
+        "connect_timeout": "10s",  # meshConfig.connectTimeout's default
+        # A grpc (or http2) port: HTTP/2, explicitly.
+        "typed_extension_protocol_options": {HTTP_PROTOCOL_OPTIONS: {
+            "@type": "type.googleapis.com/" + HTTP_PROTOCOL_OPTIONS,
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }},
+        # Auto mTLS: Istio's certificates (over SDS, left out here) to endpoints labelled
+        # tlsMode=istio, i.e. pods with a sidecar; plain text to the others, such as Limitador here.
+        "transport_socket_matches": [{
+            "name": "tlsMode-disabled",
+            "match": {},
+            "transport_socket": {
+                "name": "envoy.transport_sockets.raw_buffer",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"},
+            },
+        }],
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
+    }
 
 
 def selected_deployment(docs, service):
@@ -884,7 +918,7 @@ def backend(docs, host, port):
 
 def limitador(docs):
     """backend() of the rate-limit cluster: Limitador."""
-    _, host, port = rls_cluster(docs)
+    _, host, port = rls_cluster_host_port(docs)
     return backend(docs, host, port)
 
 
@@ -927,30 +961,37 @@ def need_rls():
             pytest.fail(f"{path} is missing: run `make rls` first")
 
 
-def test_istio_global_budgets_cluster_is_limitadors_grpc_port_over_http2():
+def test_istio_global_budgets_cluster_is_istios_cluster_of_limitadors_grpc_port():
     docs = istio_resources()
-    cluster, _, _ = rls_cluster(docs)
-    # gRPC: HTTP/2, stated on the cluster (Envoy's default upstream protocol is HTTP/1.1).
-    options = cluster["typed_extension_protocol_options"][HTTP_PROTOCOL_OPTIONS]
-    assert options["@type"] == "type.googleapis.com/" + HTTP_PROTOCOL_OPTIONS
-    assert "http2_protocol_options" in options["explicit_http_config"]
-    assert cluster["type"] in {"STRICT_DNS", "LOGICAL_DNS"}
-    # Its address is Limitador's Service and its grpc port (a name or appProtocol that makes
-    # Istio's own cluster for the port HTTP/2 as well), which is where Limitador serves RLS.
+    # global_budgets.cluster is outbound|PORT||NAME.NAMESPACE.svc.cluster.local of the limitador
+    # Service (backend() checks it exists, is not headless and selects Limitador's pods).
+    name, host, port = rls_cluster_host_port(docs)
     found = limitador(docs)
-    port = found["port"]
-    assert port["name"].split("-")[0] == "grpc" and port.get("appProtocol", "grpc") == "grpc"
+    service = found["service"]
+    assert service["metadata"]["name"] == "limitador"
+    assert name == f"outbound|{found['port']['port']}||{service['metadata']['name']}." \
+        f"{service['metadata']['namespace']}.svc.cluster.local"
+    # A ClusterIP Service: Istio's cluster is then EDS over the pods. A headless one would give an
+    # ORIGINAL_DST cluster, an ExternalName one a DNS cluster of another name's hosts.
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    # The port's protocol is gRPC, so Istio makes the cluster HTTP/2: appProtocol grpc (which Istio
+    # reads first) and a name Istio also reads as grpc.
+    service_port = found["port"]
+    assert service_port.get("appProtocol") == "grpc"
+    assert service_port["name"] == "grpc" or service_port["name"].startswith("grpc-")
+    # It targets the port Limitador serves RLS on.
     container = found["container"]
     options, _ = limitador_command(container)
     rls_port = int(options.get("--rls-port", options.get("-p", LIMITADOR_RLS_PORT)))
     assert found["container_port"]["containerPort"] == rls_port
     image, _, tag = container["image"].rpartition(":")
     assert image == "quay.io/kuadrant/limitador" and re.fullmatch(r"v\d+\.\d+\.\d+", tag)
-    # The cluster speaks plain text (no transport socket): Limitador's pods get no sidecar, or
-    # a STRICT PeerAuthentication would refuse the connection.
-    assert "transport_socket" not in cluster and "transport_socket_matches" not in cluster
-    assert found["deployment"]["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
-    namespace = named(docs, "Namespace", found["service"]["metadata"]["namespace"])
+    # Limitador and Redis run outside the mesh (auto mTLS then speaks plain text to them; the
+    # NetworkPolicies keep them to the gateway and to Limitador).
+    for deployment in docs["Deployment"]:
+        if deployment["metadata"]["namespace"] == service["metadata"]["namespace"]:
+            assert deployment["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+    namespace = named(docs, "Namespace", service["metadata"]["namespace"])
     assert namespace["metadata"]["labels"]["istio-injection"] == "disabled"
 
 
@@ -975,6 +1016,9 @@ def test_istio_limitador_serves_the_generated_limits_from_redis():
         text = f.read()
     assert render_limits.render(text, generated) == text
     assert render_limits.plugin_config() == config
+    check = subprocess.run([sys.executable, os.path.join(ISTIO_DIR, "render_limits.py"), "--check",
+                            "--tollgate-limits", LIMITS], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
     # Limitador's namespace is the RLS domain Tollgate sends.
     domain = config["global_budgets"].get("domain", "tollgate")
     assert {limit["namespace"] for limit in yaml.safe_load(limits)} == {domain}
@@ -1033,14 +1077,16 @@ def test_istio_only_the_gateway_reaches_limitador_and_only_limitador_redis():
 
 
 def test_istio_global_budgets_lease_from_the_rate_limit_service(tmp_path, provider):
-    """The EnvoyFilter's Wasm config and its rate-limit cluster on the real Envoy, the cluster
-    pointed at the test rate-limit service (Limitador 0.14's Redis check, tests/rls) serving the
-    ConfigMap's limits over redis-server: the demo key's tenant is admitted from a lease."""
+    """The EnvoyFilter's Wasm config on the real Envoy, with the cluster Istio builds for the
+    limitador Service's grpc port (same name, HTTP/2), its endpoint the test rate-limit service
+    (Limitador 0.14's Redis check, tests/rls) serving the ConfigMap's limits over redis-server:
+    the demo key's tenant is admitted from a lease."""
     need_wasm()
     need_rls()
     docs = istio_resources()
     plugin_config = global_plugin_config(docs)
-    cluster = copy.deepcopy(rls_cluster(docs)[0])
+    name, _, _ = rls_cluster_host_port(docs)
+    assert name == "outbound|8081||limitador.tollgate-budgets.svc.cluster.local"
     redis = Redis()
     rls = envoy = None
     try:
@@ -1048,9 +1094,11 @@ def test_istio_global_budgets_lease_from_the_rate_limit_service(tmp_path, provid
         # It serves what tollgate-limits writes for this configuration: the ConfigMap, exactly.
         with open(rls.limits, encoding="utf-8") as f:
             assert f.read() == limits_configmap_text(docs)
-        # Istio's Envoy resolves the Service's name; this one connects to the test service.
-        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-        address["socket_address"].update(address="127.0.0.1", port_value=rls.port)
+        # Istio's cluster takes its endpoints (the pods) from EDS; this one has the test service.
+        # The test service is a tonic (h2) server, as Limitador is: it refuses an `:authority`
+        # holding `|`, so a lease also shows that the filter does not send the cluster's name as
+        # the call's authority.
+        cluster = istio_grpc_cluster(name, rls.port)
         envoy = StaticEnvoy(tmp_path, provider.port, with_local_code(ecds_wasm_config(docs)), plugin_config,
                             clusters=[cluster])
         request_id = str(uuid.uuid4())
@@ -1062,8 +1110,8 @@ def test_istio_global_budgets_lease_from_the_rate_limit_service(tmp_path, provid
         counters = redis.counters()
         for limit in ("tpm", "daily-usd"):
             assert sum(v for k, v in counters.items() if "team-a" in k and limit in k) > 0, (limit, counters)
-        # Through the EnvoyFilter's cluster, over HTTP/2.
-        prefix = f"cluster.{cluster['name']}."
+        # Through Istio's cluster (its stats are named by alt_stat_name), over HTTP/2.
+        prefix = f"cluster.{cluster['alt_stat_name']}."
         stats = envoy.stats(prefix)
         assert stats.get(prefix + "upstream_rq_total", 0) >= 1, stats
         assert stats.get(prefix + "upstream_cx_http2_total", 0) >= 1, stats
