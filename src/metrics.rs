@@ -85,6 +85,27 @@ pub struct Labels {
     exclusive: HashSet<LabelId>,
     models: HashMap<String, LabelId>,
     model_values: Vec<String>,
+    /// The names of global limits (bounded by the configuration), for the lease gauges.
+    limits: HashMap<String, LabelId>,
+    limit_values: Vec<String>,
+}
+
+/// The first `max` of `names` (at most 10,000), sorted: their ids and sanitised values.
+fn first_labels(
+    names: &mut dyn Iterator<Item = &String>,
+    max: usize,
+) -> (HashMap<String, LabelId>, Vec<String>) {
+    let mut all: Vec<&String> = names.collect();
+    all.sort();
+    all.dedup();
+    let kept = all.into_iter().take(max.min(usize::from(UNKNOWN_ID)));
+    let mut ids = HashMap::new();
+    let mut values = Vec::new();
+    for (i, name) in kept.enumerate() {
+        ids.insert(name.clone(), LabelId::try_from(i).unwrap_or(OTHER_ID));
+        values.push(sanitize(name).into_owned());
+    }
+    (ids, values)
 }
 
 impl Labels {
@@ -96,26 +117,10 @@ impl Labels {
         max_tenant_labels: usize,
         max_model_labels: usize,
     ) -> Labels {
-        fn first(
-            names: &mut dyn Iterator<Item = &String>,
-            max: usize,
-        ) -> (HashMap<String, LabelId>, Vec<String>) {
-            let mut all: Vec<&String> = names.collect();
-            all.sort();
-            all.dedup();
-            let kept = all.into_iter().take(max.min(usize::from(UNKNOWN_ID)));
-            let mut ids = HashMap::new();
-            let mut values = Vec::new();
-            for (i, name) in kept.enumerate() {
-                ids.insert(name.clone(), LabelId::try_from(i).unwrap_or(OTHER_ID));
-                values.push(sanitize(name).into_owned());
-            }
-            (ids, values)
-        }
         let mut tenants = tenants;
         let mut models = models;
-        let (tenants, tenant_values) = first(&mut tenants, max_tenant_labels);
-        let (models, model_values) = first(&mut models, max_model_labels);
+        let (tenants, tenant_values) = first_labels(&mut tenants, max_tenant_labels);
+        let (models, model_values) = first_labels(&mut models, max_model_labels);
         let exclusive = (0..tenant_values.len())
             .filter(|&i| {
                 let value = tenant_values.get(i);
@@ -129,7 +134,26 @@ impl Labels {
             exclusive,
             models,
             model_values,
+            limits: HashMap::new(),
+            limit_values: Vec::new(),
         }
+    }
+
+    /// The names of the global limits, each a `limit` label value of the lease gauges.
+    pub fn with_limits<'a>(mut self, names: impl Iterator<Item = &'a String>) -> Labels {
+        let mut names = names;
+        (self.limits, self.limit_values) = first_labels(&mut names, usize::MAX);
+        self
+    }
+
+    pub fn limit_id(&self, name: &str) -> LabelId {
+        self.limits.get(name).copied().unwrap_or(OTHER_ID)
+    }
+
+    pub fn limit_value(&self, id: LabelId) -> &str {
+        self.limit_values
+            .get(usize::from(id))
+            .map_or(OTHER, String::as_str)
     }
 
     /// The tenant label values (sanitised), `_other` included.
@@ -211,6 +235,9 @@ pub enum Stat {
     GlobalRefills(LabelId, &'static str),
     /// Requests admitted from a fallback allowance (the rate-limit service was unreachable).
     GlobalFallbackAdmits(LabelId),
+    /// A global limit's lease on this Envoy as of its last refill, by tenant and limit:
+    /// `granted` this window, or the service's `remaining` (tokens, or micro-USD).
+    GlobalLease(LabelId, LabelId, &'static str),
 }
 
 /// How a stat is recorded.
@@ -225,7 +252,9 @@ impl Stat {
     pub fn kind(self) -> StatKind {
         match self {
             Stat::Histogram(..) => StatKind::Histogram,
-            Stat::InFlight(_) | Stat::CacheEntries | Stat::CacheBytes => StatKind::Gauge,
+            Stat::InFlight(_) | Stat::CacheEntries | Stat::CacheBytes | Stat::GlobalLease(..) => {
+                StatKind::Gauge
+            }
             _ => StatKind::Counter,
         }
     }
@@ -252,6 +281,11 @@ impl Stat {
             Stat::GlobalFallbackAdmits(t) => format!(
                 "tollgate.tenant.{}.global_fallback_admits",
                 labels.tenant_value(t)
+            ),
+            Stat::GlobalLease(t, l, gauge) => format!(
+                "tollgate.tenant.{}.limit.{}.global_{gauge}",
+                labels.tenant_value(t),
+                labels.limit_value(l)
             ),
         }
     }

@@ -244,12 +244,19 @@ impl TryFrom<RawConfig> for Config {
             .into_iter()
             .chain(prices.keys().filter(|m| m.as_str() != "*"))
             .collect();
+        let global_limits = tenants
+            .values()
+            .map(|t| &t.policy)
+            .chain([&defaults])
+            .flat_map(|p| p.limits.iter().filter(|l| l.global.is_some()))
+            .map(|l| &l.name);
         let labels = Labels::new(
             tenants.keys(),
             model_names.into_iter(),
             max_tenants,
             max_models,
-        );
+        )
+        .with_limits(global_limits);
         let cache = raw.cache.as_ref().map(cache::build_cache).transpose()?;
         let global = raw
             .global_budgets

@@ -11,7 +11,7 @@ use hashbrown::HashMap;
 use super::{Effects, Gateway, Headers, Host, Request, State};
 use crate::admission::{TenantKeys, TenantPolicy};
 use crate::api::ApiKind;
-use crate::budget::{self, Refill};
+use crate::budget::{self, Limit, Refill};
 use crate::global;
 use crate::metrics::{LabelId, Stat, StatUpdate};
 use crate::reply::Refusal;
@@ -208,6 +208,7 @@ impl Gateway {
             now_ms,
             epoch,
         );
+        self.lease_gauges(host, (key, limit, label), now_ms, epoch);
         let refilled = match (refill, applied) {
             (Refill::Refused { .. }, Some(_)) => Refilled::Refused,
             // Granted, or the window turned meanwhile: admitted again (in the new window).
@@ -221,6 +222,32 @@ impl Gateway {
                 .insert(key.to_string(), now_ms.saturating_add(BACKOFF_MS));
         }
         (refilled, flight.waiters)
+    }
+
+    /// Sets the lease gauges of `limit` after a refill: what this Envoy was granted this
+    /// window, and the service's remaining when it said (per refill, never per request).
+    fn lease_gauges<H: Host + ?Sized>(
+        &self,
+        host: &H,
+        (key, limit, tenant): (&str, &Limit, LabelId),
+        now_ms: u64,
+        epoch: u64,
+    ) {
+        let Some(lease) = budget::read(host, key, limit, now_ms, epoch).lease else {
+            return;
+        };
+        let id = self.config.labels.limit_id(&limit.name);
+        let in_hits = |amount: u64| {
+            amount
+                .checked_div(global::hit_size(limit.unit))
+                .unwrap_or(0)
+        };
+        let granted = Stat::GlobalLease(tenant, id, "granted");
+        host.stat(StatUpdate::Set(granted, in_hits(lease.granted)));
+        if lease.remaining != u64::MAX {
+            let remaining = Stat::GlobalLease(tenant, id, "remaining");
+            host.stat(StatUpdate::Set(remaining, in_hits(lease.remaining)));
+        }
     }
 
     /// Joins the refill of `keys.buckets[limit]`, or starts one.

@@ -95,6 +95,13 @@ def test_the_service_refusing_is_a_429_once_the_global_budget_is_spent(stack):
     assert granted_in_redis(redis, "team-g", "tpd") <= 4000
     prom = envoy.prometheus()
     assert 'tollgate_global_refills{tenant="team-g",reason="granted"}' in prom
+    # The lease gauges, as of the last refill: this one Envoy was granted all Redis counts.
+    gauges = {line.split(" ")[0]: int(float(line.split(" ")[1])) for line in prom.splitlines()
+              if line.startswith("tollgate_global_granted{") or
+              line.startswith("tollgate_global_remaining{")}
+    granted = gauges['tollgate_global_granted{tenant="team-g",limit="tpd"}']
+    assert granted == granted_in_redis(redis, "team-g", "tpd"), gauges
+    assert gauges['tollgate_global_remaining{tenant="team-g",limit="tpd"}'] <= 4000 - granted
 
 
 def test_without_the_service_requests_get_503_or_the_fallback_allowance(stack):

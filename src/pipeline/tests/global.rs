@@ -334,6 +334,18 @@ fn the_usage_view_shows_the_lease() {
     assert_eq!(limit["global"]["global_remaining"], 7500);
     assert_eq!(limit["global"]["fallback"], 0);
     assert!(limit["global"]["used"].as_u64().unwrap() > 100);
+    // The same, as of the refill, in the lease gauges.
+    let (a, tpm) = (
+        gw.config.labels.tenant_id("team-a"),
+        gw.config.labels.limit_id("tpm"),
+    );
+    assert_eq!(gw.config.labels.limit_value(tpm), "tpm");
+    assert_eq!(host.gauge(Stat::GlobalLease(a, tpm, "granted")), Some(2500));
+    assert_eq!(host.gauge(Stat::GlobalLease(a, tpm, "remaining")), Some(7500));
+    assert_eq!(
+        Stat::GlobalLease(a, tpm, "remaining").name(&gw.config.labels),
+        "tollgate.tenant.team-a.limit.tpm.global_remaining"
+    );
     // Local limits show no lease.
     assert!(view["tenants"][1]["limits"][0].get("global").is_some());
     let local =
