@@ -341,7 +341,10 @@ fn the_usage_view_shows_the_lease() {
     );
     assert_eq!(gw.config.labels.limit_value(tpm), "tpm");
     assert_eq!(host.gauge(Stat::GlobalLease(a, tpm, "granted")), Some(2500));
-    assert_eq!(host.gauge(Stat::GlobalLease(a, tpm, "remaining")), Some(7500));
+    assert_eq!(
+        host.gauge(Stat::GlobalLease(a, tpm, "remaining")),
+        Some(7500)
+    );
     assert_eq!(
         Stat::GlobalLease(a, tpm, "remaining").name(&gw.config.labels),
         "tollgate.tenant.team-a.limit.tpm.global_remaining"
