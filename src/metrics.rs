@@ -140,8 +140,7 @@ impl Labels {
     }
 
     /// The names of the global limits, each a `limit` label value of the lease gauges.
-    pub fn with_limits<'a>(mut self, names: impl Iterator<Item = &'a String>) -> Labels {
-        let mut names = names;
+    pub fn with_limits<'a>(mut self, mut names: impl Iterator<Item = &'a String>) -> Labels {
         (self.limits, self.limit_values) = first_labels(&mut names, usize::MAX);
         self
     }

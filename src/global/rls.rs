@@ -1,8 +1,8 @@
 //! Envoy's rate limit service, v3: `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`.
 //!
 //! The messages are declared here with `prost`, field for field from Envoy's
-//! `envoy/service/ratelimit/v3/rls.proto` and `envoy/extensions/common/ratelimit/v3/ratelimit.proto`
-//! keeping only the fields Tollgate writes or
+//! `envoy/service/ratelimit/v3/rls.proto`, `envoy/extensions/common/ratelimit/v3/ratelimit.proto`
+//! and `envoy/config/core/v3/grpc_service.proto`, keeping only the fields Tollgate writes or
 //! reads: prost skips the others when decoding. Enums are their `int32` wire values.
 //! `proto/` keeps Envoy's files, copied unchanged; a test checks every field declared here
 //! against them.

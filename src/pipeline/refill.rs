@@ -281,25 +281,22 @@ impl Gateway {
         // One refill per lease on this Envoy: a claim in the bucket tells the other workers.
         let until = now_ms.saturating_add(global.timeout_ms.saturating_add(1_000));
         let claim = budget::claim_refill(host, key, l, (now_ms, until), policy.epoch(now_ms));
-        let bucket = match claim {
-            (true, bucket) => bucket,
-            (false, bucket) => {
-                refills.flights.insert(
-                    key.clone(),
-                    Flight {
-                        tenant: tenant.to_string(),
-                        limit,
-                        window_start: bucket.window_start,
-                        foreign: true,
-                        asked: 0,
-                        message: Vec::new(),
-                        sent_at: Some(now_ms),
-                        waiters: vec![ticket],
-                    },
-                );
-                return Join::Waiting;
-            }
+        let (claimed, bucket) = claim;
+        // Without the claim this worker only watches the lease another worker refills.
+        let watch = Flight {
+            tenant: tenant.to_string(),
+            limit,
+            window_start: bucket.window_start,
+            foreign: true,
+            asked: 0,
+            message: Vec::new(),
+            sent_at: Some(now_ms),
+            waiters: vec![ticket],
         };
+        if !claimed {
+            refills.flights.insert(key.clone(), watch);
+            return Join::Waiting;
+        }
         let lease = bucket.lease.unwrap_or_default();
         // Once the service refused this window, ask for the need alone.
         let remaining = match lease.refused_at {
@@ -317,19 +314,14 @@ impl Gateway {
             &l.window.id(now_ms),
         );
         let message = global.protocol().ask(&global.domain, &entries, hits);
-        refills.flights.insert(
-            key.clone(),
-            Flight {
-                tenant: tenant.to_string(),
-                limit,
-                window_start: bucket.window_start,
-                foreign: false,
-                asked: u64::from(hits).saturating_mul(global::hit_size(l.unit)),
-                message,
-                sent_at: None,
-                waiters: vec![ticket],
-            },
-        );
+        let own = Flight {
+            foreign: false,
+            asked: u64::from(hits).saturating_mul(global::hit_size(l.unit)),
+            message,
+            sent_at: None,
+            ..watch
+        };
+        refills.flights.insert(key.clone(), own);
         Join::Waiting
     }
 }
