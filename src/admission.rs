@@ -22,6 +22,8 @@ pub struct TenantPolicy {
     pub max_concurrent: Option<u64>,
     /// Per-request cap on the API's max-tokens field.
     pub max_output_tokens: Option<u64>,
+    /// Per-request cap on the outputs generated (`n`, `best_of`).
+    pub max_choices: Option<u64>,
     /// Output tokens reserved when a request names no max tokens.
     pub default_output_tokens: u64,
     /// Models this tenant may use (`None`: any).
@@ -79,6 +81,7 @@ impl Default for TenantPolicy {
             limits: Vec::new(),
             max_concurrent: None,
             max_output_tokens: None,
+            max_choices: None,
             default_output_tokens: 4096,
             models: None,
             clamp_min_output_tokens: None,
@@ -130,9 +133,13 @@ impl TenantKeys {
 pub struct Plan {
     /// Prompt tokens reserved (estimate, or the upper bound in strict mode).
     pub prompt_tokens: u64,
-    /// Output tokens reserved.
+    /// Output tokens reserved: per output times `choices`, plus a predicted output's bound.
     pub output_tokens: u64,
-    /// Rewrite the API's max-tokens field to this value.
+    /// Outputs the upstream generates (`RequestFacts::choices`), each up to the max tokens.
+    pub choices: u64,
+    /// Output a predicted output may add (`RequestFacts::predicted_output_bound`).
+    pub predicted_output: u64,
+    /// Rewrite the API's max-tokens field (per output) to this value.
     pub set_max_tokens: Option<u64>,
     /// OpenAI chat stream that did not ask for usage: ask upstream, hide it from the client.
     pub inject_include_usage: bool,
@@ -175,12 +182,25 @@ pub fn plan(
         return Ok(Plan {
             prompt_tokens,
             output_tokens: 0,
+            choices: 1,
+            predicted_output: 0,
             set_max_tokens: None,
             inject_include_usage: false,
         });
     }
+    if let Some(max) = policy.max_choices
+        && facts.choices > max
+    {
+        return Err(Refusal::BadRequest {
+            param: Some("n".into()),
+            message: format!(
+                "{} outputs were asked for (n, best_of), above this tenant's per-request cap of {max}.",
+                facts.choices
+            ),
+        });
+    }
     let cap = policy.max_output_tokens.unwrap_or(u64::MAX);
-    let (output_tokens, set_max_tokens) = match facts.max_tokens {
+    let (per_output, set_max_tokens) = match facts.max_tokens {
         Some(asked) if asked > cap => {
             if policy.clamp_min_output_tokens.is_none() {
                 return Err(Refusal::BadRequest {
@@ -202,12 +222,22 @@ pub fn plan(
     };
     Ok(Plan {
         prompt_tokens,
-        output_tokens,
+        output_tokens: output_reserve(per_output, facts.choices, facts.predicted_output_bound),
+        choices: facts.choices,
+        predicted_output: facts.predicted_output_bound,
         set_max_tokens,
         inject_include_usage: kind == ApiKind::ChatCompletions
             && facts.stream
             && !facts.include_usage,
     })
+}
+
+/// The output a request may generate: `choices` outputs of `per_output` tokens each, plus what
+/// a predicted output may add.
+pub fn output_reserve(per_output: u64, choices: u64, predicted: u64) -> u64 {
+    per_output
+        .saturating_mul(choices.max(1))
+        .saturating_add(predicted)
 }
 
 /// Rate-limit facts for the response headers: the tightest token limit after admission.
@@ -344,11 +374,16 @@ pub fn admit<S: SharedStore + ?Sized>(
                     && let Some(min) = policy.clamp_min_output_tokens
                     && let Some(fit) =
                         output_that_fits(store, policy, keys, &applicable, &plan, price, now_ms)
-                    && fit >= min
-                    && fit < plan.output_tokens
+                    && let Some(per_output) = fit
+                        .saturating_sub(plan.predicted_output)
+                        .checked_div(plan.choices.max(1))
+                    && per_output >= min
+                    && output_reserve(per_output, plan.choices, plan.predicted_output)
+                        < plan.output_tokens
                 {
-                    plan.output_tokens = fit;
-                    plan.set_max_tokens = Some(fit);
+                    plan.output_tokens =
+                        output_reserve(per_output, plan.choices, plan.predicted_output);
+                    plan.set_max_tokens = Some(per_output);
                     clamped = true;
                     continue;
                 }
@@ -651,6 +686,54 @@ mod tests {
         assert!(p.inject_include_usage);
     }
 
+    /// Issue 18 A.1: `n` outputs of up to max tokens each, the injected default too.
+    #[test]
+    fn every_output_is_reserved() {
+        let strict = TenantPolicy {
+            strict: true,
+            default_output_tokens: 50,
+            ..TenantPolicy::default()
+        };
+        let f = facts(r#"{"model":"a","max_tokens":100,"n":20}"#);
+        let p = plan(&strict, ApiKind::ChatCompletions, &f, "a").unwrap();
+        assert_eq!((p.output_tokens, p.set_max_tokens), (2000, None));
+        let f = facts(r#"{"model":"a","n":3}"#);
+        let p = plan(&strict, ApiKind::ChatCompletions, &f, "a").unwrap();
+        assert_eq!((p.output_tokens, p.set_max_tokens), (150, Some(50)));
+        // Not strict: the estimate counts every output too.
+        let f = facts(r#"{"model":"a","max_tokens":10,"best_of":4}"#);
+        let p = plan(&TenantPolicy::default(), ApiKind::ChatCompletions, &f, "a").unwrap();
+        assert_eq!(p.output_tokens, 40);
+        let capped = TenantPolicy {
+            max_choices: Some(4),
+            ..TenantPolicy::default()
+        };
+        assert!(plan(&capped, ApiKind::ChatCompletions, &f, "a").is_ok());
+        let f = facts(r#"{"model":"a","n":5}"#);
+        match plan(&capped, ApiKind::ChatCompletions, &f, "a") {
+            Err(Refusal::BadRequest { param, .. }) => assert_eq!(param.as_deref(), Some("n")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn clamp_mode_lowers_each_output_to_what_fits() {
+        let store = MemStore::default();
+        let policy = TenantPolicy {
+            limits: vec![limit("tpm", Unit::Tokens, 1000)],
+            clamp_min_output_tokens: Some(10),
+            ..TenantPolicy::default()
+        };
+        let keys = TenantKeys::new("t", &policy);
+        let f = facts(r#"{"model":"a","max_tokens":500,"n":4}"#);
+        let p = plan(&policy, ApiKind::ChatCompletions, &f, "a").unwrap();
+        let a = admit(&store, &policy, &keys, "a", None, p, 0).unwrap();
+        // 1000 - the prompt estimate left, shared by four outputs.
+        let per = (1000 - p.prompt_tokens) / 4;
+        assert_eq!(a.plan.set_max_tokens, Some(per));
+        assert_eq!(a.plan.output_tokens, per * 4);
+    }
+
     #[test]
     fn admit_settle_and_refuse() {
         let store = MemStore::default();
@@ -663,6 +746,8 @@ mod tests {
         let p = Plan {
             prompt_tokens: 10,
             output_tokens: 50,
+            choices: 1,
+            predicted_output: 0,
             set_max_tokens: None,
             inject_include_usage: false,
         };
@@ -720,6 +805,8 @@ mod tests {
         let big = Plan {
             prompt_tokens: 20,
             output_tokens: 500,
+            choices: 1,
+            predicted_output: 0,
             set_max_tokens: None,
             inject_include_usage: false,
         };
@@ -740,6 +827,8 @@ mod tests {
         let p = Plan {
             prompt_tokens: 1,
             output_tokens: 1,
+            choices: 1,
+            predicted_output: 0,
             set_max_tokens: None,
             inject_include_usage: false,
         };

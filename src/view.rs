@@ -151,6 +151,8 @@ mod tests {
         let plan = Plan {
             prompt_tokens: 10,
             output_tokens: 20,
+            choices: 1,
+            predicted_output: 0,
             set_max_tokens: None,
             inject_include_usage: false,
         };

@@ -53,6 +53,8 @@ x-fake-gzip: 1                     gzip the body (content-encoding: gzip)
                                    gzip-sync-flushed per event
 x-fake-input-tokens: N             usage overrides (see below)
 x-fake-output-tokens: N
+x-fake-generate: max               a vLLM-like upstream: output = all its body allows, read as
+                                   vLLM reads it (see permissive_output)
 x-fake-cached-tokens: N
 x-fake-cache-write-tokens: N
 x-fake-reasoning-tokens: N
@@ -218,10 +220,46 @@ def max_output(api, body):
     return None if cap is None else cap * max(1, n)
 
 
+UNCAPPED_OUTPUT = 30000
+
+
+def _lax_count(value):
+    """A count as pydantic's lax mode coerces it (vLLM): ints, integral floats, numeric strings,
+    booleans. None when absent or null; ValueError when the upstream would refuse it."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str):
+        value = float(value.strip())
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        value = int(value)
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(value)
+    return value
+
+
+def permissive_output(api, body):
+    """All the output a vLLM-like upstream may generate for this body: `max_completion_tokens or
+    max_tokens` (0 or null is no cap: UNCAPPED_OUTPUT per output), times `n` / `best_of`."""
+    names = {"chat_completions": ("max_completion_tokens", "max_tokens"), "responses": ("max_output_tokens",),
+             "messages": ("max_tokens",)}.get(api, ())
+    try:
+        cap = next((c for c in (_lax_count(body.get(n)) for n in names) if c), None)
+        outputs = max(_lax_count(body.get("n")) or 1, _lax_count(body.get("best_of")) or 1)
+    except (ValueError, TypeError):
+        raise KnobError("a count field is not a number (vLLM answers 400)") from None
+    return (cap or UNCAPPED_OUTPUT) * outputs
+
+
 def compute_usage(api, raw_len, headers, n_chunks, body=None):
     """Deterministic normalised usage for a request (see module docstring)."""
     cap = max_output(api, body or {})
     default_output = 2 * n_chunks + 1 if cap is None else min(2 * n_chunks + 1, cap)
+    if (headers.get("x-fake-generate") or "").strip().lower() == "max":
+        default_output = permissive_output(api, body or {})
     u = {
         "input": _int_knob(headers, "x-fake-input-tokens", max(1, math.ceil(raw_len / 4))),
         "output": _int_knob(headers, "x-fake-output-tokens", default_output),

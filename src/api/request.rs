@@ -1,5 +1,23 @@
 //! What a request asks for: model, streaming, the API's max-tokens field and a prompt-size
 //! estimate, read from the JSON body in one pass without building a document tree.
+//!
+//! ## The fields that bound the output
+//! Strict mode promises that an admitted request cannot be charged past a limit, so every field
+//! through which an upstream may generate more is read here, as the most permissive upstream
+//! would read it (OpenAI's, Anthropic's and vLLM's references; vLLM coerces with pydantic):
+//!
+//! | field | API | read as |
+//! |---|---|---|
+//! | `max_completion_tokens`, `max_tokens` | chat | per output; both given: the larger (vLLM takes the first that is not 0 or null, others the second) |
+//! | `max_output_tokens` | responses | per response (reasoning and tool turns included) |
+//! | `max_tokens` | messages | per response (`thinking.budget_tokens` is inside it) |
+//! | `n` | chat (also counted if sent elsewhere) | outputs generated, each up to the cap |
+//! | `best_of` | vLLM | outputs generated (`n` of them returned) |
+//! | `prediction` | chat | rejected prediction tokens are billed as output: at most the body's bytes more |
+//!
+//! Each count must be a positive integer (or null or absent): `0` means "no cap" to vLLM and
+//! `"20"` or `20.0` mean 20 to pydantic, so both are refused with 400 rather than read as a
+//! smaller number. `min_tokens` and `ignore_eos` (vLLM) stay under the cap, so they need nothing.
 
 use std::borrow::Cow;
 
@@ -14,11 +32,16 @@ pub struct RequestFacts {
     pub stream: bool,
     /// OpenAI chat: `stream_options.include_usage`.
     pub include_usage: bool,
-    /// The API's output cap: `max_completion_tokens` / `max_tokens` (chat), `max_output_tokens`
-    /// (responses), `max_tokens` (messages).
+    /// The API's output cap per choice: the larger of `max_completion_tokens` and `max_tokens`
+    /// (chat: servers disagree on which wins), `max_output_tokens` (responses), `max_tokens`
+    /// (messages). Never 0: a 0 is refused (vLLM reads it as "no cap").
     pub max_tokens: Option<u64>,
-    /// Chat Completions' `n` (choices generated, each up to `max_tokens`); 1 elsewhere.
+    /// Outputs generated, each up to `max_tokens`: the larger of `n` and vLLM's `best_of`
+    /// (both refused unless a positive integer); 1 for embeddings. See the module docs.
     pub choices: u64,
+    /// Chat's `prediction` (predicted outputs): rejected prediction tokens are billed as output
+    /// on top of `max_tokens`; they come from the body, so at most its byte count. 0 without it.
+    pub predicted_output_bound: u64,
     /// Prompt tokens, estimated at four body bytes per token.
     pub prompt_estimate: u64,
     /// An upper bound on text prompt tokens: every token of a byte-level BPE tokenizer covers at
@@ -28,7 +51,8 @@ pub struct RequestFacts {
     /// tokens reported can exceed `prompt_bound`.
     pub external_input: bool,
     /// Greedy decoding: a top-level `temperature` of 0, `top_p` of 0 or `top_k` of 1 (each keeps
-    /// only the most likely token), and `n` absent, null or 1 (the cache's `deterministic`).
+    /// only the most likely token), and `n` and `best_of` absent, null or 1 (the cache's
+    /// `deterministic`).
     pub greedy: bool,
 }
 
@@ -138,9 +162,13 @@ struct RawRequest<'a> {
     max_completion_tokens: Option<u64>,
     #[serde(default)]
     max_output_tokens: Option<u64>,
-    /// Read leniently: only Chat Completions has `n`, and Tollgate only needs it as a bound.
     #[serde(default)]
-    n: Option<Lenient>,
+    n: Option<u64>,
+    /// vLLM: sequences generated per request, `n` of them returned.
+    #[serde(default)]
+    best_of: Option<u64>,
+    #[serde(default)]
+    prediction: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     temperature: Number,
     #[serde(default)]
@@ -208,14 +236,6 @@ impl Number {
     }
 }
 
-/// A count where one is expected, or anything else (ignored).
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Lenient {
-    Count(u64),
-    Other(serde::de::IgnoredAny),
-}
-
 #[derive(Deserialize)]
 struct RawStreamOptions {
     #[serde(default)]
@@ -268,13 +288,31 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, Request
             });
         }
     };
+    // A count of 0 is no count to vLLM (`max_completion_tokens or max_tokens`): it would lift
+    // the cap strict mode relies on. OpenAI and Anthropic refuse it too.
+    for (name, value) in [
+        ("max_tokens", raw.max_tokens),
+        ("max_completion_tokens", raw.max_completion_tokens),
+        ("max_output_tokens", raw.max_output_tokens),
+        ("n", raw.n),
+        ("best_of", raw.best_of),
+    ] {
+        if value == Some(0) {
+            return Err(RequestError {
+                param: Some(name.into()),
+                message: format!("Invalid value for '{name}': 0 is below the minimum value of 1"),
+            });
+        }
+    }
     let max_tokens = match kind {
-        ApiKind::ChatCompletions => raw.max_completion_tokens.or(raw.max_tokens),
+        // `Option`'s order puts `None` first: the larger of the two when both are given.
+        ApiKind::ChatCompletions => raw.max_completion_tokens.max(raw.max_tokens),
         ApiKind::Responses => raw.max_output_tokens,
         ApiKind::Messages => raw.max_tokens,
         ApiKind::Embeddings => None,
     };
     let len = u64::try_from(body.len()).unwrap_or(u64::MAX);
+    let single = |v: Option<u64>| v.is_none_or(|v| v == 1);
     Ok(RequestFacts {
         model,
         stream: raw.stream.unwrap_or(false) && kind != ApiKind::Embeddings,
@@ -284,16 +322,18 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, Request
             .unwrap_or(false),
         max_tokens,
         choices: match kind {
-            ApiKind::ChatCompletions => match raw.n {
-                Some(Lenient::Count(n)) => n.max(1),
-                Some(Lenient::Other(_)) | None => 1,
-            },
-            _ => 1,
+            ApiKind::Embeddings => 1,
+            _ => raw.n.unwrap_or(1).max(raw.best_of.unwrap_or(1)),
+        },
+        predicted_output_bound: match kind {
+            ApiKind::ChatCompletions if raw.prediction.is_some() => len,
+            _ => 0,
         },
         prompt_estimate: len.div_ceil(4),
         prompt_bound: len,
         external_input: shape.external,
-        greedy: matches!(raw.n, None | Some(Lenient::Count(1)))
+        greedy: single(raw.n)
+            && single(raw.best_of)
             && (raw.temperature.is(0.0) || raw.top_p.is(0.0) || raw.top_k.is(1.0)),
     })
 }
@@ -350,20 +390,73 @@ mod tests {
         let f = parse_request(ApiKind::ChatCompletions, body).unwrap();
         assert_eq!(f.model, "gpt-4o");
         assert!(f.stream && f.include_usage);
-        assert_eq!(f.max_tokens, Some(50));
+        // Both spellings given: the larger, whichever one the upstream reads.
+        assert_eq!(f.max_tokens, Some(100));
         assert_eq!(f.prompt_bound, body.len() as u64);
         assert_eq!(f.prompt_estimate, (body.len() as u64).div_ceil(4));
     }
 
     #[test]
-    fn chat_n_is_read_leniently() {
+    fn outputs_count_n_and_best_of_on_every_generating_api() {
         let n = |k, body: &str| parse_request(k, body.as_bytes()).unwrap().choices;
         assert_eq!(n(ApiKind::ChatCompletions, r#"{"model":"m","n":3}"#), 3);
-        assert_eq!(n(ApiKind::ChatCompletions, r#"{"model":"m","n":0}"#), 1);
-        assert_eq!(n(ApiKind::ChatCompletions, r#"{"model":"m","n":"x"}"#), 1);
-        assert_eq!(n(ApiKind::ChatCompletions, r#"{"model":"m","n":-2.5}"#), 1);
-        assert_eq!(n(ApiKind::Responses, r#"{"model":"m","n":{"a":[1]}}"#), 1);
-        assert_eq!(n(ApiKind::Messages, r#"{"model":"m","n":4}"#), 1);
+        assert_eq!(n(ApiKind::ChatCompletions, r#"{"model":"m","n":null}"#), 1);
+        assert_eq!(
+            n(
+                ApiKind::ChatCompletions,
+                r#"{"model":"m","n":2,"best_of":5}"#
+            ),
+            5
+        );
+        assert_eq!(n(ApiKind::Responses, r#"{"model":"m","n":4}"#), 4);
+        assert_eq!(n(ApiKind::Messages, r#"{"model":"m","n":4}"#), 4);
+        assert_eq!(n(ApiKind::Embeddings, r#"{"model":"m","n":4}"#), 1);
+    }
+
+    /// Issue 18 A.2 and A.3: pydantic reads `"20"` and `20.0` as 20, vLLM reads 0 as no cap.
+    #[test]
+    fn counts_that_are_not_positive_integers_are_refused() {
+        for field in [
+            "n",
+            "best_of",
+            "max_tokens",
+            "max_completion_tokens",
+            "max_output_tokens",
+        ] {
+            for value in [
+                "0",
+                "\"20\"",
+                "20.0",
+                "-1",
+                "true",
+                "1e3",
+                "18446744073709551616",
+            ] {
+                let body = format!(r#"{{"model":"m","{field}":{value}}}"#);
+                let e = parse_request(ApiKind::ChatCompletions, body.as_bytes()).unwrap_err();
+                assert_eq!(e.param.as_deref(), Some(field), "{body}");
+            }
+        }
+        let e = parse_request(
+            ApiKind::ChatCompletions,
+            br#"{"model":"m","max_completion_tokens":0,"max_tokens":5000}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("minimum"), "{}", e.message);
+        // A duplicate key is refused, whichever copy an upstream would read.
+        assert!(parse_request(ApiKind::ChatCompletions, br#"{"model":"m","n":1,"n":9}"#).is_err());
+    }
+
+    #[test]
+    fn a_predicted_output_adds_the_body_to_the_output_bound() {
+        let body = br#"{"model":"m","prediction":{"type":"content","content":"abc"}}"#;
+        let f = parse_request(ApiKind::ChatCompletions, body).unwrap();
+        assert_eq!(f.predicted_output_bound, body.len() as u64);
+        let f = parse_request(
+            ApiKind::ChatCompletions,
+            br#"{"model":"m","prediction":null}"#,
+        );
+        assert_eq!(f.unwrap().predicted_output_bound, 0);
     }
 
     #[test]

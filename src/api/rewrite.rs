@@ -150,19 +150,27 @@ fn model_value_span(body: &[u8]) -> Option<(usize, usize)> {
 pub fn rewrite(kind: ApiKind, body: &[u8], edits: &Edits) -> Option<Vec<u8>> {
     let mut doc: Map<String, Value> = serde_json::from_slice(body).ok()?;
     if let Some(max) = edits.max_tokens {
-        let field = match kind {
-            // Keep the client's choice of field; new requests get the current one.
-            ApiKind::ChatCompletions
-                if doc.contains_key("max_tokens") && !doc.contains_key("max_completion_tokens") =>
-            {
-                "max_tokens"
+        let value = Value::from(max);
+        match kind {
+            // Keep the client's choice of field; new requests get the current one. A body with
+            // both gets both: servers disagree on which one wins.
+            ApiKind::ChatCompletions => {
+                let legacy = doc.contains_key("max_tokens");
+                if legacy {
+                    doc.insert("max_tokens".to_string(), value.clone());
+                }
+                if !legacy || doc.contains_key("max_completion_tokens") {
+                    doc.insert("max_completion_tokens".to_string(), value);
+                }
             }
-            ApiKind::ChatCompletions => "max_completion_tokens",
-            ApiKind::Responses => "max_output_tokens",
-            ApiKind::Messages => "max_tokens",
-            ApiKind::Embeddings => return serde_json::to_vec(&doc).ok(),
-        };
-        doc.insert(field.to_string(), Value::from(max));
+            ApiKind::Responses => {
+                doc.insert("max_output_tokens".to_string(), value);
+            }
+            ApiKind::Messages => {
+                doc.insert("max_tokens".to_string(), value);
+            }
+            ApiKind::Embeddings => {}
+        }
     }
     if edits.include_usage {
         let options = doc
@@ -206,6 +214,16 @@ mod tests {
         );
         assert_eq!(v["max_tokens"], 7);
         assert!(v.get("max_completion_tokens").is_none());
+        // Both given: both lowered, whichever one the upstream reads.
+        let v = edit(
+            ApiKind::ChatCompletions,
+            r#"{"model":"m","max_tokens":5000,"max_completion_tokens":null}"#,
+            e(),
+        );
+        assert_eq!(
+            (&v["max_tokens"], &v["max_completion_tokens"]),
+            (&7.into(), &7.into())
+        );
         assert_eq!(
             edit(ApiKind::Responses, r#"{"model":"m"}"#, e())["max_output_tokens"],
             7

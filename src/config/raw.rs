@@ -88,6 +88,7 @@ pub(super) struct RawPolicy {
     pub(super) limits: Option<Vec<RawLimit>>,
     pub(super) max_concurrent: Option<u64>,
     pub(super) max_output_tokens: Option<u64>,
+    pub(super) max_choices: Option<u64>,
     pub(super) default_output_tokens: Option<u64>,
     pub(super) models: Option<Vec<String>>,
     pub(super) clamp_min_output_tokens: Option<u64>,

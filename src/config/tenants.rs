@@ -109,6 +109,9 @@ fn policy(
     if let Some(n) = positive("max_output_tokens", raw.max_output_tokens)? {
         out.max_output_tokens = Some(n);
     }
+    if let Some(n) = positive("max_choices", raw.max_choices)? {
+        out.max_choices = Some(n);
+    }
     if let Some(n) = positive("default_output_tokens", raw.default_output_tokens)? {
         out.default_output_tokens = n;
     }

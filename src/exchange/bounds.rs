@@ -39,8 +39,9 @@ pub struct UsageBounds {
 }
 
 impl UsageBounds {
-    /// Output: the request's own max tokens (reasoning is part of it on every API; times chat's
-    /// `n`), never more than `max_reported_tokens`. Input: the body's bytes (every text token
+    /// Output: the request's own max tokens (reasoning is part of it on every API) times its
+    /// outputs (`n`, `best_of`), plus a predicted output's bound, never more than
+    /// `max_reported_tokens`. Input: the body's bytes (every text token
     /// covers at least one byte, the premise of strict mode), plus `max_reported_tokens` when the
     /// body can bring input it does not show (`RequestFacts::external_input`: images or files by
     /// URL or id, a previous response or conversation, a stored prompt, tools).
@@ -54,7 +55,13 @@ impl UsageBounds {
             input: facts.prompt_bound.saturating_add(unseen),
             output: facts
                 .max_tokens
-                .map_or(u64::MAX, |max| max.saturating_mul(facts.choices.max(1)))
+                .map_or(u64::MAX, |max| {
+                    crate::admission::output_reserve(
+                        max,
+                        facts.choices,
+                        facts.predicted_output_bound,
+                    )
+                })
                 .min(limits.max_reported_tokens),
         }
     }

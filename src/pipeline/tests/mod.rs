@@ -8,6 +8,7 @@ mod identity;
 mod refusals;
 mod routing;
 mod settlement;
+mod strict_output;
 mod workers;
 
 use std::cell::{Cell, RefCell};
