@@ -4,8 +4,7 @@
 
 use hashbrown::{HashMap, HashSet};
 
-use crate::api::request::RequestFacts;
-use crate::api::{ApiKind, Usage};
+use crate::api::Usage;
 use crate::budget::{self, Denial, Held, Limit, Unit};
 use crate::cost::Price;
 use crate::holdings::{self, Ring};
@@ -13,6 +12,8 @@ use crate::reply::Refusal;
 use crate::routing::Alias;
 use crate::store::{SharedStore, UpdateError, update};
 use crate::window;
+
+pub use crate::plan::{Plan, max_tokens_field, output_reserve, plan};
 
 /// What a tenant may do; declared tenants merge their own fields over `tenant_defaults`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,118 +127,6 @@ impl TenantKeys {
             .map(String::as_str)
             .chain(std::iter::once(self.concurrency.as_str()))
     }
-}
-
-/// The request-level decisions, before anything is reserved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Plan {
-    /// Prompt tokens reserved (estimate, or the upper bound in strict mode).
-    pub prompt_tokens: u64,
-    /// Output tokens reserved: per output times `choices`, plus a predicted output's bound.
-    pub output_tokens: u64,
-    /// Outputs the upstream generates (`RequestFacts::choices`), each up to the max tokens.
-    pub choices: u64,
-    /// Output a predicted output may add (`RequestFacts::predicted_output_bound`).
-    pub predicted_output: u64,
-    /// Rewrite the API's max-tokens field (per output) to this value.
-    pub set_max_tokens: Option<u64>,
-    /// OpenAI chat stream that did not ask for usage: ask upstream, hide it from the client.
-    pub inject_include_usage: bool,
-}
-
-/// The API's max-tokens field name, for messages.
-pub fn max_tokens_field(kind: ApiKind) -> &'static str {
-    match kind {
-        ApiKind::ChatCompletions => "max_completion_tokens",
-        ApiKind::Responses => "max_output_tokens",
-        ApiKind::Messages | ApiKind::Embeddings => "max_tokens",
-    }
-}
-
-/// Checks the request against the tenant's per-request rules and decides what to reserve.
-/// `served` is the model routing resolved `facts.model` to: the allow-list accepts either name.
-pub fn plan(
-    policy: &TenantPolicy,
-    kind: ApiKind,
-    facts: &RequestFacts,
-    served: &str,
-) -> Result<Plan, Refusal> {
-    if let Some(models) = &policy.models
-        && !models.contains(&facts.model)
-        && !models.contains(served)
-    {
-        return Err(Refusal::Forbidden {
-            message: format!(
-                "The model '{}' is not allowed for this tenant.",
-                facts.model
-            ),
-        });
-    }
-    let prompt_tokens = if policy.strict {
-        facts.prompt_bound
-    } else {
-        facts.prompt_estimate
-    };
-    if kind == ApiKind::Embeddings {
-        return Ok(Plan {
-            prompt_tokens,
-            output_tokens: 0,
-            choices: 1,
-            predicted_output: 0,
-            set_max_tokens: None,
-            inject_include_usage: false,
-        });
-    }
-    if let Some(max) = policy.max_choices
-        && facts.choices > max
-    {
-        return Err(Refusal::BadRequest {
-            param: Some("n".into()),
-            message: format!(
-                "{} outputs were asked for (n, best_of), above this tenant's per-request cap of {max}.",
-                facts.choices
-            ),
-        });
-    }
-    let cap = policy.max_output_tokens.unwrap_or(u64::MAX);
-    let (per_output, set_max_tokens) = match facts.max_tokens {
-        Some(asked) if asked > cap => {
-            if policy.clamp_min_output_tokens.is_none() {
-                return Err(Refusal::BadRequest {
-                    param: Some(max_tokens_field(kind).to_string()),
-                    message: format!(
-                        "{} is {asked}, above this tenant's per-request cap of {cap}.",
-                        max_tokens_field(kind)
-                    ),
-                });
-            }
-            (cap, Some(cap))
-        }
-        Some(asked) => (asked, None),
-        None => {
-            let reserve = policy.default_output_tokens.min(cap);
-            // Strict mode only holds if the upstream cannot produce more than was reserved.
-            (reserve, policy.strict.then_some(reserve))
-        }
-    };
-    Ok(Plan {
-        prompt_tokens,
-        output_tokens: output_reserve(per_output, facts.choices, facts.predicted_output_bound),
-        choices: facts.choices,
-        predicted_output: facts.predicted_output_bound,
-        set_max_tokens,
-        inject_include_usage: kind == ApiKind::ChatCompletions
-            && facts.stream
-            && !facts.include_usage,
-    })
-}
-
-/// The output a request may generate: `choices` outputs of `per_output` tokens each, plus what
-/// a predicted output may add.
-pub fn output_reserve(per_output: u64, choices: u64, predicted: u64) -> u64 {
-    per_output
-        .saturating_mul(choices.max(1))
-        .saturating_add(predicted)
 }
 
 /// Rate-limit facts for the response headers: the tightest token limit after admission.
@@ -631,7 +520,8 @@ pub fn settle<S: SharedStore + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::request::parse_request;
+    use crate::api::ApiKind;
+    use crate::api::request::{RequestFacts, parse_request};
     use crate::store::MemStore;
     use crate::window::Window;
 

@@ -27,6 +27,7 @@ pub mod global;
 pub mod holdings;
 pub mod metrics;
 pub mod pipeline;
+pub mod plan;
 pub mod reply;
 pub mod routing;
 pub mod store;
