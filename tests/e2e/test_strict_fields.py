@@ -3,7 +3,7 @@ through the official openai SDK and a vLLM-like upstream that generates all its 
 (`x-fake-generate: max`: `max_completion_tokens or max_tokens`, 0 meaning no cap, `n` outputs,
 numbers coerced as pydantic does).
 
-* `n` reserves every output: three `n: 20, max_tokens: 100` calls against 5,000 tokens an hour
+* `n` reserves every output: three `n: 20, max_tokens: 100` calls against 5,000 tokens a month (a window that will not turn mid-test)
   admit two, and the tenant's usage stays within the limit (before: 6,069 of 5,000).
 * thirty concurrent `n: 128` calls are all refused (before: 21 admitted, 269,535 tokens charged).
 * a max tokens of 0, and counts that are not positive integers (`"20"`, `20.0`), get a 400 naming
@@ -26,7 +26,7 @@ GENERATE = {"x-fake-generate": "max"}
 
 def config():
     strict = {"strict": True, "default_output_tokens": 64,
-              "limits": [{"name": "tph", "tokens": LIMIT, "window": "hour"}]}
+              "limits": [{"name": "tph", "tokens": LIMIT, "window": "month"}]}
     return {
         "identity": {"source": "header", "header": "x-tenant"},
         "tenants": {"n20": strict, "n128": strict, "zero": strict, "lax": strict,
