@@ -157,9 +157,11 @@ fn check(path: &str, body: &[u8]) -> Result<(), TestCaseError> {
         "{generated} may be generated, {output_reserved} reserved: {upstream}"
     );
     let t = close(&gw, &host, open, Some(&answer(path, generated)));
+    // Usage past `limits.max_reported_tokens` is absurd by configuration: charged at it.
+    let charged = generated.min(gw.config.limits.max_reported_tokens);
     prop_assert_eq!(
         t.field("output_tokens"),
-        generated.to_string(),
+        charged.to_string(),
         "{}",
         upstream
     );
@@ -169,7 +171,13 @@ fn check(path: &str, body: &[u8]) -> Result<(), TestCaseError> {
 const PATHS: [&str; 3] = ["/v1/chat/completions", "/v1/responses", "/v1/messages"];
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    // A fixed seed: the same 2,000 bodies on every run (a failure found by a new seed is a bug to
+    // pin in `the_reported_bodies`, never a flaky run).
+    #![proptest_config(ProptestConfig {
+        cases: 2000,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(18),
+        ..ProptestConfig::default()
+    })]
     #[test]
     fn strict_reserves_all_a_permissive_upstream_may_generate(
         path in 0usize..3,
@@ -188,6 +196,8 @@ fn the_reported_bodies() {
         r#"{"model":"gpt-4o-mini","messages":[],"max_completion_tokens":0,"max_tokens":5000}"#,
         r#"{"model":"gpt-4o-mini","messages":[],"max_tokens":100,"n":"20"}"#,
         r#"{"model":"gpt-4o-mini","messages":[],"max_tokens":100,"n":20.0}"#,
+        // Found by another seed: more than `max_reported_tokens` may be generated.
+        r#"{"model":"gpt-4o-mini","messages":[],"max_tokens":5000,"n":5000}"#,
     ] {
         check("/v1/chat/completions", body.as_bytes()).unwrap();
     }
