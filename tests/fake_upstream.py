@@ -57,6 +57,7 @@ x-fake-cached-tokens: N
 x-fake-cache-write-tokens: N
 x-fake-reasoning-tokens: N
 x-fake-hostile: MODE               a hostile upstream (see below)
+x-fake-invalid-count: JSON         the garbage count of invalid-usage (default -1)
 x-fake-bomb-bytes: N               decoded size of a bomb / endless line
                                    (default 1 GiB = 1073741824)
 =================================  =========================================
@@ -87,6 +88,12 @@ block is reused): about 1 MB on the wire per GiB decoded, never held in memory.
                        output_tokens, Responses: prompt_tokens /
                        completion_tokens, Messages: prompt_tokens /
                        completion_tokens)
+    invalid-usage      the normal reply, but the output count of the usage
+                       (chat: completion_tokens, responses and messages:
+                       output_tokens, in message_delta for a stream;
+                       embeddings: prompt_tokens) is the JSON value of
+                       x-fake-invalid-count (default -1: also 2.5, 1e30,
+                       "5", 18446744073709551616, ...)
 Bombs record in the ledger "hostile", "sent_bytes" (body bytes on the wire)
 and "sent_sha256" (of those bytes), so tests can check the client got them
 untouched; their "usage" is the usage written in the body.
@@ -205,6 +212,14 @@ def _int_knob(headers, name, default):
     return value
 
 
+def _json_knob(headers, name, default):
+    raw = headers.get(name)
+    try:
+        return default if raw is None else json.loads(raw)
+    except ValueError:
+        raise KnobError(f"header {name} must be a JSON value, got {raw!r}") from None
+
+
 def _flag(headers, name):
     return (headers.get(name) or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -236,6 +251,12 @@ def compute_usage(api, raw_len, headers, n_chunks, body=None):
     u["input"] = max(u["input"], u["cached_input"] + u["cache_write_input"])
     u["output"] = max(u["output"], u["reasoning"])
     return u
+
+
+def _poison(c, wire_usage, key):
+    """invalid-usage: the count `key` becomes the garbage value asked for."""
+    if c["hostile"] == "invalid-usage":
+        wire_usage[key] = c["invalid_count"]
 
 
 def openai_error(status, message):
@@ -272,6 +293,7 @@ def build_chat(c):
     }
     if c["hostile"] == "foreign-usage":
         wire_usage = {"input_tokens": u["input"], "output_tokens": u["output"]}
+    _poison(c, wire_usage, "completion_tokens")
     if not c["stream"]:
         obj = {"id": cid, "object": "chat.completion", "created": created, "model": c["model"],
                "choices": [{"index": 0,
@@ -336,6 +358,8 @@ def build_responses(c):
     }
     if wire_usage and c["hostile"] == "foreign-usage":
         wire_usage = {"prompt_tokens": u["input"], "completion_tokens": u["output"]}
+    if wire_usage:
+        _poison(c, wire_usage, "output_tokens")
 
     def part(t):
         return {"type": "output_text", "annotations": [], "logprobs": [], "text": t}
@@ -401,6 +425,7 @@ def build_embeddings(c):
         obj["usage"] = {"prompt_tokens": u["input"], "total_tokens": u["input"]}
         if c["hostile"] == "foreign-usage":
             obj["usage"] = {"input_tokens": u["input"]}
+        _poison(c, obj["usage"], "prompt_tokens")
     return "json", obj, not c["no_usage"]
 
 
@@ -423,6 +448,7 @@ def build_messages(c):
         return m
 
     if not c["stream"]:
+        _poison(c, wire_usage, "output_tokens")
         return "json", message([{"type": "text", "text": text}], "end_turn", wire_usage), not c["no_usage"]
     events = [
         _sse({"type": "message_start",
@@ -439,6 +465,7 @@ def build_messages(c):
     delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}}
     if not c["no_usage"]:
         delta["usage"] = {"completion_tokens" if foreign else "output_tokens": u["output"]}
+        _poison(c, delta["usage"], "output_tokens")
     events.append(_sse(delta, "message_delta"))
     events.append(_sse({"type": "message_stop"}, "message_stop"))
     return "sse", events, None if c["no_usage"] else len(events) - 2
@@ -446,7 +473,7 @@ def build_messages(c):
 
 # --------------------------------------------------------------------------- hostile bodies
 HOSTILE_MODES = ("gzip-bomb-json", "deflate-bomb-json", "gzip-bomb-sse", "gzip-bomb-line",
-                 "endless-line", "absurd-usage", "foreign-usage")
+                 "endless-line", "absurd-usage", "foreign-usage", "invalid-usage")
 BOMB_MODES = HOSTILE_MODES[:5]
 BOMB_BLOCK = 1 << 20
 BOMB_DEFAULT_BYTES = 1 << 30
@@ -693,7 +720,8 @@ class Handler(BaseHTTPRequestHandler):
                 kind, payload, usage_where = BUILDERS[api]({
                     "model": entry["model"], "body": body, "stream": entry["stream"],
                     "include_usage": entry["include_usage"], "usage": usage,
-                    "no_usage": _flag(h, "x-fake-no-usage"), "chunks": chunks, "hostile": hostile})
+                    "no_usage": _flag(h, "x-fake-no-usage"), "chunks": chunks, "hostile": hostile,
+                    "invalid_count": _json_knob(h, "x-fake-invalid-count", -1)})
         except KnobError as exc:
             status, error, reset_after, delay, payload, usage = 400, str(exc), None, 0, None, entry["usage"]
             hostile = None

@@ -410,12 +410,20 @@ impl Exchange {
                 reader.finish();
                 match reader.usage() {
                     Some(usage) => Reading::Usage(usage),
+                    None if reader.invalid_usage() => Reading::Invalid,
                     None if reader.foreign_usage() => Reading::Foreign,
                     None => Reading::Absent,
                 }
             }
             _ => Reading::Absent,
         };
+        // A stream may have had valid usage besides the invalid one (Anthropic's `message_start`
+        // before a garbage `message_delta`): still an anomaly, and its output is not trusted.
+        let invalid = reading == Reading::Invalid
+            || matches!(&self.body, BodyReader::Sse(reader) if reader.invalid_usage());
+        if invalid {
+            self.note(UsageAnomaly::InvalidUsage);
+        }
         if reading == Reading::Foreign {
             self.note(UsageAnomaly::ForeignUsage);
         }
@@ -428,10 +436,10 @@ impl Exchange {
             _ => (0, false),
         };
         // A stream cut before its end may have reported only part of its usage (Anthropic's
-        // `message_start` carries the input and a placeholder output of 1): never charge less
-        // output than the deltas that passed.
+        // `message_start` carries the input and a placeholder output of 1), and so has one whose
+        // final usage was garbage: never charge less output than the deltas that passed.
         let reported = reported.map(|mut usage| {
-            if stream_cut {
+            if stream_cut || invalid {
                 usage.output = usage.output.max(observed);
             }
             usage
@@ -535,6 +543,154 @@ mod tests {
         y.on_response_complete();
         assert_eq!(y.finish(false).1, UsageSource::Observed);
         assert_eq!(y.usage_anomaly(), Some(UsageAnomaly::ForeignUsage));
+    }
+
+    /// Garbage counts in every API's own usage fields, JSON and SSE: charged by the fallbacks
+    /// as before, and flagged `invalid_usage` (they used to fall back silently).
+    #[test]
+    fn invalid_usage_falls_back_and_is_flagged_on_every_api() {
+        const GARBAGE: [&str; 8] = [
+            "-5",
+            "2.5",
+            "5.0",
+            "1e30",
+            "18446744073709551616",
+            "\"5\"",
+            "true",
+            "[5]",
+        ];
+        // (kind, a JSON response whose usage holds `{}` in a count field)
+        let json: [(ApiKind, &str); 5] = [
+            (
+                ApiKind::ChatCompletions,
+                r#"{"choices":[],"usage":{"prompt_tokens":{},"completion_tokens":4}}"#,
+            ),
+            (
+                ApiKind::ChatCompletions,
+                r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"completion_tokens_details":{"reasoning_tokens":{}}}}"#,
+            ),
+            (
+                ApiKind::Responses,
+                r#"{"output":[],"usage":{"input_tokens":3,"output_tokens":{}}}"#,
+            ),
+            (
+                ApiKind::Embeddings,
+                r#"{"data":[],"usage":{"prompt_tokens":{},"total_tokens":3}}"#,
+            ),
+            (
+                ApiKind::Messages,
+                r#"{"content":[],"usage":{"input_tokens":3,"cache_read_input_tokens":{},"output_tokens":4}}"#,
+            ),
+        ];
+        for (kind, body) in json {
+            for bad in GARBAGE {
+                let body = body.replace("{}", bad);
+                let mut x = exchange(kind);
+                x.set_reservation(40, 60);
+                x.on_response_headers(200, Some(b"application/json"), None);
+                x.on_response_body(body.as_bytes());
+                x.on_response_complete();
+                let (usage, source) = x.finish(false);
+                assert_eq!(
+                    (usage.input, usage.output, source),
+                    (40, 60, UsageSource::Reservation),
+                    "{body}"
+                );
+                assert_eq!(
+                    x.usage_anomaly(),
+                    Some(UsageAnomaly::InvalidUsage),
+                    "{body}"
+                );
+            }
+        }
+        // A usage that is not an object at all, or a details member that is not one.
+        for body in [
+            r#"{"usage":"lots"}"#,
+            r#"{"usage":[1,2]}"#,
+            r#"{"usage":7}"#,
+            r#"{"usage":{"prompt_tokens":1,"prompt_tokens_details":[1]}}"#,
+        ] {
+            let mut x = exchange(ApiKind::ChatCompletions);
+            x.on_response_headers(200, Some(b"application/json"), None);
+            x.on_response_body(body.as_bytes());
+            x.on_response_complete();
+            assert_eq!(x.finish(false).1, UsageSource::Reservation, "{body}");
+            assert_eq!(
+                x.usage_anomaly(),
+                Some(UsageAnomaly::InvalidUsage),
+                "{body}"
+            );
+        }
+        let delta = |kind| match kind {
+            ApiKind::Messages => {
+                "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n"
+            }
+            ApiKind::Responses => {
+                "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\n"
+            }
+            _ => "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+        };
+        // (kind, the stream's usage-carrying events with `{}` as a count, its end)
+        let sse: [(ApiKind, &str, &str); 4] = [
+            (
+                ApiKind::ChatCompletions,
+                "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":{}}}\n\n",
+                "data: [DONE]\n\n",
+            ),
+            (
+                ApiKind::Responses,
+                "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":{},\"output_tokens\":9}}}\n\n",
+                "",
+            ),
+            // A garbage message_delta after a valid message_start: the input is kept, the output
+            // is at least the deltas that passed (not message_start's placeholder 1).
+            (
+                ApiKind::Messages,
+                "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":{}}}\n\n",
+                "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            ),
+            (
+                ApiKind::Messages,
+                "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":{},\"output_tokens\":2}}\n\n",
+                "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            ),
+        ];
+        for (kind, usage_events, end) in sse {
+            for bad in GARBAGE {
+                let mut stream = String::new();
+                if kind == ApiKind::Messages {
+                    stream.push_str("event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"output_tokens\":1}}}\n\n");
+                }
+                for _ in 0..3 {
+                    stream.push_str(delta(kind));
+                }
+                stream.push_str(&usage_events.replace("{}", bad));
+                stream.push_str(end);
+                let mut x = exchange(kind);
+                x.on_response_headers(200, Some(b"text/event-stream"), None);
+                x.on_response_body(stream.as_bytes());
+                x.on_response_complete();
+                let (usage, source) = x.finish(false);
+                let want = if kind == ApiKind::Messages {
+                    (20, 3, UsageSource::Reported)
+                } else {
+                    (x.facts.prompt_estimate, 3, UsageSource::Observed)
+                };
+                assert_eq!((usage.input, usage.output, source), want, "{stream}");
+                assert_eq!(
+                    x.usage_anomaly(),
+                    Some(UsageAnomaly::InvalidUsage),
+                    "{stream}"
+                );
+            }
+        }
+        // `null` counts and `"usage":null` chunks are not garbage.
+        let mut x = exchange(ApiKind::ChatCompletions);
+        x.on_response_headers(200, Some(b"text/event-stream"), None);
+        x.on_response_body(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":null}}\n\ndata: [DONE]\n\n");
+        x.on_response_complete();
+        assert_eq!(x.finish(false).1, UsageSource::Reported);
+        assert_eq!(x.usage_anomaly(), None);
     }
 
     #[test]

@@ -8,13 +8,14 @@
 //!
 //! Token counts must be JSON unsigned integers that fit in `u64`; a missing or `null` count is 0,
 //! and a `null` details object is the same as a missing one. A usage object holding a negative,
-//! fractional (`5.0`, `1e3`), out-of-range or non-numeric count is treated as **invalid as a
-//! whole** and yields `None`: a half-trusted usage would be billed silently, whereas `None` lets
-//! the caller fall back to its own estimate and report that usage was missing. A usage value that
-//! is not an object (`null`, array, string, …) also yields `None`, and so does an object with
-//! none of the API's own count fields (`{}`, or Anthropic's `input_tokens`/`output_tokens` on a
-//! Chat Completions path): charging such a usage would bill 0/0; [`read_json_usage`] tells it
-//! apart ([`Reading::Foreign`]) so the caller can count the anomaly.
+//! fractional (`5.0`, `1e3`, `1e30`), out-of-range (`2^64`) or non-numeric (`"5"`) count, or a
+//! details member that is not an object, is treated as **invalid as a whole** and yields `None`:
+//! a half-trusted usage would be billed silently, whereas `None` lets the caller fall back to its
+//! own estimate. So does a usage value that is neither an object nor `null` (array, string,
+//! number). [`read_json_usage`] tells these apart ([`Reading::Invalid`]) from a missing usage so
+//! the caller can count the anomaly (`invalid_usage`). An object with none of the API's own count
+//! fields (`{}`, or Anthropic's `input_tokens`/`output_tokens` on a Chat Completions path) also
+//! yields `None` (charging it would bill 0/0), told apart as [`Reading::Foreign`].
 //!
 //! # Normalisation
 //!
@@ -55,7 +56,10 @@ pub enum Reading {
     /// A usage object without any of the API's own count fields (say Anthropic's
     /// `input_tokens`/`output_tokens` on a Chat Completions path, or `{}`): not this API's usage.
     Foreign,
-    /// No usage (absent, `null`, invalid, or not JSON).
+    /// A usage value with a count that is not a `u64`, or that is not an object at all (see
+    /// "Numbers"): garbage, not usage.
+    Invalid,
+    /// No usage (absent, `null`, or not JSON).
     Absent,
 }
 
@@ -63,13 +67,14 @@ impl Reading {
     pub fn usage(self) -> Option<Usage> {
         match self {
             Reading::Usage(usage) => Some(usage),
-            Reading::Foreign | Reading::Absent => None,
+            Reading::Foreign | Reading::Invalid | Reading::Absent => None,
         }
     }
 
     /// Reads a raw usage object as `kind`'s.
     pub(crate) fn of(kind: ApiKind, raw: Option<RawUsage>) -> Reading {
         match raw {
+            Some(raw) if raw.invalid => Reading::Invalid,
             Some(raw) if raw.speaks(kind) => Reading::Usage(raw.normalise(kind)),
             Some(_) => Reading::Foreign,
             None => Reading::Absent,

@@ -5,7 +5,7 @@
 use core::fmt;
 
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::shape::RawUsage;
 
@@ -42,10 +42,12 @@ enum UsageField {
 
 impl<'de> Deserialize<'de> for RawUsage {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(RawUsageVisitor)
+        deserializer.deserialize_any(RawUsageVisitor)
     }
 }
 
+/// A usage value that is not an object (a string, number, array, `true`) is consumed and marked
+/// invalid; only a document error fails the parse.
 struct RawUsageVisitor;
 
 impl<'de> Visitor<'de> for RawUsageVisitor {
@@ -58,47 +60,160 @@ impl<'de> Visitor<'de> for RawUsageVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawUsage, A::Error> {
         let mut raw = RawUsage::default();
         while let Some(field) = map.next_key::<UsageField>()? {
-            match field {
-                UsageField::PromptTokens => raw.prompt_tokens = map.next_value()?,
-                UsageField::CompletionTokens => raw.completion_tokens = map.next_value()?,
-                UsageField::InputTokens => raw.input_tokens = map.next_value()?,
-                UsageField::OutputTokens => raw.output_tokens = map.next_value()?,
-                UsageField::CacheCreationInputTokens => {
-                    raw.cache_creation_input_tokens = map.next_value()?;
-                }
-                UsageField::CacheReadInputTokens => {
-                    raw.cache_read_input_tokens = map.next_value()?;
-                }
+            let slot = match field {
+                UsageField::PromptTokens => &mut raw.prompt_tokens,
+                UsageField::CompletionTokens => &mut raw.completion_tokens,
+                UsageField::InputTokens => &mut raw.input_tokens,
+                UsageField::OutputTokens => &mut raw.output_tokens,
+                UsageField::CacheCreationInputTokens => &mut raw.cache_creation_input_tokens,
+                UsageField::CacheReadInputTokens => &mut raw.cache_read_input_tokens,
                 UsageField::PromptTokensDetails => {
-                    let d: Option<Details> = map.next_value()?;
-                    raw.prompt_cached_tokens = d.and_then(|d| d.cached_tokens);
+                    let d: Details = map.next_value()?;
+                    raw.invalid |= d.invalid;
+                    raw.prompt_cached_tokens = d.cached_tokens;
+                    continue;
                 }
                 UsageField::CompletionTokensDetails => {
-                    let d: Option<Details> = map.next_value()?;
-                    raw.completion_reasoning_tokens = d.and_then(|d| d.reasoning_tokens);
+                    let d: Details = map.next_value()?;
+                    raw.invalid |= d.invalid;
+                    raw.completion_reasoning_tokens = d.reasoning_tokens;
+                    continue;
                 }
                 UsageField::InputTokensDetails => {
-                    let d: Option<Details> = map.next_value()?;
-                    raw.input_cached_tokens = d.and_then(|d| d.cached_tokens);
+                    let d: Details = map.next_value()?;
+                    raw.invalid |= d.invalid;
+                    raw.input_cached_tokens = d.cached_tokens;
+                    continue;
                 }
                 UsageField::OutputTokensDetails => {
-                    let d: Option<Details> = map.next_value()?;
-                    raw.output_reasoning_tokens = d.and_then(|d| d.reasoning_tokens);
+                    let d: Details = map.next_value()?;
+                    raw.invalid |= d.invalid;
+                    raw.output_reasoning_tokens = d.reasoning_tokens;
+                    continue;
                 }
                 UsageField::Other => {
                     map.next_value::<IgnoredAny>()?;
+                    continue;
                 }
-            }
+            };
+            raw.invalid |= map.next_value::<Count>()?.set(slot);
         }
         Ok(raw)
     }
+
+    fn visit_unit<E: de::Error>(self) -> Result<RawUsage, E> {
+        // Only reached inside another value; `usage: null` is read as no usage by the caller.
+        Ok(RawUsage::default())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<RawUsage, E> {
+        Ok(RawUsage::invalid())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<RawUsage, E> {
+        Ok(RawUsage::invalid())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<RawUsage, E> {
+        Ok(RawUsage::invalid())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<RawUsage, E> {
+        Ok(RawUsage::invalid())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<RawUsage, E> {
+        Ok(RawUsage::invalid())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<RawUsage, A::Error> {
+        IgnoredAny.visit_seq(seq)?;
+        Ok(RawUsage::invalid())
+    }
 }
 
-/// `*_tokens_details`.
+/// One token count as sent: a JSON unsigned integer that fits in `u64`, `null` (no count), or
+/// anything else (negative, fractional, `1e3`, over `u64`, a string, …), which makes the whole
+/// usage object invalid.
+enum Count {
+    Value(u64),
+    Null,
+    Invalid,
+}
+
+impl Count {
+    /// Stores the count in `slot` (a `null` clears it: the last duplicate wins); `true` if it was
+    /// invalid.
+    fn set(self, slot: &mut Option<u64>) -> bool {
+        match self {
+            Count::Value(v) => *slot = Some(v),
+            Count::Null => *slot = None,
+            Count::Invalid => return true,
+        }
+        false
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(CountVisitor)
+    }
+}
+
+struct CountVisitor;
+
+impl<'de> Visitor<'de> for CountVisitor {
+    type Value = Count;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a token count")
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
+        Ok(Count::Value(v))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
+        Ok(u64::try_from(v).map_or(Count::Invalid, Count::Value))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Count, E> {
+        Ok(Count::Invalid)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
+        Ok(Count::Invalid)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Count, E> {
+        Ok(Count::Invalid)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
+        Ok(Count::Null)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Count, E> {
+        Ok(Count::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Count, A::Error> {
+        IgnoredAny.visit_seq(seq)?;
+        Ok(Count::Invalid)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Count, A::Error> {
+        IgnoredAny.visit_map(map)?;
+        Ok(Count::Invalid)
+    }
+}
+
+/// `*_tokens_details`: an object, or `null` (the same as missing); anything else is invalid.
 #[derive(Default)]
 struct Details {
     cached_tokens: Option<u64>,
     reasoning_tokens: Option<u64>,
+    invalid: bool,
 }
 
 #[derive(Deserialize)]
@@ -112,11 +227,20 @@ enum DetailsField {
 
 impl<'de> Deserialize<'de> for Details {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(DetailsVisitor)
+        deserializer.deserialize_any(DetailsVisitor)
     }
 }
 
 struct DetailsVisitor;
+
+impl DetailsVisitor {
+    fn invalid() -> Details {
+        Details {
+            invalid: true,
+            ..Details::default()
+        }
+    }
+}
 
 impl<'de> Visitor<'de> for DetailsVisitor {
     type Value = Details;
@@ -128,15 +252,50 @@ impl<'de> Visitor<'de> for DetailsVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Details, A::Error> {
         let mut details = Details::default();
         while let Some(field) = map.next_key::<DetailsField>()? {
-            match field {
-                DetailsField::CachedTokens => details.cached_tokens = map.next_value()?,
-                DetailsField::ReasoningTokens => details.reasoning_tokens = map.next_value()?,
+            let slot = match field {
+                DetailsField::CachedTokens => &mut details.cached_tokens,
+                DetailsField::ReasoningTokens => &mut details.reasoning_tokens,
                 DetailsField::Other => {
                     map.next_value::<IgnoredAny>()?;
+                    continue;
                 }
-            }
+            };
+            details.invalid |= map.next_value::<Count>()?.set(slot);
         }
         Ok(details)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Details, E> {
+        Ok(Details::default())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Details, E> {
+        Ok(Details::default())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Details, E> {
+        Ok(Self::invalid())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Details, E> {
+        Ok(Self::invalid())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Details, E> {
+        Ok(Self::invalid())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Details, E> {
+        Ok(Self::invalid())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Details, E> {
+        Ok(Self::invalid())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Details, A::Error> {
+        IgnoredAny.visit_seq(seq)?;
+        Ok(Self::invalid())
     }
 }
 
@@ -237,7 +396,7 @@ impl<'de> Visitor<'de> for KeyIs<'_> {
 #[cfg(test)]
 mod tests {
     use crate::api::ApiKind;
-    use crate::api::usage::usage_from_json;
+    use crate::api::usage::{Reading, read_json_usage, usage_from_json};
 
     #[test]
     fn invalid_numbers_invalidate_the_usage() {
@@ -246,15 +405,54 @@ mod tests {
             r#"{"usage":{"prompt_tokens":1.5}}"#,
             r#"{"usage":{"prompt_tokens":5.0}}"#,
             r#"{"usage":{"prompt_tokens":1e3}}"#,
+            r#"{"usage":{"prompt_tokens":1e30}}"#,
             r#"{"usage":{"prompt_tokens":"5"}}"#,
             r#"{"usage":{"prompt_tokens":18446744073709551616}}"#,
+            r#"{"usage":{"prompt_tokens":{"n":1}}}"#,
             r#"{"usage":{"prompt_tokens_details":{"cached_tokens":-3}}}"#,
             r#"{"usage":{"prompt_tokens_details":[1]}}"#,
+            r#"{"usage":{"prompt_tokens_details":"x"}}"#,
+            // Garbage in a field the API does not read still makes the object garbage.
+            r#"{"usage":{"prompt_tokens":3,"input_tokens":-1}}"#,
+            r#"{"usage":"lots"}"#,
+            r#"{"usage":[1,2,3]}"#,
+            r#"{"usage":5}"#,
+            // The full parse (text the backward scan cannot vouch for after the usage) agrees.
+            r#"{"usage":{"prompt_tokens":-1},"a": [1, 2] }"#,
+            "{\"usage\":{\"prompt_tokens\":-1},\"a\":\"\\u00e9\"}",
         ] {
             assert_eq!(
                 usage_from_json(ApiKind::ChatCompletions, bad.as_bytes()),
                 None,
                 "{bad}"
+            );
+            assert_eq!(
+                read_json_usage(ApiKind::ChatCompletions, bad.as_bytes()),
+                Reading::Invalid,
+                "{bad}"
+            );
+        }
+        // A broken document is no usage, not invalid usage; `null` counts and details are fine.
+        for (body, want) in [
+            (r#"{"usage":{"prompt_tokens":-1}"#, Reading::Absent),
+            (r#"{"usage":{"prompt_tokens":-1}},"#, Reading::Absent),
+            (
+                r#"{"usage":{"prompt_tokens":1},"a": nope}"#,
+                Reading::Absent,
+            ),
+            (r#"{"usage":null}"#, Reading::Absent),
+            (
+                r#"{"usage":{"prompt_tokens":1,"completion_tokens":null,"prompt_tokens_details":null}}"#,
+                Reading::Usage(crate::api::Usage {
+                    input: 1,
+                    ..crate::api::Usage::default()
+                }),
+            ),
+        ] {
+            assert_eq!(
+                read_json_usage(ApiKind::ChatCompletions, body.as_bytes()),
+                want,
+                "{body}"
             );
         }
         let max = format!(r#"{{"usage":{{"prompt_tokens":{}}}}}"#, u64::MAX);

@@ -201,10 +201,21 @@ fn the_usage_view_reads_the_bearer_scheme_case_insensitively() {
             .header("authorization", authorization);
         run(&gw, &host, &call, None).status()
     };
-    for ok in ["Bearer admin", "bearer admin", "BEARER admin", "bEaReR  admin "] {
+    for ok in [
+        "Bearer admin",
+        "bearer admin",
+        "BEARER admin",
+        "bEaReR  admin ",
+    ] {
         assert_eq!(get(ok), 200, "{ok:?}");
     }
-    for refused in ["Basic admin", "Bearer", "bearer nope", "Bearer: admin", "admin"] {
+    for refused in [
+        "Basic admin",
+        "Bearer",
+        "bearer nope",
+        "Bearer: admin",
+        "admin",
+    ] {
         assert_eq!(get(refused), 401, "{refused:?}");
     }
 }
