@@ -46,6 +46,9 @@ x-fake-status: NNN                 error NNN in the API's shape (429 adds
 x-fake-reset-after: N              SSE: send N events, then RST the
                                    connection (no terminating chunk). JSON:
                                    send headers + first N body bytes, then RST
+x-fake-reset-before-end: N         JSON: send headers + all but the last N body
+                                   bytes, then RST (1: only the closing brace is
+                                   missing, the usage passed whole)
 x-fake-record-body: 1              SSE: keep the exact bytes sent (`sse_body`) and the
                                    usage event (`usage_event`) in the ledger entry
 x-fake-gzip: 1                     gzip the body (content-encoding: gzip)
@@ -697,6 +700,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             n_chunks = _int_knob(h, "x-fake-chunks", 3)
             reset_after = _int_knob(h, "x-fake-reset-after", None)
+            reset_before_end = _int_knob(h, "x-fake-reset-before-end", None)
             delay = _int_knob(h, "x-fake-delay-ms", 0)
             status = 400 if error else _int_knob(h, "x-fake-status", 200)
             only = h.get("x-fake-status-server")
@@ -724,6 +728,7 @@ class Handler(BaseHTTPRequestHandler):
                     "invalid_count": _json_knob(h, "x-fake-invalid-count", -1)})
         except KnobError as exc:
             status, error, reset_after, delay, payload, usage = 400, str(exc), None, 0, None, entry["usage"]
+            reset_before_end = None
             hostile = None
         self.server.ledger.update(entry, status=status, usage=usage,
                                   **({"hostile": hostile} if payload is not None and hostile else {}))
@@ -738,7 +743,7 @@ class Handler(BaseHTTPRequestHandler):
             payload = shape(status, error or f"fake upstream: injected status {status}")
             extra += [("retry-after", "1")] if status == 429 else []
         if kind == "json":
-            self._write_json(entry, status, payload, usage_where, extra, gz, reset_after)
+            self._write_json(entry, status, payload, usage_where, extra, gz, reset_after, reset_before_end)
         else:
             self._write_sse(entry, payload, usage_where, extra, gz, reset_after, h.get("x-fake-split"))
 
@@ -771,9 +776,11 @@ class Handler(BaseHTTPRequestHandler):
         self.server.ledger.update(entry, completed=True, usage_sent=True, sent_bytes=sent,
                                   sent_sha256=digest.hexdigest())
 
-    def _write_json(self, entry, status, obj, usage_included, extra, gz, reset_after):
+    def _write_json(self, entry, status, obj, usage_included, extra, gz, reset_after, reset_before_end=None):
         data = gzip.compress(_jdump(obj), mtime=0) if gz else _jdump(obj)
         self._start(status, "application/json", extra, len(data))
+        if reset_before_end:
+            reset_after = max(0, len(data) - reset_before_end)
         if reset_after is not None and reset_after < len(data):
             self.server.ledger.update(entry, reset=True)
             self.wfile.write(data[:reset_after])

@@ -44,7 +44,7 @@ pub use record::record_fields;
 use crate::api::request::RequestFacts;
 use crate::api::sse::SseUsageReader;
 use crate::api::strip::UsageChunkStripper;
-use crate::api::usage::{Reading, read_json_usage};
+use crate::api::usage::{Reading, read_cut_json_usage, read_json_usage};
 use crate::api::{ApiKind, Usage};
 use crate::config::Limits;
 use decode::{Decoder, GZIP_HEADER_MAX, INFLATE_OUT_BYTES, Step};
@@ -387,7 +387,8 @@ impl Exchange {
     /// could not be reached (Envoy's response details say so).
     ///
     /// 1. usage reported by the upstream → that usage (a stream cut short: with at least the
-    ///    output deltas that passed);
+    ///    output deltas that passed; a JSON body cut short: when its top-level usage passed
+    ///    whole and the body's start is still held);
     /// 2. else output observed while streaming → prompt estimate + observed output;
     /// 3. else a non-2xx status or an upstream failure → nothing (refund);
     /// 4. else (2xx without usage, or the client left before any answer) → the reservation.
@@ -399,12 +400,17 @@ impl Exchange {
             // An unknown encoding, or a corrupt stream: usage was not readable.
             self.note(UsageAnomaly::DecodeError);
         }
+        let readable = !matches!(self.decoder, Decoder::Broken | Decoder::Capped);
         let reading = match &mut self.body {
-            // A JSON body cut short could end inside a nested object: trust only whole bodies.
-            BodyReader::Json(buf)
-                if self.complete && !matches!(self.decoder, Decoder::Broken | Decoder::Capped) =>
-            {
+            BodyReader::Json(buf) if readable && self.complete => {
                 read_json_usage(self.kind, &buf.bytes)
+            }
+            // Cut short (a reset, a client that left) after its usage passed: the upstream
+            // reported it, so it is charged, as a cut stream's is. Read forward from the first
+            // byte: a backward scan from the cut could start inside a nested object. A body past
+            // `max_response_buffer_bytes` kept only its tail: not readable once cut.
+            BodyReader::Json(buf) if readable && buf.holds_the_start() => {
+                read_cut_json_usage(self.kind, &buf.bytes)
             }
             BodyReader::Sse(reader) => {
                 reader.finish();
@@ -706,30 +712,72 @@ mod tests {
         assert_eq!((usage.input, usage.output, usage.cached_input), (11, 7, 3));
     }
 
+    /// A JSON 200 cut short (an upstream reset, a client that left) after its usage passed is
+    /// charged that usage, as a cut stream is (it used to be refunded, or charged the
+    /// reservation); cut before the usage's closing brace, it falls back as before.
     #[test]
-    fn json_cut_short_is_not_trusted() {
+    fn json_cut_short_after_its_usage_is_charged_the_usage() {
+        let usage_end = CHAT_JSON.len() - 1; // the usage object closes just before the last `}`
+        for cut in 0..=CHAT_JSON.len() {
+            for (upstream_failed, fallback) in [
+                (true, UsageSource::Refunded),
+                (false, UsageSource::Reservation),
+            ] {
+                let mut x = exchange(ApiKind::ChatCompletions);
+                x.set_reservation(40, 60);
+                x.on_response_headers(200, Some(b"application/json"), None);
+                let (head, _) = CHAT_JSON.split_at(cut);
+                for chunk in head.chunks(9) {
+                    x.on_response_body(chunk);
+                }
+                let (usage, source) = x.finish(upstream_failed);
+                if cut >= usage_end {
+                    assert_eq!(
+                        (usage.input, usage.output, usage.cached_input, source),
+                        (11, 7, 3, UsageSource::Reported),
+                        "cut at {cut}"
+                    );
+                } else {
+                    assert_eq!(source, fallback, "cut at {cut}");
+                }
+                assert_eq!(x.usage_anomaly(), None);
+            }
+        }
+        // A nested "usage" that passed before the cut is not the body's usage, and neither is
+        // the top-level usage of a body cut after the buffer cap (only its tail was kept).
+        let nested = br#"{"id":"x","choices":[{"message":{"content":"hi","tool_calls":[{"function":{"arguments":"{}"}}]},"extra":{"usage":{"prompt_tokens":9,"completion_tokens":9}}}],"usage":{"prompt_tok"#;
         let mut x = exchange(ApiKind::ChatCompletions);
         x.on_response_headers(200, Some(b"application/json"), None);
-        x.on_response_body(CHAT_JSON);
-        // No end of stream: a client abort charges the reservation, an upstream reset nothing.
-        x.set_reservation(40, 60);
-        let mut y = exchange(ApiKind::ChatCompletions);
+        x.on_response_body(nested);
+        assert_eq!(x.finish(true).1, UsageSource::Refunded);
+        let limits = Limits {
+            max_response_buffer_bytes: 64,
+            ..Limits::default()
+        };
+        let mut y = exchange_with(ApiKind::ChatCompletions, r#"{"model":"m"}"#, limits);
         y.on_response_headers(200, Some(b"application/json"), None);
-        y.on_response_body(CHAT_JSON);
-        assert_eq!(
-            x.finish(false),
-            (
-                Usage {
-                    input: 40,
-                    output: 60,
-                    ..Usage::default()
-                },
-                UsageSource::Reservation
-            )
-        );
+        y.on_response_body(CHAT_JSON.split_at(CHAT_JSON.len() - 1).0);
         assert_eq!(y.finish(true).1, UsageSource::Refunded);
-        // The first call decides: a later one (say, from on_log) changes nothing.
-        assert_eq!(x.finish(true).1, UsageSource::Reservation);
+        // Garbage usage that passed before the cut is flagged; a reported usage over its bound
+        // is clamped; the first call decides.
+        let mut z = exchange(ApiKind::Messages);
+        z.on_response_headers(200, Some(b"application/json"), None);
+        z.on_response_body(br#"{"type":"message","usage":{"input_tokens":-4,"output_tokens":5},"#);
+        assert_eq!(z.finish(true).1, UsageSource::Refunded);
+        assert_eq!(z.usage_anomaly(), Some(UsageAnomaly::InvalidUsage));
+        let mut w = exchange_with(
+            ApiKind::Messages,
+            r#"{"model":"m","max_tokens":3}"#,
+            Limits::default(),
+        );
+        w.on_response_headers(200, Some(b"application/json"), None);
+        w.on_response_body(
+            br#"{"type":"message","usage":{"input_tokens":4,"output_tokens":5},"stop"#,
+        );
+        let (usage, source) = w.finish(true);
+        assert_eq!((usage.output, source), (3, UsageSource::Reported));
+        assert_eq!(w.usage_anomaly(), Some(UsageAnomaly::Clamped));
+        assert_eq!(w.finish(false).1, UsageSource::Reported);
     }
 
     #[test]

@@ -87,9 +87,49 @@ pub fn read_json_usage(kind: ApiKind, body: &[u8]) -> Reading {
     Reading::of(kind, usage_at(body, &["usage"]))
 }
 
+/// The usage of a JSON body that was cut short (an upstream reset, a client that left): `prefix`
+/// must be the body from its first byte (not a tail). The top-level usage counts only if its
+/// value arrived whole before the cut; found by a forward parse (the backward scan needs the
+/// body's end), `O(prefix)` once per such response.
+pub fn read_cut_json_usage(kind: ApiKind, prefix: &[u8]) -> Reading {
+    Reading::of(kind, parse::parse_usage_prefix(prefix))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cut_bodies_give_their_usage_only_once_it_passed_whole() {
+        for (kind, body, want) in fixtures::fixtures() {
+            let bytes = body.as_bytes();
+            let mut seen = false;
+            for cut in 0..=bytes.len() {
+                let (prefix, _) = bytes.split_at(cut);
+                match read_cut_json_usage(kind, prefix) {
+                    Reading::Usage(got) => {
+                        assert_eq!(got, want, "{kind:?} cut at {cut}");
+                        seen = true;
+                    }
+                    // Once read, a later cut never loses it.
+                    other => assert!(!seen && other == Reading::Absent, "{kind:?} at {cut}"),
+                }
+            }
+            assert!(seen, "{kind:?}");
+        }
+        // Not a JSON object, or a nested usage only: nothing.
+        for body in [
+            &b""[..],
+            b"[",
+            br#"{"a":{"usage":{"prompt_tokens":1}}"#,
+            b"null",
+        ] {
+            assert_eq!(
+                read_cut_json_usage(ApiKind::ChatCompletions, body),
+                Reading::Absent
+            );
+        }
+    }
 
     #[test]
     fn usage_null_missing_empty_and_wrong_types() {

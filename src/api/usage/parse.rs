@@ -23,6 +23,50 @@ pub(super) fn parse_usage_full(body: &[u8], path: &[&str]) -> Option<RawUsage> {
     found
 }
 
+/// The top-level `usage` value of a JSON body cut short, when it was whole before the cut (its
+/// closing brace arrived). A forward parse from the body's first byte: it knows the nesting depth
+/// of every key, so a `"usage"` nested elsewhere is never taken for the real one, and it stops
+/// with an error where the body was cut, keeping what it had read. `None` if the cut came first.
+pub(super) fn parse_usage_prefix(prefix: &[u8]) -> Option<RawUsage> {
+    let mut found = None;
+    let mut de = serde_json::Deserializer::from_slice(prefix);
+    // The error is the cut (or garbage after the usage): what was captured before it is whole.
+    let _ = PrefixSeed { found: &mut found }.deserialize(&mut de);
+    found.flatten()
+}
+
+/// Walks the top-level object, capturing each whole `usage` value as it is read.
+struct PrefixSeed<'f> {
+    found: &'f mut Option<Option<RawUsage>>,
+}
+
+impl<'de> DeserializeSeed<'de> for PrefixSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PrefixSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(is_usage) = map.next_key_seed(KeyIs("usage"))? {
+            if is_usage {
+                *self.found = Some(map.next_value::<Option<RawUsage>>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(field_identifier, rename_all = "snake_case")]
 enum UsageField {
