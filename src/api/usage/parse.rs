@@ -3,6 +3,7 @@
 //! full streaming parse that follows a key path when the backward scan cannot vouch for a body.
 
 use core::fmt;
+use core::marker::PhantomData;
 
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -86,93 +87,118 @@ enum UsageField {
 
 impl<'de> Deserialize<'de> for RawUsage {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(RawUsageVisitor)
+        deserializer.deserialize_any(Lenient::<RawUsage>(PhantomData))
     }
 }
 
-/// A usage value that is not an object (a string, number, array, `true`) is consumed and marked
-/// invalid; only a document error fails the parse.
-struct RawUsageVisitor;
+impl ReadMap for RawUsage {
+    const EXPECTING: &'static str = "a usage object";
 
-impl<'de> Visitor<'de> for RawUsageVisitor {
-    type Value = RawUsage;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a usage object")
+    fn garbage() -> RawUsage {
+        RawUsage::invalid()
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawUsage, A::Error> {
+    fn read_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<RawUsage, A::Error> {
         let mut raw = RawUsage::default();
         while let Some(field) = map.next_key::<UsageField>()? {
-            let slot = match field {
-                UsageField::PromptTokens => &mut raw.prompt_tokens,
-                UsageField::CompletionTokens => &mut raw.completion_tokens,
-                UsageField::InputTokens => &mut raw.input_tokens,
-                UsageField::OutputTokens => &mut raw.output_tokens,
-                UsageField::CacheCreationInputTokens => &mut raw.cache_creation_input_tokens,
-                UsageField::CacheReadInputTokens => &mut raw.cache_read_input_tokens,
-                UsageField::PromptTokensDetails => {
-                    let d: Details = map.next_value()?;
-                    raw.invalid |= d.invalid;
-                    raw.prompt_cached_tokens = d.cached_tokens;
-                    continue;
+            // The count's slot, and which count of a details object goes there.
+            let (slot, details) = match field {
+                UsageField::PromptTokens => (&mut raw.prompt_tokens, None),
+                UsageField::CompletionTokens => (&mut raw.completion_tokens, None),
+                UsageField::InputTokens => (&mut raw.input_tokens, None),
+                UsageField::OutputTokens => (&mut raw.output_tokens, None),
+                UsageField::CacheCreationInputTokens => {
+                    (&mut raw.cache_creation_input_tokens, None)
                 }
-                UsageField::CompletionTokensDetails => {
-                    let d: Details = map.next_value()?;
-                    raw.invalid |= d.invalid;
-                    raw.completion_reasoning_tokens = d.reasoning_tokens;
-                    continue;
-                }
-                UsageField::InputTokensDetails => {
-                    let d: Details = map.next_value()?;
-                    raw.invalid |= d.invalid;
-                    raw.input_cached_tokens = d.cached_tokens;
-                    continue;
-                }
-                UsageField::OutputTokensDetails => {
-                    let d: Details = map.next_value()?;
-                    raw.invalid |= d.invalid;
-                    raw.output_reasoning_tokens = d.reasoning_tokens;
-                    continue;
-                }
+                UsageField::CacheReadInputTokens => (&mut raw.cache_read_input_tokens, None),
+                UsageField::PromptTokensDetails => (
+                    &mut raw.prompt_cached_tokens,
+                    Some(DetailsField::CachedTokens),
+                ),
+                UsageField::CompletionTokensDetails => (
+                    &mut raw.completion_reasoning_tokens,
+                    Some(DetailsField::ReasoningTokens),
+                ),
+                UsageField::InputTokensDetails => (
+                    &mut raw.input_cached_tokens,
+                    Some(DetailsField::CachedTokens),
+                ),
+                UsageField::OutputTokensDetails => (
+                    &mut raw.output_reasoning_tokens,
+                    Some(DetailsField::ReasoningTokens),
+                ),
                 UsageField::Other => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
                 }
             };
-            raw.invalid |= map.next_value::<Count>()?.set(slot);
+            let invalid = match details {
+                None => map.next_value::<Count>()?.set(slot),
+                Some(wanted) => {
+                    let d: Details = map.next_value()?;
+                    *slot = d.get(wanted);
+                    d.invalid
+                }
+            };
+            raw.invalid |= invalid;
         }
         Ok(raw)
     }
+}
 
-    fn visit_unit<E: de::Error>(self) -> Result<RawUsage, E> {
-        // Only reached inside another value; `usage: null` is read as no usage by the caller.
-        Ok(RawUsage::default())
+/// A value read as an object by [`ReadMap::read_map`]; `null` is the default (no counts), and
+/// anything else (a string, number, array, `true`) is consumed and read as
+/// [`ReadMap::garbage`]: only a document error fails the parse.
+trait ReadMap: Default {
+    const EXPECTING: &'static str;
+    fn garbage() -> Self;
+    fn read_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
+}
+
+struct Lenient<T>(PhantomData<T>);
+
+impl<'de, T: ReadMap> Visitor<'de> for Lenient<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(T::EXPECTING)
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<RawUsage, E> {
-        Ok(RawUsage::invalid())
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::read_map(map)
     }
 
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<RawUsage, E> {
-        Ok(RawUsage::invalid())
+    fn visit_unit<E: de::Error>(self) -> Result<T, E> {
+        Ok(T::default())
     }
 
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<RawUsage, E> {
-        Ok(RawUsage::invalid())
+    fn visit_none<E: de::Error>(self) -> Result<T, E> {
+        Ok(T::default())
     }
 
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<RawUsage, E> {
-        Ok(RawUsage::invalid())
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<T, E> {
+        Ok(T::garbage())
     }
 
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<RawUsage, E> {
-        Ok(RawUsage::invalid())
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<T, E> {
+        Ok(T::garbage())
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<RawUsage, A::Error> {
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<T, E> {
+        Ok(T::garbage())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<T, E> {
+        Ok(T::garbage())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<T, E> {
+        Ok(T::garbage())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
         IgnoredAny.visit_seq(seq)?;
-        Ok(RawUsage::invalid())
+        Ok(T::garbage())
     }
 }
 
@@ -260,7 +286,17 @@ struct Details {
     invalid: bool,
 }
 
-#[derive(Deserialize)]
+impl Details {
+    fn get(&self, field: DetailsField) -> Option<u64> {
+        match field {
+            DetailsField::CachedTokens => self.cached_tokens,
+            DetailsField::ReasoningTokens => self.reasoning_tokens,
+            DetailsField::Other => None,
+        }
+    }
+}
+
+#[derive(Deserialize, Clone, Copy)]
 #[serde(field_identifier, rename_all = "snake_case")]
 enum DetailsField {
     CachedTokens,
@@ -271,29 +307,21 @@ enum DetailsField {
 
 impl<'de> Deserialize<'de> for Details {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(DetailsVisitor)
+        deserializer.deserialize_any(Lenient::<Details>(PhantomData))
     }
 }
 
-struct DetailsVisitor;
+impl ReadMap for Details {
+    const EXPECTING: &'static str = "a token details object";
 
-impl DetailsVisitor {
-    fn invalid() -> Details {
+    fn garbage() -> Details {
         Details {
             invalid: true,
             ..Details::default()
         }
     }
-}
 
-impl<'de> Visitor<'de> for DetailsVisitor {
-    type Value = Details;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a token details object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Details, A::Error> {
+    fn read_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Details, A::Error> {
         let mut details = Details::default();
         while let Some(field) = map.next_key::<DetailsField>()? {
             let slot = match field {
@@ -307,39 +335,6 @@ impl<'de> Visitor<'de> for DetailsVisitor {
             details.invalid |= map.next_value::<Count>()?.set(slot);
         }
         Ok(details)
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Details, E> {
-        Ok(Details::default())
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<Details, E> {
-        Ok(Details::default())
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Details, E> {
-        Ok(Self::invalid())
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Details, E> {
-        Ok(Self::invalid())
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Details, E> {
-        Ok(Self::invalid())
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Details, E> {
-        Ok(Self::invalid())
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Details, E> {
-        Ok(Self::invalid())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Details, A::Error> {
-        IgnoredAny.visit_seq(seq)?;
-        Ok(Self::invalid())
     }
 }
 
