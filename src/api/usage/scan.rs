@@ -35,8 +35,9 @@
 //! and nesting it walks through, and only between the usage key and the end (so e.g. a trailing
 //! comma there is accepted). A body cut short (missing its end) exactly after a `}` that closes a
 //! nested object holding a `"usage"` key would be misread as having that usage: pass bodies that
-//! ended normally (an aborted response's partial body should not be trusted). A key spelt with
-//! escapes (`"us\u0061ge"`) is not recognised by the fast path (no provider does that).
+//! ended normally (an aborted response's partial body is read forward instead, by
+//! `read_cut_json_usage`). A key spelt with escapes (`"us\u0061ge"`) is not recognised by the
+//! fast path (no provider does that).
 
 use super::parse::{parse_usage_full, parse_usage_value};
 use super::shape::RawUsage;
