@@ -133,7 +133,7 @@ impl Identity {
 }
 
 /// `Bearer <token>` (scheme case-insensitive) → token.
-fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+pub(crate) fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     let value = trim(value);
     let (scheme, rest) = value.split_at_checked(7)?;
     scheme

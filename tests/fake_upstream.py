@@ -46,6 +46,9 @@ x-fake-status: NNN                 error NNN in the API's shape (429 adds
 x-fake-reset-after: N              SSE: send N events, then RST the
                                    connection (no terminating chunk). JSON:
                                    send headers + first N body bytes, then RST
+x-fake-reset-before-end: N         JSON: send headers + all but the last N body
+                                   bytes, then RST (1: only the closing brace is
+                                   missing, the usage passed whole)
 x-fake-record-body: 1              SSE: keep the exact bytes sent (`sse_body`) and the
                                    usage event (`usage_event`) in the ledger entry
 x-fake-gzip: 1                     gzip the body (content-encoding: gzip)
@@ -59,6 +62,7 @@ x-fake-cached-tokens: N
 x-fake-cache-write-tokens: N
 x-fake-reasoning-tokens: N
 x-fake-hostile: MODE               a hostile upstream (see below)
+x-fake-invalid-count: JSON         the garbage count of invalid-usage (default -1)
 x-fake-bomb-bytes: N               decoded size of a bomb / endless line
                                    (default 1 GiB = 1073741824)
 =================================  =========================================
@@ -89,6 +93,12 @@ block is reused): about 1 MB on the wire per GiB decoded, never held in memory.
                        output_tokens, Responses: prompt_tokens /
                        completion_tokens, Messages: prompt_tokens /
                        completion_tokens)
+    invalid-usage      the normal reply, but the output count of the usage
+                       (chat: completion_tokens, responses and messages:
+                       output_tokens, in message_delta for a stream;
+                       embeddings: prompt_tokens) is the JSON value of
+                       x-fake-invalid-count (default -1: also 2.5, 1e30,
+                       "5", 18446744073709551616, ...)
 Bombs record in the ledger "hostile", "sent_bytes" (body bytes on the wire)
 and "sent_sha256" (of those bytes), so tests can check the client got them
 untouched; their "usage" is the usage written in the body.
@@ -207,6 +217,14 @@ def _int_knob(headers, name, default):
     return value
 
 
+def _json_knob(headers, name, default):
+    raw = headers.get(name)
+    try:
+        return default if raw is None else json.loads(raw)
+    except ValueError:
+        raise KnobError(f"header {name} must be a JSON value, got {raw!r}") from None
+
+
 def _flag(headers, name):
     return (headers.get(name) or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -276,6 +294,12 @@ def compute_usage(api, raw_len, headers, n_chunks, body=None):
     return u
 
 
+def _poison(c, wire_usage, key):
+    """invalid-usage: the count `key` becomes the garbage value asked for."""
+    if c["hostile"] == "invalid-usage":
+        wire_usage[key] = c["invalid_count"]
+
+
 def openai_error(status, message):
     etype, code = OPENAI_ERRORS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
     return {"error": {"message": message, "type": etype, "param": None, "code": code}}
@@ -310,6 +334,7 @@ def build_chat(c):
     }
     if c["hostile"] == "foreign-usage":
         wire_usage = {"input_tokens": u["input"], "output_tokens": u["output"]}
+    _poison(c, wire_usage, "completion_tokens")
     if not c["stream"]:
         obj = {"id": cid, "object": "chat.completion", "created": created, "model": c["model"],
                "choices": [{"index": 0,
@@ -374,6 +399,8 @@ def build_responses(c):
     }
     if wire_usage and c["hostile"] == "foreign-usage":
         wire_usage = {"prompt_tokens": u["input"], "completion_tokens": u["output"]}
+    if wire_usage:
+        _poison(c, wire_usage, "output_tokens")
 
     def part(t):
         return {"type": "output_text", "annotations": [], "logprobs": [], "text": t}
@@ -439,6 +466,7 @@ def build_embeddings(c):
         obj["usage"] = {"prompt_tokens": u["input"], "total_tokens": u["input"]}
         if c["hostile"] == "foreign-usage":
             obj["usage"] = {"input_tokens": u["input"]}
+        _poison(c, obj["usage"], "prompt_tokens")
     return "json", obj, not c["no_usage"]
 
 
@@ -461,6 +489,7 @@ def build_messages(c):
         return m
 
     if not c["stream"]:
+        _poison(c, wire_usage, "output_tokens")
         return "json", message([{"type": "text", "text": text}], "end_turn", wire_usage), not c["no_usage"]
     events = [
         _sse({"type": "message_start",
@@ -477,6 +506,7 @@ def build_messages(c):
     delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}}
     if not c["no_usage"]:
         delta["usage"] = {"completion_tokens" if foreign else "output_tokens": u["output"]}
+        _poison(c, delta["usage"], "output_tokens")
     events.append(_sse(delta, "message_delta"))
     events.append(_sse({"type": "message_stop"}, "message_stop"))
     return "sse", events, None if c["no_usage"] else len(events) - 2
@@ -484,7 +514,7 @@ def build_messages(c):
 
 # --------------------------------------------------------------------------- hostile bodies
 HOSTILE_MODES = ("gzip-bomb-json", "deflate-bomb-json", "gzip-bomb-sse", "gzip-bomb-line",
-                 "endless-line", "absurd-usage", "foreign-usage")
+                 "endless-line", "absurd-usage", "foreign-usage", "invalid-usage")
 BOMB_MODES = HOSTILE_MODES[:5]
 BOMB_BLOCK = 1 << 20
 BOMB_DEFAULT_BYTES = 1 << 30
@@ -708,6 +738,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             n_chunks = _int_knob(h, "x-fake-chunks", 3)
             reset_after = _int_knob(h, "x-fake-reset-after", None)
+            reset_before_end = _int_knob(h, "x-fake-reset-before-end", None)
             delay = _int_knob(h, "x-fake-delay-ms", 0)
             status = 400 if error else _int_knob(h, "x-fake-status", 200)
             only = h.get("x-fake-status-server")
@@ -731,9 +762,11 @@ class Handler(BaseHTTPRequestHandler):
                 kind, payload, usage_where = BUILDERS[api]({
                     "model": entry["model"], "body": body, "stream": entry["stream"],
                     "include_usage": entry["include_usage"], "usage": usage,
-                    "no_usage": _flag(h, "x-fake-no-usage"), "chunks": chunks, "hostile": hostile})
+                    "no_usage": _flag(h, "x-fake-no-usage"), "chunks": chunks, "hostile": hostile,
+                    "invalid_count": _json_knob(h, "x-fake-invalid-count", -1)})
         except KnobError as exc:
             status, error, reset_after, delay, payload, usage = 400, str(exc), None, 0, None, entry["usage"]
+            reset_before_end = None
             hostile = None
         self.server.ledger.update(entry, status=status, usage=usage,
                                   **({"hostile": hostile} if payload is not None and hostile else {}))
@@ -748,7 +781,7 @@ class Handler(BaseHTTPRequestHandler):
             payload = shape(status, error or f"fake upstream: injected status {status}")
             extra += [("retry-after", "1")] if status == 429 else []
         if kind == "json":
-            self._write_json(entry, status, payload, usage_where, extra, gz, reset_after)
+            self._write_json(entry, status, payload, usage_where, extra, gz, reset_after, reset_before_end)
         else:
             self._write_sse(entry, payload, usage_where, extra, gz, reset_after, h.get("x-fake-split"))
 
@@ -781,9 +814,11 @@ class Handler(BaseHTTPRequestHandler):
         self.server.ledger.update(entry, completed=True, usage_sent=True, sent_bytes=sent,
                                   sent_sha256=digest.hexdigest())
 
-    def _write_json(self, entry, status, obj, usage_included, extra, gz, reset_after):
+    def _write_json(self, entry, status, obj, usage_included, extra, gz, reset_after, reset_before_end=None):
         data = gzip.compress(_jdump(obj), mtime=0) if gz else _jdump(obj)
         self._start(status, "application/json", extra, len(data))
+        if reset_before_end:
+            reset_after = max(0, len(data) - reset_before_end)
         if reset_after is not None and reset_after < len(data):
             self.server.ledger.update(entry, reset=True)
             self.wfile.write(data[:reset_after])

@@ -36,9 +36,10 @@
 //!   fields, when present and not `null`, replace `message_start`'s; `message_stop` completes.
 //! * Embeddings never stream: the reader ignores everything and reports no usage.
 //!
-//! A usage object that fails to parse (see `usage/`: negative, fractional, … counts) is ignored
-//! and the previous one, if any, is kept. So is a usage object with none of the API's own count
-//! fields (another vendor's shape, or `{}`); [`SseUsageReader::foreign_usage`] then says so.
+//! A usage object that is invalid (see `usage/`: negative, fractional, … counts) is ignored
+//! and the previous one, if any, is kept; [`SseUsageReader::invalid_usage`] then says so. So is a
+//! usage object with none of the API's own count fields (another vendor's shape, or `{}`);
+//! [`SseUsageReader::foreign_usage`] then says so.
 //!
 //! # Observed output
 //!
@@ -94,6 +95,8 @@ pub struct SseUsageReader {
     overflowed: bool,
     /// A usage object without any of the API's own fields was seen (and ignored).
     foreign: bool,
+    /// An invalid usage object was seen (and ignored).
+    invalid: bool,
 }
 
 /// Anthropic's raw counts, merged over `message_start` and `message_delta`.
@@ -139,6 +142,7 @@ impl SseUsageReader {
             observed_output: 0,
             overflowed: false,
             foreign: false,
+            invalid: false,
         }
     }
 
@@ -218,6 +222,11 @@ impl SseUsageReader {
     /// and ignored.
     pub fn foreign_usage(&self) -> bool {
         self.foreign
+    }
+
+    /// Whether an invalid usage object (a count that is not a `u64`, …) was seen and ignored.
+    pub fn invalid_usage(&self) -> bool {
+        self.invalid
     }
 
     /// True if a line was longer than max_line_bytes and was dropped (usage may be missing).
@@ -394,12 +403,14 @@ impl SseUsageReader {
         match reading {
             usage::Reading::Usage(u) => self.usage = Some(u),
             usage::Reading::Foreign => self.foreign = true,
+            usage::Reading::Invalid => self.invalid = true,
             usage::Reading::Absent => {}
         }
     }
 
     fn merge_anthropic(&mut self, data: &[u8], path: &[&str]) {
         match usage::usage_at(data, path) {
+            Some(raw) if raw.invalid => self.invalid = true,
             Some(raw) if raw.speaks(ApiKind::Messages) => {
                 self.anthropic.get_or_insert_default().merge(&raw);
             }

@@ -13,6 +13,10 @@ pub enum UsageAnomaly {
     Clamped,
     /// A usage object with none of the API's own fields: ignored, charged by the fallbacks.
     ForeignUsage,
+    /// A usage object with a count that is not a `u64` (negative, fractional, `1e30`, over
+    /// `u64`, a string, …), or a usage that is not an object: ignored, charged by the fallbacks
+    /// (a stream: never less output than the deltas that passed).
+    InvalidUsage,
     /// A compressed response decoded to more than `max_decoded_response_bytes`: decoding
     /// stopped, usage after that point was not read.
     DecodeLimit,
@@ -25,6 +29,7 @@ impl UsageAnomaly {
         match self {
             UsageAnomaly::Clamped => "clamped",
             UsageAnomaly::ForeignUsage => "foreign_usage",
+            UsageAnomaly::InvalidUsage => "invalid_usage",
             UsageAnomaly::DecodeLimit => "decode_limit",
             UsageAnomaly::DecodeError => "decode_error",
         }

@@ -44,7 +44,7 @@ pub use record::record_fields;
 use crate::api::request::RequestFacts;
 use crate::api::sse::SseUsageReader;
 use crate::api::strip::UsageChunkStripper;
-use crate::api::usage::{Reading, read_json_usage};
+use crate::api::usage::{Reading, read_cut_json_usage, read_json_usage};
 use crate::api::{ApiKind, Usage};
 use crate::config::Limits;
 use decode::{Decoder, GZIP_HEADER_MAX, INFLATE_OUT_BYTES, Step};
@@ -387,7 +387,8 @@ impl Exchange {
     /// could not be reached (Envoy's response details say so).
     ///
     /// 1. usage reported by the upstream → that usage (a stream cut short: with at least the
-    ///    output deltas that passed);
+    ///    output deltas that passed; a JSON body cut short: when its top-level usage passed
+    ///    whole and the body's start is still held);
     /// 2. else output observed while streaming → prompt estimate + observed output;
     /// 3. else a non-2xx status or an upstream failure → nothing (refund);
     /// 4. else (2xx without usage, or the client left before any answer) → the reservation.
@@ -399,23 +400,36 @@ impl Exchange {
             // An unknown encoding, or a corrupt stream: usage was not readable.
             self.note(UsageAnomaly::DecodeError);
         }
+        let readable = !matches!(self.decoder, Decoder::Broken | Decoder::Capped);
         let reading = match &mut self.body {
-            // A JSON body cut short could end inside a nested object: trust only whole bodies.
-            BodyReader::Json(buf)
-                if self.complete && !matches!(self.decoder, Decoder::Broken | Decoder::Capped) =>
-            {
+            BodyReader::Json(buf) if readable && self.complete => {
                 read_json_usage(self.kind, &buf.bytes)
+            }
+            // Cut short (a reset, a client that left) after its usage passed: the upstream
+            // reported it, so it is charged, as a cut stream's is. Read forward from the first
+            // byte: a backward scan from the cut could start inside a nested object. A body past
+            // `max_response_buffer_bytes` kept only its tail: not readable once cut.
+            BodyReader::Json(buf) if readable && buf.holds_the_start() => {
+                read_cut_json_usage(self.kind, &buf.bytes)
             }
             BodyReader::Sse(reader) => {
                 reader.finish();
                 match reader.usage() {
                     Some(usage) => Reading::Usage(usage),
+                    None if reader.invalid_usage() => Reading::Invalid,
                     None if reader.foreign_usage() => Reading::Foreign,
                     None => Reading::Absent,
                 }
             }
             _ => Reading::Absent,
         };
+        // A stream may have had valid usage besides the invalid one (Anthropic's `message_start`
+        // before a garbage `message_delta`): still an anomaly, and its output is not trusted.
+        let invalid = reading == Reading::Invalid
+            || matches!(&self.body, BodyReader::Sse(reader) if reader.invalid_usage());
+        if invalid {
+            self.note(UsageAnomaly::InvalidUsage);
+        }
         if reading == Reading::Foreign {
             self.note(UsageAnomaly::ForeignUsage);
         }
@@ -428,10 +442,10 @@ impl Exchange {
             _ => (0, false),
         };
         // A stream cut before its end may have reported only part of its usage (Anthropic's
-        // `message_start` carries the input and a placeholder output of 1): never charge less
-        // output than the deltas that passed.
+        // `message_start` carries the input and a placeholder output of 1), and so has one whose
+        // final usage was garbage: never charge less output than the deltas that passed.
         let reported = reported.map(|mut usage| {
-            if stream_cut {
+            if stream_cut || invalid {
                 usage.output = usage.output.max(observed);
             }
             usage
@@ -537,6 +551,154 @@ mod tests {
         assert_eq!(y.usage_anomaly(), Some(UsageAnomaly::ForeignUsage));
     }
 
+    /// Garbage counts in every API's own usage fields, JSON and SSE: charged by the fallbacks
+    /// as before, and flagged `invalid_usage` (they used to fall back silently).
+    #[test]
+    fn invalid_usage_falls_back_and_is_flagged_on_every_api() {
+        const GARBAGE: [&str; 8] = [
+            "-5",
+            "2.5",
+            "5.0",
+            "1e30",
+            "18446744073709551616",
+            "\"5\"",
+            "true",
+            "[5]",
+        ];
+        // (kind, a JSON response whose usage holds `{}` in a count field)
+        let json: [(ApiKind, &str); 5] = [
+            (
+                ApiKind::ChatCompletions,
+                r#"{"choices":[],"usage":{"prompt_tokens":{},"completion_tokens":4}}"#,
+            ),
+            (
+                ApiKind::ChatCompletions,
+                r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"completion_tokens_details":{"reasoning_tokens":{}}}}"#,
+            ),
+            (
+                ApiKind::Responses,
+                r#"{"output":[],"usage":{"input_tokens":3,"output_tokens":{}}}"#,
+            ),
+            (
+                ApiKind::Embeddings,
+                r#"{"data":[],"usage":{"prompt_tokens":{},"total_tokens":3}}"#,
+            ),
+            (
+                ApiKind::Messages,
+                r#"{"content":[],"usage":{"input_tokens":3,"cache_read_input_tokens":{},"output_tokens":4}}"#,
+            ),
+        ];
+        for (kind, body) in json {
+            for bad in GARBAGE {
+                let body = body.replace("{}", bad);
+                let mut x = exchange(kind);
+                x.set_reservation(40, 60);
+                x.on_response_headers(200, Some(b"application/json"), None);
+                x.on_response_body(body.as_bytes());
+                x.on_response_complete();
+                let (usage, source) = x.finish(false);
+                assert_eq!(
+                    (usage.input, usage.output, source),
+                    (40, 60, UsageSource::Reservation),
+                    "{body}"
+                );
+                assert_eq!(
+                    x.usage_anomaly(),
+                    Some(UsageAnomaly::InvalidUsage),
+                    "{body}"
+                );
+            }
+        }
+        // A usage that is not an object at all, or a details member that is not one.
+        for body in [
+            r#"{"usage":"lots"}"#,
+            r#"{"usage":[1,2]}"#,
+            r#"{"usage":7}"#,
+            r#"{"usage":{"prompt_tokens":1,"prompt_tokens_details":[1]}}"#,
+        ] {
+            let mut x = exchange(ApiKind::ChatCompletions);
+            x.on_response_headers(200, Some(b"application/json"), None);
+            x.on_response_body(body.as_bytes());
+            x.on_response_complete();
+            assert_eq!(x.finish(false).1, UsageSource::Reservation, "{body}");
+            assert_eq!(
+                x.usage_anomaly(),
+                Some(UsageAnomaly::InvalidUsage),
+                "{body}"
+            );
+        }
+        let delta = |kind| match kind {
+            ApiKind::Messages => {
+                "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n"
+            }
+            ApiKind::Responses => {
+                "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\n"
+            }
+            _ => "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+        };
+        // (kind, the stream's usage-carrying events with `{}` as a count, its end)
+        let sse: [(ApiKind, &str, &str); 4] = [
+            (
+                ApiKind::ChatCompletions,
+                "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":{}}}\n\n",
+                "data: [DONE]\n\n",
+            ),
+            (
+                ApiKind::Responses,
+                "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":{},\"output_tokens\":9}}}\n\n",
+                "",
+            ),
+            // A garbage message_delta after a valid message_start: the input is kept, the output
+            // is at least the deltas that passed (not message_start's placeholder 1).
+            (
+                ApiKind::Messages,
+                "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":{}}}\n\n",
+                "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            ),
+            (
+                ApiKind::Messages,
+                "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":{},\"output_tokens\":2}}\n\n",
+                "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            ),
+        ];
+        for (kind, usage_events, end) in sse {
+            for bad in GARBAGE {
+                let mut stream = String::new();
+                if kind == ApiKind::Messages {
+                    stream.push_str("event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"output_tokens\":1}}}\n\n");
+                }
+                for _ in 0..3 {
+                    stream.push_str(delta(kind));
+                }
+                stream.push_str(&usage_events.replace("{}", bad));
+                stream.push_str(end);
+                let mut x = exchange(kind);
+                x.on_response_headers(200, Some(b"text/event-stream"), None);
+                x.on_response_body(stream.as_bytes());
+                x.on_response_complete();
+                let (usage, source) = x.finish(false);
+                let want = if kind == ApiKind::Messages {
+                    (20, 3, UsageSource::Reported)
+                } else {
+                    (x.facts.prompt_estimate, 3, UsageSource::Observed)
+                };
+                assert_eq!((usage.input, usage.output, source), want, "{stream}");
+                assert_eq!(
+                    x.usage_anomaly(),
+                    Some(UsageAnomaly::InvalidUsage),
+                    "{stream}"
+                );
+            }
+        }
+        // `null` counts and `"usage":null` chunks are not garbage.
+        let mut x = exchange(ApiKind::ChatCompletions);
+        x.on_response_headers(200, Some(b"text/event-stream"), None);
+        x.on_response_body(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":null}}\n\ndata: [DONE]\n\n");
+        x.on_response_complete();
+        assert_eq!(x.finish(false).1, UsageSource::Reported);
+        assert_eq!(x.usage_anomaly(), None);
+    }
+
     #[test]
     fn json_usage_across_chunks() {
         let mut x = exchange(ApiKind::ChatCompletions);
@@ -550,30 +712,72 @@ mod tests {
         assert_eq!((usage.input, usage.output, usage.cached_input), (11, 7, 3));
     }
 
+    /// A JSON 200 cut short (an upstream reset, a client that left) after its usage passed is
+    /// charged that usage, as a cut stream is (it used to be refunded, or charged the
+    /// reservation); cut before the usage's closing brace, it falls back as before.
     #[test]
-    fn json_cut_short_is_not_trusted() {
+    fn json_cut_short_after_its_usage_is_charged_the_usage() {
+        let usage_end = CHAT_JSON.len() - 1; // the usage object closes just before the last `}`
+        for cut in 0..=CHAT_JSON.len() {
+            for (upstream_failed, fallback) in [
+                (true, UsageSource::Refunded),
+                (false, UsageSource::Reservation),
+            ] {
+                let mut x = exchange(ApiKind::ChatCompletions);
+                x.set_reservation(40, 60);
+                x.on_response_headers(200, Some(b"application/json"), None);
+                let (head, _) = CHAT_JSON.split_at(cut);
+                for chunk in head.chunks(9) {
+                    x.on_response_body(chunk);
+                }
+                let (usage, source) = x.finish(upstream_failed);
+                if cut >= usage_end {
+                    assert_eq!(
+                        (usage.input, usage.output, usage.cached_input, source),
+                        (11, 7, 3, UsageSource::Reported),
+                        "cut at {cut}"
+                    );
+                } else {
+                    assert_eq!(source, fallback, "cut at {cut}");
+                }
+                assert_eq!(x.usage_anomaly(), None);
+            }
+        }
+        // A nested "usage" that passed before the cut is not the body's usage, and neither is
+        // the top-level usage of a body cut after the buffer cap (only its tail was kept).
+        let nested = br#"{"id":"x","choices":[{"message":{"content":"hi","tool_calls":[{"function":{"arguments":"{}"}}]},"extra":{"usage":{"prompt_tokens":9,"completion_tokens":9}}}],"usage":{"prompt_tok"#;
         let mut x = exchange(ApiKind::ChatCompletions);
         x.on_response_headers(200, Some(b"application/json"), None);
-        x.on_response_body(CHAT_JSON);
-        // No end of stream: a client abort charges the reservation, an upstream reset nothing.
-        x.set_reservation(40, 60);
-        let mut y = exchange(ApiKind::ChatCompletions);
+        x.on_response_body(nested);
+        assert_eq!(x.finish(true).1, UsageSource::Refunded);
+        let limits = Limits {
+            max_response_buffer_bytes: 64,
+            ..Limits::default()
+        };
+        let mut y = exchange_with(ApiKind::ChatCompletions, r#"{"model":"m"}"#, limits);
         y.on_response_headers(200, Some(b"application/json"), None);
-        y.on_response_body(CHAT_JSON);
-        assert_eq!(
-            x.finish(false),
-            (
-                Usage {
-                    input: 40,
-                    output: 60,
-                    ..Usage::default()
-                },
-                UsageSource::Reservation
-            )
-        );
+        y.on_response_body(CHAT_JSON.split_at(CHAT_JSON.len() - 1).0);
         assert_eq!(y.finish(true).1, UsageSource::Refunded);
-        // The first call decides: a later one (say, from on_log) changes nothing.
-        assert_eq!(x.finish(true).1, UsageSource::Reservation);
+        // Garbage usage that passed before the cut is flagged; a reported usage over its bound
+        // is clamped; the first call decides.
+        let mut z = exchange(ApiKind::Messages);
+        z.on_response_headers(200, Some(b"application/json"), None);
+        z.on_response_body(br#"{"type":"message","usage":{"input_tokens":-4,"output_tokens":5},"#);
+        assert_eq!(z.finish(true).1, UsageSource::Refunded);
+        assert_eq!(z.usage_anomaly(), Some(UsageAnomaly::InvalidUsage));
+        let mut w = exchange_with(
+            ApiKind::Messages,
+            r#"{"model":"m","max_tokens":3}"#,
+            Limits::default(),
+        );
+        w.on_response_headers(200, Some(b"application/json"), None);
+        w.on_response_body(
+            br#"{"type":"message","usage":{"input_tokens":4,"output_tokens":5},"stop"#,
+        );
+        let (usage, source) = w.finish(true);
+        assert_eq!((usage.output, source), (3, UsageSource::Reported));
+        assert_eq!(w.usage_anomaly(), Some(UsageAnomaly::Clamped));
+        assert_eq!(w.finish(false).1, UsageSource::Reported);
     }
 
     #[test]

@@ -55,6 +55,11 @@ impl TailBuffer {
         self.bytes.extend_from_slice(chunk);
     }
 
+    /// The copy holds the body from its first byte (it never went past the cap).
+    pub(super) fn holds_the_start(&self) -> bool {
+        !self.truncated
+    }
+
     fn keep(&self) -> usize {
         JSON_TAIL_BYTES.min(self.cap)
     }

@@ -4,7 +4,7 @@ use super::{Effects, Gateway, Headers, Host, Request, State};
 use crate::api::{ApiKind, Family};
 use crate::metrics::LabelId;
 use crate::reply::{LocalReply, Refusal};
-use crate::tenant::{API_KEY_HEADERS, KeyDigest, TenantSource};
+use crate::tenant::{API_KEY_HEADERS, KeyDigest, TenantSource, bearer_token};
 use crate::view;
 
 impl Request {
@@ -119,7 +119,8 @@ impl Request {
         }
     }
 
-    /// The usage view: `GET <usage_view.path>` with `Authorization: Bearer <admin token>`.
+    /// The usage view: `GET <usage_view.path>` with `Authorization: Bearer <admin token>` (the
+    /// scheme case-insensitive, as for API keys).
     /// Other methods get 405 (`allow: GET`), whatever the token.
     fn serve_usage_view<'g, H: Host + ?Sized>(
         &mut self,
@@ -132,8 +133,8 @@ impl Request {
         let authorized = config.usage_view.as_ref().is_some_and(|v| {
             headers
                 .get("authorization")
-                .and_then(|a| a.strip_prefix(b"Bearer "))
-                .is_some_and(|token| KeyDigest::of_key(token.trim_ascii()) == v.token)
+                .and_then(bearer_token)
+                .is_some_and(|token| KeyDigest::of_key(token) == v.token)
         });
         let reply = if !is_get {
             Refusal::MethodNotAllowed { allow: "GET" }.reply(Family::OpenAi)

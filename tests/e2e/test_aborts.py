@@ -5,6 +5,8 @@ import socket
 import time
 import uuid
 
+import pytest
+
 from conftest import KEYS
 from harness import http
 
@@ -63,3 +65,36 @@ def test_upstream_reset_after_headers_logs_no_usage(envoy, upstream):
     line = envoy.access_line(rid, timeout=15)
     assert "UR" in line["response_flags"] or "UPE" in line["response_flags"], line
     assert line["usage_source"] == "refunded" and line["output_tokens"] == "0"
+
+
+CUT_JSON = [
+    # (id, path, body, bytes cut from the end, the ledger's usage_source)
+    ("chat-usage-passed", "/v1/chat/completions", {"model": "gpt-4o-mini"}, 1, "reported"),
+    ("chat-cut-in-usage", "/v1/chat/completions", {"model": "gpt-4o-mini"}, 2, "refunded"),
+    ("messages-usage-passed", "/v1/messages", {"model": "claude-3-5-haiku", "max_tokens": 50}, 1, "reported"),
+    ("messages-cut-in-usage", "/v1/messages", {"model": "claude-3-5-haiku", "max_tokens": 50}, 2, "refunded"),
+]
+
+
+@pytest.mark.parametrize("path,body,cut,source", [c[1:] for c in CUT_JSON], ids=[c[0] for c in CUT_JSON])
+def test_json_cut_short_after_its_usage_is_charged_the_usage(envoy, upstream, path, body, cut, source):
+    """A JSON 200 whose upstream resets after the usage object passed whole (only the closing
+    brace missing) is charged that usage, like a cut stream; cut inside the usage, nothing (it
+    used to be refunded in both cases)."""
+    rid = str(uuid.uuid4())
+    try:
+        http("POST", envoy.url + path, {**body, "messages": [{"role": "user", "content": "hi"}]},
+             {"authorization": f"Bearer {KEYS['team-a']}", "x-request-id": rid,
+              "x-fake-request-id": rid, "x-fake-reset-before-end": str(cut)})
+    except Exception:  # noqa: BLE001 - the body was cut short: the client sees a broken response
+        pass
+    line = envoy.access_line(rid, timeout=15)
+    entry = upstream.entry(rid)
+    assert entry["reset"] and not entry["completed"], entry
+    assert "UR" in line["response_flags"] or "UPE" in line["response_flags"], line
+    assert line["usage_source"] == source, line
+    if source == "reported":
+        assert (line["input_tokens"], line["output_tokens"]) == (
+            str(entry["usage"]["input"]), str(entry["usage"]["output"])), (line, entry["usage"])
+    else:
+        assert line["output_tokens"] == "0", line

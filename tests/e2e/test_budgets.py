@@ -78,6 +78,15 @@ def test_usage_view_needs_its_token(genv):
     assert view["shared_keys"]["bound"] == view["shared_keys"]["present"] > 0
 
 
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR"])
+def test_usage_view_reads_the_bearer_scheme_case_insensitively(genv, scheme):
+    """RFC 9110: the authentication scheme is case-insensitive (the view used to 401 these)."""
+    status, _, data = http("GET", genv.url + "/tollgate/usage", None,
+                           {"authorization": f"{scheme} {ADMIN_TOKEN}"})
+    assert status == 200 and "tenants" in json.loads(data), (status, data)
+    assert http("GET", genv.url + "/tollgate/usage", None, {"authorization": f"{scheme} nope"})[0] == 401
+
+
 def test_openai_sdk_raises_rate_limit_error_with_retry_after(genv):
     client = sdk(genv, "small")
     client.chat.completions.create(model="gpt-4o-mini", max_tokens=500, messages=[{"role": "user", "content": "hi"}])

@@ -190,6 +190,40 @@ def test_foreign_usage_shape_on_messages_falls_back(henv, upstream):
     settled(henv)
 
 
+# Garbage where a count should be: negative, fractional, 1e30, a string, 2^64.
+INVALID_COUNTS = ["-1", "2.5", "1e30", '"5"', "18446744073709551616"]
+STREAM = {"stream": True, "stream_options": {"include_usage": True}}
+# id, path, body, the ledger's usage_source and output_tokens (the fallbacks, as before)
+INVALID = [
+    ("chat-json", "/v1/chat/completions", {}, "reservation", "100"),
+    ("chat-sse", "/v1/chat/completions", STREAM, "observed", "3"),
+    ("responses-json", "/v1/responses", {"input": "hi"}, "reservation", "100"),
+    ("responses-sse", "/v1/responses", {"input": "hi", "stream": True}, "observed", "3"),
+    ("embeddings", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}, "reservation", "0"),
+    ("messages-json", "/v1/messages", {"model": "claude-3-5-haiku", "max_tokens": 64}, "reservation", "64"),
+    # message_start's usage stands; the garbage message_delta is ignored: the deltas that passed.
+    ("messages-sse", "/v1/messages", {"model": "claude-3-5-haiku", "max_tokens": 64, "stream": True},
+     "reported", "3"),
+]
+
+
+@pytest.mark.parametrize("path,extra,source,output", [i[1:] for i in INVALID], ids=[i[0] for i in INVALID])
+def test_invalid_usage_falls_back_and_is_flagged(henv, upstream, path, extra, source, output):
+    """Garbage counts used to fall back silently: now the ledger says invalid_usage and the
+    usage_anomalies metric counts each response."""
+    metric = f"wasmcustom.tollgate.tenant.{TENANT}.usage_anomalies"
+    before = henv.stats("usage_anomalies").get(metric, 0)
+    for bad in INVALID_COUNTS:
+        status, _, _, rid = post(henv, extra, {"x-fake-hostile": "invalid-usage",
+                                               "x-fake-invalid-count": bad}, path=path)
+        assert status == 200, bad
+        line = henv.access_line(rid)
+        assert line["usage_anomaly"] == "invalid_usage", (bad, line)
+        assert (line["usage_source"], line["output_tokens"]) == (source, output), (bad, line)
+    assert henv.stats("usage_anomalies").get(metric, 0) == before + len(INVALID_COUNTS)
+    settled(henv)
+
+
 def test_zz_memory_stayed_bounded_and_the_vm_never_failed(henv):
     grown = rss(henv.proc.pid) - henv.rss_before
     print(f"envoy peak RSS {henv.rss_before / (1 << 20):.1f} MiB before the hostile upstream, "

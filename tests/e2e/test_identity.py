@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from conftest import KEYS
 from harness import Envoy, http
 
 SECRET = b"tollgate-demo-secret-change-me"  # the demo key of envoy/tollgate-jwt.yaml
@@ -74,6 +75,18 @@ def test_client_tenant_header_cannot_override_the_claim(jwt_envoy):
                                       "x-tenant-id": "team-a", "x-tollgate-tenant": "team-a"})
     assert status == 200
     assert jwt_envoy.access_line(rid)["tenant"] == "team-b"
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER"])
+def test_bearer_scheme_in_any_case_names_the_tenant(jwt_envoy, envoy, scheme):
+    """The scheme is case-insensitive (RFC 9110): the shipped jwt_authn config lists the usual
+    spellings (its value_prefix is matched case-sensitively), and API keys read any case."""
+    status, _, rid = call(jwt_envoy, {"authorization": f"{scheme} {jwt({'tenant': 'team-b'})}"})
+    assert status == 200, _
+    assert jwt_envoy.access_line(rid)["tenant"] == "team-b"
+    status, _, rid = call(envoy, {"authorization": f"{scheme} {KEYS['team-a']}"})
+    assert status == 200, _
+    assert envoy.access_line(rid)["tenant"] == "team-a"
 
 
 @pytest.mark.parametrize("token", [None, "forged", "bad-signature", "unknown-tenant"])

@@ -8,13 +8,14 @@
 //!
 //! Token counts must be JSON unsigned integers that fit in `u64`; a missing or `null` count is 0,
 //! and a `null` details object is the same as a missing one. A usage object holding a negative,
-//! fractional (`5.0`, `1e3`), out-of-range or non-numeric count is treated as **invalid as a
-//! whole** and yields `None`: a half-trusted usage would be billed silently, whereas `None` lets
-//! the caller fall back to its own estimate and report that usage was missing. A usage value that
-//! is not an object (`null`, array, string, …) also yields `None`, and so does an object with
-//! none of the API's own count fields (`{}`, or Anthropic's `input_tokens`/`output_tokens` on a
-//! Chat Completions path): charging such a usage would bill 0/0; [`read_json_usage`] tells it
-//! apart ([`Reading::Foreign`]) so the caller can count the anomaly.
+//! fractional (`5.0`, `1e3`, `1e30`), out-of-range (`2^64`) or non-numeric (`"5"`) count, or a
+//! details member that is not an object, is treated as **invalid as a whole** and yields `None`:
+//! a half-trusted usage would be billed silently, whereas `None` lets the caller fall back to its
+//! own estimate. So does a usage value that is neither an object nor `null` (array, string,
+//! number). [`read_json_usage`] tells these apart ([`Reading::Invalid`]) from a missing usage so
+//! the caller can count the anomaly (`invalid_usage`). An object with none of the API's own count
+//! fields (`{}`, or Anthropic's `input_tokens`/`output_tokens` on a Chat Completions path) also
+//! yields `None` (charging it would bill 0/0), told apart as [`Reading::Foreign`].
 //!
 //! # Normalisation
 //!
@@ -55,7 +56,10 @@ pub enum Reading {
     /// A usage object without any of the API's own count fields (say Anthropic's
     /// `input_tokens`/`output_tokens` on a Chat Completions path, or `{}`): not this API's usage.
     Foreign,
-    /// No usage (absent, `null`, invalid, or not JSON).
+    /// A usage value with a count that is not a `u64`, or that is not an object at all (see
+    /// "Numbers"): garbage, not usage.
+    Invalid,
+    /// No usage (absent, `null`, or not JSON).
     Absent,
 }
 
@@ -63,13 +67,14 @@ impl Reading {
     pub fn usage(self) -> Option<Usage> {
         match self {
             Reading::Usage(usage) => Some(usage),
-            Reading::Foreign | Reading::Absent => None,
+            Reading::Foreign | Reading::Invalid | Reading::Absent => None,
         }
     }
 
     /// Reads a raw usage object as `kind`'s.
     pub(crate) fn of(kind: ApiKind, raw: Option<RawUsage>) -> Reading {
         match raw {
+            Some(raw) if raw.invalid => Reading::Invalid,
             Some(raw) if raw.speaks(kind) => Reading::Usage(raw.normalise(kind)),
             Some(_) => Reading::Foreign,
             None => Reading::Absent,
@@ -82,9 +87,49 @@ pub fn read_json_usage(kind: ApiKind, body: &[u8]) -> Reading {
     Reading::of(kind, usage_at(body, &["usage"]))
 }
 
+/// The usage of a JSON body that was cut short (an upstream reset, a client that left): `prefix`
+/// must be the body from its first byte (not a tail). The top-level usage counts only if its
+/// value arrived whole before the cut; found by a forward parse (the backward scan needs the
+/// body's end), `O(prefix)` once per such response.
+pub fn read_cut_json_usage(kind: ApiKind, prefix: &[u8]) -> Reading {
+    Reading::of(kind, parse::parse_usage_prefix(prefix))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cut_bodies_give_their_usage_only_once_it_passed_whole() {
+        for (kind, body, want) in fixtures::fixtures() {
+            let bytes = body.as_bytes();
+            let mut seen = false;
+            for cut in 0..=bytes.len() {
+                let (prefix, _) = bytes.split_at(cut);
+                match read_cut_json_usage(kind, prefix) {
+                    Reading::Usage(got) => {
+                        assert_eq!(got, want, "{kind:?} cut at {cut}");
+                        seen = true;
+                    }
+                    // Once read, a later cut never loses it.
+                    other => assert!(!seen && other == Reading::Absent, "{kind:?} at {cut}"),
+                }
+            }
+            assert!(seen, "{kind:?}");
+        }
+        // Not a JSON object, or a nested usage only: nothing.
+        for body in [
+            &b""[..],
+            b"[",
+            br#"{"a":{"usage":{"prompt_tokens":1}}"#,
+            b"null",
+        ] {
+            assert_eq!(
+                read_cut_json_usage(ApiKind::ChatCompletions, body),
+                Reading::Absent
+            );
+        }
+    }
 
     #[test]
     fn usage_null_missing_empty_and_wrong_types() {

@@ -3,9 +3,10 @@
 //! full streaming parse that follows a key path when the backward scan cannot vouch for a body.
 
 use core::fmt;
+use core::marker::PhantomData;
 
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::shape::RawUsage;
 
@@ -21,6 +22,50 @@ pub(super) fn parse_usage_full(body: &[u8], path: &[&str]) -> Option<RawUsage> {
     let found = PathSeed { path }.deserialize(&mut de).ok()?;
     de.end().ok()?;
     found
+}
+
+/// The top-level `usage` value of a JSON body cut short, when it was whole before the cut (its
+/// closing brace arrived). A forward parse from the body's first byte: it knows the nesting depth
+/// of every key, so a `"usage"` nested elsewhere is never taken for the real one, and it stops
+/// with an error where the body was cut, keeping what it had read. `None` if the cut came first.
+pub(super) fn parse_usage_prefix(prefix: &[u8]) -> Option<RawUsage> {
+    let mut found = None;
+    let mut de = serde_json::Deserializer::from_slice(prefix);
+    // The error is the cut (or garbage after the usage): what was captured before it is whole.
+    let _ = PrefixSeed { found: &mut found }.deserialize(&mut de);
+    found.flatten()
+}
+
+/// Walks the top-level object, capturing each whole `usage` value as it is read.
+struct PrefixSeed<'f> {
+    found: &'f mut Option<Option<RawUsage>>,
+}
+
+impl<'de> DeserializeSeed<'de> for PrefixSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PrefixSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(is_usage) = map.next_key_seed(KeyIs("usage"))? {
+            if is_usage {
+                *self.found = Some(map.next_value::<Option<RawUsage>>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Deserialize)]
@@ -42,66 +87,216 @@ enum UsageField {
 
 impl<'de> Deserialize<'de> for RawUsage {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(RawUsageVisitor)
+        deserializer.deserialize_any(Lenient::<RawUsage>(PhantomData))
     }
 }
 
-struct RawUsageVisitor;
+impl ReadMap for RawUsage {
+    const EXPECTING: &'static str = "a usage object";
 
-impl<'de> Visitor<'de> for RawUsageVisitor {
-    type Value = RawUsage;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a usage object")
+    fn garbage() -> RawUsage {
+        RawUsage::invalid()
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawUsage, A::Error> {
+    fn read_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<RawUsage, A::Error> {
         let mut raw = RawUsage::default();
         while let Some(field) = map.next_key::<UsageField>()? {
-            match field {
-                UsageField::PromptTokens => raw.prompt_tokens = map.next_value()?,
-                UsageField::CompletionTokens => raw.completion_tokens = map.next_value()?,
-                UsageField::InputTokens => raw.input_tokens = map.next_value()?,
-                UsageField::OutputTokens => raw.output_tokens = map.next_value()?,
+            // The count's slot, and which count of a details object goes there.
+            let (slot, details) = match field {
+                UsageField::PromptTokens => (&mut raw.prompt_tokens, None),
+                UsageField::CompletionTokens => (&mut raw.completion_tokens, None),
+                UsageField::InputTokens => (&mut raw.input_tokens, None),
+                UsageField::OutputTokens => (&mut raw.output_tokens, None),
                 UsageField::CacheCreationInputTokens => {
-                    raw.cache_creation_input_tokens = map.next_value()?;
+                    (&mut raw.cache_creation_input_tokens, None)
                 }
-                UsageField::CacheReadInputTokens => {
-                    raw.cache_read_input_tokens = map.next_value()?;
-                }
-                UsageField::PromptTokensDetails => {
-                    let d: Option<Details> = map.next_value()?;
-                    raw.prompt_cached_tokens = d.and_then(|d| d.cached_tokens);
-                }
-                UsageField::CompletionTokensDetails => {
-                    let d: Option<Details> = map.next_value()?;
-                    raw.completion_reasoning_tokens = d.and_then(|d| d.reasoning_tokens);
-                }
-                UsageField::InputTokensDetails => {
-                    let d: Option<Details> = map.next_value()?;
-                    raw.input_cached_tokens = d.and_then(|d| d.cached_tokens);
-                }
-                UsageField::OutputTokensDetails => {
-                    let d: Option<Details> = map.next_value()?;
-                    raw.output_reasoning_tokens = d.and_then(|d| d.reasoning_tokens);
-                }
+                UsageField::CacheReadInputTokens => (&mut raw.cache_read_input_tokens, None),
+                UsageField::PromptTokensDetails => (
+                    &mut raw.prompt_cached_tokens,
+                    Some(DetailsField::CachedTokens),
+                ),
+                UsageField::CompletionTokensDetails => (
+                    &mut raw.completion_reasoning_tokens,
+                    Some(DetailsField::ReasoningTokens),
+                ),
+                UsageField::InputTokensDetails => (
+                    &mut raw.input_cached_tokens,
+                    Some(DetailsField::CachedTokens),
+                ),
+                UsageField::OutputTokensDetails => (
+                    &mut raw.output_reasoning_tokens,
+                    Some(DetailsField::ReasoningTokens),
+                ),
                 UsageField::Other => {
                     map.next_value::<IgnoredAny>()?;
+                    continue;
                 }
-            }
+            };
+            let invalid = match details {
+                None => map.next_value::<Count>()?.set(slot),
+                Some(wanted) => {
+                    let d: Details = map.next_value()?;
+                    *slot = d.get(wanted);
+                    d.invalid
+                }
+            };
+            raw.invalid |= invalid;
         }
         Ok(raw)
     }
 }
 
-/// `*_tokens_details`.
+/// A value read as an object by [`ReadMap::read_map`]; `null` is the default (no counts), and
+/// anything else (a string, number, array, `true`) is consumed and read as
+/// [`ReadMap::garbage`]: only a document error fails the parse.
+trait ReadMap: Default {
+    const EXPECTING: &'static str;
+    fn garbage() -> Self;
+    fn read_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
+}
+
+struct Lenient<T>(PhantomData<T>);
+
+impl<'de, T: ReadMap> Visitor<'de> for Lenient<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(T::EXPECTING)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::read_map(map)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<T, E> {
+        Ok(T::default())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<T, E> {
+        Ok(T::default())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<T, E> {
+        Ok(T::garbage())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<T, E> {
+        Ok(T::garbage())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<T, E> {
+        Ok(T::garbage())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<T, E> {
+        Ok(T::garbage())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<T, E> {
+        Ok(T::garbage())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+        IgnoredAny.visit_seq(seq)?;
+        Ok(T::garbage())
+    }
+}
+
+/// One token count as sent: a JSON unsigned integer that fits in `u64`, `null` (no count), or
+/// anything else (negative, fractional, `1e3`, over `u64`, a string, …), which makes the whole
+/// usage object invalid.
+enum Count {
+    Value(u64),
+    Null,
+    Invalid,
+}
+
+impl Count {
+    /// Stores the count in `slot` (a `null` clears it: the last duplicate wins); `true` if it was
+    /// invalid.
+    fn set(self, slot: &mut Option<u64>) -> bool {
+        match self {
+            Count::Value(v) => *slot = Some(v),
+            Count::Null => *slot = None,
+            Count::Invalid => return true,
+        }
+        false
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(CountVisitor)
+    }
+}
+
+struct CountVisitor;
+
+impl<'de> Visitor<'de> for CountVisitor {
+    type Value = Count;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a token count")
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
+        Ok(Count::Value(v))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
+        Ok(u64::try_from(v).map_or(Count::Invalid, Count::Value))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Count, E> {
+        Ok(Count::Invalid)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
+        Ok(Count::Invalid)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Count, E> {
+        Ok(Count::Invalid)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
+        Ok(Count::Null)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Count, E> {
+        Ok(Count::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Count, A::Error> {
+        IgnoredAny.visit_seq(seq)?;
+        Ok(Count::Invalid)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Count, A::Error> {
+        IgnoredAny.visit_map(map)?;
+        Ok(Count::Invalid)
+    }
+}
+
+/// `*_tokens_details`: an object, or `null` (the same as missing); anything else is invalid.
 #[derive(Default)]
 struct Details {
     cached_tokens: Option<u64>,
     reasoning_tokens: Option<u64>,
+    invalid: bool,
 }
 
-#[derive(Deserialize)]
+impl Details {
+    fn get(&self, field: DetailsField) -> Option<u64> {
+        match field {
+            DetailsField::CachedTokens => self.cached_tokens,
+            DetailsField::ReasoningTokens => self.reasoning_tokens,
+            DetailsField::Other => None,
+        }
+    }
+}
+
+#[derive(Deserialize, Clone, Copy)]
 #[serde(field_identifier, rename_all = "snake_case")]
 enum DetailsField {
     CachedTokens,
@@ -112,29 +307,32 @@ enum DetailsField {
 
 impl<'de> Deserialize<'de> for Details {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(DetailsVisitor)
+        deserializer.deserialize_any(Lenient::<Details>(PhantomData))
     }
 }
 
-struct DetailsVisitor;
+impl ReadMap for Details {
+    const EXPECTING: &'static str = "a token details object";
 
-impl<'de> Visitor<'de> for DetailsVisitor {
-    type Value = Details;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a token details object")
+    fn garbage() -> Details {
+        Details {
+            invalid: true,
+            ..Details::default()
+        }
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Details, A::Error> {
+    fn read_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Details, A::Error> {
         let mut details = Details::default();
         while let Some(field) = map.next_key::<DetailsField>()? {
-            match field {
-                DetailsField::CachedTokens => details.cached_tokens = map.next_value()?,
-                DetailsField::ReasoningTokens => details.reasoning_tokens = map.next_value()?,
+            let slot = match field {
+                DetailsField::CachedTokens => &mut details.cached_tokens,
+                DetailsField::ReasoningTokens => &mut details.reasoning_tokens,
                 DetailsField::Other => {
                     map.next_value::<IgnoredAny>()?;
+                    continue;
                 }
-            }
+            };
+            details.invalid |= map.next_value::<Count>()?.set(slot);
         }
         Ok(details)
     }
@@ -237,7 +435,7 @@ impl<'de> Visitor<'de> for KeyIs<'_> {
 #[cfg(test)]
 mod tests {
     use crate::api::ApiKind;
-    use crate::api::usage::usage_from_json;
+    use crate::api::usage::{Reading, read_json_usage, usage_from_json};
 
     #[test]
     fn invalid_numbers_invalidate_the_usage() {
@@ -246,15 +444,54 @@ mod tests {
             r#"{"usage":{"prompt_tokens":1.5}}"#,
             r#"{"usage":{"prompt_tokens":5.0}}"#,
             r#"{"usage":{"prompt_tokens":1e3}}"#,
+            r#"{"usage":{"prompt_tokens":1e30}}"#,
             r#"{"usage":{"prompt_tokens":"5"}}"#,
             r#"{"usage":{"prompt_tokens":18446744073709551616}}"#,
+            r#"{"usage":{"prompt_tokens":{"n":1}}}"#,
             r#"{"usage":{"prompt_tokens_details":{"cached_tokens":-3}}}"#,
             r#"{"usage":{"prompt_tokens_details":[1]}}"#,
+            r#"{"usage":{"prompt_tokens_details":"x"}}"#,
+            // Garbage in a field the API does not read still makes the object garbage.
+            r#"{"usage":{"prompt_tokens":3,"input_tokens":-1}}"#,
+            r#"{"usage":"lots"}"#,
+            r#"{"usage":[1,2,3]}"#,
+            r#"{"usage":5}"#,
+            // The full parse (text the backward scan cannot vouch for after the usage) agrees.
+            r#"{"usage":{"prompt_tokens":-1},"a": [1, 2] }"#,
+            "{\"usage\":{\"prompt_tokens\":-1},\"a\":\"\\u00e9\"}",
         ] {
             assert_eq!(
                 usage_from_json(ApiKind::ChatCompletions, bad.as_bytes()),
                 None,
                 "{bad}"
+            );
+            assert_eq!(
+                read_json_usage(ApiKind::ChatCompletions, bad.as_bytes()),
+                Reading::Invalid,
+                "{bad}"
+            );
+        }
+        // A broken document is no usage, not invalid usage; `null` counts and details are fine.
+        for (body, want) in [
+            (r#"{"usage":{"prompt_tokens":-1}"#, Reading::Absent),
+            (r#"{"usage":{"prompt_tokens":-1}},"#, Reading::Absent),
+            (
+                r#"{"usage":{"prompt_tokens":1},"a": nope}"#,
+                Reading::Absent,
+            ),
+            (r#"{"usage":null}"#, Reading::Absent),
+            (
+                r#"{"usage":{"prompt_tokens":1,"completion_tokens":null,"prompt_tokens_details":null}}"#,
+                Reading::Usage(crate::api::Usage {
+                    input: 1,
+                    ..crate::api::Usage::default()
+                }),
+            ),
+        ] {
+            assert_eq!(
+                read_json_usage(ApiKind::ChatCompletions, body.as_bytes()),
+                want,
+                "{body}"
             );
         }
         let max = format!(r#"{{"usage":{{"prompt_tokens":{}}}}}"#, u64::MAX);

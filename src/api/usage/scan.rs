@@ -35,8 +35,9 @@
 //! and nesting it walks through, and only between the usage key and the end (so e.g. a trailing
 //! comma there is accepted). A body cut short (missing its end) exactly after a `}` that closes a
 //! nested object holding a `"usage"` key would be misread as having that usage: pass bodies that
-//! ended normally (an aborted response's partial body should not be trusted). A key spelt with
-//! escapes (`"us\u0061ge"`) is not recognised by the fast path (no provider does that).
+//! ended normally (an aborted response's partial body is read forward instead, by
+//! `read_cut_json_usage`). A key spelt with escapes (`"us\u0061ge"`) is not recognised by the
+//! fast path (no provider does that).
 
 use super::parse::{parse_usage_full, parse_usage_value};
 use super::shape::RawUsage;
@@ -247,7 +248,7 @@ mod tests {
     use super::*;
     use crate::api::ApiKind;
     use crate::api::usage::fixtures::{MESSAGES, RESPONSES, fixtures};
-    use crate::api::usage::parse::parse_usage_full;
+    use crate::api::usage::parse::{parse_usage_full, parse_usage_prefix};
     use crate::api::usage::usage_from_json;
     use proptest::prelude::*;
 
@@ -607,6 +608,19 @@ mod tests {
                 for start in 1..bytes.len() {
                     let tail = usage_at(&bytes[start..], &["usage"]);
                     prop_assert!(tail.is_none() || tail == full, "{} from {}", doc, start);
+                }
+            }
+
+            /// A cut body never gives a usage the whole body does not have: every prefix reads
+            /// as no usage or as the whole body's (duplicate-free) top-level usage.
+            #[test]
+            fn cut_bodies_never_invent_a_usage(doc in json_object()) {
+                let bytes = doc.as_bytes();
+                let full = parse_usage_full(bytes, &["usage"]);
+                prop_assert_eq!(parse_usage_prefix(bytes), full, "{}", doc);
+                for cut in 0..bytes.len() {
+                    let got = parse_usage_prefix(&bytes[..cut]);
+                    prop_assert!(got.is_none() || got == full, "{} cut at {}", doc, cut);
                 }
             }
 

@@ -21,9 +21,21 @@ pub(crate) struct RawUsage {
     pub(crate) input_cached_tokens: Option<u64>,
     /// `output_tokens_details.reasoning_tokens` (Responses).
     pub(crate) output_reasoning_tokens: Option<u64>,
+    /// A count was not a `u64` (negative, fractional, `1e3`, over `u64`, a string, …), a details
+    /// member was not an object, or the usage itself was not an object: the whole object is
+    /// garbage, charged by the fallbacks and flagged `invalid_usage`.
+    pub(crate) invalid: bool,
 }
 
 impl RawUsage {
+    /// A usage object that cannot be trusted (see [`RawUsage::invalid`]).
+    pub(crate) fn invalid() -> RawUsage {
+        RawUsage {
+            invalid: true,
+            ..RawUsage::default()
+        }
+    }
+
     /// Whether at least one of `kind`'s own count fields is present (and not `null`): a usage
     /// object without any is another API's (or empty) and must not be charged as 0/0.
     pub(crate) fn speaks(&self, kind: ApiKind) -> bool {

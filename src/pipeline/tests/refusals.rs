@@ -191,6 +191,36 @@ fn the_usage_view_answers_its_token_and_only_get() {
 }
 
 #[test]
+fn the_usage_view_reads_the_bearer_scheme_case_insensitively() {
+    let gw = gateway(json!({"usage_view": {"path": "/tollgate/usage",
+        "admin_token_sha256": sha("admin")}}));
+    let host = Fake::new();
+    let get = |authorization: &str| {
+        let call = Call::post("/tollgate/usage", None, json!({}))
+            .header(":method", "GET")
+            .header("authorization", authorization);
+        run(&gw, &host, &call, None).status()
+    };
+    for ok in [
+        "Bearer admin",
+        "bearer admin",
+        "BEARER admin",
+        "bEaReR  admin ",
+    ] {
+        assert_eq!(get(ok), 200, "{ok:?}");
+    }
+    for refused in [
+        "Basic admin",
+        "Bearer",
+        "bearer nope",
+        "Bearer: admin",
+        "admin",
+    ] {
+        assert_eq!(get(refused), 401, "{refused:?}");
+    }
+}
+
+#[test]
 fn the_client_routing_header_is_dropped_and_identity_asked_for() {
     let gw = gateway(json!({}));
     let host = Fake::new();
