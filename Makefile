@@ -14,7 +14,7 @@ TRAP_WASM := target/test-trap/wasm32-wasip1/release/tollgate.wasm
 WASM_RUNNER := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/tests/wasi-run.mjs"
 FUZZ_SECONDS ?= 60
 
-.PHONY: soak build test lint rls limits-examples test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz bench loadtest oci compose-render clean toolchain
+.PHONY: docs-check docs-sync soak build test lint rls limits-examples test-unit test-wasm test-e2e validate envoy demo demo-stop fuzz bench loadtest oci compose-render clean toolchain
 
 toolchain:
 	@rustup target list --installed 2>/dev/null | grep -q $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -78,7 +78,20 @@ limits-examples:
 test-e2e: build envoy $(TRAP_WASM) rls
 	$(PY) -m pytest -q tests/e2e
 
-test: lint test-unit test-wasm validate test-e2e
+test: lint docs-check test-unit test-wasm validate test-e2e
+
+# The README and docs/ against the code (tests/docs_check.py: links, snippets, metrics, ledger
+# fields, the configuration reference); seconds. JSON snippets are loaded by the filter's own
+# parser through tollgate-limits, built here (make rls builds the same binary).
+DOCS_CHECK_DEPS := $(VENV)/.installed
+docs-check: $(DOCS_CHECK_DEPS)
+	$(CARGO) build -q --features cli --bin tollgate-limits
+	$(PY) tests/docs_check.py
+
+# Rewrites every snippet under a `<!-- snippet: PATH -->` marker from its source, then checks.
+docs-sync: $(DOCS_CHECK_DEPS)
+	$(CARGO) build -q --features cli --bin tollgate-limits
+	$(PY) tests/docs_check.py --sync
 
 # cargo-fuzz (libFuzzer) needs nightly; both are installed when missing. The targets run one at a
 # time for FUZZ_SECONDS each (all of them, or FUZZ_TARGETS="strip rewrite"); a failing target does
