@@ -510,10 +510,14 @@ def check_readme():
         if cmd not in screen:
             fail(README, f"`{cmd}` is not on the first screen (the first 40 lines)")
     linked = set(re.findall(r"\]\((docs/[^)#\s]+)", text))
+    index = f"{BOOK}/README.md"
+    in_index = {f"{BOOK}/{p}" for p in re.findall(r"\]\(([^)#\s/]+\.md)", read(index))} if os.path.exists(os.path.join(ROOT, index)) else set()
     for page in sorted(os.listdir(os.path.join(ROOT, BOOK))):
         rel = f"{BOOK}/{page}"
         if page.endswith(".md") and page != "README.md" and rel not in linked:
             fail(README, f"{rel} is not linked from the README (one click to every page)")
+        if page.endswith(".md") and page != "README.md" and rel not in in_index:
+            fail(index, f"{rel} is not in the book's index")
 
 
 def main():
