@@ -15,6 +15,8 @@ Checks, each failing with the file and line it is about:
             page names a tollgate_* metric the code does not define
   ledger    every filter-state field the filter writes is printed by each shipped access log, and
             the access log's fields are exactly those the ledger page's tables document
+  refusals  every refusal src/reply.rs builds (status, decision, OpenAI code, Anthropic type) has
+            its row in the refusals page, and its decision is in the ledger's `decision` row
   config    the configuration reference's rows are exactly the fields of envoy/tollgate.schema.json,
             and a default the schema states is the one the reference states
   readme    README.md is at most 250 lines, says `make demo` and `make test` on its first screen,
@@ -32,6 +34,7 @@ README = "README.md"
 BOOK = "docs"
 LEDGER_PAGE = "docs/ledger-and-metrics.md"
 CONFIG_PAGE = "docs/configuration.md"
+REFUSALS_PAGE = "docs/refusals.md"
 SCHEMA = "envoy/tollgate.schema.json"
 LIMITS_BIN = "target/debug/tollgate-limits"
 ENVOY = ".venv/bin/envoy"
@@ -434,6 +437,38 @@ def check_ledger():
 
 
 # ---------------------------------------------------------------------------------------------
+# refusals
+
+
+def code_refusals():
+    """(status, decision, OpenAI code or None, Anthropic type) of every reply src/reply.rs builds."""
+    src = code_before_tests("src/reply.rs")
+    found = re.findall(
+        r'\(\s*(\d{3}),\s*"(\w+)",[^;]*?\(\s*(?:"\w+"|\*\w+),\s*(?:Some\("(\w+)"\)|None)\s*\),\s*"(\w+)",?\s*\)',
+        src)
+    return [(int(status), decision, code or None, anthropic) for status, decision, code, anthropic in found]
+
+
+def check_refusals():
+    refusals = code_refusals()
+    if len(refusals) < 8:
+        fail("src/reply.rs", f"only {len(refusals)} refusals found: the checker's reading is stale")
+    rows = table_rows(read(REFUSALS_PAGE), "status")
+    decision_row = next((cells for _, cells in table_rows(read(LEDGER_PAGE), "field")
+                         if cells[0] == "`decision`"), None)
+    for status, decision, code, anthropic in refusals:
+        mine = [cells for _, cells in rows if cells[0] == str(status)]
+        if not mine:
+            fail(REFUSALS_PAGE, f"no row for status {status} ({decision}, src/reply.rs)")
+        elif code and not any(f"`{code}`" in cells[2] for cells in mine):
+            fail(REFUSALS_PAGE, f"no {status} row names the OpenAI code {code} ({decision})")
+        elif not any(f"`{anthropic}`" in cells[3] or "OpenAI shape only" in cells[3] for cells in mine):
+            fail(REFUSALS_PAGE, f"no {status} row names the Anthropic type {anthropic} ({decision})")
+        if decision_row is None or f"`{decision}`" not in decision_row[1]:
+            fail(LEDGER_PAGE, f"the ledger's decision row does not name {decision} (a {status}, src/reply.rs)")
+
+
+# ---------------------------------------------------------------------------------------------
 # configuration reference
 
 
@@ -527,6 +562,7 @@ def main():
     check_links(own + others)
     check_metrics(own)
     check_ledger()
+    check_refusals()
     check_config()
     check_readme()
     for e in errors:
