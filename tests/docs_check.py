@@ -377,7 +377,8 @@ def written_fields():
 
 
 def access_logs():
-    """Each shipped Envoy config's JSON access-log fields: {file: {key: filter-state name or None}}."""
+    """Each shipped Envoy config's access-log fields (JSON file logs, OpenTelemetry attributes):
+    {log: {key: filter-state name or None}}."""
     logs = {}
     candidates = [os.path.join("envoy", f) for f in sorted(os.listdir(os.path.join(ROOT, "envoy")))]
     for top in sorted(os.listdir(os.path.join(ROOT, "examples"))):
@@ -403,6 +404,11 @@ def access_logs():
                     state = re.search(r"FILTER_STATE\(wasm\.tollgate\.([a-z_]+):", m.group(2))
                     fields[m.group(1)] = state.group(1) if state else None
             logs.setdefault(rel, {}).update(fields)
+        # An OpenTelemetry access logger's attributes: `- { key: NAME, value: { string_value: "…" } }`.
+        for m in re.finditer(r'^\s*-\s*\{\s*key:\s*(\w+),\s*value:\s*\{\s*string_value:\s*"([^"]*)"',
+                             "\n".join(lines), re.M):
+            state = re.search(r"FILTER_STATE\(wasm\.tollgate\.([a-z_]+):", m.group(2))
+            logs.setdefault(f"{rel} (OpenTelemetry)", {})[m.group(1)] = state.group(1) if state else None
     return logs
 
 
