@@ -16,7 +16,8 @@ Checks, each failing with the file and line it is about:
   ledger    every filter-state field the filter writes is printed by each shipped access log, and
             the access log's fields are exactly those the ledger page's tables document
   refusals  every refusal src/reply.rs builds (status, decision, OpenAI code, Anthropic type) has
-            its row in the refusals page, and its decision is in the ledger's `decision` row
+            its row in the refusals page, and its decision (and every decision the pipeline writes
+            as a literal) is in the ledger's `decision` row
   config    the configuration reference's rows are exactly the fields of envoy/tollgate.schema.json,
             and a default the schema states is the one the reference states
   readme    README.md is at most 250 lines, says `make demo` and `make test` on its first screen,
@@ -472,6 +473,11 @@ def check_refusals():
             fail(REFUSALS_PAGE, f"no {status} row names the Anthropic type {anthropic} ({decision})")
         if decision_row is None or f"`{decision}`" not in decision_row[1]:
             fail(LEDGER_PAGE, f"the ledger's decision row does not name {decision} (a {status}, src/reply.rs)")
+    # Decisions written as literals (admitted, a client that left while its request waited).
+    for rel in rust_sources():
+        for decision in re.findall(r'"tollgate\.decision",\s*"(\w+)"', code_before_tests(rel)):
+            if decision_row is None or f"`{decision}`" not in decision_row[1]:
+                fail(LEDGER_PAGE, f"the ledger's decision row does not name {decision} ({rel})")
 
 
 # ---------------------------------------------------------------------------------------------
