@@ -5,6 +5,8 @@ import json
 import os
 import re
 import signal
+import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -12,7 +14,7 @@ import uuid
 import yaml
 
 from conftest import KEYS, api_key_config
-from harness import ROOT, Envoy, http, render
+from harness import ENVOY, ROOT, WASM, Envoy, free_port, http, render
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -169,3 +171,64 @@ def test_every_shipped_ledger_has_an_id_no_client_chooses():
     assert provider["envoyFileAccessLog"]["logFormat"]["labels"] == {**shipped, "request_id": "%UNIQUE_ID%"}
     (logging,) = docs["Telemetry"]["spec"]["accessLogging"]
     assert logging["providers"] == [{"name": provider["name"]}]
+
+
+def test_the_opentelemetry_export_sends_each_line_with_the_same_request_id(tmp_path):
+    """envoy/tollgate-providers.yaml's OpenTelemetry access logger sends a request's record to the
+    collector (every 100 ms; the test waits at most 5 s) with the file line's request_id. The
+    collector is a bare socket that answers HTTP/2's SETTINGS and keeps the bytes: protobuf
+    strings travel as they are."""
+    collector = socket.socket()
+    collector.bind(("127.0.0.1", 0))
+    collector.listen(4)
+    collector.settimeout(10)
+    received = bytearray()
+
+    def serve():
+        try:
+            conn, _ = collector.accept()
+        except OSError:
+            return
+        conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS frame
+        while data := conn.recv(65536):
+            received.extend(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    port, admin = free_port(), free_port()
+    with open(os.path.join(ROOT, "envoy", "tollgate-providers.yaml"), encoding="utf-8") as f:
+        text = render.render(f.read(), {
+            "LISTEN_PORT": str(port), "ADMIN_PORT": str(admin), "WASM_PATH": WASM,
+            "ACCESS_LOG": str(tmp_path / "access.log"),
+            "PLUGIN_CONFIG_FILE": os.path.join(ROOT, "envoy", "tollgate-providers.json"),
+            "LEDGER_COLLECTOR_ENDPOINTS": "127.0.0.1:%d" % collector.getsockname()[1]})
+    (tmp_path / "envoy.yaml").write_text(text, encoding="utf-8")
+    with open(tmp_path / "envoy.log", "w") as log:
+        proc = subprocess.Popen([ENVOY, "-c", str(tmp_path / "envoy.yaml"), "--concurrency", "1",
+                                 "--disable-hot-restart", *render.ENVOY_FLAGS], stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 30
+        while True:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "envoy.log").read_text()
+            try:
+                if http("GET", f"http://127.0.0.1:{admin}/ready", timeout=1)[2].strip() == b"LIVE":
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        # No key: Tollgate's 401, a ledger line like any other, and no provider is called.
+        status, _, _ = http("POST", f"http://127.0.0.1:{port}/v1/chat/completions", CHAT,
+                            {"content-type": "application/json", "x-request-id": "client-chosen"})
+        assert status == 401
+        deadline = time.time() + 5
+        while True:
+            lines = complete_lines(tmp_path / "access.log")
+            if lines and lines[-1]["request_id"].encode() in received:
+                break
+            assert time.time() < deadline, (lines, bytes(received))
+            time.sleep(0.05)
+        assert lines[-1]["client_request_id"] == "client-chosen"
+        assert b"unauthenticated" in received  # the record's decision attribute
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        collector.close()
