@@ -57,7 +57,7 @@ DEFAULTS = {
 # The command-line flags every shipped Envoy runs with (the tests, `make demo`, both compose
 # examples; examples/istio/gateway-values.yaml sets the same through ProxyConfig). They bound what
 # a crash loses of the access log, the billing ledger: by default Envoy buffers access-log lines
-# until 64 KiB are waiting or 10 s have passed, so a SIGKILL lost every line of those 10 s. With
+# until 64 KiB are waiting or 10 s have passed, so a SIGKILL lost up to that much. With
 # a minimum flush size of 0, each line goes to the file's flush thread as soon as it is written
 # (one write per line or per burst, on that thread, never on a worker); the 100 ms timer is the
 # backstop. A bootstrap cannot set these: they are Envoy flags only.
