@@ -575,7 +575,7 @@ def test_istio_resources_have_the_expected_kinds_and_selectors():
     namespaces = {d["metadata"]["namespace"] for kind, ds in tollgate.items() if kind != "IstioOperator"
                   for d in ds}
     assert namespaces == {"istio-ingress"}
-    assert one(docs, "Telemetry")["spec"]["selector"] == selector
+    assert one(docs, "Telemetry")["spec"]["selector"]["matchLabels"] == selector
     # The rate-limit service lives in a namespace of its own, which the file creates.
     budgets = istio_resources(only=(GLOBAL_BUDGETS_YAML,))
     namespace = one(budgets, "Namespace")["metadata"]["name"]
