@@ -93,10 +93,11 @@ class FakeUpstream:
 
 
 class Envoy:
-    """The real Envoy 1.40 running a rendered config from envoy/."""
+    """The real Envoy 1.40 running a rendered config from envoy/, with the shipped flags
+    (render.ENVOY_FLAGS) unless `flags` replaces them."""
 
     def __init__(self, plugin_config, upstream_port, template="tollgate.yaml", concurrency=2,
-                 extra=None, expect_failure=False):
+                 extra=None, expect_failure=False, flags=None):
         self.dir = tempfile.mkdtemp(prefix="tollgate-envoy-")
         self.port = free_port()
         self.admin_port = free_port()
@@ -124,7 +125,7 @@ class Envoy:
         self.log_file = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [ENVOY, "-c", self.config_path, "--concurrency", str(concurrency),
-             "--disable-hot-restart", "--log-level", "info", "--file-flush-interval-msec", "50"],
+             "--disable-hot-restart", "--log-level", "info", *(flags or render.ENVOY_FLAGS)],
             stdout=self.log_file, stderr=subprocess.STDOUT,
         )
         self.url = f"http://127.0.0.1:{self.port}"
@@ -161,7 +162,7 @@ class Envoy:
         deadline = time.time() + timeout
         while time.time() < deadline:
             for line in self.access_lines():
-                if line.get("request_id") == request_id:
+                if line.get("client_request_id") == request_id:
                     return line
             time.sleep(0.05)
         raise AssertionError(f"no access log line for {request_id}")
