@@ -73,7 +73,14 @@ pub struct Bucket {
 }
 
 const BUCKET_BYTES: usize = 16 + RING_BYTES;
-const LEASE_BYTES: usize = 40;
+const LEASE_BYTES: usize = 64;
+/// A lease as builds before the refill backoff stored it (read on a VM reload, its new fields 0).
+const LEASE_BYTES_V1: usize = 40;
+
+/// After a refill got no answer the service is not asked for this long, doubled per failure in a
+/// row up to [`MAX_BACKOFF_MS`] (per Envoy: the lease is in shared data).
+pub const BACKOFF_MS: u64 = 1_000;
+pub const MAX_BACKOFF_MS: u64 = 8_000;
 
 /// What this Envoy took from a global limit's counter in the current window (amounts in the
 /// limit's unit: tokens or picodollars).
@@ -90,6 +97,13 @@ pub struct Lease {
     /// A worker of this Envoy is refilling the lease until then (ms; 0: none is): the others
     /// wait for it instead of asking too.
     pub refilling_until: u64,
+    /// Refills in a row that got no answer (kept across windows; 0 after an answer).
+    pub failures: u64,
+    /// The service is not asked before then (ms; kept across windows): the backoff.
+    pub down_until: u64,
+    /// This window, what refills that got no answer asked for after they were sent: the
+    /// service may have counted it without granting it (unconfirmed).
+    pub unconfirmed: u64,
 }
 
 impl Default for Lease {
@@ -100,6 +114,9 @@ impl Default for Lease {
             refused_at: u64::MAX,
             fallback: 0,
             refilling_until: 0,
+            failures: 0,
+            down_until: 0,
+            unconfirmed: 0,
         }
     }
 }
@@ -115,18 +132,26 @@ impl Bucket {
         };
         let lease_at = BUCKET_BYTES / 8;
         match bytes {
-            Some(b) if b.len() == BUCKET_BYTES || b.len() == BUCKET_BYTES + LEASE_BYTES => Bucket {
-                window_start: field(0),
-                used: field(1),
-                held: Ring::decode(b.get(16..BUCKET_BYTES).unwrap_or_default()),
-                lease: (b.len() > BUCKET_BYTES).then(|| Lease {
-                    granted: field(lease_at),
-                    remaining: field(lease_at + 1),
-                    refused_at: field(lease_at + 2),
-                    fallback: field(lease_at + 3),
-                    refilling_until: field(lease_at + 4),
-                }),
-            },
+            Some(b)
+                if [0, LEASE_BYTES_V1, LEASE_BYTES]
+                    .contains(&b.len().wrapping_sub(BUCKET_BYTES)) =>
+            {
+                Bucket {
+                    window_start: field(0),
+                    used: field(1),
+                    held: Ring::decode(b.get(16..BUCKET_BYTES).unwrap_or_default()),
+                    lease: (b.len() > BUCKET_BYTES).then(|| Lease {
+                        granted: field(lease_at),
+                        remaining: field(lease_at + 1),
+                        refused_at: field(lease_at + 2),
+                        fallback: field(lease_at + 3),
+                        refilling_until: field(lease_at + 4),
+                        failures: field(lease_at + 5),
+                        down_until: field(lease_at + 6),
+                        unconfirmed: field(lease_at + 7),
+                    }),
+                }
+            }
             _ => Bucket::default(),
         }
     }
@@ -143,6 +168,9 @@ impl Bucket {
                 lease.refused_at,
                 lease.fallback,
                 lease.refilling_until,
+                lease.failures,
+                lease.down_until,
+                lease.unconfirmed,
             ] {
                 out.extend_from_slice(&field.to_le_bytes());
             }
@@ -163,7 +191,13 @@ impl Bucket {
         self.lease = match (limit.global, self.lease) {
             (None, _) => None,
             (Some(_), Some(lease)) if !new_window => Some(lease),
-            (Some(_), _) => Some(Lease::default()),
+            // The backoff outlives the window: the service is as slow in the next one.
+            (Some(_), Some(lease)) => Some(Lease {
+                failures: lease.failures,
+                down_until: lease.down_until,
+                ..Lease::default()
+            }),
+            (Some(_), None) => Some(Lease::default()),
         };
         self.held.advance(epoch);
         self
@@ -329,37 +363,60 @@ pub enum Refill {
     /// The service refused `need`: nothing this large is granted again this window, nor
     /// anything above what it says is left (`remaining`, when it says).
     Refused { need: u64, remaining: Option<u64> },
-    /// The service could not be asked: the fallback allowance is granted once per window, if
-    /// the limit has one.
-    Unavailable,
+    /// The service gave no answer: the fallback allowance is granted once per window, if the
+    /// limit has one, and the service is not asked again until the backoff ends. `asked`: what
+    /// the call asked for if it was sent (the service may have counted it: unconfirmed).
+    Unavailable { asked: u64 },
     /// As `Unavailable`, decided without a call (the service failed a moment ago): another
     /// worker's claim on the refill stays.
     Fallback,
 }
 
-/// Claims the refill of `limit`'s lease for this worker until `until_ms`. Returns whether it
-/// did (no other worker of this Envoy is refilling it) and the bucket as it is now.
+/// Whether a worker may refill a lease now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This worker claimed it: the bucket as it is now.
+    Claimed(Bucket),
+    /// Another worker of this Envoy is refilling it.
+    Busy(Bucket),
+    /// The service failed a moment ago: no one asks it until the backoff ends.
+    Down,
+}
+
+/// Claims the refill of `limit`'s lease for this worker until `until_ms`, unless another worker
+/// of this Envoy is refilling it or the service is backed off.
 pub fn claim_refill<S: SharedStore + ?Sized>(
     store: &S,
     key: &str,
     limit: &Limit,
     (now_ms, until_ms): (u64, u64),
     epoch: u64,
-) -> (bool, Bucket) {
+) -> Claim {
     let result = update(store, key, |bytes| {
         let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
         match bucket.lease.as_mut() {
+            Some(lease) if lease.down_until > now_ms => Err(true),
             Some(lease) if lease.refilling_until <= now_ms => {
                 lease.refilling_until = until_ms;
                 Ok((bucket.encode(), bucket))
             }
-            _ => Err(()),
+            _ => Err(false),
         }
     });
     match result {
-        Ok(bucket) => (true, bucket),
-        Err(_) => (false, read(store, key, limit, now_ms, epoch)),
+        Ok(bucket) => Claim::Claimed(bucket),
+        Err(UpdateError::Refused(true)) => Claim::Down,
+        Err(_) => Claim::Busy(read(store, key, limit, now_ms, epoch)),
     }
+}
+
+/// How long the service is not asked after `failures` refills in a row got no answer: 1 s,
+/// doubled per failure, at most [`MAX_BACKOFF_MS`].
+pub fn backoff_ms(failures: u64) -> u64 {
+    let doublings = u32::try_from(failures.saturating_sub(1).min(16)).unwrap_or(16);
+    BACKOFF_MS
+        .saturating_mul(1 << doublings)
+        .min(MAX_BACKOFF_MS)
 }
 
 /// Applies a refill's answer to the lease of `limit` (stored under `key`), if the window is
@@ -383,31 +440,54 @@ pub fn refill<S: SharedStore + ?Sized>(
         if !matches!(answer, Refill::Fallback) {
             lease.refilling_until = 0;
         }
+        match answer {
+            Refill::Granted { .. } | Refill::Refused { .. } => {
+                lease.failures = 0;
+                lease.down_until = 0;
+            }
+            Refill::Unavailable { asked } => {
+                lease.failures = lease.failures.saturating_add(1);
+                lease.down_until = now_ms.saturating_add(backoff_ms(lease.failures));
+                if current {
+                    lease.unconfirmed = lease.unconfirmed.saturating_add(asked);
+                }
+            }
+            Refill::Fallback => {}
+        }
         if !current {
             return Ok((bucket.encode(), None));
         }
+        // The service cannot have more left than the limit less what it granted this Envoy:
+        // a larger `remaining` (a lying or misconfigured service) is read as that.
+        let most = |lease: &Lease| {
+            let from_service = lease.granted.saturating_sub(lease.fallback);
+            limit.amount.saturating_sub(from_service)
+        };
         let grew = match answer {
             Refill::Granted { amount, remaining } => {
                 lease.granted = lease.granted.saturating_add(amount);
                 if let Some(remaining) = remaining {
-                    lease.remaining = remaining;
+                    lease.remaining = remaining.min(most(lease));
                 }
                 true
             }
             Refill::Refused { need, remaining } => {
-                let left = remaining.unwrap_or(u64::MAX).min(need.saturating_sub(1));
+                let said = remaining.unwrap_or(u64::MAX).min(most(lease));
+                let left = said.min(need.saturating_sub(1));
                 lease.refused_at = lease.refused_at.min(left.saturating_add(1));
                 lease.remaining = lease.remaining.min(left);
                 false
             }
-            Refill::Unavailable | Refill::Fallback => match limit.global.and_then(|g| g.fallback) {
-                Some(allowance) if lease.fallback == 0 && allowance > 0 => {
-                    lease.granted = lease.granted.saturating_add(allowance);
-                    lease.fallback = allowance;
-                    true
+            Refill::Unavailable { .. } | Refill::Fallback => {
+                match limit.global.and_then(|g| g.fallback) {
+                    Some(allowance) if lease.fallback == 0 && allowance > 0 => {
+                        lease.granted = lease.granted.saturating_add(allowance);
+                        lease.fallback = allowance;
+                        true
+                    }
+                    _ => false,
                 }
-                _ => false,
-            },
+            }
         };
         Ok((bucket.encode(), Some(grew)))
     });
