@@ -73,7 +73,7 @@ pub struct Bucket {
 }
 
 const BUCKET_BYTES: usize = 16 + RING_BYTES;
-const LEASE_BYTES: usize = 64;
+const LEASE_BYTES: usize = 72;
 /// A lease as builds before the refill backoff stored it (read on a VM reload, its new fields 0).
 const LEASE_BYTES_V1: usize = 40;
 
@@ -104,6 +104,10 @@ pub struct Lease {
     /// This window, what refills that got no answer asked for after they were sent: the
     /// service may have counted it without granting it (unconfirmed).
     pub unconfirmed: u64,
+    /// This window, what the requests the fallback allowance paid for hold: their reservations
+    /// while in flight, their charges once settled. At most `fallback` (but for the overage of
+    /// requests outside strict mode).
+    pub fallback_spent: u64,
 }
 
 impl Default for Lease {
@@ -117,6 +121,7 @@ impl Default for Lease {
             failures: 0,
             down_until: 0,
             unconfirmed: 0,
+            fallback_spent: 0,
         }
     }
 }
@@ -149,6 +154,7 @@ impl Bucket {
                         failures: field(lease_at + 5),
                         down_until: field(lease_at + 6),
                         unconfirmed: field(lease_at + 7),
+                        fallback_spent: field(lease_at + 8),
                     }),
                 }
             }
@@ -171,6 +177,7 @@ impl Bucket {
                 lease.failures,
                 lease.down_until,
                 lease.unconfirmed,
+                lease.fallback_spent,
             ] {
                 out.extend_from_slice(&field.to_le_bytes());
             }
@@ -234,6 +241,8 @@ pub struct Held {
     pub epoch: u64,
     /// The bucket right after the reservation (for rate-limit headers).
     pub after: Bucket,
+    /// A global limit's fallback allowance paid for it (the service's grants could not).
+    pub fallback: bool,
 }
 
 /// Why a reservation was refused.
@@ -276,25 +285,42 @@ pub fn reserve_all<S: SharedStore + ?Sized>(
             if amount > remaining {
                 return Err(exhausted);
             }
-            if let Some(lease) = &bucket.lease {
-                let held = bucket.used.saturating_add(bucket.reserved());
+            let mut fallback = false;
+            if let Some(lease) = bucket.lease.as_mut() {
+                // The service's grants pay first; a request they cannot cover is paid whole by
+                // the fallback allowance (with room for it), or waits for a refill.
+                let held = bucket.used.saturating_add(bucket.held.total());
                 let need = held.saturating_add(amount).saturating_sub(lease.granted);
-                if need >= lease.refused_at {
-                    return Err(exhausted);
+                let from_service = lease.granted.saturating_sub(lease.fallback);
+                let paid = held.saturating_sub(lease.fallback_spent);
+                let short = paid.saturating_add(amount).saturating_sub(from_service);
+                let spent = lease.fallback_spent.saturating_add(amount);
+                // Only while the service is backed off: a healthy service is asked instead.
+                let down = lease.down_until > now_ms;
+                fallback = short > 0 && need == 0 && spent <= lease.fallback && down;
+                if short > 0 && !fallback {
+                    if short >= lease.refused_at {
+                        return Err(exhausted);
+                    }
+                    return Err(Denial::Short {
+                        limit: index,
+                        need: short,
+                    });
                 }
-                if need > 0 {
-                    return Err(Denial::Short { limit: index, need });
+                if fallback {
+                    lease.fallback_spent = spent;
                 }
             }
             let taken = bucket.held.hold(amount);
-            Ok((bucket.encode(), (bucket, taken)))
+            Ok((bucket.encode(), (bucket, taken, fallback)))
         });
         match result {
-            Ok((after, taken)) => held.push(Held {
+            Ok((after, taken, fallback)) => held.push(Held {
                 limit: index,
                 amount,
                 epoch: taken,
                 after,
+                fallback,
             }),
             Err(err) => {
                 let keys: Vec<(usize, &str)> = targets.iter().map(|&(i, k, _)| (i, k)).collect();
@@ -333,8 +359,14 @@ pub fn settle_all<S: SharedStore + ?Sized>(
             let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
             // A global limit charges the window whose lease paid for the reservation: a
             // settlement after the window turned only releases what it held.
-            if bucket.lease.is_none() || h.after.window_start >= bucket.window_start {
+            let same_window = h.after.window_start >= bucket.window_start;
+            if bucket.lease.is_none() || same_window {
                 bucket.used = bucket.used.saturating_add(used);
+            }
+            // What the fallback allowance paid for holds its charge instead of its reservation.
+            if let Some(lease) = bucket.lease.as_mut().filter(|_| h.fallback && same_window) {
+                let spent = lease.fallback_spent.saturating_sub(h.amount);
+                lease.fallback_spent = spent.saturating_add(used);
             }
             bucket.held.release(h.epoch, h.amount);
             Ok((bucket.encode(), ()))

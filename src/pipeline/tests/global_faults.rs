@@ -126,7 +126,72 @@ fn a_stored_lease_of_the_previous_layout_still_reads() {
     let key = gw.tenant_budget("team-a").1.buckets[0].clone();
     let (bytes, _) = crate::store::SharedStore::get(&host, &key);
     let mut bytes = bytes.unwrap();
-    bytes.truncate(bytes.len() - 24);
+    bytes.truncate(bytes.len() - 32);
     let old = crate::budget::Bucket::decode(Some(&bytes));
     assert_eq!(old.lease.map(|l| l.granted), Some(2500));
+}
+
+#[test]
+fn the_fallback_label_is_on_exactly_the_requests_the_allowance_paid_for() {
+    let gw = leased(json!({"tenant_defaults": {"limits": [
+        {"name": "tpm", "tokens": 10000, "window": "minute", "global": true, "fallback": 400}]}}));
+    let host = Fake::new();
+    let mut labelled = Vec::new();
+    // One refill is lost: the allowance pays for the request that waited.
+    let mut o = open(&gw, &host, &call(100));
+    let (_, woken) = serve(&gw, &host, |_| None);
+    resume(&gw, &host, &mut o, woken[0].0);
+    let t = close(&gw, &host, o, Some(&Upstream::chat(10, 40)));
+    labelled.push((t.field("global").to_string(), 50));
+    // The service is well again: every later refill is granted, through several chunks.
+    host.advance(1_001);
+    for _ in 0..70 {
+        let mut o = open(&gw, &host, &call(100));
+        while o.trace.waiting {
+            let (_, woken) = serve(&gw, &host, |_| ok());
+            resume(&gw, &host, &mut o, woken.first().map_or(Refilled::Grew, |w| w.0));
+        }
+        let t = close(&gw, &host, o, Some(&Upstream::chat(10, 40)));
+        labelled.push((t.field("global").to_string(), 50));
+    }
+    let fallback: Vec<_> = labelled.iter().filter(|(g, _)| *g == "fallback").collect();
+    assert_eq!(fallback.len(), 1, "{labelled:?}");
+    let a = gw.config.labels.tenant_id("team-a");
+    assert_eq!(host.counter(Stat::GlobalFallbackAdmits(a)), 1);
+}
+
+#[test]
+fn requests_the_allowance_paid_for_sum_to_at_most_the_allowance() {
+    let gw = leased(json!({"tenant_defaults": {"strict": true, "limits": [
+        {"name": "tpm", "tokens": 10000, "window": "minute", "global": true, "fallback": 400}]}}));
+    let host = Fake::new();
+    // Five in flight at once while the service is down, each reserving about 110 tokens.
+    let mut first = open(&gw, &host, &call(100));
+    serve(&gw, &host, |_| None);
+    resume(&gw, &host, &mut first, Refilled::Grew);
+    let mut open_ones = vec![first];
+    for _ in 0..4 {
+        open_ones.push(open(&gw, &host, &call(100)));
+    }
+    let admitted: Vec<Open> = open_ones.into_iter().filter(|o| o.trace.forwarded).collect();
+    // What they hold fits in the allowance: the others were refused (503).
+    let (_, reserved) = bucket(&gw, &host, "team-a", "tpm");
+    assert!(!admitted.is_empty() && admitted.len() < 5 && reserved <= 400);
+    let mut charged = 0;
+    for o in admitted {
+        let t = close(&gw, &host, o, Some(&Upstream::chat(10, 20)));
+        assert_eq!(t.field("global"), "fallback");
+        charged += 30;
+    }
+    // Their charges are less than they held: the rest of the allowance pays for more.
+    while charged + 30 <= 400 {
+        let t = run(&gw, &host, &call(20), Some(&Upstream::chat(10, 20)));
+        if t.field("global") != "fallback" {
+            break;
+        }
+        charged += 30;
+    }
+    let (used, _) = bucket(&gw, &host, "team-a", "tpm");
+    assert_eq!(used, charged);
+    assert!(charged > 200 && charged <= 400, "{charged}");
 }
