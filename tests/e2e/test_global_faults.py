@@ -23,6 +23,9 @@ CONFIG = {
         "lied": {"limits": [
             {"name": "tpd", "tokens": 3000000, "window": "day", "global": True}]},
         "down": {"limits": [{"name": "tpd", "tokens": 40000, "window": "day", "global": True}]},
+        # A fallback allowance of 300 tokens, refills of 1,000 tokens and less.
+        "fb": {"limits": [
+            {"name": "tpd", "tokens": 2000, "window": "day", "global": True, "fallback": 300}]},
     },
     "global_budgets": {"cluster": "ratelimit", "replicas": 1, "refill_share": 0.5,
                        "timeout_ms": 250},
@@ -120,9 +123,11 @@ def test_a_remaining_above_the_limit_is_clamped_and_chunks_stay_within_the_limit
         statuses = [chat(envoy, "lied", max_tokens=700000, output=700000)[1] for _ in range(4)]
         calls = envoy.stats("cluster.ratelimit.upstream_rq_total").get(
             "cluster.ratelimit.upstream_rq_total", 0) - before
-        print(f"lying service: statuses {statuses}, {calls} calls, "
-              f"{counted(redis, 'lied')} counted")
+        asks = [(g["code"], g["hits"]) for g in rls.grants() if "lied" in g["key"]]
+        print(f"lying service: statuses {statuses}, {calls} calls, asks {asks}")
         assert statuses == [200] * 4, statuses
+        # No chunk past the limit, so none refused while the budget has room.
+        assert all(code == "OK" and hits <= 3000000 for code, hits in asks), asks
         assert calls <= 3, calls
         assert counted(redis, "lied") <= 3000000
     finally:
@@ -155,3 +160,26 @@ def test_the_outage_backoff_is_per_envoy_not_per_worker(stack):
         assert 1 <= failed <= 3, failed
     finally:
         rls.start()
+
+
+def test_the_fallback_label_is_on_the_requests_the_allowance_paid_for_only(stack):
+    envoy, rls, redis, _ = stack
+    rls.stop()
+    try:
+        rid, status, data = chat(envoy, "fb", max_tokens=50)
+        assert status == 200, data
+        labels = [(envoy.access_line(rid)["global"], rid)]
+    finally:
+        rls.start()
+    time.sleep(1.1)  # the backoff after the failed refill
+    # The service answers every refill now: 30 requests through several chunks.
+    for _ in range(30):
+        rid, status, data = chat(envoy, "fb", max_tokens=50)
+        assert status == 200, data
+        labels.append((envoy.access_line(rid)["global"], rid))
+    fallback = [rid for label, rid in labels if label == "fallback"]
+    charged = sum(int(envoy.access_line(rid)["input_tokens"]) +
+                  int(envoy.access_line(rid)["output_tokens"]) for rid in fallback)
+    print(f"fallback label: {len(fallback)} of {len(labels)} requests, {charged} tokens")
+    assert fallback == [labels[0][1]], [label for label, _ in labels]
+    assert charged <= 300
