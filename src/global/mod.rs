@@ -170,7 +170,10 @@ mod tests {
         };
         let l = limit(Unit::Tokens, 3_000_000);
         assert_eq!(refill_hits(&g, &l, 10, 14_316_557, 0), Some(3_000_000));
-        assert_eq!(refill_hits(&g, &l, 10, u64::from(u32::MAX), 0), Some(3_000_000));
+        assert_eq!(
+            refill_hits(&g, &l, 10, u64::from(u32::MAX), 0),
+            Some(3_000_000)
+        );
     }
 
     #[test]

@@ -108,7 +108,10 @@ fn a_remaining_above_the_limit_is_read_as_what_the_limit_leaves() {
     let view: Value =
         serde_json::from_slice(&crate::view::render(&host, &gw.config, host.now_ms())).unwrap();
     // 10,000 less the 2,500 granted.
-    assert_eq!(view["tenants"][0]["limits"][0]["global"]["global_remaining"], 7500);
+    assert_eq!(
+        view["tenants"][0]["limits"][0]["global"]["global_remaining"],
+        7500
+    );
     // The next refill's chunk is sized from that, never past the limit.
     let _big = open(&gw, &host, &call(2_600));
     let (asked, _) = serve(&gw, &host, |_| ok_saying(u32::MAX));
@@ -149,7 +152,12 @@ fn the_fallback_label_is_on_exactly_the_requests_the_allowance_paid_for() {
         let mut o = open(&gw, &host, &call(100));
         while o.trace.waiting {
             let (_, woken) = serve(&gw, &host, |_| ok());
-            resume(&gw, &host, &mut o, woken.first().map_or(Refilled::Grew, |w| w.0));
+            resume(
+                &gw,
+                &host,
+                &mut o,
+                woken.first().map_or(Refilled::Grew, |w| w.0),
+            );
         }
         let t = close(&gw, &host, o, Some(&Upstream::chat(10, 40)));
         labelled.push((t.field("global").to_string(), 50));
@@ -173,7 +181,10 @@ fn requests_the_allowance_paid_for_sum_to_at_most_the_allowance() {
     for _ in 0..4 {
         open_ones.push(open(&gw, &host, &call(100)));
     }
-    let admitted: Vec<Open> = open_ones.into_iter().filter(|o| o.trace.forwarded).collect();
+    let admitted: Vec<Open> = open_ones
+        .into_iter()
+        .filter(|o| o.trace.forwarded)
+        .collect();
     // What they hold fits in the allowance: the others were refused (503).
     let (_, reserved) = bucket(&gw, &host, "team-a", "tpm");
     assert!(!admitted.is_empty() && admitted.len() < 5 && reserved <= 400);
