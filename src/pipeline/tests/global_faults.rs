@@ -33,6 +33,10 @@ fn after_a_lost_refill_only_the_need_is_asked_until_an_answer_comes() {
         host.counter(Stat::GlobalUnconfirmed(a)),
         2500 + u64::from(asked[0])
     );
+    let view: Value =
+        serde_json::from_slice(&crate::view::render(&host, &gw.config, host.now_ms())).unwrap();
+    let unconfirmed = &view["tenants"][0]["limits"][0]["global"]["unconfirmed"];
+    assert_eq!(unconfirmed, 2500 + u64::from(asked[0]));
     // Still only the need once it answers; then chunks again.
     host.advance(2_001);
     let mut third = open(&gw, &host, &call(100));
@@ -204,5 +208,12 @@ fn requests_the_allowance_paid_for_sum_to_at_most_the_allowance() {
     }
     let (used, _) = bucket(&gw, &host, "team-a", "tpm");
     assert_eq!(used, charged);
+    let view: Value =
+        serde_json::from_slice(&crate::view::render(&host, &gw.config, host.now_ms())).unwrap();
+    let lease = &view["tenants"][0]["limits"][0]["global"];
+    assert_eq!(
+        (&lease["fallback"], &lease["fallback_used"]),
+        (&json!(400), &json!(charged))
+    );
     assert!(charged > 200 && charged <= 400, "{charged}");
 }
