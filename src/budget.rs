@@ -511,14 +511,18 @@ pub fn refill<S: SharedStore + ?Sized>(
                 false
             }
             Refill::Unavailable { .. } | Refill::Fallback => {
-                match limit.global.and_then(|g| g.fallback) {
+                let given = match limit.global.and_then(|g| g.fallback) {
                     Some(allowance) if lease.fallback == 0 && allowance > 0 => {
                         lease.granted = lease.granted.saturating_add(allowance);
                         lease.fallback = allowance;
                         true
                     }
                     _ => false,
-                }
+                };
+                // A refill just lost: what is left of an allowance given earlier this window
+                // may pay for the requests that waited (now that the service is backed off).
+                let left = lease.fallback_spent < lease.fallback;
+                given || (left && matches!(answer, Refill::Unavailable { .. }))
             }
         };
         Ok((bucket.encode(), Some(grew)))

@@ -217,3 +217,37 @@ fn requests_the_allowance_paid_for_sum_to_at_most_the_allowance() {
     );
     assert!(charged > 200 && charged <= 400, "{charged}");
 }
+
+#[test]
+fn a_second_outage_in_the_window_spends_what_is_left_of_the_allowance() {
+    let gw = leased(json!({"tenant_defaults": {"limits": [
+        {"name": "tpm", "tokens": 10000, "window": "minute", "global": true, "fallback": 400}]}}));
+    let host = Fake::new();
+    let mut o = open(&gw, &host, &call(100));
+    serve(&gw, &host, |_| None);
+    resume(&gw, &host, &mut o, Refilled::Grew);
+    assert_eq!(
+        close(&gw, &host, o, Some(&Upstream::chat(10, 40))).field("global"),
+        "fallback"
+    );
+    host.advance(1_001);
+    let mut o = open(&gw, &host, &call(100));
+    serve(&gw, &host, |_| ok());
+    resume(&gw, &host, &mut o, Refilled::Grew);
+    close(&gw, &host, o, Some(&Upstream::chat(10, 40)));
+    // Ride the chunk until a request waits for the next refill; that refill is lost.
+    for _ in 0..100 {
+        let mut o = open(&gw, &host, &call(100));
+        if !o.trace.waiting {
+            close(&gw, &host, o, Some(&Upstream::chat(10, 40)));
+            continue;
+        }
+        let (_, woken) = serve(&gw, &host, |_| None);
+        assert_eq!(woken[0].0, Refilled::Grew);
+        resume(&gw, &host, &mut o, woken[0].0);
+        let t = close(&gw, &host, o, Some(&Upstream::chat(10, 40)));
+        assert_eq!(t.field("global"), "fallback");
+        return;
+    }
+    panic!("no refill in 100 requests");
+}
