@@ -4,7 +4,9 @@
 //! The host sends a refill (`Gateway::refills_due`, from the worker's root context, so the
 //! answer always finds its way back) and hands the answer to `Gateway::refill_answered`, which
 //! applies it to the lease and names the requests to resume. A resumed request is admitted again
-//! from its body ([`Request::resume`]).
+//! from its body ([`Request::resume`]). A refill without an answer backs the lease off in its
+//! bucket, for every worker of the Envoy ([`budget::backoff_ms`]), and its ask counts as
+//! unconfirmed: the service may have counted it.
 
 use hashbrown::HashMap;
 
