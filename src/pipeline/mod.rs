@@ -25,7 +25,7 @@ use crate::reply::LocalReply;
 use crate::store::SharedStore;
 
 use cache_step::CacheStatus;
-pub use refill::{RefillCall, Refilled};
+pub use refill::{RefillCall, Refilled, Unanswered};
 pub use respond::ResponseHead;
 
 /// What the pipeline needs from its host besides the request itself: the shared store, the

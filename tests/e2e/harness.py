@@ -274,7 +274,7 @@ class RateLimitService:
     Every answered call is observed in `grants_log` (see `grants()`); neither real server has it
     and it changes no answer."""
 
-    def __init__(self, plugin_config, redis, headers=None, engine="limitador"):
+    def __init__(self, plugin_config, redis, headers=None, engine="limitador", faults=()):
         if engine not in ("limitador", "ratelimit"):
             raise ValueError(f"unknown engine {engine}")
         self.dir = tempfile.mkdtemp(prefix="tollgate-rls-")
@@ -289,6 +289,8 @@ class RateLimitService:
         self.engine = engine
         self.redis = redis
         self.headers = (engine == "limitador") if headers is None else headers
+        # The server's fault options (`--delay-file FILE`, `--claim-remaining N`): see tests/rls.
+        self.faults = [str(a) for a in faults]
         self.port = None
         self.start()
 
@@ -308,6 +310,7 @@ class RateLimitService:
                 args += ["--response-headers"]
         if self.port is not None:
             args += ["--port", str(self.port)]
+        args += self.faults
         self.log = open(os.path.join(self.dir, "rls.log"), "a")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 30
