@@ -4,7 +4,7 @@ use super::{Effects, Gateway, Headers, Host, Request, State};
 use crate::api::{ApiKind, Family};
 use crate::metrics::LabelId;
 use crate::reply::{LocalReply, Refusal};
-use crate::tenant::{API_KEY_HEADERS, KeyDigest, TenantSource};
+use crate::tenant::{KeyDigest, TenantSource};
 use crate::view;
 
 impl Request {
@@ -166,7 +166,8 @@ fn identify<H: Host + ?Sized>(
         TenantSource::Header(name) => identity.resolve_value(headers.get(name)),
         TenantSource::Metadata(path) => identity.resolve_value(host.property(path).as_deref()),
         TenantSource::ApiKey(_) => {
-            identity.resolve_api_key(API_KEY_HEADERS.map(|h| headers.get(h)))
+            let entries = headers.0.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
+            identity.resolve_api_key(entries)
         }
     };
     found.map_err(|why| Refusal::Unauthenticated {

@@ -4,11 +4,13 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
 import time
 import uuid
 
 import pytest
 
+from conftest import KEYS
 from harness import Envoy, http
 
 SECRET = b"tollgate-demo-secret-change-me"  # the demo key of envoy/tollgate-jwt.yaml
@@ -88,3 +90,41 @@ def test_missing_or_bad_jwt_is_401_in_api_shape(jwt_envoy, token):
     status, data, _ = call(jwt_envoy, headers)
     assert status == 401
     assert json.loads(data)["error"]["code"] == "invalid_api_key"
+
+
+A, B = KEYS["team-a"], KEYS["team-b"]
+
+
+@pytest.mark.parametrize("path,credentials", [
+    ("/v1/chat/completions", [("x-api-key", A), ("authorization", f"Bearer {B}")]),
+    ("/v1/chat/completions", [("x-api-key", A), ("x-api-key", B)]),
+    ("/v1/chat/completions", [("authorization", f"Bearer {B}"), ("authorization", f"Bearer {A}")]),
+    ("/v1/messages", [("x-api-key", A), ("api-key", B)]),
+])
+def test_conflicting_api_keys_are_401_in_api_shape(envoy, path, credentials):
+    """Two credential headers naming different keys: Tollgate would bill one while an upstream
+    may authenticate the other, so the request is refused before it goes anywhere."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in credentials)
+    body = json.dumps({**CHAT, "max_tokens": 5}).encode()
+    sock = socket.create_connection(("127.0.0.1", envoy.port), timeout=10)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{lines}"
+                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), head
+    error = json.loads(rest)
+    if path == "/v1/messages":
+        assert error["type"] == "error" and error["error"]["type"] == "authentication_error"
+    else:
+        assert error["error"]["code"] == "invalid_api_key"
+    assert "different API keys" in data.decode()
+
+
+def test_the_same_key_twice_is_one_credential(envoy):
+    key = KEYS["team-b"]
+    status, _, rid = call(envoy, {"x-api-key": key, "authorization": f"Bearer {key}"})
+    assert status == 200
+    assert envoy.access_line(rid)["tenant"] == "team-b"
