@@ -5,7 +5,8 @@
 //! A fixed table of `S = min(max_entries, MAX_SLOTS)` slots grouped into sets of
 //! `W = clamp(ways, 1, MAX_WAYS)` consecutive slots (the last set may be smaller); a key lives in
 //! set `u64::from_le_bytes(key[0..8]) % ceil(S / W)`. Per slot two keys, plus one meta key: the
-//! key space is `2 × max_entries + 1`, all created up front (Envoy never deletes keys). If the
+//! key space is `2 × max_entries + 1` plus the [`SCOPE_BUCKETS`] scope counters of `share.rs`,
+//! all created up front (Envoy never deletes keys). If the
 //! config later shrinks, slots beyond the new size are orphans: the keys stay (the key space is
 //! bounded by the largest config ever used) and their bytes are reclaimed (step 3 of an insert,
 //! in `insert.rs`).
@@ -34,6 +35,8 @@
 
 use std::ops::Range;
 
+#[cfg(doc)]
+use super::SCOPE_BUCKETS;
 use super::{CacheConfig, CacheKey, CacheStats};
 use crate::store::{FRESH, SharedStore, UpdateError, ensure, update};
 
@@ -93,11 +96,15 @@ pub(super) fn data_key(slot: u32) -> String {
     format!("{DATA_PREFIX}{slot}")
 }
 
-/// Every key the cache uses with `cfg` (meta first), to create up front with `store::FRESH`.
+/// Every key the cache uses with `cfg` (meta, the scope counters, then the slots), to create up
+/// front with `store::FRESH`.
 pub fn all_keys(cfg: &CacheConfig) -> Vec<String> {
     let slots = Geometry::of(cfg).slots;
-    let mut keys = Vec::with_capacity(usize::try_from(slots).unwrap_or(0).saturating_mul(2) + 1);
+    let extra = usize::try_from(super::share::SCOPE_BUCKETS).unwrap_or(0) + 1;
+    let mut keys =
+        Vec::with_capacity(usize::try_from(slots).unwrap_or(0).saturating_mul(2) + extra);
     keys.push(META_KEY.to_string());
+    keys.extend(super::share::share_keys());
     for slot in 0..slots {
         keys.push(header_key(slot));
         keys.push(data_key(slot));
@@ -223,6 +230,11 @@ impl Header {
         out.extend_from_slice(&self.stored_at.to_le_bytes());
         out.extend_from_slice(&self.last_used.to_le_bytes());
         out
+    }
+
+    /// The scope tag of the key the slot holds.
+    pub(super) fn owner(&self) -> u32 {
+        super::key::owner_of(&self.key)
     }
 
     pub(super) fn live(&self, now_ms: u64) -> bool {
@@ -430,7 +442,7 @@ pub(super) fn release<S: SharedStore + ?Sized>(store: &S, bytes: u64, entry: boo
 mod tests {
     use super::*;
     use crate::cache::testing::*;
-    use crate::cache::{insert, lookup};
+    use crate::cache::{SCOPE_BUCKETS, insert, lookup};
     use crate::store::MemStore;
 
     #[test]
@@ -489,7 +501,7 @@ mod tests {
             );
             lookup(&store, &c, &key(id), u64::from(id));
         }
-        assert!(store.len() <= 2 * 8 + 1);
+        assert!(store.len() <= 2 * 8 + 1 + SCOPE_BUCKETS as usize);
         for k in all_keys(&c) {
             ensure(&store, &k, FRESH);
         }
@@ -499,10 +511,11 @@ mod tests {
     #[test]
     fn all_keys_is_the_key_space() {
         let c = cfg(3, 1, 1, 4);
+        assert_eq!(all_keys(&c)[..2], ["tg:cache:meta", "tg:cache:s:0"]);
+        assert_eq!(all_keys(&c)[64], "tg:cache:s:63");
         assert_eq!(
-            all_keys(&c),
+            all_keys(&c)[65..],
             [
-                "tg:cache:meta",
                 "tg:cache:h:0",
                 "tg:cache:d:0",
                 "tg:cache:h:1",

@@ -51,6 +51,8 @@ pub(super) struct RawCache {
     pub(super) max_entry_bytes: Option<u64>,
     pub(super) ttl_seconds: Option<u64>,
     pub(super) ways: Option<u64>,
+    pub(super) max_entries_per_scope: Option<u64>,
+    pub(super) max_bytes_per_scope: Option<u64>,
     pub(super) policy: Option<RawCachePolicy>,
     #[serde(default)]
     pub(super) models: BTreeMap<String, RawCacheRule>,
