@@ -121,17 +121,21 @@ impl Identity {
         };
         let mut key: Option<&[u8]> = None;
         for (name, value) in headers {
-            let named = if name.eq_ignore_ascii_case("authorization") {
-                bearer_token(value).unwrap_or(b"")
+            // Envoy joins repeated `authorization` lines with `,`, which no Bearer token holds.
+            let named: Vec<&[u8]> = if name.eq_ignore_ascii_case("authorization") {
+                let values = value.split(|b| *b == b',');
+                values.map(|v| bearer_token(v).unwrap_or(b"")).collect()
             } else if API_KEY_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) {
-                trim(value)
+                vec![trim(value)]
             } else {
                 continue;
             };
-            match key {
-                _ if named.is_empty() => {}
-                Some(first) if first != named => return Err(Unidentified::Conflicting),
-                _ => key = Some(named),
+            for named in named {
+                match key {
+                    _ if named.is_empty() => {}
+                    Some(first) if first != named => return Err(Unidentified::Conflicting),
+                    _ => key = Some(named),
+                }
             }
         }
         let found = match key {
@@ -201,7 +205,7 @@ mod tests {
     #[test]
     fn conflicting_keys_are_refused_even_with_a_default() {
         let id = key_identity(Some("anon"));
-        let refused: [&[(&str, &[u8])]; 5] = [
+        let refused: [&[(&str, &[u8])]; 6] = [
             &[
                 ("x-api-key", b"sk-team-a"),
                 ("authorization", b"Bearer sk-other"),
@@ -216,13 +220,15 @@ mod tests {
                 ("authorization", b"bearer x"),
             ],
             &[("api-key", b"sk-other"), ("X-Api-Key", b"sk-team-a")],
+            // Envoy joins repeated authorization lines.
+            &[("authorization", b"Bearer sk-team-a,Bearer sk-other")],
         ];
         for headers in refused {
             let got = id.resolve_api_key(headers.iter().copied());
             assert_eq!(got, Err(Unidentified::Conflicting), "{headers:?}");
         }
         // The same key twice, blank values and non-Bearer schemes name no second key.
-        let accepted: [&[(&str, &[u8])]; 5] = [
+        let accepted: [&[(&str, &[u8])]; 6] = [
             &[
                 ("x-api-key", b"sk-team-a"),
                 ("authorization", b"Bearer  sk-team-a "),
@@ -233,6 +239,7 @@ mod tests {
                 ("authorization", b"Basic dXNlcjpwdw=="),
             ],
             &[("x-api-key", b" "), ("authorization", b"Bearer sk-team-a")],
+            &[("authorization", b"Bearer sk-team-a, Bearer sk-team-a")],
             &[
                 ("x-tenant", b"anon"),
                 ("api-key", b"sk-team-a"),
