@@ -194,14 +194,14 @@ mod tests {
     fn per_scope_caps_default_to_the_table_and_stay_within_it() {
         let base = r#"{"identity":{"source":"header","header":"x"},"cache":"#;
         let cfg = |cache: &str| Config::from_json(format!("{base}{cache}}}").as_bytes());
-        let table = cfg(r#"{"max_entries":32,"max_bytes":9000}"#)
+        let table = cfg(r#"{"max_entries":32,"max_bytes":300000}"#)
             .unwrap()
             .cache
             .unwrap()
             .table;
         assert_eq!(
             (table.max_entries_per_scope, table.max_bytes_per_scope),
-            (32, 9000)
+            (32, 300000)
         );
         let table = cfg(r#"{"max_entries_per_scope":8,"max_bytes_per_scope":1024}"#)
             .unwrap()
