@@ -194,6 +194,7 @@ pub(super) struct RawApiKey {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {
     pub(super) max_request_body_bytes: Option<u64>,
+    pub(super) max_buffered_request_bytes: Option<u64>,
     pub(super) max_response_buffer_bytes: Option<u64>,
     pub(super) max_sse_line_bytes: Option<u64>,
     pub(super) max_decoded_response_bytes: Option<u64>,
