@@ -13,7 +13,7 @@
 //!
 //! Header `tg:cache:h:<i>`, 64 bytes, integers little-endian:
 //! ```text
-//! 0 version = 1 │ 1 state (0 empty, 1 writing, 2 ready) │ 2 flags (bit 0: counted in `entries`)
+//! 0 version = 2 │ 1 state (0 empty, 1 writing, 2 ready) │ 2 flags (bit 0: counted in `entries`)
 //! 3 zero │ 4..8 held: u32, the data bytes the meta key attributes to this slot
 //! 8..40 key │ 40..48 ready: expires_at_ms; writing: started_ms │ 48..56 stored_at_ms
 //! 56..64 last_used_ms (LRU stamp, refreshed by hits at most once a second)
@@ -169,7 +169,10 @@ pub(super) struct Header {
     pub(super) last_used: u64,
 }
 
-const HEADER_VERSION: u8 = 1;
+/// 2: keys end with their scope's tag. A version-1 header (written before) reads as expired:
+/// its key can never be looked up again, and an entry of no known scope would otherwise be
+/// protected by fair replacement until its TTL.
+const HEADER_VERSION: u8 = 2;
 const HEADER_BYTES: usize = 64;
 
 impl Header {
@@ -192,7 +195,8 @@ impl Header {
     }
 
     fn read(r: &mut Reader<'_>) -> Option<Header> {
-        if r.u8()? != HEADER_VERSION {
+        let version = r.u8()?;
+        if version != HEADER_VERSION && version != 1 {
             return None;
         }
         let state = match r.u8()? {
@@ -203,12 +207,15 @@ impl Header {
         };
         let counted = r.u8()? & 1 == 1;
         r.u8()?;
+        let held = r.u32()?;
+        let key = r.array()?;
+        let time = r.u64()?;
         Some(Header {
             state,
             counted,
-            held: r.u32()?,
-            key: r.array()?,
-            time: r.u64()?,
+            held,
+            key,
+            time: if version == HEADER_VERSION { time } else { 0 },
             stored_at: r.u64()?,
             last_used: r.u64()?,
         })
@@ -462,6 +469,12 @@ mod tests {
         let mut bad = h.encode();
         bad[1] = 7;
         assert_eq!(Header::decode(Some(&bad)), Header::EMPTY);
+        // A header of the previous version (keys without a scope tag) reads as expired.
+        let mut v1 = h.encode();
+        v1[0] = 1;
+        let old = Header::decode(Some(&v1));
+        assert_eq!(old, Header { time: 0, ..h });
+        assert!(old.stale(1) && !old.live(1));
         let m = Meta {
             entries: 3,
             bytes_held: 9,
