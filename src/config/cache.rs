@@ -194,24 +194,16 @@ mod tests {
     fn per_scope_caps_default_to_the_table_and_stay_within_it() {
         let base = r#"{"identity":{"source":"header","header":"x"},"cache":"#;
         let cfg = |cache: &str| Config::from_json(format!("{base}{cache}}}").as_bytes());
-        let table = cfg(r#"{"max_entries":32,"max_bytes":300000}"#)
-            .unwrap()
-            .cache
-            .unwrap()
-            .table;
+        let caps = |cache: &str| {
+            let table = cfg(cache).unwrap().cache.unwrap().table;
+            (table.max_entries_per_scope, table.max_bytes_per_scope)
+        };
         assert_eq!(
-            (table.max_entries_per_scope, table.max_bytes_per_scope),
+            caps(r#"{"max_entries":32,"max_bytes":300000}"#),
             (32, 300000)
         );
-        let table = cfg(r#"{"max_entries_per_scope":8,"max_bytes_per_scope":1024}"#)
-            .unwrap()
-            .cache
-            .unwrap()
-            .table;
-        assert_eq!(
-            (table.max_entries_per_scope, table.max_bytes_per_scope),
-            (8, 1024)
-        );
+        let set = r#"{"max_entries_per_scope":8,"max_bytes_per_scope":1024}"#;
+        assert_eq!(caps(set), (8, 1024));
         for (bad, field) in [
             (
                 r#"{"max_entries_per_scope":0}"#,

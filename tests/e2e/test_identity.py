@@ -4,14 +4,13 @@ import base64
 import hashlib
 import hmac
 import json
-import socket
 import time
 import uuid
 
 import pytest
 
 from conftest import KEYS
-from harness import Envoy, http
+from harness import Envoy, http, raw_post
 
 SECRET = b"tollgate-demo-secret-change-me"  # the demo key of envoy/tollgate-jwt.yaml
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -104,23 +103,15 @@ A, B = KEYS["team-a"], KEYS["team-b"]
 def test_conflicting_api_keys_are_401_in_api_shape(envoy, path, credentials):
     """Two credential headers naming different keys: Tollgate would bill one while an upstream
     may authenticate the other, so the request is refused before it goes anywhere."""
-    lines = "".join(f"{name}: {value}\r\n" for name, value in credentials)
-    body = json.dumps({**CHAT, "max_tokens": 5}).encode()
-    sock = socket.create_connection(("127.0.0.1", envoy.port), timeout=10)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{lines}"
-                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    sock.close()
-    head, _, rest = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 401"), head
+    head, rest = raw_post(envoy.port, path, [("content-type", "application/json"), *credentials],
+                          {**CHAT, "max_tokens": 5})
+    assert head.startswith("HTTP/1.1 401"), head
     error = json.loads(rest)
     if path == "/v1/messages":
         assert error["type"] == "error" and error["error"]["type"] == "authentication_error"
     else:
         assert error["error"]["code"] == "invalid_api_key"
-    assert "different API keys" in data.decode()
+    assert "different API keys" in rest.decode()
 
 
 def test_the_same_key_twice_is_one_credential(envoy):
