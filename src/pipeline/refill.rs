@@ -419,6 +419,17 @@ impl Request {
         host: &H,
         refilled: Refilled,
     ) -> Effects<'g> {
+        let effects = self.resume_parked(gateway, host, refilled);
+        self.release_body_hold();
+        effects
+    }
+
+    fn resume_parked<'g, H: Host + ?Sized>(
+        &mut self,
+        gateway: &'g Gateway,
+        host: &H,
+        refilled: Refilled,
+    ) -> Effects<'g> {
         let State::Waiting(parked) = std::mem::take(&mut self.state) else {
             return Effects::proceed();
         };

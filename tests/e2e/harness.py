@@ -351,9 +351,11 @@ class RateLimitService:
 
 def raw_post(port, path, headers, body):
     """POST over a raw socket (`connection: close`) and return the response head and the body
-    bytes exactly as sent (chunked transfer decoded by hand), for byte-level comparisons."""
+    bytes exactly as sent (chunked transfer decoded by hand), for byte-level comparisons.
+    `headers`: a dict, or a list of (name, value) pairs to send one name twice."""
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    lines = "".join(f"{k}: {v}\r\n" for k, v in pairs)
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\n{lines}content-length: {len(payload)}\r\n"
                  f"connection: close\r\n\r\n".encode() + payload)
