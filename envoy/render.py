@@ -7,7 +7,8 @@ PLUGIN_CONFIG_FILE (a JSON file) becomes PLUGIN_CONFIG, the plugin configuration
 every field without a value takes the default below. Unknown ${NAME}s are an error.
 The *_ENDPOINTS fields take "IP:PORT,IP:PORT…" (STATIC clusters: IP addresses; a bare PORT means
 127.0.0.1) and become a YAML flow list of lb_endpoints; left empty, they are one endpoint at
-127.0.0.1:UPSTREAM_PORT. RATELIMIT_ENDPOINTS's cluster is STRICT_DNS: HOST:PORT works there too.
+127.0.0.1:UPSTREAM_PORT. The clusters of RATELIMIT_ENDPOINTS and LEDGER_COLLECTOR_ENDPOINTS are
+STRICT_DNS: HOST:PORT works there too.
 
     python3 envoy/render.py envoy/tollgate.yaml OPENAI_ENDPOINTS=127.0.0.1:18001,127.0.0.1:18002
 """
@@ -46,14 +47,25 @@ DEFAULTS = {
     # The rate-limit service global budgets are leased from (Limitador's gRPC port by default;
     # a STRICT_DNS cluster, so a name like limitador:8081 works too).
     "RATELIMIT_ENDPOINTS": "127.0.0.1:8081",
+    # tollgate-providers.yaml: the OpenTelemetry collector (OTLP/gRPC) the ledger is exported to.
+    "LEDGER_COLLECTOR_ENDPOINTS": "127.0.0.1:4317",
     # tollgate-providers.yaml: SDS files with the provider API keys, and the Azure OpenAI resource.
     "SECRETS_DIR": os.path.join(HERE, "secrets"),
     "AZURE_OPENAI_HOST": "example.openai.azure.com",
 }
 
+# The command-line flags every shipped Envoy runs with (the tests, `make demo`, both compose
+# examples; examples/istio/gateway-values.yaml sets the same through ProxyConfig). They bound what
+# a crash loses of the access log, the billing ledger: by default Envoy buffers access-log lines
+# until 64 KiB are waiting or 10 s have passed, so a SIGKILL lost up to that much. With
+# a minimum flush size of 0, each line goes to the file's flush thread as soon as it is written
+# (one write per line or per burst, on that thread, never on a worker); the 100 ms timer is the
+# backstop. A bootstrap cannot set these: they are Envoy flags only.
+ENVOY_FLAGS = ("--file-flush-min-size-kb", "0", "--file-flush-interval-msec", "100")
+
 # Fields given as "IP:PORT,…" and rendered as a YAML flow list of Envoy lb_endpoints.
 ENDPOINT_FIELDS = ("OPENAI_ENDPOINTS", "OPENAI_BACKUP_ENDPOINTS", "ANTHROPIC_ENDPOINTS",
-                   "SELFHOSTED_ENDPOINTS", "RATELIMIT_ENDPOINTS")
+                   "SELFHOSTED_ENDPOINTS", "RATELIMIT_ENDPOINTS", "LEDGER_COLLECTOR_ENDPOINTS")
 
 
 def lb_endpoints(spec):

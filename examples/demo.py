@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests/e2e"))
 import anthropic  # noqa: E402
 import openai  # noqa: E402
 from harness import Envoy, FakeUpstream, http  # noqa: E402
+from render import ENVOY_FLAGS  # noqa: E402
 
 KEY_A, KEY_B = "sk-demo-team-a", "sk-demo-team-b"  # envoy/tollgate.json holds their SHA-256
 ADMIN_TOKEN = "tollgate-admin-demo"
@@ -96,8 +97,8 @@ def scenario(envoy):
     time.sleep(0.3)
     lines = [line for line in envoy.access_lines() if line["api"]]
     for line in lines:
-        keep = {k: line[k] for k in ("status", "tenant", "model", "served_model", "stream", "input_tokens",
-                                     "output_tokens", "llm_cost_usd", "cache", "decision")}
+        keep = {k: line[k] for k in ("request_id", "status", "tenant", "model", "served_model", "stream",
+                                     "input_tokens", "output_tokens", "llm_cost_usd", "cache", "decision")}
         print("  " + json.dumps(keep))
 
     step("the Prometheus metrics (GET /stats/prometheus on Envoy's admin port)")
@@ -121,7 +122,7 @@ def main():
         f.write(str(os.getpid()))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"  fake upstream  {upstream.url}\n  Envoy          {envoy.url}  (admin {envoy.admin})\n"
-          f"  access log     {envoy.access_log}")
+          f"  access log     {envoy.access_log}  (flushed per line: {' '.join(ENVOY_FLAGS)})")
     try:
         ok = scenario(envoy)
         step("demo done: every step succeeded" if ok else "demo FAILED: a step did not do what it should")

@@ -73,7 +73,14 @@ pub struct Bucket {
 }
 
 const BUCKET_BYTES: usize = 16 + RING_BYTES;
-const LEASE_BYTES: usize = 40;
+const LEASE_BYTES: usize = 72;
+/// A lease as builds before the refill backoff stored it (read on a VM reload, its new fields 0).
+const LEASE_BYTES_V1: usize = 40;
+
+/// After a refill got no answer the service is not asked for this long, doubled per failure in a
+/// row up to [`MAX_BACKOFF_MS`] (per Envoy: the lease is in shared data).
+pub const BACKOFF_MS: u64 = 1_000;
+pub const MAX_BACKOFF_MS: u64 = 8_000;
 
 /// What this Envoy took from a global limit's counter in the current window (amounts in the
 /// limit's unit: tokens or picodollars).
@@ -90,6 +97,17 @@ pub struct Lease {
     /// A worker of this Envoy is refilling the lease until then (ms; 0: none is): the others
     /// wait for it instead of asking too.
     pub refilling_until: u64,
+    /// Refills in a row that got no answer (kept across windows; 0 after an answer).
+    pub failures: u64,
+    /// The service is not asked before then (ms; kept across windows): the backoff.
+    pub down_until: u64,
+    /// This window, what refills that got no answer asked for after they were sent: the
+    /// service may have counted it without granting it (unconfirmed).
+    pub unconfirmed: u64,
+    /// This window, what the requests the fallback allowance paid for hold: their reservations
+    /// while in flight, their charges once settled. At most `fallback` (but for the overage of
+    /// requests outside strict mode).
+    pub fallback_spent: u64,
 }
 
 impl Default for Lease {
@@ -100,6 +118,10 @@ impl Default for Lease {
             refused_at: u64::MAX,
             fallback: 0,
             refilling_until: 0,
+            failures: 0,
+            down_until: 0,
+            unconfirmed: 0,
+            fallback_spent: 0,
         }
     }
 }
@@ -115,18 +137,27 @@ impl Bucket {
         };
         let lease_at = BUCKET_BYTES / 8;
         match bytes {
-            Some(b) if b.len() == BUCKET_BYTES || b.len() == BUCKET_BYTES + LEASE_BYTES => Bucket {
-                window_start: field(0),
-                used: field(1),
-                held: Ring::decode(b.get(16..BUCKET_BYTES).unwrap_or_default()),
-                lease: (b.len() > BUCKET_BYTES).then(|| Lease {
-                    granted: field(lease_at),
-                    remaining: field(lease_at + 1),
-                    refused_at: field(lease_at + 2),
-                    fallback: field(lease_at + 3),
-                    refilling_until: field(lease_at + 4),
-                }),
-            },
+            Some(b)
+                if [0, LEASE_BYTES_V1, LEASE_BYTES]
+                    .contains(&b.len().wrapping_sub(BUCKET_BYTES)) =>
+            {
+                Bucket {
+                    window_start: field(0),
+                    used: field(1),
+                    held: Ring::decode(b.get(16..BUCKET_BYTES).unwrap_or_default()),
+                    lease: (b.len() > BUCKET_BYTES).then(|| Lease {
+                        granted: field(lease_at),
+                        remaining: field(lease_at + 1),
+                        refused_at: field(lease_at + 2),
+                        fallback: field(lease_at + 3),
+                        refilling_until: field(lease_at + 4),
+                        failures: field(lease_at + 5),
+                        down_until: field(lease_at + 6),
+                        unconfirmed: field(lease_at + 7),
+                        fallback_spent: field(lease_at + 8),
+                    }),
+                }
+            }
             _ => Bucket::default(),
         }
     }
@@ -143,6 +174,10 @@ impl Bucket {
                 lease.refused_at,
                 lease.fallback,
                 lease.refilling_until,
+                lease.failures,
+                lease.down_until,
+                lease.unconfirmed,
+                lease.fallback_spent,
             ] {
                 out.extend_from_slice(&field.to_le_bytes());
             }
@@ -163,7 +198,13 @@ impl Bucket {
         self.lease = match (limit.global, self.lease) {
             (None, _) => None,
             (Some(_), Some(lease)) if !new_window => Some(lease),
-            (Some(_), _) => Some(Lease::default()),
+            // The backoff outlives the window: the service is as slow in the next one.
+            (Some(_), Some(lease)) => Some(Lease {
+                failures: lease.failures,
+                down_until: lease.down_until,
+                ..Lease::default()
+            }),
+            (Some(_), None) => Some(Lease::default()),
         };
         self.held.advance(epoch);
         self
@@ -200,6 +241,8 @@ pub struct Held {
     pub epoch: u64,
     /// The bucket right after the reservation (for rate-limit headers).
     pub after: Bucket,
+    /// A global limit's fallback allowance paid for it (the service's grants could not).
+    pub fallback: bool,
 }
 
 /// Why a reservation was refused.
@@ -242,25 +285,42 @@ pub fn reserve_all<S: SharedStore + ?Sized>(
             if amount > remaining {
                 return Err(exhausted);
             }
-            if let Some(lease) = &bucket.lease {
-                let held = bucket.used.saturating_add(bucket.reserved());
+            let mut fallback = false;
+            if let Some(lease) = bucket.lease.as_mut() {
+                // The service's grants pay first; a request they cannot cover is paid whole by
+                // the fallback allowance (with room for it), or waits for a refill.
+                let held = bucket.used.saturating_add(bucket.held.total());
                 let need = held.saturating_add(amount).saturating_sub(lease.granted);
-                if need >= lease.refused_at {
-                    return Err(exhausted);
+                let from_service = lease.granted.saturating_sub(lease.fallback);
+                let paid = held.saturating_sub(lease.fallback_spent);
+                let short = paid.saturating_add(amount).saturating_sub(from_service);
+                let spent = lease.fallback_spent.saturating_add(amount);
+                // Only while the service is backed off: a healthy service is asked instead.
+                let down = lease.down_until > now_ms;
+                fallback = short > 0 && need == 0 && spent <= lease.fallback && down;
+                if short > 0 && !fallback {
+                    if short >= lease.refused_at {
+                        return Err(exhausted);
+                    }
+                    return Err(Denial::Short {
+                        limit: index,
+                        need: short,
+                    });
                 }
-                if need > 0 {
-                    return Err(Denial::Short { limit: index, need });
+                if fallback {
+                    lease.fallback_spent = spent;
                 }
             }
             let taken = bucket.held.hold(amount);
-            Ok((bucket.encode(), (bucket, taken)))
+            Ok((bucket.encode(), (bucket, taken, fallback)))
         });
         match result {
-            Ok((after, taken)) => held.push(Held {
+            Ok((after, taken, fallback)) => held.push(Held {
                 limit: index,
                 amount,
                 epoch: taken,
                 after,
+                fallback,
             }),
             Err(err) => {
                 let keys: Vec<(usize, &str)> = targets.iter().map(|&(i, k, _)| (i, k)).collect();
@@ -299,8 +359,14 @@ pub fn settle_all<S: SharedStore + ?Sized>(
             let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
             // A global limit charges the window whose lease paid for the reservation: a
             // settlement after the window turned only releases what it held.
-            if bucket.lease.is_none() || h.after.window_start >= bucket.window_start {
+            let same_window = h.after.window_start >= bucket.window_start;
+            if bucket.lease.is_none() || same_window {
                 bucket.used = bucket.used.saturating_add(used);
+            }
+            // What the fallback allowance paid for holds its charge instead of its reservation.
+            if let Some(lease) = bucket.lease.as_mut().filter(|_| h.fallback && same_window) {
+                let spent = lease.fallback_spent.saturating_sub(h.amount);
+                lease.fallback_spent = spent.saturating_add(used);
             }
             bucket.held.release(h.epoch, h.amount);
             Ok((bucket.encode(), ()))
@@ -329,37 +395,60 @@ pub enum Refill {
     /// The service refused `need`: nothing this large is granted again this window, nor
     /// anything above what it says is left (`remaining`, when it says).
     Refused { need: u64, remaining: Option<u64> },
-    /// The service could not be asked: the fallback allowance is granted once per window, if
-    /// the limit has one.
-    Unavailable,
+    /// The service gave no answer: the fallback allowance is granted once per window, if the
+    /// limit has one, and the service is not asked again until the backoff ends. `asked`: what
+    /// the call asked for if it was sent (the service may have counted it: unconfirmed).
+    Unavailable { asked: u64 },
     /// As `Unavailable`, decided without a call (the service failed a moment ago): another
     /// worker's claim on the refill stays.
     Fallback,
 }
 
-/// Claims the refill of `limit`'s lease for this worker until `until_ms`. Returns whether it
-/// did (no other worker of this Envoy is refilling it) and the bucket as it is now.
+/// Whether a worker may refill a lease now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This worker claimed it: the bucket as it is now.
+    Claimed(Bucket),
+    /// Another worker of this Envoy is refilling it.
+    Busy(Bucket),
+    /// The service failed a moment ago: no one asks it until the backoff ends.
+    Down,
+}
+
+/// Claims the refill of `limit`'s lease for this worker until `until_ms`, unless another worker
+/// of this Envoy is refilling it or the service is backed off.
 pub fn claim_refill<S: SharedStore + ?Sized>(
     store: &S,
     key: &str,
     limit: &Limit,
     (now_ms, until_ms): (u64, u64),
     epoch: u64,
-) -> (bool, Bucket) {
+) -> Claim {
     let result = update(store, key, |bytes| {
         let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
         match bucket.lease.as_mut() {
+            Some(lease) if lease.down_until > now_ms => Err(true),
             Some(lease) if lease.refilling_until <= now_ms => {
                 lease.refilling_until = until_ms;
                 Ok((bucket.encode(), bucket))
             }
-            _ => Err(()),
+            _ => Err(false),
         }
     });
     match result {
-        Ok(bucket) => (true, bucket),
-        Err(_) => (false, read(store, key, limit, now_ms, epoch)),
+        Ok(bucket) => Claim::Claimed(bucket),
+        Err(UpdateError::Refused(true)) => Claim::Down,
+        Err(_) => Claim::Busy(read(store, key, limit, now_ms, epoch)),
     }
+}
+
+/// How long the service is not asked after `failures` refills in a row got no answer: 1 s,
+/// doubled per failure, at most [`MAX_BACKOFF_MS`].
+pub fn backoff_ms(failures: u64) -> u64 {
+    let doublings = u32::try_from(failures.saturating_sub(1).min(16)).unwrap_or(16);
+    BACKOFF_MS
+        .saturating_mul(1 << doublings)
+        .min(MAX_BACKOFF_MS)
 }
 
 /// Applies a refill's answer to the lease of `limit` (stored under `key`), if the window is
@@ -383,31 +472,58 @@ pub fn refill<S: SharedStore + ?Sized>(
         if !matches!(answer, Refill::Fallback) {
             lease.refilling_until = 0;
         }
+        match answer {
+            Refill::Granted { .. } | Refill::Refused { .. } => {
+                lease.failures = 0;
+                lease.down_until = 0;
+            }
+            Refill::Unavailable { asked } => {
+                lease.failures = lease.failures.saturating_add(1);
+                lease.down_until = now_ms.saturating_add(backoff_ms(lease.failures));
+                if current {
+                    lease.unconfirmed = lease.unconfirmed.saturating_add(asked);
+                }
+            }
+            Refill::Fallback => {}
+        }
         if !current {
             return Ok((bucket.encode(), None));
         }
+        // The service cannot have more left than the limit less what it granted this Envoy:
+        // a larger `remaining` (a lying or misconfigured service) is read as that.
+        let most = |lease: &Lease| {
+            let from_service = lease.granted.saturating_sub(lease.fallback);
+            limit.amount.saturating_sub(from_service)
+        };
         let grew = match answer {
             Refill::Granted { amount, remaining } => {
                 lease.granted = lease.granted.saturating_add(amount);
                 if let Some(remaining) = remaining {
-                    lease.remaining = remaining;
+                    lease.remaining = remaining.min(most(lease));
                 }
                 true
             }
             Refill::Refused { need, remaining } => {
-                let left = remaining.unwrap_or(u64::MAX).min(need.saturating_sub(1));
+                let said = remaining.unwrap_or(u64::MAX).min(most(lease));
+                let left = said.min(need.saturating_sub(1));
                 lease.refused_at = lease.refused_at.min(left.saturating_add(1));
                 lease.remaining = lease.remaining.min(left);
                 false
             }
-            Refill::Unavailable | Refill::Fallback => match limit.global.and_then(|g| g.fallback) {
-                Some(allowance) if lease.fallback == 0 && allowance > 0 => {
-                    lease.granted = lease.granted.saturating_add(allowance);
-                    lease.fallback = allowance;
-                    true
-                }
-                _ => false,
-            },
+            Refill::Unavailable { .. } | Refill::Fallback => {
+                let given = match limit.global.and_then(|g| g.fallback) {
+                    Some(allowance) if lease.fallback == 0 && allowance > 0 => {
+                        lease.granted = lease.granted.saturating_add(allowance);
+                        lease.fallback = allowance;
+                        true
+                    }
+                    _ => false,
+                };
+                // A refill just lost: what is left of an allowance given earlier this window
+                // may pay for the requests that waited (now that the service is backed off).
+                let left = lease.fallback_spent < lease.fallback;
+                given || (left && matches!(answer, Refill::Unavailable { .. }))
+            }
         };
         Ok((bucket.encode(), Some(grew)))
     });

@@ -234,6 +234,9 @@ pub enum Stat {
     GlobalRefills(LabelId, &'static str),
     /// Requests admitted from a fallback allowance (the rate-limit service was unreachable).
     GlobalFallbackAdmits(LabelId),
+    /// Hits asked by refills sent but never answered (failed or timed out): the service may
+    /// have counted them without granting them.
+    GlobalUnconfirmed(LabelId),
     /// A global limit's lease on this Envoy as of its last refill, by tenant and limit:
     /// `granted` this window, or the service's `remaining` (tokens, or micro-USD).
     GlobalLease(LabelId, LabelId, &'static str),
@@ -279,6 +282,10 @@ impl Stat {
             ),
             Stat::GlobalFallbackAdmits(t) => format!(
                 "tollgate.tenant.{}.global_fallback_admits",
+                labels.tenant_value(t)
+            ),
+            Stat::GlobalUnconfirmed(t) => format!(
+                "tollgate.tenant.{}.global_unconfirmed",
                 labels.tenant_value(t)
             ),
             Stat::GlobalLease(t, l, gauge) => format!(

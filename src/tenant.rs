@@ -74,6 +74,9 @@ pub enum Unidentified {
     Missing,
     /// A value that names no tenant (unknown key, undeclared or malformed tenant name).
     Unknown,
+    /// Two credential headers (or two values of one) carry different keys: Tollgate would bill
+    /// one while the upstream may authenticate the other. Refused even with a default tenant.
+    Conflicting,
 }
 
 impl Unidentified {
@@ -81,11 +84,14 @@ impl Unidentified {
         match self {
             Unidentified::Missing => "No API key or tenant identity was provided.",
             Unidentified::Unknown => "The API key or tenant identity is not known to this gateway.",
+            Unidentified::Conflicting => {
+                "The request carries different API keys (x-api-key, api-key, authorization); send one."
+            }
         }
     }
 }
 
-/// Header names the skin must read for the API key source, in order of preference.
+/// The headers that carry an API key (`authorization` as `Bearer <key>`).
 pub const API_KEY_HEADERS: [&str; 3] = ["x-api-key", "api-key", "authorization"];
 
 impl Identity {
@@ -102,20 +108,38 @@ impl Identity {
         self.or_default(found)
     }
 
-    /// Resolves API key header values (`x-api-key`, `api-key`, `authorization`, as read in
-    /// [`API_KEY_HEADERS`] order) to a tenant. The first present header is the credential.
-    pub fn resolve_api_key(&self, values: [Option<&[u8]>; 3]) -> Result<String, Unidentified> {
+    /// Resolves the API key headers of a request (every `(name, value)` header entry; names
+    /// other than [`API_KEY_HEADERS`] are skipped) to a tenant. A value names a key when it is
+    /// not blank (`authorization` only as `Bearer <key>`); every key named must be the same
+    /// key, else [`Unidentified::Conflicting`] whatever the default tenant.
+    pub fn resolve_api_key<'a>(
+        &self,
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Result<String, Unidentified> {
         let TenantSource::ApiKey(keys) = &self.source else {
             return self.or_default(Err(Unidentified::Unknown));
         };
-        let [x_api_key, api_key, authorization] = values;
-        let key = match (x_api_key, api_key, authorization) {
-            (Some(key), _, _) | (None, Some(key), _) => Some(key),
-            (None, None, Some(auth)) => Some(bearer_token(auth).unwrap_or(b"")),
-            (None, None, None) => None,
-        };
-        let found = match key.map(trim) {
-            None | Some(b"") => Err(Unidentified::Missing),
+        let mut key: Option<&[u8]> = None;
+        for (name, value) in headers {
+            // Envoy joins repeated `authorization` lines with `,`, which no Bearer token holds.
+            let named: Vec<&[u8]> = if name.eq_ignore_ascii_case("authorization") {
+                let values = value.split(|b| *b == b',');
+                values.map(|v| bearer_token(v).unwrap_or(b"")).collect()
+            } else if API_KEY_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) {
+                vec![trim(value)]
+            } else {
+                continue;
+            };
+            for named in named {
+                match key {
+                    _ if named.is_empty() => {}
+                    Some(first) if first != named => return Err(Unidentified::Conflicting),
+                    _ => key = Some(named),
+                }
+            }
+        }
+        let found = match key {
+            None => Err(Unidentified::Missing),
             Some(key) => keys
                 .get(&KeyDigest::of_key(key))
                 .cloned()
@@ -172,6 +196,62 @@ mod tests {
         }
     }
 
+    /// The `x-api-key`, `api-key` and `authorization` values, each present or not.
+    fn keyed(id: &Identity, values: [Option<&[u8]>; 3]) -> Result<String, Unidentified> {
+        let present = API_KEY_HEADERS.into_iter().zip(values);
+        id.resolve_api_key(present.filter_map(|(name, value)| Some((name, value?))))
+    }
+
+    #[test]
+    fn conflicting_keys_are_refused_even_with_a_default() {
+        let id = key_identity(Some("anon"));
+        let refused: [&[(&str, &[u8])]; 6] = [
+            &[
+                ("x-api-key", b"sk-team-a"),
+                ("authorization", b"Bearer sk-other"),
+            ],
+            &[
+                ("authorization", b"Bearer sk-other"),
+                ("x-api-key", b"sk-team-a"),
+            ],
+            &[("x-api-key", b"sk-team-a"), ("x-api-key", b"sk-other")],
+            &[
+                ("authorization", b"Bearer sk-team-a"),
+                ("authorization", b"bearer x"),
+            ],
+            &[("api-key", b"sk-other"), ("X-Api-Key", b"sk-team-a")],
+            // Envoy joins repeated authorization lines.
+            &[("authorization", b"Bearer sk-team-a,Bearer sk-other")],
+        ];
+        for headers in refused {
+            let got = id.resolve_api_key(headers.iter().copied());
+            assert_eq!(got, Err(Unidentified::Conflicting), "{headers:?}");
+        }
+        // The same key twice, blank values and non-Bearer schemes name no second key.
+        let accepted: [&[(&str, &[u8])]; 6] = [
+            &[
+                ("x-api-key", b"sk-team-a"),
+                ("authorization", b"Bearer  sk-team-a "),
+            ],
+            &[("x-api-key", b"sk-team-a"), ("x-api-key", b" sk-team-a")],
+            &[
+                ("x-api-key", b"sk-team-a"),
+                ("authorization", b"Basic dXNlcjpwdw=="),
+            ],
+            &[("x-api-key", b" "), ("authorization", b"Bearer sk-team-a")],
+            &[("authorization", b"Bearer sk-team-a, Bearer sk-team-a")],
+            &[
+                ("x-tenant", b"anon"),
+                ("api-key", b"sk-team-a"),
+                ("cookie", b"x"),
+            ],
+        ];
+        for headers in accepted {
+            let got = id.resolve_api_key(headers.iter().copied());
+            assert_eq!(got, Ok("a".into()), "{headers:?}");
+        }
+    }
+
     #[test]
     fn digest_round_trips_through_hex() {
         let d = KeyDigest::of_key(b"test");
@@ -188,36 +268,30 @@ mod tests {
     #[test]
     fn api_key_from_each_header() {
         let id = key_identity(None);
+        assert_eq!(keyed(&id, [Some(b"sk-team-a"), None, None]), Ok("a".into()));
         assert_eq!(
-            id.resolve_api_key([Some(b"sk-team-a"), None, None]),
+            keyed(&id, [None, Some(b" sk-team-a "), None]),
             Ok("a".into())
         );
         assert_eq!(
-            id.resolve_api_key([None, Some(b" sk-team-a "), None]),
+            keyed(&id, [None, None, Some(b"Bearer sk-team-a")]),
             Ok("a".into())
         );
         assert_eq!(
-            id.resolve_api_key([None, None, Some(b"Bearer sk-team-a")]),
+            keyed(&id, [None, None, Some(b"bearer  sk-team-a")]),
             Ok("a".into())
         );
         assert_eq!(
-            id.resolve_api_key([None, None, Some(b"bearer  sk-team-a")]),
-            Ok("a".into())
-        );
-        assert_eq!(
-            id.resolve_api_key([None, None, Some(b"Basic sk-team-a")]),
+            keyed(&id, [None, None, Some(b"Basic sk-team-a")]),
             Err(Unidentified::Missing)
         );
+        assert_eq!(keyed(&id, [None, None, None]), Err(Unidentified::Missing));
         assert_eq!(
-            id.resolve_api_key([None, None, None]),
-            Err(Unidentified::Missing)
-        );
-        assert_eq!(
-            id.resolve_api_key([Some(b"sk-other"), None, None]),
+            keyed(&id, [Some(b"sk-other"), None, None]),
             Err(Unidentified::Unknown)
         );
         assert_eq!(
-            id.resolve_api_key([Some(b"\xff\xfe"), None, None]),
+            keyed(&id, [Some(b"\xff\xfe"), None, None]),
             Err(Unidentified::Unknown)
         );
     }
@@ -226,10 +300,10 @@ mod tests {
     fn unknown_goes_to_default_when_configured() {
         let id = key_identity(Some("anon"));
         assert_eq!(
-            id.resolve_api_key([Some(b"sk-other"), None, None]),
+            keyed(&id, [Some(b"sk-other"), None, None]),
             Ok("anon".into())
         );
-        assert_eq!(id.resolve_api_key([None, None, None]), Ok("anon".into()));
+        assert_eq!(keyed(&id, [None, None, None]), Ok("anon".into()));
     }
 
     #[test]

@@ -58,8 +58,12 @@ struct LeaseView {
     used: serde_json::Value,
     /// The service's remaining as it last said (`null`: it never said).
     global_remaining: Option<serde_json::Value>,
-    /// Of `granted`, the fallback allowance spent while the service was unreachable.
+    /// Of `granted`, the fallback allowance given while the service was unreachable.
     fallback: serde_json::Value,
+    /// What the requests the fallback allowance paid for hold (reserved, then charged).
+    fallback_used: serde_json::Value,
+    /// Asked by refills that got no answer: the service may have counted it.
+    unconfirmed: serde_json::Value,
 }
 
 fn amount(unit: Unit, value: u64) -> serde_json::Value {
@@ -103,6 +107,8 @@ pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) 
                             global_remaining: (lease.remaining != u64::MAX)
                                 .then(|| amount(limit.unit, lease.remaining)),
                             fallback: amount(limit.unit, lease.fallback),
+                            fallback_used: amount(limit.unit, lease.fallback_spent),
+                            unconfirmed: amount(limit.unit, lease.unconfirmed),
                         }),
                     }
                 })

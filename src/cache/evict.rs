@@ -5,6 +5,7 @@
 use std::ops::Range;
 
 use super::CacheKey;
+use super::share::{SetOwners, count};
 use super::table::{
     Geometry, Header, State, data_key, header_key, read_header, release, version_of,
 };
@@ -16,41 +17,68 @@ pub const RECLAIM_SCAN: u32 = 8;
 pub(super) enum Choice {
     Present,
     Busy,
-    Victim { slot: u32, header: Header, cas: u32 },
+    /// Every slot is live and held by scopes the inserter may not replace (fair replacement).
+    Held,
+    /// The only slots the inserter may replace would take its scope past its share.
+    OverShare,
+    Victim {
+        slot: u32,
+        header: Header,
+        cas: u32,
+    },
 }
 
-/// Picks the slot of `set` an insert of `key` replaces.
+/// Picks the slot of `set` an insert of `key` replaces; `within_share(old)` says whether
+/// replacing the entry `old` keeps the key's scope within its caps.
 pub(super) fn choose<S: SharedStore + ?Sized>(
     store: &S,
     set: Range<u32>,
     key: &CacheKey,
     now_ms: u64,
+    within_share: impl Fn(&Header) -> bool,
 ) -> Choice {
-    // Lower is better: (rank, order).
-    let mut best: Option<((u8, u64), u32, Header, u32)> = None;
+    let mut headers: Vec<(u32, Header, u32)> = Vec::with_capacity(set.len());
     for slot in set {
         let (header, cas) = read_header(store, slot);
-        if cas == 0 {
-            // Not created and could not be: a write could not be compare-and-swapped.
-            continue;
+        // cas 0: not created and could not be (a write could not be compare-and-swapped).
+        if cas != 0 {
+            headers.push((slot, header, cas));
         }
+    }
+    let held = |h: &Header| h.state != State::Empty && !h.stale(now_ms);
+    if headers.iter().any(|(_, h, _)| held(h) && h.key == key.0) {
+        return Choice::Present;
+    }
+    let owners = SetOwners::of(headers.iter().map(|(_, h, _)| h).filter(|h| held(h)));
+    let me = key.owner();
+    let (mut fair_refused, mut share_refused) = (false, false);
+    // Lower is better: (rank, order).
+    let mut best: Option<((u8, u64), u32, Header, u32)> = None;
+    for (slot, header, cas) in headers {
         let stale = header.stale(now_ms);
-        if header.key == key.0 && !stale && header.state != State::Empty {
-            return Choice::Present;
-        }
         let rank = match header.state {
             State::Writing if !stale => continue,
             _ if stale && header.key == key.0 => (0, 0),
             _ if stale => (1, u64::from(u32::MAX - header.held)),
             State::Empty => (2, 0),
-            _ => (3, header.last_used),
+            _ if owners.may_replace(me, header.owner()) => (3, header.last_used),
+            _ => {
+                fair_refused = true;
+                continue;
+            }
         };
+        if !within_share(&header) {
+            share_refused = true;
+            continue;
+        }
         if best.as_ref().is_none_or(|(r, ..)| rank < *r) {
             best = Some((rank, slot, header, cas));
         }
     }
     match best {
         Some((_, slot, header, cas)) => Choice::Victim { slot, header, cas },
+        None if share_refused => Choice::OverShare,
+        None if fair_refused => Choice::Held,
         None => Choice::Busy,
     }
 }
@@ -97,6 +125,9 @@ pub(super) fn reclaim<S: SharedStore + ?Sized>(
             .is_some_and(|cas| store.set(&hkey, &Header::EMPTY.encode(), cas).is_ok());
         if emptied {
             release(store, u64::from(header.held), header.counted, false);
+            if header.counted {
+                count(store, header.owner(), header.held, false);
+            }
             freed = freed.saturating_add(u64::from(header.held));
         }
     }

@@ -5,8 +5,11 @@
 //! 1. Read the set's headers and pick a victim: a live entry with the same key, or the same key
 //!    being written by another worker, means [`StoreOutcome::AlreadyPresent`]; else the same key
 //!    expired; else the stale slot (expired, or a write abandoned for [`WRITE_TIMEOUT_MS`])
-//!    holding most bytes; else an empty slot; else the least recently used live entry (LRU
-//!    eviction).
+//!    holding most bytes; else an empty slot; else the least recently used live entry the key's
+//!    scope may replace (LRU eviction, fair between scopes: `share.rs`). A victim that would take
+//!    the scope past its caps is skipped; when none is left, free up to [`RECLAIM_SCAN`] stale
+//!    slots elsewhere and look again once, then [`StoreOutcome::OverShare`]. A set of live
+//!    entries the scope may not replace is [`StoreOutcome::NoRoom`].
 //! 2. Claim it: header → `writing` with the new key, keeping the old `held`/counted (so an
 //!    abandoned claim is taken over with the right accounting). A lost race re-reads the set (up
 //!    to three times), then [`StoreOutcome::Contended`].
@@ -15,14 +18,18 @@
 //!    more; still refused → restore the header and answer [`StoreOutcome::NoRoom`] (never
 //!    evicts a live entry it will not replace).
 //! 4. Write the data value (unconditionally: only the claim holder writes it), then the header
-//!    `writing → ready` (expiry `now + ttl`), then release `held - size` if the entry shrank.
+//!    `writing → ready` (expiry `now + ttl`), then move the entry between the scope counters and
+//!    release `held - size` if the entry shrank.
 //!
-//! A worker that traps midway leaves the meta key over-counting (capacity lost, the cap holds).
+//! A worker that traps midway leaves the meta key over-counting (capacity lost, the cap holds);
+//! one that traps between the ready header and the scope counters leaves its scope's counter
+//! off by that entry until the slot is next replaced.
 //!
 //! [`WRITE_TIMEOUT_MS`]: super::WRITE_TIMEOUT_MS
 //! [`RECLAIM_SCAN`]: super::RECLAIM_SCAN
 
 use super::evict::{Choice, choose, reclaim};
+use super::share;
 use super::table::{
     DATA_PREFIX_BYTES, Geometry, Header, Refusal, State, data_key, encode_data, header_key,
     release, reserve, version_of,
@@ -63,10 +70,33 @@ pub fn insert<S: SharedStore + ?Sized>(
     else {
         return StoreOutcome::TooLarge;
     };
+    // Caps as large as the table's change nothing: skip reading the counter.
+    let capped = cfg.max_entries_per_scope < geo.slots || cfg.max_bytes_per_scope < cfg.max_bytes;
+    let caps = (cfg.max_entries_per_scope, cfg.max_bytes_per_scope);
+    let mut reclaimed = false;
     for _ in 0..CLAIM_ATTEMPTS {
-        let (slot, old, cas) = match choose(store, geo.set_of(key), key, now_ms) {
+        let share = capped.then(|| share::held(store, key.owner()));
+        let within =
+            |old: &Header| share.is_none_or(|s| share::fits(s, caps, key.owner(), old, size32));
+        let (slot, old, cas) = match choose(store, geo.set_of(key), key, now_ms, within) {
             Choice::Present => return StoreOutcome::AlreadyPresent,
             Choice::Busy => return StoreOutcome::Contended,
+            Choice::Held => return StoreOutcome::NoRoom,
+            Choice::OverShare if !reclaimed => {
+                // Expired entries of the scope elsewhere may still count against it: free some
+                // and look again, once.
+                reclaimed = true;
+                reclaim(
+                    store,
+                    &geo,
+                    geo.slots,
+                    reclaim_start(key, geo.slots),
+                    u32::MAX,
+                    now_ms,
+                );
+                continue;
+            }
+            Choice::OverShare => return StoreOutcome::OverShare,
             Choice::Victim { slot, header, cas } => (slot, header, cas),
         };
         let claim = Header {
@@ -104,6 +134,12 @@ pub fn insert<S: SharedStore + ?Sized>(
     StoreOutcome::Contended
 }
 
+/// Where a reclaim scan for `key` starts among `range` slots (spread by the key).
+fn reclaim_start(key: &CacheKey, range: u32) -> u32 {
+    let start = key.0.get(8..12).and_then(|b| <[u8; 4]>::try_from(b).ok());
+    start.map_or(0, u32::from_le_bytes) % range.max(1)
+}
+
 /// The entry an insert is writing.
 struct Pending<'a> {
     size: u32,
@@ -136,8 +172,7 @@ fn write_claimed<S: SharedStore + ?Sized>(
     let mut reserved = reserve(store, cfg, geo, &old, entry.size, entry.evicted);
     if let Err(Refusal::NoRoom { high_water }) = reserved {
         let range = high_water.max(geo.slots);
-        let start = key.0.get(8..12).and_then(|b| <[u8; 4]>::try_from(b).ok());
-        let start = start.map_or(0, u32::from_le_bytes) % range.max(1);
+        let start = reclaim_start(key, range);
         if reclaim(store, geo, range, start, slot, entry.now_ms) > 0 {
             reserved = reserve(store, cfg, geo, &old, entry.size, entry.evicted);
         }
@@ -180,6 +215,10 @@ fn write_claimed<S: SharedStore + ?Sized>(
         // from the claim's `held`; what was reserved on top stays counted (over, never under).
         return StoreOutcome::Contended;
     }
+    if old.counted {
+        share::count(store, old.owner(), old.held, false);
+    }
+    share::count(store, key.owner(), entry.size, true);
     let shrink = u64::from(old.held).saturating_sub(u64::from(entry.size));
     if shrink > 0 {
         release(store, shrink, false, false);
@@ -194,7 +233,7 @@ mod tests {
     use super::*;
     use crate::cache::table::Meta;
     use crate::cache::testing::*;
-    use crate::cache::{Hit, META_KEY, WRITE_TIMEOUT_MS, all_keys, lookup, stats};
+    use crate::cache::{Hit, META_KEY, SCOPE_BUCKETS, WRITE_TIMEOUT_MS, all_keys, lookup, stats};
     use crate::store::MemStore;
 
     fn snapshot(store: &MemStore, c: &CacheConfig) -> Vec<Option<Vec<u8>>> {
@@ -249,7 +288,7 @@ mod tests {
         // No slots: nothing to do, nothing to find.
         let none = cfg(0, 1_000, 1_000, 4);
         let store = fresh(&none);
-        assert_eq!(store.len(), 1);
+        assert_eq!(store.len(), 1 + SCOPE_BUCKETS as usize);
         assert_eq!(
             insert(&store, &none, &key(2), 200, JSON, b"", 1),
             StoreOutcome::Rejected

@@ -75,6 +75,11 @@ impl CacheKey {
         &self.0
     }
 
+    /// The tag of the scope the key belongs to (its last four bytes).
+    pub fn owner(&self) -> u32 {
+        owner_of(&self.0)
+    }
+
     /// Lowercase hex, for logs.
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
@@ -99,17 +104,36 @@ pub struct KeyInputs<'a> {
 /// that is only known after admission (clamp mode lowers it to the budget left), so the key is
 /// finished twice when it changes (lookup, then store) without hashing the body again.
 #[derive(Clone)]
-pub struct PendingKey(Sha256);
+pub struct PendingKey {
+    hash: Sha256,
+    /// The scope's tag, written over the key's last four bytes.
+    owner: [u8; 4],
+}
 
 impl PendingKey {
     /// The key of the request as the upstream receives it, with the API's max-tokens field set
     /// to `max_tokens` by Tollgate (`None`: the body's own value, or none).
     pub fn finish(&self, max_tokens: Option<u64>) -> CacheKey {
-        let mut hash = self.0.clone();
+        let mut hash = self.hash.clone();
         let value = max_tokens.map(u64::to_le_bytes);
         put(&mut hash, value.as_ref().map_or(&[][..], |v| &v[..]));
-        CacheKey(hash.finalize().into())
+        let mut key: [u8; 32] = hash.finalize().into();
+        if let Some(tail) = key.last_chunk_mut::<4>() {
+            *tail = self.owner;
+        }
+        CacheKey(key)
     }
+}
+
+/// The scope tag of a key's bytes.
+pub(super) fn owner_of(key: &[u8; 32]) -> u32 {
+    key.last_chunk::<4>().map_or(0, |b| u32::from_le_bytes(*b))
+}
+
+/// The tag of a scope (tenant name or `"global"`).
+pub(super) fn scope_tag(scope: &str) -> [u8; 4] {
+    let digest: [u8; 32] = Sha256::digest(scope.as_bytes()).into();
+    digest.first_chunk::<4>().copied().unwrap_or_default()
 }
 
 fn put(hash: &mut Sha256, field: &[u8]) {
@@ -165,7 +189,10 @@ pub fn cache_key(inputs: &KeyInputs<'_>, body: &[u8]) -> Option<PendingKey> {
             }
         }
     }
-    Some(PendingKey(hash))
+    Some(PendingKey {
+        hash,
+        owner: scope_tag(inputs.scope),
+    })
 }
 
 /// A request header's value: every line with that name (ASCII case-insensitive), in request
@@ -397,6 +424,18 @@ mod tests {
             request_key(path, &[], Some(83)),
             request_key(path, &[], Some(83))
         );
+    }
+
+    #[test]
+    fn the_key_ends_with_its_scopes_tag() {
+        let body = r#"{"model":"m","messages":[]}"#.as_bytes();
+        let of = |scope| plain_key(scope, "r", "m", CHAT, body).unwrap();
+        let (a, a2, b) = (of("team-a"), of("team-a"), of("team-b"));
+        assert_eq!(a, a2);
+        assert_ne!(a.owner(), b.owner());
+        assert_eq!(a.owner().to_le_bytes(), scope_tag("team-a"));
+        assert_ne!(a.0[..28], b.0[..28]);
+        assert_eq!(of("global").owner().to_le_bytes(), scope_tag("global"));
     }
 
     #[test]

@@ -25,11 +25,13 @@
 //!   and the meta key's accounting.
 //! - `lookup.rs`, `insert.rs`: the read path and the write path.
 //! - `evict.rs`: which slot an insert replaces, and reclaiming stale and orphaned slots.
+//! - `share.rs`: scopes' shares: fair replacement between scopes and the per-scope caps.
 
 mod evict;
 mod insert;
 mod key;
 mod lookup;
+mod share;
 mod table;
 #[cfg(test)]
 mod testing;
@@ -41,6 +43,7 @@ pub use key::{
     has_directive, header_value, key_header_values,
 };
 pub use lookup::lookup;
+pub use share::SCOPE_BUCKETS;
 pub use table::{MAX_SLOTS, MAX_WAYS, META_KEY, WRITE_TIMEOUT_MS, all_keys, stats};
 
 /// The cache's caps. `max_entries` and `ways` fix the table layout: every worker must use the
@@ -57,6 +60,10 @@ pub struct CacheConfig {
     pub ttl_ms: u64,
     /// Set associativity: slots a key can live in (1..=[`MAX_WAYS`]; e.g. 4).
     pub ways: u32,
+    /// Entries one scope (tenant, or `"global"`) may hold (`share.rs`).
+    pub max_entries_per_scope: u32,
+    /// Bytes one scope may hold (same measure as `max_bytes`).
+    pub max_bytes_per_scope: u64,
 }
 
 /// A cached response.
@@ -78,8 +85,12 @@ pub enum StoreOutcome {
     AlreadyPresent,
     /// The value is bigger than `max_entry_bytes` or `max_bytes`.
     TooLarge,
-    /// Storing it would exceed `max_bytes` (nothing evicted).
+    /// Storing it would exceed `max_bytes`, or its set is held by other scopes' live entries
+    /// it may not replace (nothing evicted).
     NoRoom,
+    /// Storing it would take its scope past `max_entries_per_scope` or `max_bytes_per_scope`,
+    /// and no entry of its own in its set can make room.
+    OverShare,
     /// Other workers kept changing the set or the meta key; nothing stored.
     Contended,
     /// Never storable: status outside 200..=299, content type over 255 bytes, or the cache

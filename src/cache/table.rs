@@ -5,14 +5,15 @@
 //! A fixed table of `S = min(max_entries, MAX_SLOTS)` slots grouped into sets of
 //! `W = clamp(ways, 1, MAX_WAYS)` consecutive slots (the last set may be smaller); a key lives in
 //! set `u64::from_le_bytes(key[0..8]) % ceil(S / W)`. Per slot two keys, plus one meta key: the
-//! key space is `2 × max_entries + 1`, all created up front (Envoy never deletes keys). If the
+//! key space is `2 × max_entries + 1` plus the [`SCOPE_BUCKETS`] scope counters of `share.rs`,
+//! all created up front (Envoy never deletes keys). If the
 //! config later shrinks, slots beyond the new size are orphans: the keys stay (the key space is
 //! bounded by the largest config ever used) and their bytes are reclaimed (step 3 of an insert,
 //! in `insert.rs`).
 //!
 //! Header `tg:cache:h:<i>`, 64 bytes, integers little-endian:
 //! ```text
-//! 0 version = 1 │ 1 state (0 empty, 1 writing, 2 ready) │ 2 flags (bit 0: counted in `entries`)
+//! 0 version = 2 │ 1 state (0 empty, 1 writing, 2 ready) │ 2 flags (bit 0: counted in `entries`)
 //! 3 zero │ 4..8 held: u32, the data bytes the meta key attributes to this slot
 //! 8..40 key │ 40..48 ready: expires_at_ms; writing: started_ms │ 48..56 stored_at_ms
 //! 56..64 last_used_ms (LRU stamp, refreshed by hits at most once a second)
@@ -34,6 +35,8 @@
 
 use std::ops::Range;
 
+#[cfg(doc)]
+use super::SCOPE_BUCKETS;
 use super::{CacheConfig, CacheKey, CacheStats};
 use crate::store::{FRESH, SharedStore, UpdateError, ensure, update};
 
@@ -93,11 +96,15 @@ pub(super) fn data_key(slot: u32) -> String {
     format!("{DATA_PREFIX}{slot}")
 }
 
-/// Every key the cache uses with `cfg` (meta first), to create up front with `store::FRESH`.
+/// Every key the cache uses with `cfg` (meta, the scope counters, then the slots), to create up
+/// front with `store::FRESH`.
 pub fn all_keys(cfg: &CacheConfig) -> Vec<String> {
     let slots = Geometry::of(cfg).slots;
-    let mut keys = Vec::with_capacity(usize::try_from(slots).unwrap_or(0).saturating_mul(2) + 1);
+    let extra = usize::try_from(super::share::SCOPE_BUCKETS).unwrap_or(0) + 1;
+    let mut keys =
+        Vec::with_capacity(usize::try_from(slots).unwrap_or(0).saturating_mul(2) + extra);
     keys.push(META_KEY.to_string());
+    keys.extend(super::share::share_keys());
     for slot in 0..slots {
         keys.push(header_key(slot));
         keys.push(data_key(slot));
@@ -162,7 +169,10 @@ pub(super) struct Header {
     pub(super) last_used: u64,
 }
 
-const HEADER_VERSION: u8 = 1;
+/// 2: keys end with their scope's tag. A version-1 header (written before) reads as expired:
+/// its key can never be looked up again, and an entry of no known scope would otherwise be
+/// protected by fair replacement until its TTL.
+const HEADER_VERSION: u8 = 2;
 const HEADER_BYTES: usize = 64;
 
 impl Header {
@@ -185,7 +195,8 @@ impl Header {
     }
 
     fn read(r: &mut Reader<'_>) -> Option<Header> {
-        if r.u8()? != HEADER_VERSION {
+        let version = r.u8()?;
+        if version != HEADER_VERSION && version != 1 {
             return None;
         }
         let state = match r.u8()? {
@@ -196,12 +207,15 @@ impl Header {
         };
         let counted = r.u8()? & 1 == 1;
         r.u8()?;
+        let held = r.u32()?;
+        let key = r.array()?;
+        let time = r.u64()?;
         Some(Header {
             state,
             counted,
-            held: r.u32()?,
-            key: r.array()?,
-            time: r.u64()?,
+            held,
+            key,
+            time: if version == HEADER_VERSION { time } else { 0 },
             stored_at: r.u64()?,
             last_used: r.u64()?,
         })
@@ -223,6 +237,11 @@ impl Header {
         out.extend_from_slice(&self.stored_at.to_le_bytes());
         out.extend_from_slice(&self.last_used.to_le_bytes());
         out
+    }
+
+    /// The scope tag of the key the slot holds.
+    pub(super) fn owner(&self) -> u32 {
+        super::key::owner_of(&self.key)
     }
 
     pub(super) fn live(&self, now_ms: u64) -> bool {
@@ -430,7 +449,7 @@ pub(super) fn release<S: SharedStore + ?Sized>(store: &S, bytes: u64, entry: boo
 mod tests {
     use super::*;
     use crate::cache::testing::*;
-    use crate::cache::{insert, lookup};
+    use crate::cache::{SCOPE_BUCKETS, insert, lookup};
     use crate::store::MemStore;
 
     #[test]
@@ -450,6 +469,12 @@ mod tests {
         let mut bad = h.encode();
         bad[1] = 7;
         assert_eq!(Header::decode(Some(&bad)), Header::EMPTY);
+        // A header of the previous version (keys without a scope tag) reads as expired.
+        let mut v1 = h.encode();
+        v1[0] = 1;
+        let old = Header::decode(Some(&v1));
+        assert_eq!(old, Header { time: 0, ..h });
+        assert!(old.stale(1) && !old.live(1));
         let m = Meta {
             entries: 3,
             bytes_held: 9,
@@ -489,7 +514,7 @@ mod tests {
             );
             lookup(&store, &c, &key(id), u64::from(id));
         }
-        assert!(store.len() <= 2 * 8 + 1);
+        assert!(store.len() <= 2 * 8 + 1 + SCOPE_BUCKETS as usize);
         for k in all_keys(&c) {
             ensure(&store, &k, FRESH);
         }
@@ -499,10 +524,11 @@ mod tests {
     #[test]
     fn all_keys_is_the_key_space() {
         let c = cfg(3, 1, 1, 4);
+        assert_eq!(all_keys(&c)[..2], ["tg:cache:meta", "tg:cache:s:0"]);
+        assert_eq!(all_keys(&c)[64], "tg:cache:s:63");
         assert_eq!(
-            all_keys(&c),
+            all_keys(&c)[65..],
             [
-                "tg:cache:meta",
                 "tg:cache:h:0",
                 "tg:cache:d:0",
                 "tg:cache:h:1",

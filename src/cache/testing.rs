@@ -5,6 +5,7 @@ use std::cell::{Cell, RefCell};
 
 use sha2::{Digest, Sha256};
 
+use super::share::{SCOPE_BUCKETS, Share, held};
 use super::table::{DATA_MAGIC, Header, Meta, State, data_key, header_key};
 use super::{CacheConfig, CacheKey, Hit, KeyInputs, META_KEY, all_keys, cache_key};
 use crate::api::ApiKind;
@@ -25,6 +26,8 @@ pub(super) fn cfg(
         max_entry_bytes,
         ttl_ms: 60_000,
         ways,
+        max_entries_per_scope: max_entries,
+        max_bytes_per_scope: max_bytes,
     }
 }
 
@@ -36,8 +39,18 @@ pub(super) fn fresh(cfg: &CacheConfig) -> MemStore {
     store
 }
 
+/// A key of scope 0 (one scope: plain LRU within a set).
 pub(super) fn key(id: u8) -> CacheKey {
-    CacheKey(Sha256::digest([id]).into())
+    scoped_key(0, id)
+}
+
+/// A key of the scope tagged `owner`.
+pub(super) fn scoped_key(owner: u32, id: u8) -> CacheKey {
+    let mut bytes: [u8; 32] = Sha256::digest([id]).into();
+    if let Some(tail) = bytes.last_chunk_mut::<4>() {
+        *tail = owner.to_le_bytes();
+    }
+    CacheKey(bytes)
 }
 
 pub(super) const PATH: &[u8] = b"/v1/chat/completions";
@@ -106,7 +119,20 @@ pub(super) fn check(store: &MemStore, cfg: &CacheConfig) {
     assert_eq!(meta.bytes_held, held_sum);
     assert_eq!(meta.entries, counted);
     assert!(meta.entries <= slots);
-    assert_eq!(store.len(), 2 * slots as usize + 1);
+    assert_eq!(store.len(), 2 * slots as usize + 1 + SCOPE_BUCKETS as usize);
+    // The scope counters add up to the counted entries of their scopes.
+    let mut shares = vec![Share::default(); SCOPE_BUCKETS as usize];
+    for slot in 0..slots {
+        let header = Header::decode(store.get(&header_key(slot)).0.as_deref());
+        if header.counted {
+            let share = &mut shares[(header.owner() % SCOPE_BUCKETS) as usize];
+            share.entries += 1;
+            share.bytes += u64::from(header.held);
+        }
+    }
+    for (bucket, want) in shares.iter().enumerate() {
+        assert_eq!(held(store, bucket as u32), *want, "scope bucket {bucket}");
+    }
 }
 
 /// A body that says which key it belongs to.

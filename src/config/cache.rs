@@ -87,6 +87,18 @@ pub(super) fn build_cache(raw: &RawCache) -> Result<Cache, ConfigError> {
             "must not exceed cache.max_bytes",
         ));
     }
+    let max_entries_per_scope = bounded(
+        "max_entries_per_scope",
+        raw.max_entries_per_scope,
+        max_entries,
+        max_entries,
+    )?;
+    let max_bytes_per_scope = bounded(
+        "max_bytes_per_scope",
+        raw.max_bytes_per_scope,
+        max_bytes,
+        max_bytes,
+    )?;
     let ttl = bounded("ttl_seconds", raw.ttl_seconds, 300, 30 * 86_400)?;
     let ways = bounded("ways", raw.ways, 4, 16)?;
     let mut models = HashMap::with_capacity(raw.models.len());
@@ -134,6 +146,8 @@ pub(super) fn build_cache(raw: &RawCache) -> Result<Cache, ConfigError> {
             max_entry_bytes,
             ttl_ms: ttl * 1000,
             ways: u32::try_from(ways).unwrap_or(4),
+            max_entries_per_scope: u32::try_from(max_entries_per_scope).unwrap_or(u32::MAX),
+            max_bytes_per_scope,
         },
         policy: raw
             .policy
@@ -174,5 +188,38 @@ mod tests {
         let many: Vec<String> = (0..17).map(|i| format!("\"x-{i}\"")).collect();
         let e = cfg(&format!(r#"{{"key_headers":[{}]}}"#, many.join(","))).unwrap_err();
         assert_eq!(e.field, "cache.key_headers");
+    }
+
+    #[test]
+    fn per_scope_caps_default_to_the_table_and_stay_within_it() {
+        let base = r#"{"identity":{"source":"header","header":"x"},"cache":"#;
+        let cfg = |cache: &str| Config::from_json(format!("{base}{cache}}}").as_bytes());
+        let caps = |cache: &str| {
+            let table = cfg(cache).unwrap().cache.unwrap().table;
+            (table.max_entries_per_scope, table.max_bytes_per_scope)
+        };
+        assert_eq!(
+            caps(r#"{"max_entries":32,"max_bytes":300000}"#),
+            (32, 300000)
+        );
+        let set = r#"{"max_entries_per_scope":8,"max_bytes_per_scope":1024}"#;
+        assert_eq!(caps(set), (8, 1024));
+        for (bad, field) in [
+            (
+                r#"{"max_entries_per_scope":0}"#,
+                "cache.max_entries_per_scope",
+            ),
+            (
+                r#"{"max_entries":8,"max_entries_per_scope":9}"#,
+                "cache.max_entries_per_scope",
+            ),
+            (
+                r#"{"max_bytes":4096,"max_entry_bytes":4096,"max_bytes_per_scope":4097}"#,
+                "cache.max_bytes_per_scope",
+            ),
+            (r#"{"max_bytes_per_scope":-1}"#, "cache.max_bytes_per_scope"),
+        ] {
+            assert_eq!(cfg(bad).expect_err(bad).field, field, "{bad}");
+        }
     }
 }

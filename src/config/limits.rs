@@ -11,6 +11,9 @@ use super::raw::RawLimits;
 pub struct Limits {
     /// Request bodies above this are refused with 413 before they are buffered further.
     pub max_request_body_bytes: u64,
+    /// Request body bytes one VM (one worker) holds at once, over its requests from their first
+    /// body byte to their response's head; a body that would pass it is refused with 429.
+    pub max_buffered_request_bytes: u64,
     /// JSON response bytes kept to read usage at the end; past it only a tail window is kept.
     pub max_response_buffer_bytes: u64,
     /// Longest SSE line (or event data) kept; longer ones are dropped and flagged.
@@ -28,6 +31,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_request_body_bytes: 4 * 1024 * 1024,
+            max_buffered_request_bytes: 8 * 4 * 1024 * 1024,
             max_response_buffer_bytes: 1024 * 1024,
             max_sse_line_bytes: 1024 * 1024,
             max_decoded_response_bytes: 64 * 1024 * 1024,
@@ -45,6 +49,7 @@ pub(super) fn build_limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
             raw.max_request_body_bytes,
             defaults.max_request_body_bytes,
         )?,
+        max_buffered_request_bytes: 0, // set below, from the body cap
         max_response_buffer_bytes: positive(
             "limits.max_response_buffer_bytes",
             raw.max_response_buffer_bytes,
@@ -71,7 +76,22 @@ pub(super) fn build_limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
             }
         },
     };
-    Ok(limits)
+    // Eight bodies at the cap by default; never below one.
+    let body = limits.max_request_body_bytes;
+    let max_buffered_request_bytes = match raw.max_buffered_request_bytes {
+        None => body.saturating_mul(8),
+        Some(v) if v >= body => v,
+        Some(_) => {
+            return Err(ConfigError::new(
+                "limits.max_buffered_request_bytes",
+                "must be at least limits.max_request_body_bytes",
+            ));
+        }
+    };
+    Ok(Limits {
+        max_buffered_request_bytes,
+        ..limits
+    })
 }
 
 /// How long an unsettled reservation or concurrency slot lives, in milliseconds.
@@ -124,5 +144,28 @@ mod tests {
             r#"{"identity":{"source":"header","header":"x"},"limits":{"max_decoded_response_bytes":0}}"#,
         );
         assert_eq!(e.field, "limits.max_decoded_response_bytes");
+    }
+
+    #[test]
+    fn buffered_request_bytes_default_to_eight_bodies_and_hold_one() {
+        let cfg = |limits: &str| {
+            Config::from_json(
+                format!(r#"{{"identity":{{"source":"header","header":"x"}},"limits":{limits}}}"#)
+                    .as_bytes(),
+            )
+        };
+        let limits = cfg("{}").unwrap().limits;
+        assert_eq!(limits.max_buffered_request_bytes, 32 * 1024 * 1024);
+        let limits = cfg(r#"{"max_request_body_bytes":1000}"#).unwrap().limits;
+        assert_eq!(limits.max_buffered_request_bytes, 8000);
+        let limits = cfg(r#"{"max_request_body_bytes":1000,"max_buffered_request_bytes":1000}"#);
+        assert_eq!(limits.unwrap().limits.max_buffered_request_bytes, 1000);
+        for bad in [
+            r#"{"max_request_body_bytes":1000,"max_buffered_request_bytes":999}"#,
+            r#"{"max_buffered_request_bytes":-1}"#,
+        ] {
+            let e = cfg(bad).expect_err(bad);
+            assert_eq!(e.field, "limits.max_buffered_request_bytes", "{bad}");
+        }
     }
 }

@@ -51,6 +51,8 @@ pub(super) struct RawCache {
     pub(super) max_entry_bytes: Option<u64>,
     pub(super) ttl_seconds: Option<u64>,
     pub(super) ways: Option<u64>,
+    pub(super) max_entries_per_scope: Option<u64>,
+    pub(super) max_bytes_per_scope: Option<u64>,
     pub(super) policy: Option<RawCachePolicy>,
     #[serde(default)]
     pub(super) models: BTreeMap<String, RawCacheRule>,
@@ -193,6 +195,7 @@ pub(super) struct RawApiKey {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {
     pub(super) max_request_body_bytes: Option<u64>,
+    pub(super) max_buffered_request_bytes: Option<u64>,
     pub(super) max_response_buffer_bytes: Option<u64>,
     pub(super) max_sse_line_bytes: Option<u64>,
     pub(super) max_decoded_response_bytes: Option<u64>,

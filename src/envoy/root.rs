@@ -9,7 +9,7 @@ use proxy_wasm::types::{BufferType, ContextType};
 use super::host::{self, EnvoyHost};
 use super::http::TollgateHttp;
 use crate::config::Config;
-use crate::pipeline::{Gateway, Host as _, Refilled};
+use crate::pipeline::{Gateway, Host as _, Refilled, Unanswered};
 
 pub struct TollgateRoot {
     gateway: Option<Rc<Gateway>>,
@@ -21,8 +21,8 @@ impl TollgateRoot {
         TollgateRoot { gateway: None, id }
     }
 
-    /// A refill ended (`None`: it failed): applies it and resumes the requests that waited.
-    fn answered(&self, gateway: &Gateway, key: &str, body: Option<&[u8]>) {
+    /// A refill ended (or why it has no answer): applies it and resumes the requests that waited.
+    fn answered(&self, gateway: &Gateway, key: &str, body: Result<&[u8], Unanswered>) {
         let host = EnvoyHost::new(gateway);
         let (refilled, waiters) = gateway.refill_answered(&host, key, body, host.now_ms());
         self.wake(gateway, waiters, refilled);
@@ -47,7 +47,7 @@ impl Context for TollgateRoot {
         let body = (status_code == 0)
             .then(|| host::buffer(BufferType::GrpcReceiveBuffer, response_size))
             .flatten();
-        self.answered(&gateway, &key, body.as_deref());
+        self.answered(&gateway, &key, body.as_deref().ok_or(Unanswered::Lost));
     }
 }
 
@@ -95,11 +95,11 @@ impl RootContext for TollgateRoot {
         for call in gateway.refills_due(now) {
             match host::dispatch_refill(global, &call.message) {
                 Ok(token) => gateway.refill_sent(call.key, token),
-                Err(_) => self.answered(&gateway, &call.key, None),
+                Err(_) => self.answered(&gateway, &call.key, Err(Unanswered::NotSent)),
             }
         }
         for key in gateway.refills_overdue(now) {
-            self.answered(&gateway, &key, None);
+            self.answered(&gateway, &key, Err(Unanswered::Lost));
         }
         for waiters in gateway.refills_watched(&EnvoyHost::new(&gateway), now) {
             self.wake(&gateway, waiters, Refilled::Grew);

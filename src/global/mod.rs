@@ -94,9 +94,10 @@ pub fn refill_hits(
     remaining: u64,
     granted: u64,
 ) -> Option<u32> {
+    // What the service says is left is never more than the limit (a chunk never exceeds it).
     let left = match remaining {
         u64::MAX => limit.amount.saturating_sub(granted),
-        known => known,
+        known => known.min(limit.amount),
     };
     let share = left.saturating_mul(global.share_permille) / 1000 / global.replicas.max(1);
     let want = need.max(share.min(left));
@@ -158,6 +159,21 @@ mod tests {
         assert_eq!(refill_hits(&g, &l, 900, 8_000, 0), Some(900));
         assert_eq!(refill_hits(&g, &l, 900, 100, 0), Some(900));
         assert_eq!(refill_hits(&g, &l, 10, 0, 0), Some(10));
+    }
+
+    #[test]
+    fn a_remaining_above_the_limit_sizes_no_chunk_past_the_limit() {
+        let g = GlobalBudgets {
+            replicas: 1,
+            share_permille: 1000,
+            ..GlobalBudgets::default()
+        };
+        let l = limit(Unit::Tokens, 3_000_000);
+        assert_eq!(refill_hits(&g, &l, 10, 14_316_557, 0), Some(3_000_000));
+        assert_eq!(
+            refill_hits(&g, &l, 10, u64::from(u32::MAX), 0),
+            Some(3_000_000)
+        );
     }
 
     #[test]

@@ -133,18 +133,13 @@ impl Request {
                 return self.wait_for_lease(gateway, host, parked, (limit, need), now);
             }
         };
-        // Global limits: the ledger says whether the lease came from the service or, while it
-        // was unreachable, from the fallback allowance.
-        // A lease is spent service-granted part first: a request that only fits with the
-        // fallback allowance was decided without the service.
+        // Global limits: the ledger says whether the service's grants paid for the request or,
+        // while the service was unreachable, the fallback allowance did.
         let global = admitted
             .held
             .iter()
-            .filter_map(|h| Some((h.after, h.after.lease?)))
-            .map(|(after, lease)| {
-                let from_service = lease.granted.saturating_sub(lease.fallback);
-                after.used.saturating_add(after.reserved()) > from_service
-            })
+            .filter(|h| h.after.lease.is_some())
+            .map(|h| h.fallback)
             .reduce(|a, b| a || b)
             .map(|fallback| if fallback { "fallback" } else { "lease" });
         if global == Some("fallback") {

@@ -1,10 +1,10 @@
 //! The request headers: which API, which tenant, whether the body may come (and the usage view).
 
-use super::{Effects, Gateway, Headers, Host, Request, State};
+use super::{Effects, Gateway, Headers, Host, Request, State, buffered};
 use crate::api::{ApiKind, Family};
 use crate::metrics::LabelId;
 use crate::reply::{LocalReply, Refusal};
-use crate::tenant::{API_KEY_HEADERS, KeyDigest, TenantSource, bearer_token};
+use crate::tenant::{KeyDigest, TenantSource, bearer_token};
 use crate::view;
 
 impl Request {
@@ -92,10 +92,26 @@ impl Request {
             return Effects::proceed();
         };
         let kind = *kind;
-        let limit = gateway.config.limits.max_request_body_bytes;
-        if u64::try_from(body_size).unwrap_or(u64::MAX) > limit {
+        let limits = &gateway.config.limits;
+        let size = u64::try_from(body_size).unwrap_or(u64::MAX);
+        if size > limits.max_request_body_bytes {
             let tenant = self.take_tenant();
+            let limit = limits.max_request_body_bytes;
             return self.refuse(kind, tenant, None, &Refusal::TooLarge { limit });
+        }
+        let hold = self
+            .hold
+            .get_or_insert_with(|| buffered::BodyHold::new(&gateway.buffered));
+        if !hold.grow(size, limits.max_buffered_request_bytes) {
+            self.hold = None;
+            let tenant = self.take_tenant();
+            let refusal = Refusal::RateLimited {
+                message: "This gateway is buffering too many request bytes at once; please retry."
+                    .into(),
+                retry_after_secs: 1,
+                kind: "requests",
+            };
+            return self.refuse(kind, tenant, None, &refusal);
         }
         if !end_of_stream {
             return Effects::pause();
@@ -109,7 +125,9 @@ impl Request {
         else {
             return Effects::proceed();
         };
-        self.admit(gateway, host, kind, (tenant, label), headers, read_body())
+        let effects = self.admit(gateway, host, kind, (tenant, label), headers, read_body());
+        self.release_body_hold();
+        effects
     }
 
     fn take_tenant(&mut self) -> Option<(String, LabelId)> {
@@ -167,7 +185,8 @@ fn identify<H: Host + ?Sized>(
         TenantSource::Header(name) => identity.resolve_value(headers.get(name)),
         TenantSource::Metadata(path) => identity.resolve_value(host.property(path).as_deref()),
         TenantSource::ApiKey(_) => {
-            identity.resolve_api_key(API_KEY_HEADERS.map(|h| headers.get(h)))
+            let entries = headers.0.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
+            identity.resolve_api_key(entries)
         }
     };
     found.map_err(|why| Refusal::Unauthenticated {

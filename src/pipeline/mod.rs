@@ -5,6 +5,7 @@
 //! natively with an in-memory store and a fake clock (`tests`).
 
 mod admit;
+mod buffered;
 mod cache_step;
 mod head;
 mod hit;
@@ -15,6 +16,7 @@ mod settle;
 mod tests;
 
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 
 use crate::admission::{Admitted, TenantKeys, TenantPolicy};
 use crate::api::ApiKind;
@@ -25,7 +27,7 @@ use crate::reply::LocalReply;
 use crate::store::SharedStore;
 
 use cache_step::CacheStatus;
-pub use refill::{RefillCall, Refilled};
+pub use refill::{RefillCall, Refilled, Unanswered};
 pub use respond::ResponseHead;
 
 /// What the pipeline needs from its host besides the request itself: the shared store, the
@@ -126,6 +128,8 @@ pub struct Gateway {
     worker: String,
     /// Global leases being refilled on this worker.
     refills: RefCell<refill::Refills>,
+    /// Request body bytes of this VM's requests that Envoy or the VM holds now (`buffered.rs`).
+    buffered: Rc<Cell<u64>>,
 }
 
 impl Gateway {
@@ -142,6 +146,7 @@ impl Gateway {
             draws: Cell::new(seed),
             worker,
             refills: RefCell::new(refill::Refills::default()),
+            buffered: Rc::new(Cell::new(0)),
         }
     }
 
@@ -216,6 +221,8 @@ pub struct Request {
     ticket: u32,
     /// The record was written (settled exactly once).
     recorded: bool,
+    /// Its body's part of the VM's buffered bytes, from its first byte to its response's head.
+    hold: Option<buffered::BodyHold>,
     /// Test builds only (`--features test-trap`): the request asked this VM to die mid-exchange.
     #[cfg(feature = "test-trap")]
     trap: bool,
@@ -285,6 +292,22 @@ impl Request {
             State::Waiting(parked) => parked.body.len(),
             _ => 0,
         }
+    }
+
+    /// Gives the body's bytes back to the VM's total once the request was answered locally or
+    /// refused (forwarded ones keep them until the response's head: `respond.rs`).
+    fn release_body_hold(&mut self) {
+        if !matches!(
+            self.state,
+            State::AwaitingBody { .. } | State::Waiting(_) | State::Active(_)
+        ) {
+            self.hold = None;
+        }
+    }
+
+    /// Request body bytes held for this VM's requests now (`limits.max_buffered_request_bytes`).
+    pub fn buffered_bytes(gateway: &Gateway) -> u64 {
+        gateway.buffered.get()
     }
 
     /// Whether the response still has to be watched (the skin skips reading it otherwise).

@@ -4,28 +4,27 @@
 //! The host sends a refill (`Gateway::refills_due`, from the worker's root context, so the
 //! answer always finds its way back) and hands the answer to `Gateway::refill_answered`, which
 //! applies it to the lease and names the requests to resume. A resumed request is admitted again
-//! from its body ([`Request::resume`]).
+//! from its body ([`Request::resume`]). A refill without an answer backs the lease off in its
+//! bucket, for every worker of the Envoy ([`budget::backoff_ms`]), and its ask counts as
+//! unconfirmed: the service may have counted it.
 
 use hashbrown::HashMap;
 
 use super::{Effects, Gateway, Headers, Host, Request, State};
 use crate::admission::{TenantKeys, TenantPolicy};
 use crate::api::ApiKind;
-use crate::budget::{self, Limit, Refill};
+use crate::budget::{self, Claim, Limit, Refill};
 use crate::global;
 use crate::metrics::{LabelId, Stat, StatUpdate};
 use crate::reply::Refusal;
 
 /// A request admitted again this many times without fitting is refused (429).
 const MAX_ATTEMPTS: u8 = 3;
-/// After the service could not be asked, a limit is decided without it for this long.
-const BACKOFF_MS: u64 = 1_000;
 
 /// This worker's refills in flight, by bucket key (bounded by the configuration's keys).
 #[derive(Debug, Default)]
 pub(super) struct Refills {
     flights: HashMap<String, Flight>,
-    down_until: HashMap<String, u64>,
     /// The host's handle of each refill sent (Envoy: the gRPC call's token).
     tokens: HashMap<u32, String>,
 }
@@ -51,6 +50,15 @@ struct Flight {
 pub struct RefillCall {
     pub key: String,
     pub message: Vec<u8>,
+}
+
+/// Why a refill has no answer to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unanswered {
+    /// The host could not send it: the service never saw it.
+    NotSent,
+    /// It was sent and failed or timed out: the service may have counted it.
+    Lost,
 }
 
 /// How a refill ended, for the requests that waited on it.
@@ -161,13 +169,13 @@ impl Gateway {
         !self.refills.borrow().flights.is_empty()
     }
 
-    /// Applies a refill's answer (`None`: the call failed or timed out) to its lease and
-    /// returns how it ended and the tickets of the requests to resume.
+    /// Applies a refill's answer (or why there is none) to its lease and returns how it ended
+    /// and the tickets of the requests to resume.
     pub fn refill_answered<H: Host + ?Sized>(
         &self,
         host: &H,
         key: &str,
-        answer: Option<&[u8]>,
+        answer: Result<&[u8], Unanswered>,
         now_ms: u64,
     ) -> (Refilled, Vec<u32>) {
         let Some(flight) = self.refills.borrow_mut().flights.remove(key) else {
@@ -181,7 +189,10 @@ impl Gateway {
         let epoch = policy.epoch(now_ms);
         let size = global::hit_size(limit.unit);
         let service = self.config.global.as_ref().map(|g| g.protocol());
-        let decoded = answer.zip(service).and_then(|(bytes, s)| s.answer(bytes));
+        let decoded = answer
+            .ok()
+            .zip(service)
+            .and_then(|(bytes, s)| s.answer(bytes));
         let (refill, outcome) = match decoded {
             Some(a) if a.granted => (
                 Refill::Granted {
@@ -197,9 +208,17 @@ impl Gateway {
                 },
                 "refused",
             ),
-            None => (Refill::Unavailable, "unavailable"),
+            None => {
+                let lost = answer == Err(Unanswered::Lost);
+                let asked = if lost { flight.asked } else { 0 };
+                (Refill::Unavailable { asked }, "unavailable")
+            }
         };
         host.stat(StatUpdate::Add(Stat::GlobalRefills(label, outcome), 1));
+        if let Refill::Unavailable { asked: 1.. } = refill {
+            let hits = flight.asked.div_ceil(size);
+            host.stat(StatUpdate::Add(Stat::GlobalUnconfirmed(label), hits));
+        }
         let applied = budget::refill(
             host,
             key,
@@ -215,12 +234,6 @@ impl Gateway {
             (_, Some(true) | None) => Refilled::Grew,
             (_, Some(false)) => Refilled::Unavailable,
         };
-        if matches!(refill, Refill::Unavailable) {
-            let mut refills = self.refills.borrow_mut();
-            refills
-                .down_until
-                .insert(key.to_string(), now_ms.saturating_add(BACKOFF_MS));
-        }
         (refilled, flight.waiters)
     }
 
@@ -275,13 +288,15 @@ impl Gateway {
             flight.waiters.push(ticket);
             return Join::Waiting;
         }
-        if refills.down_until.get(key).is_some_and(|&t| t > now_ms) {
-            return Join::Unavailable;
-        }
-        // One refill per lease on this Envoy: a claim in the bucket tells the other workers.
+        // One refill per lease on this Envoy: a claim in the bucket tells the other workers,
+        // and a backoff there keeps all of them from asking a failing service.
         let until = now_ms.saturating_add(global.timeout_ms.saturating_add(1_000));
         let claim = budget::claim_refill(host, key, l, (now_ms, until), policy.epoch(now_ms));
-        let (claimed, bucket) = claim;
+        let (claimed, bucket) = match claim {
+            Claim::Down => return Join::Unavailable,
+            Claim::Busy(bucket) => (false, bucket),
+            Claim::Claimed(bucket) => (true, bucket),
+        };
         // Without the claim this worker only watches the lease another worker refills.
         let watch = Flight {
             tenant: tenant.to_string(),
@@ -298,9 +313,10 @@ impl Gateway {
             return Join::Waiting;
         }
         let lease = bucket.lease.unwrap_or_default();
-        // Once the service refused this window, ask for the need alone.
-        let remaining = match lease.refused_at {
-            u64::MAX => lease.remaining,
+        // Once the service refused this window, or a refill got no answer (the service may
+        // have counted it), ask for the need alone until an answer comes.
+        let remaining = match (lease.refused_at, lease.failures) {
+            (u64::MAX, 0) => lease.remaining,
             _ => 0,
         };
         let Some(hits) = global::refill_hits(global, l, need, remaining, lease.granted) else {
@@ -398,6 +414,17 @@ impl Request {
     /// The refill this request waited for ended: admit it again (or refuse it when the service
     /// could not be asked).
     pub fn resume<'g, H: Host + ?Sized>(
+        &mut self,
+        gateway: &'g Gateway,
+        host: &H,
+        refilled: Refilled,
+    ) -> Effects<'g> {
+        let effects = self.resume_parked(gateway, host, refilled);
+        self.release_body_hold();
+        effects
+    }
+
+    fn resume_parked<'g, H: Host + ?Sized>(
         &mut self,
         gateway: &'g Gateway,
         host: &H,

@@ -41,6 +41,8 @@ impl Request {
         mut headers: Headers,
         end_of_stream: bool,
     ) -> Effects<'g> {
+        // The upstream has read the request: Envoy no longer holds its body.
+        self.hold = None;
         let head = ResponseHead::of(&headers);
         let State::Active(active) = &mut self.state else {
             return Effects::proceed();

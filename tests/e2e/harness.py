@@ -93,10 +93,11 @@ class FakeUpstream:
 
 
 class Envoy:
-    """The real Envoy 1.40 running a rendered config from envoy/."""
+    """The real Envoy 1.40 running a rendered config from envoy/, with the shipped flags
+    (render.ENVOY_FLAGS) unless `flags` replaces them."""
 
     def __init__(self, plugin_config, upstream_port, template="tollgate.yaml", concurrency=2,
-                 extra=None, expect_failure=False):
+                 extra=None, expect_failure=False, flags=None):
         self.dir = tempfile.mkdtemp(prefix="tollgate-envoy-")
         self.port = free_port()
         self.admin_port = free_port()
@@ -124,7 +125,7 @@ class Envoy:
         self.log_file = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [ENVOY, "-c", self.config_path, "--concurrency", str(concurrency),
-             "--disable-hot-restart", "--log-level", "info", "--file-flush-interval-msec", "50"],
+             "--disable-hot-restart", "--log-level", "info", *(flags or render.ENVOY_FLAGS)],
             stdout=self.log_file, stderr=subprocess.STDOUT,
         )
         self.url = f"http://127.0.0.1:{self.port}"
@@ -161,7 +162,7 @@ class Envoy:
         deadline = time.time() + timeout
         while time.time() < deadline:
             for line in self.access_lines():
-                if line.get("request_id") == request_id:
+                if line.get("client_request_id") == request_id:
                     return line
             time.sleep(0.05)
         raise AssertionError(f"no access log line for {request_id}")
@@ -273,7 +274,7 @@ class RateLimitService:
     Every answered call is observed in `grants_log` (see `grants()`); neither real server has it
     and it changes no answer."""
 
-    def __init__(self, plugin_config, redis, headers=None, engine="limitador"):
+    def __init__(self, plugin_config, redis, headers=None, engine="limitador", faults=()):
         if engine not in ("limitador", "ratelimit"):
             raise ValueError(f"unknown engine {engine}")
         self.dir = tempfile.mkdtemp(prefix="tollgate-rls-")
@@ -288,6 +289,8 @@ class RateLimitService:
         self.engine = engine
         self.redis = redis
         self.headers = (engine == "limitador") if headers is None else headers
+        # The server's fault options (`--delay-file FILE`, `--claim-remaining N`): see tests/rls.
+        self.faults = [str(a) for a in faults]
         self.port = None
         self.start()
 
@@ -307,6 +310,7 @@ class RateLimitService:
                 args += ["--response-headers"]
         if self.port is not None:
             args += ["--port", str(self.port)]
+        args += self.faults
         self.log = open(os.path.join(self.dir, "rls.log"), "a")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 30
@@ -347,9 +351,11 @@ class RateLimitService:
 
 def raw_post(port, path, headers, body):
     """POST over a raw socket (`connection: close`) and return the response head and the body
-    bytes exactly as sent (chunked transfer decoded by hand), for byte-level comparisons."""
+    bytes exactly as sent (chunked transfer decoded by hand), for byte-level comparisons.
+    `headers`: a dict, or a list of (name, value) pairs to send one name twice."""
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    lines = "".join(f"{k}: {v}\r\n" for k, v in pairs)
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\n{lines}content-length: {len(payload)}\r\n"
                  f"connection: close\r\n\r\n".encode() + payload)

@@ -1,12 +1,14 @@
 """Bad input gets its documented status and an error body in the API's own shape."""
 import http.client
 import json
+import select
+import socket
 import uuid
 
 import pytest
 
-from conftest import KEYS
-from harness import http as request
+from conftest import KEYS, api_key_config
+from harness import Envoy, http as request
 
 
 def openai_error(data):
@@ -175,3 +177,52 @@ def test_nesting_at_the_limit_is_admitted(envoy, upstream):
     status, _, _, rid = post(envoy, "/v1/chat/completions", body)
     assert status == 200
     assert envoy.access_line(rid)["decision"] == "admitted"
+
+
+def test_bodies_past_what_one_vm_may_buffer_get_429(upstream):
+    """One worker (one VM) may have 128 KiB of request bodies buffered at once: of three bodies
+    held open with 50,000 bytes each, the one that would pass it is refused with 429 (retry
+    soon) before its end; the other two complete."""
+    limits = {"max_request_body_bytes": 65536, "max_buffered_request_bytes": 131072}
+    proc = Envoy(api_key_config(limits=limits), upstream.port, concurrency=1)
+    body = json.dumps({"model": "m", "max_tokens": 5, "input": "x" * 59900}).encode()
+    socks = []
+    try:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", proc.port), timeout=10)
+            sock.sendall(f"POST /v1/responses HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         f"authorization: Bearer {KEYS['team-a']}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+                         + body[:50000])
+            socks.append(sock)
+        ready, _, _ = select.select(socks, [], [], 10)
+        assert len(ready) == 1, "exactly one body passes the VM's cap"
+        head, data = read_response(ready[0])
+        assert head.startswith(b"HTTP/1.1 429") and b"retry-after: 1" in head.lower(), head
+        error = openai_error(data)
+        assert error["code"] == "rate_limit_exceeded" and "buffering" in error["message"]
+        for sock in socks:
+            if sock is not ready[0]:
+                sock.sendall(body[50000:])
+                head, _ = read_response(sock)
+                assert head.startswith(b"HTTP/1.1 200"), head
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.stop()
+
+
+def read_response(sock):
+    """One HTTP/1.1 response with a content-length: (head, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, rest
+        rest += chunk
+    return head, rest

@@ -313,7 +313,7 @@ def run(upstream):
         rids = {s["rid"] for s in specs}
         deadline = time.monotonic() + 30
         while True:
-            lines = {l["request_id"]: l for l in envoy.access_lines() if l.get("request_id") in rids}
+            lines = {l["client_request_id"]: l for l in envoy.access_lines() if l.get("client_request_id") in rids}
             view = read_view(envoy)
             idle = all(t["in_flight"] == 0 and all(amount(l, "reserved") == 0 for l in t["limits"])
                        for t in view["tenants"])
@@ -498,7 +498,7 @@ def report(problems, what):
 
 
 def brief(line):
-    return {k: line.get(k) for k in ("request_id", "tenant", "api", "stream", "input_tokens", "output_tokens",
+    return {k: line.get(k) for k in ("client_request_id", "tenant", "api", "stream", "input_tokens", "output_tokens",
                                      "usage_source", "status", "response_flags")}
 
 

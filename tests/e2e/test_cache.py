@@ -250,6 +250,37 @@ def test_scope_is_the_tenant_unless_global(cenv, upstream):
         assert status == 200 and headers["x-tollgate-cache"] == want
 
 
+@pytest.mark.parametrize("share", [None, 8])
+def test_one_tenants_traffic_does_not_evict_anothers_entry(upstream, share):
+    """Tenant a's entry survives tenant b sending 120 distinct deterministic requests through a
+    16-slot table (fair replacement), and with max_entries_per_scope b holds at most its share."""
+    cache = {"max_entries": 16, "ways": 4}
+    if share:
+        cache["max_entries_per_scope"] = share
+    proc = Envoy(config(cache), upstream.port)
+    try:
+        _, h, body, _, tag = chat(proc, tenant="a", tag="a-kept")
+        assert h["x-tollgate-cache"] == "miss"
+        conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=10)
+        for i in range(120):
+            conn.request("POST", "/v1/chat/completions", headers={"content-type": "application/json", "x-tenant": "b"},
+                         body=json.dumps({"model": "gpt-4o-mini", "temperature": 0, "max_tokens": 5,
+                                          "messages": [{"role": "user", "content": f"b-{i}"}]}))
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200 and resp.getheader("x-tollgate-cache") == "miss"
+        conn.close()
+        _, h, again, _, _ = chat(proc, tenant="a", tag=tag)
+        assert h["x-tollgate-cache"] == "hit"
+        assert again == body
+        s = proc.stats("tollgate")
+        # b recycles its own slots: it keeps storing, within its share.
+        assert s["wasmcustom.tollgate.cache.stores"] >= 1 + (share or 15) + 10
+        assert s["wasmcustom.tollgate.cache.entries"] <= 1 + (share or 15)
+    finally:
+        proc.stop()
+
+
 def test_non_deterministic_requests_bypass(cenv, upstream):
     _, h1, _, _, tag = chat(cenv, temperature=0.7)
     _, h2, _, _, _ = chat(cenv, tag=tag, temperature=0.7)
@@ -350,9 +381,10 @@ def test_caps_hold_under_20000_distinct_requests(upstream):
         assert entries <= 256 and held <= 4 * 1024 * 1024
         assert s["wasmcustom.tollgate.cache.stores"] >= 1000
         assert held > 3 * 1024 * 1024, "the byte cap was reached"
-        # The key count stays at the bound the configuration implies: 2 per slot + 1, plus the two
-        # tenants' concurrency keys and one in-flight key per tenant label (team-a, team-b, _other).
-        assert s["wasmcustom.tollgate.shared_data.keys_created"] == 2 * 256 + 1 + 2 + 3
+        # The key count stays at the bound the configuration implies: 2 per slot + 1 + 64 scope
+        # counters, plus the two tenants' concurrency keys and one in-flight key per tenant label
+        # (team-a, team-b, _other).
+        assert s["wasmcustom.tollgate.shared_data.keys_created"] == 2 * 256 + 1 + 64 + 2 + 3
         growth_mib = (rss_after - rss_before) / 1024
         print(f"\ncache: {entries} entries, {held} bytes held; Envoy RSS +{growth_mib:.1f} MiB over 20,000 requests")
         assert growth_mib <= 4 + 16, "cap (4 MiB) plus the measured overhead bound"

@@ -107,7 +107,7 @@ def mix(upstream):
 
 def test_one_ledger_line_per_request_with_the_billing_fields(mix, upstream):
     env, rids, _ = mix
-    lines = {l["request_id"]: l for l in env.access_lines()}
+    lines = {l["client_request_id"]: l for l in env.access_lines()}
     assert set(lines) == {rid for rid, _ in rids}
     for rid, status in rids:
         line = lines[rid]

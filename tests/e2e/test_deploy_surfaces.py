@@ -552,6 +552,8 @@ def test_istio_resources_have_the_expected_kinds_and_selectors():
     assert {k: len(v) for k, v in docs.items()} == {
         "WasmPlugin": 1, "EnvoyFilter": 1, "Gateway": 1, "ServiceEntry": 2, "DestinationRule": 2,
         "VirtualService": 1, "ConfigMap": 2,
+        # ledger-telemetry.yaml: the ledger's access-log provider (mesh config) and its Telemetry.
+        "IstioOperator": 1, "Telemetry": 1,
         # global-budgets.yaml: Limitador and Redis.
         "Namespace": 1, "PersistentVolumeClaim": 1, "Deployment": 2, "Service": 2, "NetworkPolicy": 2,
     }
@@ -570,8 +572,10 @@ def test_istio_resources_have_the_expected_kinds_and_selectors():
     assert envoyfilter["spec"]["workloadSelector"]["labels"] == selector
     assert one(docs, "Gateway")["spec"]["selector"] == selector
     tollgate = istio_resources(exclude=(GLOBAL_BUDGETS_YAML,))
-    namespaces = {d["metadata"]["namespace"] for kind in tollgate.values() for d in kind}
+    namespaces = {d["metadata"]["namespace"] for kind, ds in tollgate.items() if kind != "IstioOperator"
+                  for d in ds}
     assert namespaces == {"istio-ingress"}
+    assert one(docs, "Telemetry")["spec"]["selector"]["matchLabels"] == selector
     # The rate-limit service lives in a namespace of its own, which the file creates.
     budgets = istio_resources(only=(GLOBAL_BUDGETS_YAML,))
     namespace = one(budgets, "Namespace")["metadata"]["name"]
@@ -699,7 +703,7 @@ class StaticEnvoy:
         self.log_file = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [ENVOY, "-c", str(path), "--concurrency", "1", "--disable-hot-restart", "--log-level", "warn",
-             "--file-flush-interval-msec", "50"],
+             *envoy_render.ENVOY_FLAGS],
             stdout=self.log_file, stderr=subprocess.STDOUT)
         self.admin = admin = f"http://127.0.0.1:{admin_port}"
         deadline = time.time() + 60
@@ -733,7 +737,7 @@ class StaticEnvoy:
         while time.time() < deadline:
             if self.access_log.exists():
                 for line in self.access_log.read_text().splitlines():
-                    if line.strip() and json.loads(line).get("request_id") == request_id:
+                    if line.strip() and json.loads(line).get("client_request_id") == request_id:
                         return json.loads(line)
             time.sleep(0.05)
         raise AssertionError(f"no access log line for {request_id}")

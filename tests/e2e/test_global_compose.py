@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -161,13 +162,24 @@ def lease(envoy, tenant, limit):
     return next(l for l in view["limits"] if l["name"] == limit)["global"]
 
 
-def counter(redis, tenant, limit):
-    """Limitador's counter of (tenant, limit) this window (its key names the descriptor)."""
-    return sum(v for k, v in redis.counters().items() if tenant in k and limit in k)
+def counter(redis, tenant, limit, window=""):
+    """Limitador's counters of (tenant, limit), of one minute window when given (its key names
+    the descriptor, the window id among it)."""
+    return sum(v for k, v in redis.counters().items() if tenant in k and limit in k and window in k)
+
+
+def quiet_minute(needed=30.0):
+    """The id of the minute window the caller can finish in: waits for the next one when fewer
+    than `needed` seconds are left (the `tpm` counter and the leases start afresh there)."""
+    left = 60 - time.time() % 60
+    if left < needed:
+        time.sleep(left + 0.5)
+    return time.strftime("%Y-%m-%dT%H:%M", time.gmtime())
 
 
 def test_both_replicas_lease_one_global_counter(layout):
     replicas, _, redis, _ = layout
+    quiet_minute(needed=20)
     for envoy in replicas:
         rid, status, headers, data = chat(envoy, "team-a")
         assert status == 200, data
@@ -182,7 +194,11 @@ def test_both_replicas_lease_one_global_counter(layout):
 
 def test_a_replica_started_in_a_killed_ones_place_continues_from_redis(layout, upstream):
     replicas, _, redis, extra = layout
-    before = counter(redis, "team-a", "tpm")
+    # One minute window for the whole test (it restarts an Envoy): the surviving replica's
+    # request makes sure this window's counter exists.
+    window = quiet_minute()
+    assert chat(replicas[1], "team-a")[1] == 200
+    before = counter(redis, "team-a", "tpm", window)
     assert before > 0
     killed = replicas.pop(0)
     killed.proc.send_signal(signal.SIGKILL)
@@ -194,5 +210,6 @@ def test_a_replica_started_in_a_killed_ones_place_continues_from_redis(layout, u
     assert status == 200, data
     fresh = lease(replacement, "team-a", "tpm")
     # The counter went on from where it was: the new lease is added to it, not a new count.
-    assert counter(redis, "team-a", "tpm") == before + fresh["granted"]
+    assert counter(redis, "team-a", "tpm", window) == before + fresh["granted"]
+    assert quiet_minute(needed=0) == window, "the test outlived its minute"
     assert fresh["global_remaining"] <= 100000 - before

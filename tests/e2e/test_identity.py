@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from conftest import KEYS
-from harness import Envoy, http
+from harness import Envoy, http, raw_post
 
 SECRET = b"tollgate-demo-secret-change-me"  # the demo key of envoy/tollgate-jwt.yaml
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -101,3 +101,33 @@ def test_missing_or_bad_jwt_is_401_in_api_shape(jwt_envoy, token):
     status, data, _ = call(jwt_envoy, headers)
     assert status == 401
     assert json.loads(data)["error"]["code"] == "invalid_api_key"
+
+
+A, B = KEYS["team-a"], KEYS["team-b"]
+
+
+@pytest.mark.parametrize("path,credentials", [
+    ("/v1/chat/completions", [("x-api-key", A), ("authorization", f"Bearer {B}")]),
+    ("/v1/chat/completions", [("x-api-key", A), ("x-api-key", B)]),
+    ("/v1/chat/completions", [("authorization", f"Bearer {B}"), ("authorization", f"Bearer {A}")]),
+    ("/v1/messages", [("x-api-key", A), ("api-key", B)]),
+])
+def test_conflicting_api_keys_are_401_in_api_shape(envoy, path, credentials):
+    """Two credential headers naming different keys: Tollgate would bill one while an upstream
+    may authenticate the other, so the request is refused before it goes anywhere."""
+    head, rest = raw_post(envoy.port, path, [("content-type", "application/json"), *credentials],
+                          {**CHAT, "max_tokens": 5})
+    assert head.startswith("HTTP/1.1 401"), head
+    error = json.loads(rest)
+    if path == "/v1/messages":
+        assert error["type"] == "error" and error["error"]["type"] == "authentication_error"
+    else:
+        assert error["error"]["code"] == "invalid_api_key"
+    assert "different API keys" in rest.decode()
+
+
+def test_the_same_key_twice_is_one_credential(envoy):
+    key = KEYS["team-b"]
+    status, _, rid = call(envoy, {"x-api-key": key, "authorization": f"Bearer {key}"})
+    assert status == 200
+    assert envoy.access_line(rid)["tenant"] == "team-b"

@@ -147,24 +147,24 @@ def main():
         rids = {s["rid"] for s in specs}
         deadline = time.monotonic() + 60
         while True:
-            all_lines = [l for l in envoy.access_lines() if l.get("request_id") in rids]
+            all_lines = [l for l in envoy.access_lines() if l.get("client_request_id") in rids]
             view = ledger.read_view(envoy)
             idle = all(t["in_flight"] == 0 and all(ledger.amount(l, "reserved") == 0 for l in t["limits"])
                        for t in view["tenants"])
-            if (len({l["request_id"] for l in all_lines}) == len(rids) and idle) or time.monotonic() > deadline:
+            if (len({l["client_request_id"] for l in all_lines}) == len(rids) and idle) or time.monotonic() > deadline:
                 break
             time.sleep(0.25)
         rss.append((round(time.monotonic() - t0, 1), rss_kib(envoy.proc.pid)))
 
         # ---- checks
-        per_rid = collections.Counter(l["request_id"] for l in all_lines)
+        per_rid = collections.Counter(l["client_request_id"] for l in all_lines)
         missing = [r for r in rids if per_rid[r] == 0]
         doubled = [r for r, n in per_rid.items() if n > 1]
         if missing:
             problems.append(f"{len(missing)} requests without an access-log line")
         if doubled:
             problems.append(f"{len(doubled)} requests with more than one access-log line")
-        lines = {l["request_id"]: l for l in all_lines}
+        lines = {l["client_request_id"]: l for l in all_lines}
         for t in view["tenants"]:
             if t["in_flight"] != 0:
                 problems.append(f"{t['tenant']} in_flight {t['in_flight']}")
@@ -186,7 +186,7 @@ def main():
         by_spec = {s["rid"]: s for s in specs}
         admitted = [l for l in lines.values() if l.get("decision") == "admitted"]
         for l in admitted:
-            if l.get("tenant") != by_spec[l["request_id"]]["tenant"] or not l.get("usage_source"):
+            if l.get("tenant") != by_spec[l["client_request_id"]]["tenant"] or not l.get("usage_source"):
                 problems.append(f"admitted line without tenant or usage source: {l}")
                 break
         start = {t["tenant"]: t for t in before["tenants"]}

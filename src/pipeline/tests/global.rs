@@ -6,11 +6,11 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::global::rls::{self, RateLimitRequest, RateLimitResponse};
-use crate::pipeline::Refilled;
+use crate::pipeline::{Refilled, Unanswered};
 
 /// team-a and team-b with one global token limit of 10,000 a minute; two replicas, a refill
 /// takes half of what is left over the two: 2,500 tokens while nothing is known.
-fn leased(extra: Value) -> Gateway {
+pub(super) fn leased(extra: Value) -> Gateway {
     let mut base = json!({
         "global_budgets": {"cluster": "rls", "domain": "tg", "replicas": 2, "refill_share": 0.5},
         "tenant_defaults": {"limits": [
@@ -22,13 +22,13 @@ fn leased(extra: Value) -> Gateway {
     gateway(base)
 }
 
-fn call(max_tokens: u64) -> Call {
+pub(super) fn call(max_tokens: u64) -> Call {
     Call::chat(json!({"model": "gpt-4o-mini", "messages": [], "max_tokens": max_tokens}))
 }
 
 /// The rate-limit service: answers every refill that is due with `answer` (`None`: the call
 /// failed), and returns the requests it got and the tickets to resume with their outcome.
-fn serve(
+pub(super) fn serve(
     gw: &Gateway,
     host: &Fake,
     answer: impl Fn(&RateLimitRequest) -> Option<RateLimitResponse>,
@@ -38,13 +38,14 @@ fn serve(
     for call in gw.refills_due(host.now_ms()) {
         let request = RateLimitRequest::decode(call.message.as_slice()).unwrap();
         let bytes = answer(&request).map(|r| r.encode_to_vec());
-        woken.push(gw.refill_answered(host, &call.key, bytes.as_deref(), host.now_ms()));
+        let answer = bytes.as_deref().ok_or(Unanswered::Lost);
+        woken.push(gw.refill_answered(host, &call.key, answer, host.now_ms()));
         asked.push(request);
     }
     (asked, woken)
 }
 
-fn ok() -> Option<RateLimitResponse> {
+pub(super) fn ok() -> Option<RateLimitResponse> {
     Some(RateLimitResponse {
         overall_code: 1,
         statuses: vec![],
@@ -52,7 +53,7 @@ fn ok() -> Option<RateLimitResponse> {
     })
 }
 
-fn over_limit() -> Option<RateLimitResponse> {
+pub(super) fn over_limit() -> Option<RateLimitResponse> {
     Some(RateLimitResponse {
         overall_code: 2,
         ..ok().unwrap()
@@ -392,7 +393,7 @@ fn a_refusal_that_says_what_is_left_refuses_more_than_that_without_a_call() {
     assert!(asked[0].hits_addend <= 60, "{}", asked[0].hits_addend);
 }
 
-fn two_workers() -> ((Gateway, Fake), (Gateway, Fake)) {
+pub(super) fn two_workers() -> ((Gateway, Fake), (Gateway, Fake)) {
     let extra = json!({
         "global_budgets": {"cluster": "rls", "domain": "tg", "replicas": 2, "refill_share": 0.5},
         "tenant_defaults": {"limits": [
@@ -454,7 +455,7 @@ fn a_grant_answered_after_the_window_turned_is_not_counted_in_the_new_window() {
     let calls = gw.refills_due(host.now_ms());
     host.advance(60_000);
     let bytes = ok().unwrap().encode_to_vec();
-    let (refilled, _) = gw.refill_answered(&host, &calls[0].key, Some(&bytes), host.now_ms());
+    let (refilled, _) = gw.refill_answered(&host, &calls[0].key, Ok(&bytes), host.now_ms());
     assert_eq!(refilled, Refilled::Grew);
     // Admitted again in the new window: its lease is empty, so it asks again, for this window.
     resume(&gw, &host, &mut o, refilled);

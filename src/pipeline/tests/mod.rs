@@ -4,6 +4,7 @@
 mod admission;
 mod cache;
 mod global;
+mod global_faults;
 mod identity;
 mod refusals;
 mod routing;

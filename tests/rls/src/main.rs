@@ -32,6 +32,13 @@
 //! (`OK` or `OVER_LIMIT`; for Limitador the key is the domain and the entries, for ratelimit its
 //! Redis cache key), written before the answer is sent, so a test can tell what the service
 //! granted from what it counted. It changes no answer.
+//!
+//! Two faults, for tests of a slow or lying service (neither real server has them):
+//! `--delay-file FILE`: each call first sleeps the milliseconds FILE holds (absent or empty:
+//! none; read per call, so a test turns it on and off), then counts and answers, so a caller
+//! whose deadline passed meanwhile has its hits counted all the same (a slow Redis).
+//! `--claim-remaining N`: every answer says N remaining (each descriptor status's
+//! `limit_remaining` and any `X-RateLimit-Remaining` header), whatever the counter holds.
 
 mod ratelimit;
 
@@ -62,6 +69,10 @@ struct Service {
     engine: Engine,
     /// `--grants-log`: observation only.
     grants: Option<Mutex<std::fs::File>>,
+    /// `--delay-file`: the delay before counting, read per call.
+    delay_file: Option<String>,
+    /// `--claim-remaining`: the remaining every answer says.
+    claim_remaining: Option<u32>,
 }
 
 impl Service {
@@ -159,13 +170,50 @@ impl Service {
     }
 }
 
+/// The gRPC handler: each call runs in a task of its own, which finishes (counts) even when the
+/// caller gave up and tonic dropped the handler, as a slow Redis completes an increment.
+struct Handler(Arc<Service>);
+
 #[tonic::async_trait]
-impl RateLimitService for Service {
+impl RateLimitService for Handler {
     async fn should_rate_limit(
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        let service = self.0.clone();
         let req = request.into_inner();
+        tokio::spawn(async move { service.call(req).await })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+    }
+}
+
+impl Service {
+    async fn call(&self, req: RateLimitRequest) -> Result<Response<RateLimitResponse>, Status> {
+        let delay = self
+            .delay_file
+            .as_ref()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .and_then(|text| text.trim().parse::<u64>().ok());
+        if let Some(ms) = delay {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+        let mut response = self.answer(req).await?;
+        if let Some(remaining) = self.claim_remaining {
+            let body = response.get_mut();
+            for status in &mut body.statuses {
+                status.limit_remaining = remaining;
+            }
+            for header in &mut body.response_headers_to_add {
+                if header.key.eq_ignore_ascii_case("x-ratelimit-remaining") {
+                    header.value = remaining.to_string();
+                }
+            }
+        }
+        Ok(response)
+    }
+
+    async fn answer(&self, req: RateLimitRequest) -> Result<Response<RateLimitResponse>, Status> {
         match &self.engine {
             Engine::Limitador { limiter, headers } => self.limitador(limiter, *headers, req).await,
             Engine::Ratelimit(engine) => {
@@ -255,9 +303,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tmp = format!("{port_file}.tmp");
     std::fs::write(&tmp, port.to_string())?;
     std::fs::rename(&tmp, &port_file)?;
-    let service = Service { engine, grants };
+    let delay_file = arg(&args, "--delay-file");
+    let claim_remaining = arg(&args, "--claim-remaining")
+        .map(|n| n.parse::<u32>())
+        .transpose()?;
+    let service = Service {
+        engine,
+        grants,
+        delay_file,
+        claim_remaining,
+    };
     tonic::transport::Server::builder()
-        .add_service(RateLimitServiceServer::new(service))
+        .add_service(RateLimitServiceServer::new(Handler(Arc::new(service))))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async {
