@@ -193,6 +193,12 @@ impl Request {
             ]);
             effects.clear_route_cache = true;
         }
+        // The upstream gets the max tokens Tollgate set (injected or lowered): no output past it
+        // is charged, so strict mode's bound holds even against an upstream that ignores it.
+        let mut facts = facts;
+        if let Some(sent) = admitted.plan.set_max_tokens {
+            facts.max_tokens = Some(sent);
+        }
         let mut exchange = Exchange::new(kind, tenant, facts, config.limits);
         if let Some(r) = resolved {
             exchange.set_served(r.model, r.route);

@@ -202,3 +202,17 @@ fn the_reported_bodies() {
         check("/v1/chat/completions", body.as_bytes()).unwrap();
     }
 }
+
+/// An upstream that ignores the max tokens strict mode injected is charged no more than it
+/// (flagged `clamped`): the tenant's limit holds whatever the upstream does.
+#[test]
+fn output_past_the_injected_cap_is_charged_at_it() {
+    let gw = strict_gateway();
+    let host = Fake::new();
+    let call = Call::chat(json!({"model": "gpt-4o-mini", "messages": [], "n": 2}));
+    let open = open(&gw, &host, &call);
+    assert_eq!(open.trace.upstream_json()["max_completion_tokens"], 64);
+    let t = close(&gw, &host, open, Some(&Upstream::chat(1, 10_000)));
+    assert_eq!(t.field("output_tokens"), "128");
+    assert_eq!(t.field("usage_anomaly"), "clamped");
+}
