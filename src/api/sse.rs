@@ -68,7 +68,34 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 /// Incremental usage reader for one streamed response. See the module documentation.
 #[derive(Debug, Clone)]
 pub struct SseUsageReader {
+    /// The event stream's grammar: lines and events, with their bounds.
+    events: SseEvents,
+    /// What the events said.
+    state: UsageState,
+}
+
+/// The usage state of one stream, updated event by event.
+#[derive(Debug, Clone)]
+struct UsageState {
     kind: ApiKind,
+    /// Chat Completions and Responses: the last usage seen.
+    usage: Option<Usage>,
+    /// Messages: the usage fields seen so far.
+    anthropic: Option<AnthropicUsage>,
+    completed: bool,
+    observed_output: u64,
+    /// A usage object without any of the API's own fields was seen (and ignored).
+    foreign: bool,
+    /// An invalid usage object was seen (and ignored).
+    invalid: bool,
+}
+
+/// The server-sent events grammar (see the module documentation): splits a stream fed in
+/// arbitrary chunks into events (`event:` field, joined `data:` lines), keeping only the
+/// unfinished line and the event being assembled, each capped by `max_line_bytes`. Shared by
+/// every API whose stream is SSE; what an event means is the caller's.
+#[derive(Debug, Clone)]
+pub(crate) struct SseEvents {
     max_line_bytes: usize,
     /// The unfinished line (never longer than `max_line_bytes`).
     line: Vec<u8>,
@@ -86,17 +113,7 @@ pub struct SseUsageReader {
     has_data: bool,
     /// Part of the event being assembled was dropped: do not dispatch it.
     event_broken: bool,
-    /// Chat Completions and Responses: the last usage seen.
-    usage: Option<Usage>,
-    /// Messages: the usage fields seen so far.
-    anthropic: Option<AnthropicUsage>,
-    completed: bool,
-    observed_output: u64,
     overflowed: bool,
-    /// A usage object without any of the API's own fields was seen (and ignored).
-    foreign: bool,
-    /// An invalid usage object was seen (and ignored).
-    invalid: bool,
 }
 
 /// Anthropic's raw counts, merged over `message_start` and `message_delta`.
@@ -126,7 +143,90 @@ impl AnthropicUsage {
 impl SseUsageReader {
     pub fn new(kind: ApiKind, max_line_bytes: usize) -> Self {
         SseUsageReader {
-            kind,
+            events: SseEvents::new(max_line_bytes),
+            state: UsageState {
+                kind,
+                usage: None,
+                anthropic: None,
+                completed: false,
+                observed_output: 0,
+                foreign: false,
+                invalid: false,
+            },
+        }
+    }
+
+    /// Feed the next chunk of the response body as it passes (arbitrary splits, including inside a
+    /// UTF-8 sequence or inside "\r\n"). Keeps only the unfinished line between calls.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if self.state.kind == ApiKind::Embeddings {
+            return;
+        }
+        let state = &mut self.state;
+        self.events
+            .feed(chunk, &mut |event_type, data| state.on_event(event_type, data));
+    }
+
+    /// End of stream: dispatch a pending event even without its terminating blank line.
+    pub fn finish(&mut self) {
+        if self.state.kind == ApiKind::Embeddings {
+            return;
+        }
+        let state = &mut self.state;
+        self.events
+            .finish(&mut |event_type, data| state.on_event(event_type, data));
+    }
+
+    /// The usage reported by the stream so far (None until some usage was seen).
+    pub fn usage(&self) -> Option<Usage> {
+        match self.state.kind {
+            ApiKind::ChatCompletions | ApiKind::Responses => self.state.usage,
+            ApiKind::Messages => self
+                .state
+                .anthropic
+                .map(|a| usage::anthropic(a.input, a.output, a.cache_read, a.cache_creation)),
+            ApiKind::Embeddings => None,
+        }
+    }
+
+    /// True once the stream's terminal event was seen (chat: `data: [DONE]`; responses:
+    /// `response.completed` / `response.incomplete` / `response.failed`; messages: `message_stop`).
+    pub fn completed(&self) -> bool {
+        self.state.completed
+    }
+
+    /// Output tokens observed while streaming, a fallback when usage never arrives: the number of
+    /// content-bearing delta events (see the module documentation for exactly what counts).
+    pub fn observed_output(&self) -> u64 {
+        self.state.observed_output
+    }
+
+    /// True if a usage object in another API's shape (none of this API's count fields) was seen
+    /// and ignored.
+    pub fn foreign_usage(&self) -> bool {
+        self.state.foreign
+    }
+
+    /// Whether an invalid usage object (a count that is not a `u64`, …) was seen and ignored.
+    pub fn invalid_usage(&self) -> bool {
+        self.state.invalid
+    }
+
+    /// True if a line was longer than max_line_bytes and was dropped (usage may be missing).
+    pub fn overflowed(&self) -> bool {
+        self.events.overflowed()
+    }
+
+    /// Bytes currently buffered (unfinished line, event type and data); at most
+    /// `3 * max_line_bytes`, and 0 between events once the stream's lines are complete.
+    pub fn buffered_bytes(&self) -> usize {
+        self.events.buffered_bytes()
+    }
+}
+
+impl SseEvents {
+    pub(crate) fn new(max_line_bytes: usize) -> Self {
+        SseEvents {
             max_line_bytes,
             line: Vec::new(),
             skipping_line: false,
@@ -136,20 +236,13 @@ impl SseUsageReader {
             data: Vec::new(),
             has_data: false,
             event_broken: false,
-            usage: None,
-            anthropic: None,
-            completed: false,
-            observed_output: 0,
             overflowed: false,
-            foreign: false,
-            invalid: false,
         }
     }
 
-    /// Feed the next chunk of the response body as it passes (arbitrary splits, including inside a
-    /// UTF-8 sequence or inside "\r\n"). Keeps only the unfinished line between calls.
-    pub fn feed(&mut self, chunk: &[u8]) {
-        if self.kind == ApiKind::Embeddings || chunk.is_empty() {
+    /// Feeds the next chunk, calling `on_event(event_type, data)` for each event it completes.
+    pub(crate) fn feed(&mut self, chunk: &[u8], on_event: &mut impl FnMut(&[u8], &[u8])) {
+        if chunk.is_empty() {
             return;
         }
         let mut rest = chunk;
@@ -172,89 +265,48 @@ impl SseUsageReader {
                     _ => {}
                 }
             }
-            self.end_line(head);
+            self.end_line(head, on_event);
             rest = after;
         }
         self.push_partial(rest);
     }
 
-    /// End of stream: dispatch a pending event even without its terminating blank line.
-    pub fn finish(&mut self) {
-        if self.kind == ApiKind::Embeddings {
-            return;
-        }
+    /// End of stream: dispatches a pending event even without its terminating blank line.
+    pub(crate) fn finish(&mut self, on_event: &mut impl FnMut(&[u8], &[u8])) {
         self.pending_cr = false;
         if self.skipping_line {
             self.skipping_line = false;
         } else if !self.line.is_empty() {
             let line = mem::take(&mut self.line);
-            self.handle_line(&line);
+            self.handle_line(&line, on_event);
             self.line = line;
             self.line.clear();
         }
-        self.dispatch();
+        self.dispatch(on_event);
     }
 
-    /// The usage reported by the stream so far (None until some usage was seen).
-    pub fn usage(&self) -> Option<Usage> {
-        match self.kind {
-            ApiKind::ChatCompletions | ApiKind::Responses => self.usage,
-            ApiKind::Messages => self
-                .anthropic
-                .map(|a| usage::anthropic(a.input, a.output, a.cache_read, a.cache_creation)),
-            ApiKind::Embeddings => None,
-        }
-    }
-
-    /// True once the stream's terminal event was seen (chat: `data: [DONE]`; responses:
-    /// `response.completed` / `response.incomplete` / `response.failed`; messages: `message_stop`).
-    pub fn completed(&self) -> bool {
-        self.completed
-    }
-
-    /// Output tokens observed while streaming, a fallback when usage never arrives: the number of
-    /// content-bearing delta events (see the module documentation for exactly what counts).
-    pub fn observed_output(&self) -> u64 {
-        self.observed_output
-    }
-
-    /// True if a usage object in another API's shape (none of this API's count fields) was seen
-    /// and ignored.
-    pub fn foreign_usage(&self) -> bool {
-        self.foreign
-    }
-
-    /// Whether an invalid usage object (a count that is not a `u64`, …) was seen and ignored.
-    pub fn invalid_usage(&self) -> bool {
-        self.invalid
-    }
-
-    /// True if a line was longer than max_line_bytes and was dropped (usage may be missing).
-    pub fn overflowed(&self) -> bool {
+    /// True if a line or an event's data was longer than `max_line_bytes` and was dropped.
+    pub(crate) fn overflowed(&self) -> bool {
         self.overflowed
     }
 
-    /// Bytes currently buffered (unfinished line, event type and data); at most
-    /// `3 * max_line_bytes`, and 0 between events once the stream's lines are complete.
-    pub fn buffered_bytes(&self) -> usize {
+    /// Bytes buffered (unfinished line, event type and data): at most `3 * max_line_bytes`.
+    pub(crate) fn buffered_bytes(&self) -> usize {
         self.line
             .len()
             .saturating_add(self.event_type.len())
             .saturating_add(self.data.len())
     }
 
-    // -----------------------------------------------------------------------------------------
-    // Lines.
-
     /// A line terminator was met; `head` is the part of the line in the current chunk.
-    fn end_line(&mut self, head: &[u8]) {
+    fn end_line(&mut self, head: &[u8], on_event: &mut impl FnMut(&[u8], &[u8])) {
         if self.skipping_line {
             self.skipping_line = false;
         } else if self.line.is_empty() {
             if head.len() > self.max_line_bytes {
                 self.drop_line();
             } else {
-                self.handle_line(head);
+                self.handle_line(head, on_event);
             }
         } else if self.line.len().saturating_add(head.len()) > self.max_line_bytes {
             self.line.clear();
@@ -262,7 +314,7 @@ impl SseUsageReader {
         } else {
             self.line.extend_from_slice(head);
             let line = mem::take(&mut self.line);
-            self.handle_line(&line);
+            self.handle_line(&line, on_event);
             self.line = line;
             self.line.clear();
         }
@@ -288,14 +340,14 @@ impl SseUsageReader {
         self.event_broken = true;
     }
 
-    fn handle_line(&mut self, line: &[u8]) {
+    fn handle_line(&mut self, line: &[u8], on_event: &mut impl FnMut(&[u8], &[u8])) {
         let line = if self.at_start {
             line.strip_prefix(BOM).unwrap_or(line)
         } else {
             line
         };
         if line.is_empty() {
-            self.dispatch();
+            self.dispatch(on_event);
             return;
         }
         let (field, value) = match line.iter().position(|b| *b == b':') {
@@ -341,20 +393,18 @@ impl SseUsageReader {
         self.has_data = true;
     }
 
-    fn dispatch(&mut self) {
+    fn dispatch(&mut self, on_event: &mut impl FnMut(&[u8], &[u8])) {
         let broken = mem::replace(&mut self.event_broken, false);
         let has_data = mem::replace(&mut self.has_data, false);
         if has_data && !broken {
-            let data = mem::take(&mut self.data);
-            let event_type = mem::take(&mut self.event_type);
-            self.on_event(&event_type, &data);
-            self.data = data;
-            self.event_type = event_type;
+            on_event(&self.event_type, &self.data);
         }
         self.data.clear();
         self.event_type.clear();
     }
+}
 
+impl UsageState {
     // -----------------------------------------------------------------------------------------
     // Events.
 
@@ -678,9 +728,9 @@ mod tests {
         let mut r = SseUsageReader::new(kind, max);
         for c in chunks {
             r.feed(c);
-            assert!(r.line.len() <= max);
-            assert!(r.data.len() <= max);
-            assert!(r.event_type.len() <= max);
+            assert!(r.events.line.len() <= max);
+            assert!(r.events.data.len() <= max);
+            assert!(r.events.event_type.len() <= max);
         }
         r.finish();
         assert_eq!(r.buffered_bytes(), 0);
