@@ -29,6 +29,7 @@ mod shape;
 #[cfg(test)]
 mod fixtures;
 
+pub(crate) use parse::Count;
 pub(crate) use scan::{top_level_string, trim_ws, trim_ws_start, usage_at};
 pub(crate) use shape::{RawUsage, anthropic};
 

@@ -205,7 +205,7 @@ impl<'de, T: ReadMap> Visitor<'de> for Lenient<T> {
 /// One token count as sent: a JSON unsigned integer that fits in `u64`, `null` (no count), or
 /// anything else (negative, fractional, `1e3`, over `u64`, a string, …), which makes the whole
 /// usage object invalid.
-enum Count {
+pub(crate) enum Count {
     Value(u64),
     Null,
     Invalid,
@@ -214,7 +214,7 @@ enum Count {
 impl Count {
     /// Stores the count in `slot` (a `null` clears it: the last duplicate wins); `true` if it was
     /// invalid.
-    fn set(self, slot: &mut Option<u64>) -> bool {
+    pub(crate) fn set(self, slot: &mut Option<u64>) -> bool {
         match self {
             Count::Value(v) => *slot = Some(v),
             Count::Null => *slot = None,

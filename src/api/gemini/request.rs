@@ -1,0 +1,338 @@
+//! What a Gemini / Vertex `generateContent` body asks for, and the one edit Tollgate makes to it.
+//!
+//! The output bound is `generationConfig.maxOutputTokens` (thinking and answer together) per
+//! candidate, times `generationConfig.candidateCount`. Google's JSON parser (protobuf's) reads
+//! both camelCase and snake_case names (the google-genai SDK sends some snake_case), and reads
+//! `"20"` and `20.0` as 20; so both spellings are read here, duplicates included, the largest
+//! value wins, and a count that is not a positive integer (`0`, `"20"`, `20.0`, `-1`, `true`) is
+//! refused with 400, as on the OpenAI path. The model and `stream` come from the path.
+
+use core::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+use crate::api::request::RequestError;
+
+/// The request members through which a Gemini upstream may generate more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationFacts {
+    /// `maxOutputTokens` per candidate (the largest given); `None`: the model's default.
+    pub max_output_tokens: Option<u64>,
+    /// `candidateCount` (the largest given), 1 when absent.
+    pub candidates: u64,
+}
+
+const CONFIG_KEYS: [&str; 2] = ["generationConfig", "generation_config"];
+const MAX_KEYS: [&str; 2] = ["maxOutputTokens", "max_output_tokens"];
+const COUNT_KEYS: [&str; 2] = ["candidateCount", "candidate_count"];
+
+/// Reads the [`GenerationFacts`] of a complete request body. One streaming pass; every member
+/// but `generationConfig`'s two counts is skipped without allocation.
+pub fn generation_facts(body: &[u8]) -> Result<GenerationFacts, RequestError> {
+    let mut found = Found::default();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = TopSeed { found: &mut found }
+        .deserialize(&mut de)
+        .and_then(|()| de.end());
+    if let Err(err) = parsed {
+        return Err(RequestError {
+            param: None,
+            message: format!("The request body is not valid JSON: {err}"),
+        });
+    }
+    if let Some((param, what)) = found.refused {
+        return Err(RequestError {
+            message: format!("Invalid value for '{param}': {what}"),
+            param: Some(param),
+        });
+    }
+    Ok(GenerationFacts {
+        max_output_tokens: found.max_output_tokens,
+        candidates: found.candidates.unwrap_or(1),
+    })
+}
+
+/// Sets `maxOutputTokens` to `cap`, or lowers it to `cap` where it is larger, in every
+/// generation config the body has (either spelling, written in the spelling it uses); adds
+/// `generationConfig.maxOutputTokens` when there is none. No other key is added, so Google
+/// never sees a field it rejects. `None` when the body is not a JSON object, or its generation
+/// config is neither an object nor `null` (refused earlier by [`generation_facts`]).
+pub fn set_max_output_tokens(body: &[u8], cap: u64) -> Option<Vec<u8>> {
+    let mut root: Map<String, Value> = serde_json::from_slice(body).ok()?;
+    let mut any = false;
+    for key in CONFIG_KEYS {
+        match root.get_mut(key) {
+            Some(Value::Object(config)) => {
+                cap_config(config, cap);
+                any = true;
+            }
+            Some(slot @ Value::Null) => {
+                *slot = Value::Object(new_config(cap));
+                any = true;
+            }
+            Some(_) => return None,
+            None => {}
+        }
+    }
+    if !any {
+        root.insert("generationConfig".into(), Value::Object(new_config(cap)));
+    }
+    serde_json::to_vec(&root).ok()
+}
+
+fn new_config(cap: u64) -> Map<String, Value> {
+    let mut config = Map::new();
+    config.insert("maxOutputTokens".into(), Value::from(cap));
+    config
+}
+
+fn cap_config(config: &mut Map<String, Value>, cap: u64) {
+    let mut any = false;
+    for key in MAX_KEYS {
+        if let Some(value) = config.get_mut(key) {
+            let lowered = value.as_u64().map_or(cap, |v| v.min(cap));
+            *value = Value::from(lowered);
+            any = true;
+        }
+    }
+    if !any {
+        config.insert("maxOutputTokens".into(), Value::from(cap));
+    }
+}
+
+/// What the pass found: the largest of each count, and the first refused member.
+#[derive(Default)]
+struct Found {
+    max_output_tokens: Option<u64>,
+    candidates: Option<u64>,
+    refused: Option<(String, &'static str)>,
+}
+
+impl Found {
+    fn refuse(&mut self, param: String, what: &'static str) {
+        if self.refused.is_none() {
+            self.refused = Some((param, what));
+        }
+    }
+}
+
+struct TopSeed<'f> {
+    found: &'f mut Found,
+}
+
+impl<'de> DeserializeSeed<'de> for TopSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TopSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<KeyIn>()? {
+            match key.0 {
+                Some(config) if CONFIG_KEYS.contains(&config) => {
+                    map.next_value_seed(ConfigSeed {
+                        name: config,
+                        found: self.found,
+                    })?
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A member name, when it is one of the few we read; any other name is `None`, without
+/// allocating.
+struct KeyIn(Option<&'static str>);
+
+impl<'de> serde::Deserialize<'de> for KeyIn {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<KeyIn, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = KeyIn;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<KeyIn, E> {
+                Ok(KeyIn(
+                    CONFIG_KEYS
+                        .into_iter()
+                        .chain(MAX_KEYS)
+                        .chain(COUNT_KEYS)
+                        .find(|k| *k == v),
+                ))
+            }
+        }
+        deserializer.deserialize_str(V)
+    }
+}
+
+struct ConfigSeed<'f> {
+    name: &'static str,
+    found: &'f mut Found,
+}
+
+impl<'de> DeserializeSeed<'de> for ConfigSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ConfigSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a generation config object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        // Only the top level's config names matter here; a member named like a config inside
+        // the config is skipped as any other.
+        while let Some(key) = map.next_key::<KeyIn>()? {
+            let count = match key.0 {
+                Some(k) if MAX_KEYS.contains(&k) || COUNT_KEYS.contains(&k) => k,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            let slot = if MAX_KEYS.contains(&count) {
+                &mut self.found.max_output_tokens
+            } else {
+                &mut self.found.candidates
+            };
+            match map.next_value::<StrictCount>()? {
+                StrictCount::Positive(v) => *slot = Some(slot.map_or(v, |old| old.max(v))),
+                StrictCount::Null => {}
+                StrictCount::Zero => self.found.refuse(
+                    format!("{}.{count}", self.name),
+                    "0 is below the minimum value of 1",
+                ),
+                StrictCount::Other => self.found.refuse(
+                    format!("{}.{count}", self.name),
+                    "expected a positive integer",
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        IgnoredAny.visit_seq(seq)?;
+        self.not_an_object();
+        Ok(())
+    }
+}
+
+impl ConfigSeed<'_> {
+    fn not_an_object(self) {
+        self.found
+            .refuse(self.name.to_string(), "expected an object");
+    }
+}
+
+/// A count as sent: a positive integer, `null`, `0`, or anything else.
+enum StrictCount {
+    Positive(u64),
+    Null,
+    Zero,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for StrictCount {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<StrictCount, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StrictCount;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a count")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<StrictCount, E> {
+                Ok(if v == 0 {
+                    StrictCount::Zero
+                } else {
+                    StrictCount::Positive(v)
+                })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<StrictCount, E> {
+                Ok(u64::try_from(v).map_or(StrictCount::Other, |v| {
+                    if v == 0 {
+                        StrictCount::Zero
+                    } else {
+                        StrictCount::Positive(v)
+                    }
+                }))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<StrictCount, E> {
+                Ok(StrictCount::Other)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<StrictCount, E> {
+                Ok(StrictCount::Other)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<StrictCount, E> {
+                Ok(StrictCount::Other)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<StrictCount, E> {
+                Ok(StrictCount::Null)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<StrictCount, E> {
+                Ok(StrictCount::Null)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<StrictCount, A::Error> {
+                IgnoredAny.visit_seq(seq)?;
+                Ok(StrictCount::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<StrictCount, A::Error> {
+                IgnoredAny.visit_map(map)?;
+                Ok(StrictCount::Other)
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
