@@ -212,15 +212,12 @@ impl JsonArrayElements {
         // Where the current element's bytes start in this chunk (when inside one).
         let mut from = 0usize;
         while let Some(&b) = chunk.get(i) {
-            if self.depth >= 2 {
-                if self.in_string {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else {
                     // Jump to the next quote or backslash.
                     let rest = chunk.get(i..).unwrap_or_default();
-                    if self.escaped {
-                        self.escaped = false;
-                        i = i.saturating_add(1);
-                        continue;
-                    }
                     match memchr::memchr2(b'"', b'\\', rest) {
                         Some(at) => {
                             i = i.saturating_add(at);
@@ -230,25 +227,25 @@ impl JsonArrayElements {
                                 self.in_string = false;
                             }
                         }
-                        None => i = chunk.len().saturating_sub(1),
+                        None => i = chunk.len(),
                     }
-                } else {
-                    match b {
-                        b'"' => self.in_string = true,
-                        b'{' | b'[' => self.depth = self.depth.saturating_add(1),
-                        b'}' | b']' => {
-                            self.depth = self.depth.saturating_sub(1);
-                            if self.depth == 1 {
-                                let end = i.saturating_add(1);
-                                self.keep(chunk.get(from..end).unwrap_or_default());
-                                if !std::mem::replace(&mut self.skipping, false) {
-                                    on_element(&self.element);
-                                }
-                                self.element.clear();
+                }
+            } else if self.depth >= 2 {
+                match b {
+                    b'"' => self.in_string = true,
+                    b'{' | b'[' => self.depth = self.depth.saturating_add(1),
+                    b'}' | b']' => {
+                        self.depth = self.depth.saturating_sub(1);
+                        if self.depth == 1 {
+                            let end = i.saturating_add(1);
+                            self.keep(chunk.get(from..end).unwrap_or_default());
+                            if !std::mem::replace(&mut self.skipping, false) {
+                                on_element(&self.element);
                             }
+                            self.element.clear();
                         }
-                        _ => {}
                     }
+                    _ => {}
                 }
             } else {
                 match b {
@@ -263,6 +260,12 @@ impl JsonArrayElements {
                     }
                     b' ' | b'\t' | b'\n' | b'\r' => {}
                     b',' if self.depth == 1 => {}
+                    // A string outside an element (a scalar, or garbage): skipped whole, so
+                    // brackets inside it are not taken for structure.
+                    b'"' => {
+                        self.stray = true;
+                        self.in_string = true;
+                    }
                     _ => self.stray = true,
                 }
             }

@@ -245,7 +245,7 @@ fn array_splitter_structure() {
     let mut seen = Vec::new();
     let mut s = JsonArrayElements::new(64);
     s.feed(
-        br#" [ {"a":"]}\\"} , [1,{"b":2}] ,7, {"c":"\"}"} ] "#,
+        br#" [ {"a":"]}\\"} , [1,{"b":2}] ,7, "{[\"", {"c":"\"}"} ] "#,
         &mut |e| seen.push(String::from_utf8(e.to_vec()).unwrap()),
     );
     assert_eq!(
