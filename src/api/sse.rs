@@ -163,8 +163,9 @@ impl SseUsageReader {
             return;
         }
         let state = &mut self.state;
-        self.events
-            .feed(chunk, &mut |event_type, data| state.on_event(event_type, data));
+        self.events.feed(chunk, &mut |event_type, data| {
+            state.on_event(event_type, data)
+        });
     }
 
     /// End of stream: dispatch a pending event even without its terminating blank line.

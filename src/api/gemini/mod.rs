@@ -15,7 +15,7 @@ pub mod usage;
 
 pub use request::{GenerationFacts, generation_facts, set_max_output_tokens};
 pub use stream::{GeminiStreamReader, JsonArrayElements, StreamFormat};
-pub use usage::{ResponseFacts, UsageMetadata, read_response};
+pub use usage::{ResponseFacts, UsageMetadata, read_body_usage, read_response};
 
 #[cfg(test)]
 mod fixtures;

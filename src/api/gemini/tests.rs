@@ -466,3 +466,51 @@ proptest! {
         prop_assert!(permissive_output(&edited) <= bound, "{} -> {}", body, String::from_utf8_lossy(&edited));
     }
 }
+
+#[test]
+fn whole_bodies_and_their_tails() {
+    // A non-streaming body is the stream's chunks merged; the last chunk of each fixture holds
+    // the final totals (the SEPARATE one: a usage-only chunk).
+    for (name, chunks, input, output, cached_input, reasoning) in STREAMS {
+        let body = chunks[chunks.len() - 1].as_bytes();
+        let last = read_response(body).unwrap().usage.unwrap();
+        let want = Reading::Usage(last.normalise());
+        if name != "LAST" {
+            assert_eq!(
+                want.usage()
+                    .map(|u| (u.input, u.output, u.cached_input, u.reasoning)),
+                Some((input, output, cached_input, reasoning)),
+                "{name}"
+            );
+        }
+        assert_eq!(read_body_usage(body), want, "{name}");
+        let key = body
+            .windows(15)
+            .rposition(|w| w == b"\"usageMetadata\"")
+            .unwrap();
+        for start in 0..body.len() {
+            let got = read_body_usage(&body[start..]);
+            if start <= key {
+                assert_eq!(got, want, "{name} from {start}");
+            } else {
+                assert_eq!(got, Reading::Absent, "{name} from {start}");
+            }
+        }
+    }
+    // The scan falls back to a full parse when it cannot vouch; both spellings.
+    assert_eq!(
+        read_body_usage(br#"{"usageMetadata":{"promptTokenCount":4},"x":nope}"#),
+        Reading::Absent
+    );
+    assert_eq!(
+        read_body_usage(br#"{"usage_metadata":{"prompt_token_count":4}}"#)
+            .usage()
+            .map(|u| u.input),
+        Some(4)
+    );
+    assert_eq!(
+        read_body_usage(br#"{"usageMetadata":{"promptTokenCount":"4"}}"#),
+        Reading::Invalid
+    );
+    assert_eq!(read_body_usage(br#"{"candidates":[]}"#), Reading::Absent);
+}

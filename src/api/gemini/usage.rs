@@ -19,7 +19,7 @@ use core::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::api::Usage;
-use crate::api::usage::{Count, Reading};
+use crate::api::usage::{Count, Locate, Reading, locate_key_backward};
 
 /// A `usageMetadata` object as sent. `None`: missing or `null`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -114,6 +114,30 @@ pub fn read_response(json: &[u8]) -> Option<ResponseFacts> {
     let facts = de.deserialize_map(ResponseVisitor).ok()?;
     de.end().ok()?;
     Some(facts)
+}
+
+/// The usage of a whole (non-streaming) response body, or of a *tail* of it (what the filter
+/// keeps of an over-long response): `usageMetadata` is found by the backward scan the other APIs'
+/// usage uses (`usage/scan.rs`, which documents its limits), from the body's end, so the cost
+/// is the distance from the key to the end (Google serialises it after the candidates); only when
+/// the scan cannot vouch for the bytes is the body parsed whole ([`read_response`]).
+pub fn read_body_usage(body: &[u8]) -> Reading {
+    for key in [&b"usageMetadata"[..], b"usage_metadata"] {
+        match locate_key_backward(body, key, 1) {
+            Locate::Found(value) => {
+                let mut de = serde_json::Deserializer::from_slice(value);
+                return match Lenient(MetadataVisitor).deserialize(&mut de) {
+                    Ok(Some(meta)) => meta.reading(),
+                    Ok(None) | Err(_) => Reading::Absent,
+                };
+            }
+            Locate::Absent => {}
+            Locate::Unsure => {
+                return read_response(body).map_or(Reading::Absent, |f| f.reading());
+            }
+        }
+    }
+    Reading::Absent
 }
 
 struct ResponseVisitor;

@@ -30,7 +30,9 @@ mod shape;
 mod fixtures;
 
 pub(crate) use parse::Count;
-pub(crate) use scan::{top_level_string, trim_ws, trim_ws_start, usage_at};
+pub(crate) use scan::{
+    Locate, locate_key_backward, top_level_string, trim_ws, trim_ws_start, usage_at,
+};
 pub(crate) use shape::{RawUsage, anthropic};
 
 use super::{ApiKind, Usage};

@@ -86,7 +86,7 @@ pub(crate) fn trim_ws(s: &[u8]) -> &[u8] {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum Locate<'a> {
+pub(crate) enum Locate<'a> {
     /// The key was found; the slice starts at its value.
     Found(&'a [u8]),
     /// The whole top-level object was scanned and has no such key at that depth.
@@ -97,7 +97,7 @@ enum Locate<'a> {
 
 /// Scans `json` backwards for the last object key `key` at nesting depth `target_depth`
 /// (1 = member of the top-level object). See the module documentation.
-fn locate_key_backward<'a>(json: &'a [u8], key: &[u8], target_depth: u32) -> Locate<'a> {
+pub(crate) fn locate_key_backward<'a>(json: &'a [u8], key: &[u8], target_depth: u32) -> Locate<'a> {
     let doc = trim_ws(json);
     let Some((b'}', _)) = doc.split_last() else {
         return Locate::Unsure;

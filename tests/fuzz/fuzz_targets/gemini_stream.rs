@@ -11,6 +11,9 @@
 //!   elements all fit in `max`, the usage is the last value of each count field over the
 //!   elements' valid `usageMetadata` objects, read from a `serde_json::Value` parse.
 //!
+//! - a whole (non-streaming) body: `read_body_usage` (backward scan) agrees with
+//!   `read_response` (full parse) whenever the latter accepts the body, and never panics.
+//!
 //! Input layout: byte 0 = mode (bit 0: 0 = SSE, 1 = JSON array; bit 1: 0 = raw bytes, 1 = each
 //! byte picks a token from `TOKENS`); byte 1 = `max` choice; byte 2 = number of cuts (mod 32);
 //! then that many cut bytes (position = byte/255 of the body); the rest is the body.
@@ -22,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use tollgate::api::Usage;
-use tollgate::api::gemini::{GeminiStreamReader, StreamFormat};
+use tollgate::api::gemini::{GeminiStreamReader, StreamFormat, read_body_usage, read_response};
 
 // ---- counting allocator (as in exchange.rs) --------------------------------------------------
 
@@ -227,6 +230,12 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(whole, run(format, max, &pieces), "chunking changed the result");
     let bytewise: Vec<&[u8]> = body.chunks(1).collect();
     assert_eq!(whole, run(format, max, &bytewise), "1-byte pieces changed the result");
+    let scanned = read_body_usage(&body);
+    if let Some(facts) = read_response(&body)
+        && !body.windows(6).any(|w| w == b"_metad")
+    {
+        assert_eq!(scanned, facts.reading(), "backward scan vs full parse");
+    }
     if format == StreamFormat::JsonArray
         && let Some(want) = model(&body, max)
     {
