@@ -12,7 +12,9 @@ use core::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
+use super::usage::Key;
 use crate::api::request::RequestError;
+use crate::api::usage::Count;
 
 /// The request members through which a Gemini upstream may generate more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,46 +138,18 @@ impl<'de> Visitor<'de> for TopSeed<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<KeyIn>()? {
-            match key.0 {
-                Some(config) if CONFIG_KEYS.contains(&config) => {
-                    map.next_value_seed(ConfigSeed {
-                        name: config,
-                        found: self.found,
-                    })?
-                }
+        while let Some(key) = map.next_key::<Key>()? {
+            match CONFIG_KEYS.into_iter().find(|k| *k == key.as_str()) {
+                Some(name) => map.next_value_seed(ConfigSeed {
+                    name,
+                    found: self.found,
+                })?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
         Ok(())
-    }
-}
-
-/// A member name, when it is one of the few we read; any other name is `None`, without
-/// allocating.
-struct KeyIn(Option<&'static str>);
-
-impl<'de> serde::Deserialize<'de> for KeyIn {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<KeyIn, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = KeyIn;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a member name")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<KeyIn, E> {
-                Ok(KeyIn(
-                    CONFIG_KEYS
-                        .into_iter()
-                        .chain(MAX_KEYS)
-                        .chain(COUNT_KEYS)
-                        .find(|k| *k == v),
-                ))
-            }
-        }
-        deserializer.deserialize_str(V)
     }
 }
 
@@ -201,27 +175,24 @@ impl<'de> Visitor<'de> for ConfigSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         // Only the top level's config names matter here; a member named like a config inside
         // the config is skipped as any other.
-        while let Some(key) = map.next_key::<KeyIn>()? {
-            let count = match key.0 {
-                Some(k) if MAX_KEYS.contains(&k) || COUNT_KEYS.contains(&k) => k,
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                    continue;
-                }
-            };
-            let slot = if MAX_KEYS.contains(&count) {
-                &mut self.found.max_output_tokens
+        while let Some(key) = map.next_key::<Key>()? {
+            let key = key.as_str();
+            let (slot, count) = if let Some(k) = MAX_KEYS.into_iter().find(|k| *k == key) {
+                (&mut self.found.max_output_tokens, k)
+            } else if let Some(k) = COUNT_KEYS.into_iter().find(|k| *k == key) {
+                (&mut self.found.candidates, k)
             } else {
-                &mut self.found.candidates
+                map.next_value::<IgnoredAny>()?;
+                continue;
             };
-            match map.next_value::<StrictCount>()? {
-                StrictCount::Positive(v) => *slot = Some(slot.map_or(v, |old| old.max(v))),
-                StrictCount::Null => {}
-                StrictCount::Zero => self.found.refuse(
+            match map.next_value::<Count>()? {
+                Count::Value(0) => self.found.refuse(
                     format!("{}.{count}", self.name),
                     "0 is below the minimum value of 1",
                 ),
-                StrictCount::Other => self.found.refuse(
+                Count::Value(v) => *slot = Some(slot.map_or(v, |old| old.max(v))),
+                Count::Null => {}
+                Count::Invalid => self.found.refuse(
                     format!("{}.{count}", self.name),
                     "expected a positive integer",
                 ),
@@ -274,65 +245,5 @@ impl ConfigSeed<'_> {
     fn not_an_object(self) {
         self.found
             .refuse(self.name.to_string(), "expected an object");
-    }
-}
-
-/// A count as sent: a positive integer, `null`, `0`, or anything else.
-enum StrictCount {
-    Positive(u64),
-    Null,
-    Zero,
-    Other,
-}
-
-impl<'de> serde::Deserialize<'de> for StrictCount {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<StrictCount, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = StrictCount;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a count")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<StrictCount, E> {
-                Ok(if v == 0 {
-                    StrictCount::Zero
-                } else {
-                    StrictCount::Positive(v)
-                })
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<StrictCount, E> {
-                Ok(u64::try_from(v).map_or(StrictCount::Other, |v| {
-                    if v == 0 {
-                        StrictCount::Zero
-                    } else {
-                        StrictCount::Positive(v)
-                    }
-                }))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<StrictCount, E> {
-                Ok(StrictCount::Other)
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<StrictCount, E> {
-                Ok(StrictCount::Other)
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<StrictCount, E> {
-                Ok(StrictCount::Other)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<StrictCount, E> {
-                Ok(StrictCount::Null)
-            }
-            fn visit_none<E: de::Error>(self) -> Result<StrictCount, E> {
-                Ok(StrictCount::Null)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<StrictCount, A::Error> {
-                IgnoredAny.visit_seq(seq)?;
-                Ok(StrictCount::Other)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<StrictCount, A::Error> {
-                IgnoredAny.visit_map(map)?;
-                Ok(StrictCount::Other)
-            }
-        }
-        deserializer.deserialize_any(V)
     }
 }

@@ -16,10 +16,11 @@
 
 use core::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::api::Usage;
-use crate::api::usage::{Count, Locate, Reading, locate_key_backward};
+use crate::api::usage::{Count, Locate, ReadMap, Reading, locate_key_backward, read_lenient};
 
 /// A `usageMetadata` object as sent. `None`: missing or `null`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -126,7 +127,7 @@ pub fn read_body_usage(body: &[u8]) -> Reading {
         match locate_key_backward(body, key, 1) {
             Locate::Found(value) => {
                 let mut de = serde_json::Deserializer::from_slice(value);
-                return match Lenient(MetadataVisitor).deserialize(&mut de) {
+                return match Option::<UsageMetadata>::deserialize(&mut de) {
                     Ok(Some(meta)) => meta.reading(),
                     Ok(None) | Err(_) => Reading::Absent,
                 };
@@ -152,21 +153,15 @@ impl<'de> Visitor<'de> for ResponseVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ResponseFacts, A::Error> {
         let mut facts = ResponseFacts::default();
         while let Some(key) = map.next_key::<Key>()? {
-            match key.0.as_str() {
-                "usageMetadata" | "usage_metadata" => {
-                    facts.usage = map.next_value_seed(Lenient(MetadataVisitor))?;
-                }
+            match key.as_str() {
+                "usageMetadata" | "usage_metadata" => facts.usage = map.next_value()?,
                 "promptFeedback" | "prompt_feedback" => {
-                    facts.blocked = map
-                        .next_value_seed(Lenient(FeedbackVisitor))?
-                        .unwrap_or(false);
+                    facts.blocked = map.next_value::<Feedback>()?.blocked;
                 }
                 "candidates" => {
-                    let (some, finished) = map
-                        .next_value_seed(Lenient(CandidatesVisitor))?
-                        .unwrap_or((false, false));
-                    facts.has_candidates |= some;
-                    facts.finished |= finished;
+                    let candidates: Candidates = map.next_value()?;
+                    facts.has_candidates |= candidates.some;
+                    facts.finished |= candidates.finished;
                 }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
@@ -177,18 +172,16 @@ impl<'de> Visitor<'de> for ResponseVisitor {
     }
 }
 
-/// A member name, kept only when it is one of the few we read (at most 32 bytes, no escapes);
-/// any other key becomes an empty name without allocating.
-struct Key(KeyName);
-
+/// A member name, kept only when short enough to be one we read (at most 32 bytes); any other
+/// name reads as empty, without allocating.
 #[derive(Default)]
-struct KeyName {
+pub(super) struct Key {
     buf: [u8; 32],
     len: usize,
 }
 
-impl KeyName {
-    fn as_str(&self) -> &str {
+impl Key {
+    pub(super) fn as_str(&self) -> &str {
         self.buf
             .get(..self.len)
             .and_then(|b| core::str::from_utf8(b).ok())
@@ -196,7 +189,7 @@ impl KeyName {
     }
 }
 
-impl<'de> serde::Deserialize<'de> for Key {
+impl<'de> Deserialize<'de> for Key {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Key, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
@@ -205,79 +198,26 @@ impl<'de> serde::Deserialize<'de> for Key {
                 f.write_str("a member name")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
-                let mut name = KeyName::default();
-                if let Some(slot) = name.buf.get_mut(..v.len()) {
+                let mut key = Key::default();
+                if let Some(slot) = key.buf.get_mut(..v.len()) {
                     slot.copy_from_slice(v.as_bytes());
-                    name.len = v.len();
+                    key.len = v.len();
                 }
-                Ok(Key(name))
+                Ok(key)
             }
         }
         deserializer.deserialize_str(V)
     }
 }
 
-/// Reads an object with `V`, `null` as `None`, and anything else as `V::garbage`.
-struct Lenient<V>(V);
-
-trait ObjectVisitor: Sized {
-    type Out;
-    fn garbage() -> Self::Out;
-    fn read<'de, A: MapAccess<'de>>(map: A) -> Result<Self::Out, A::Error>;
-    /// Arrays are read by the candidates visitor only.
-    fn read_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Self::Out, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Self::garbage())
+impl<'de> Deserialize<'de> for UsageMetadata {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        read_lenient(deserializer)
     }
 }
 
-impl<'de, V: ObjectVisitor> DeserializeSeed<'de> for Lenient<V> {
-    type Value = Option<V::Out>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de, V: ObjectVisitor> Visitor<'de> for Lenient<V> {
-    type Value = Option<V::Out>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an object or null")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        V::read(map).map(Some)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        V::read_seq(seq).map(Some)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Some(V::garbage()))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Some(V::garbage()))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Some(V::garbage()))
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Some(V::garbage()))
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Some(V::garbage()))
-    }
-}
-
-struct MetadataVisitor;
-
-impl ObjectVisitor for MetadataVisitor {
-    type Out = UsageMetadata;
+impl ReadMap for UsageMetadata {
+    const EXPECTING: &'static str = "a usageMetadata object";
 
     fn garbage() -> UsageMetadata {
         UsageMetadata {
@@ -286,10 +226,10 @@ impl ObjectVisitor for MetadataVisitor {
         }
     }
 
-    fn read<'de, A: MapAccess<'de>>(mut map: A) -> Result<UsageMetadata, A::Error> {
+    fn read_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<UsageMetadata, A::Error> {
         let mut meta = UsageMetadata::default();
         while let Some(key) = map.next_key::<Key>()? {
-            let slot = match key.0.as_str() {
+            let slot = match key.as_str() {
                 "promptTokenCount" | "prompt_token_count" => &mut meta.prompt,
                 "toolUsePromptTokenCount" | "tool_use_prompt_token_count" => {
                     &mut meta.tool_use_prompt
@@ -311,74 +251,104 @@ impl ObjectVisitor for MetadataVisitor {
 }
 
 /// `promptFeedback`: whether `blockReason` is set (not `null`, not the unspecified value).
-struct FeedbackVisitor;
+#[derive(Default)]
+struct Feedback {
+    blocked: bool,
+}
 
-impl ObjectVisitor for FeedbackVisitor {
-    type Out = bool;
+impl<'de> Deserialize<'de> for Feedback {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        read_lenient(deserializer)
+    }
+}
 
-    fn garbage() -> bool {
-        false
+impl ReadMap for Feedback {
+    const EXPECTING: &'static str = "a promptFeedback object";
+
+    fn garbage() -> Feedback {
+        Feedback::default()
     }
 
-    fn read<'de, A: MapAccess<'de>>(mut map: A) -> Result<bool, A::Error> {
-        let mut blocked = false;
+    fn read_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Feedback, A::Error> {
+        let mut feedback = Feedback::default();
         while let Some(key) = map.next_key::<Key>()? {
-            match key.0.as_str() {
-                "blockReason" | "block_reason" => blocked = map.next_value::<BlockReason>()?.0,
+            match key.as_str() {
+                "blockReason" | "block_reason" => {
+                    feedback.blocked = map.next_value::<BlockReason>()?.0;
+                }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
-        Ok(blocked)
+        Ok(feedback)
     }
 }
 
-/// `candidates`: (at least one candidate, one carries a `finishReason`).
-struct CandidatesVisitor;
+/// `candidates`: whether there is at least one, and whether one carries a `finishReason`.
+#[derive(Default)]
+struct Candidates {
+    some: bool,
+    finished: bool,
+}
 
-impl ObjectVisitor for CandidatesVisitor {
-    type Out = (bool, bool);
+impl<'de> Deserialize<'de> for Candidates {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        read_lenient(deserializer)
+    }
+}
 
-    fn garbage() -> (bool, bool) {
-        (false, false)
+impl ReadMap for Candidates {
+    const EXPECTING: &'static str = "a candidates array";
+
+    fn garbage() -> Candidates {
+        Candidates::default()
     }
 
-    fn read<'de, A: MapAccess<'de>>(mut map: A) -> Result<(bool, bool), A::Error> {
+    fn read_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Candidates, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok((false, false))
+        Ok(Candidates::default())
     }
 
-    fn read_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(bool, bool), A::Error> {
-        let (mut some, mut finished) = (false, false);
-        while let Some(candidate) = seq.next_element_seed(Lenient(CandidateVisitor))? {
-            some = true;
-            finished |= candidate.unwrap_or(false);
+    fn read_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Candidates, A::Error> {
+        let mut candidates = Candidates::default();
+        while let Some(candidate) = seq.next_element::<Candidate>()? {
+            candidates.some = true;
+            candidates.finished |= candidate.finished;
         }
-        Ok((some, finished))
+        Ok(candidates)
     }
 }
 
 /// One candidate: whether its `finishReason` is set.
-struct CandidateVisitor;
+#[derive(Default)]
+struct Candidate {
+    finished: bool,
+}
 
-impl ObjectVisitor for CandidateVisitor {
-    type Out = bool;
+impl<'de> Deserialize<'de> for Candidate {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        read_lenient(deserializer)
+    }
+}
 
-    fn garbage() -> bool {
-        false
+impl ReadMap for Candidate {
+    const EXPECTING: &'static str = "a candidate object";
+
+    fn garbage() -> Candidate {
+        Candidate::default()
     }
 
-    fn read<'de, A: MapAccess<'de>>(mut map: A) -> Result<bool, A::Error> {
-        let mut finished = false;
+    fn read_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Candidate, A::Error> {
+        let mut candidate = Candidate::default();
         while let Some(key) = map.next_key::<Key>()? {
-            if matches!(key.0.as_str(), "finishReason" | "finish_reason") {
-                finished = map.next_value::<Option<IgnoredAny>>()?.is_some();
+            if matches!(key.as_str(), "finishReason" | "finish_reason") {
+                candidate.finished = map.next_value::<Option<IgnoredAny>>()?.is_some();
             } else {
                 map.next_value::<IgnoredAny>()?;
             }
         }
-        Ok(finished)
+        Ok(candidate)
     }
 }
 
@@ -386,7 +356,7 @@ impl ObjectVisitor for CandidateVisitor {
 /// even an unexpected type, counts as blocked: the prompt got no answer).
 struct BlockReason(bool);
 
-impl<'de> serde::Deserialize<'de> for BlockReason {
+impl<'de> Deserialize<'de> for BlockReason {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<BlockReason, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {

@@ -29,7 +29,7 @@ mod shape;
 #[cfg(test)]
 mod fixtures;
 
-pub(crate) use parse::Count;
+pub(crate) use parse::{Count, ReadMap, read_lenient};
 pub(crate) use scan::{
     Locate, locate_key_backward, top_level_string, trim_ws, trim_ws_start, usage_at,
 };

@@ -149,10 +149,22 @@ impl ReadMap for RawUsage {
 /// A value read as an object by [`ReadMap::read_map`]; `null` is the default (no counts), and
 /// anything else (a string, number, array, `true`) is consumed and read as
 /// [`ReadMap::garbage`]: only a document error fails the parse.
-trait ReadMap: Default {
+pub(crate) trait ReadMap: Default {
     const EXPECTING: &'static str;
     fn garbage() -> Self;
     fn read_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
+    /// An array: garbage, unless the type reads arrays itself.
+    fn read_seq<'de, A: SeqAccess<'de>>(seq: A) -> Result<Self, A::Error> {
+        IgnoredAny.visit_seq(seq)?;
+        Ok(Self::garbage())
+    }
+}
+
+/// Deserialises a [`ReadMap`] type leniently (see the trait): the body of its `Deserialize`.
+pub(crate) fn read_lenient<'de, T: ReadMap, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<T, D::Error> {
+    deserializer.deserialize_any(Lenient::<T>(PhantomData))
 }
 
 struct Lenient<T>(PhantomData<T>);
@@ -197,8 +209,7 @@ impl<'de, T: ReadMap> Visitor<'de> for Lenient<T> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
-        IgnoredAny.visit_seq(seq)?;
-        Ok(T::garbage())
+        T::read_seq(seq)
     }
 }
 
