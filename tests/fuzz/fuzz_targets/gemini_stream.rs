@@ -19,79 +19,68 @@
 //! then that many cut bytes (position = byte/255 of the body); the rest is the body.
 #![no_main]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use tollgate::api::Usage;
 use tollgate::api::gemini::{GeminiStreamReader, StreamFormat, read_body_usage, read_response};
 
-// ---- counting allocator (as in exchange.rs) --------------------------------------------------
-
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(by: usize) {
-    let now = LIVE.fetch_add(by, Ordering::Relaxed) + by;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let live = LIVE.load(Ordering::Relaxed);
-        PEAK.fetch_max(live + new_size, Ordering::Relaxed);
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size >= layout.size() {
-                grew(new_size - layout.size());
-            } else {
-                LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-            }
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
+#[path = "common/counting.rs"]
+mod counting;
+use counting::{LIVE, PEAK};
 
 // ---- input -----------------------------------------------------------------------------------
 
 const TOKENS: &[&str] = &[
-    "[", "]", "{", "}", ",", ":", "\"", "\\", "\\\"", " ", "\n", "\r", "\r\n", "\n\n", "\r\n\r\n",
-    "\r\r", "data: ", "data:", "event: x\n", ": ping\n", "\u{FEFF}", "null", "true", "0", "7",
-    "-1", "2.5", "1e3", "18446744073709551615", "18446744073709551616", "\"x\"", "\"x\":",
-    "\"usageMetadata\":", "\"usageMetadata\":null", "\"promptTokenCount\":",
-    "\"candidatesTokenCount\":", "\"thoughtsTokenCount\":", "\"cachedContentTokenCount\":",
-    "\"toolUsePromptTokenCount\":", "\"totalTokenCount\":", "\"candidates\":[",
-    "\"finishReason\":\"STOP\"", "\"promptFeedback\":{\"blockReason\":\"SAFETY\"}",
+    "[",
+    "]",
+    "{",
+    "}",
+    ",",
+    ":",
+    "\"",
+    "\\",
+    "\\\"",
+    " ",
+    "\n",
+    "\r",
+    "\r\n",
+    "\n\n",
+    "\r\n\r\n",
+    "\r\r",
+    "data: ",
+    "data:",
+    "event: x\n",
+    ": ping\n",
+    "\u{FEFF}",
+    "null",
+    "true",
+    "0",
+    "7",
+    "-1",
+    "2.5",
+    "1e3",
+    "18446744073709551615",
+    "18446744073709551616",
+    "\"x\"",
+    "\"x\":",
+    "\"usageMetadata\":",
+    "\"usageMetadata\":null",
+    "\"promptTokenCount\":",
+    "\"candidatesTokenCount\":",
+    "\"thoughtsTokenCount\":",
+    "\"cachedContentTokenCount\":",
+    "\"toolUsePromptTokenCount\":",
+    "\"totalTokenCount\":",
+    "\"candidates\":[",
+    "\"finishReason\":\"STOP\"",
+    "\"promptFeedback\":{\"blockReason\":\"SAFETY\"}",
     "{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"hi\"}]}}],",
     "{\"usageMetadata\":{\"promptTokenCount\":3,\"candidatesTokenCount\":4,\"thoughtsTokenCount\":2}}",
-    "\"text\":\"]}\\\"[{\"", "é", "\u{1F600}",
+    "\"text\":\"]}\\\"[{\"",
+    "é",
+    "\u{1F600}",
 ];
 
 const MAX_CHOICES: [usize; 8] = [0, 1, 16, 64, 200, 700, 4096, 64 * 1024];
@@ -108,7 +97,11 @@ fn run(format: StreamFormat, max: usize, pieces: &[&[u8]]) -> Outcome {
     let mut r = GeminiStreamReader::new(format, max);
     for p in pieces {
         r.feed(p);
-        assert!(r.buffered_bytes() <= held, "buffered {} > {held}", r.buffered_bytes());
+        assert!(
+            r.buffered_bytes() <= held,
+            "buffered {} > {held}",
+            r.buffered_bytes()
+        );
     }
     r.finish();
     if format == StreamFormat::JsonArray {
@@ -227,9 +220,17 @@ fuzz_target!(|data: &[u8]| {
     pieces.push(&body[start..]);
 
     let whole = run(format, max, &[&body]);
-    assert_eq!(whole, run(format, max, &pieces), "chunking changed the result");
+    assert_eq!(
+        whole,
+        run(format, max, &pieces),
+        "chunking changed the result"
+    );
     let bytewise: Vec<&[u8]> = body.chunks(1).collect();
-    assert_eq!(whole, run(format, max, &bytewise), "1-byte pieces changed the result");
+    assert_eq!(
+        whole,
+        run(format, max, &bytewise),
+        "1-byte pieces changed the result"
+    );
     let scanned = read_body_usage(&body);
     if let Some(facts) = read_response(&body)
         && !body.windows(6).any(|w| w == b"_metad")
