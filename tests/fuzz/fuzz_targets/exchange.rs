@@ -548,8 +548,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let largest_chunk = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
 
+    // A max_tokens of 0 is refused since issue 18 (vLLM reads it as no cap).
+    let max_tokens = output_reserved.max(1);
     let request = format!(
-        r#"{{"model":"m","stream":{stream},"stream_options":{{"include_usage":{asked_usage}}},"max_tokens":{output_reserved}}}"#
+        r#"{{"model":"m","stream":{stream},"stream_options":{{"include_usage":{asked_usage}}},"max_tokens":{max_tokens}}}"#
     );
     let facts = match parse_request(kind, request.as_bytes()) {
         Ok(f) => f,
