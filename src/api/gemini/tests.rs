@@ -110,7 +110,7 @@ proptest! {
 
     #[test]
     fn random_splits_and_bounds_agree_with_one_shot(
-        which in 0usize..16,
+        which in 0usize..64,
         cuts in proptest::collection::vec(0usize..4096, 0..12),
         max in prop_oneof![Just(4096usize), 1usize..700],
     ) {
