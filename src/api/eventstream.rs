@@ -28,8 +28,10 @@
 //! upstream's bytes unchanged, since the decoder only reads.
 //!
 //! Decisions where the specification is silent: header names and string values are bytes (not
-//! checked as UTF-8: the decoder only compares them); an empty header name is allowed; when a
-//! header name repeats, the last one wins (as botocore's dict does).
+//! checked as UTF-8: the decoder only compares them); an empty header name is allowed; one of the
+//! six headers the readers act on appearing twice is an error (botocore refuses any repeated
+//! name; other names are not compared, which would cost quadratic time), and for the others
+//! [`Message::header`] takes the last.
 
 use core::fmt;
 
@@ -42,7 +44,7 @@ const MIN_MESSAGE_BYTES: usize = PRELUDE_BYTES + 4;
 /// `chunk` is a few hundred bytes, a `metadata` event about 200), so 1 MiB leaves three orders of
 /// magnitude of headroom while capping what one stream can make the filter hold; it is the same
 /// figure as `limits.max_sse_line_bytes`, the bound of the SSE line a message plays the part of.
-/// (The protocol itself allows 16 MiB of payload; botocore refuses more.)
+/// (The protocol allows 16 MiB of payload; botocore accepts up to 24 MiB.)
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// The default bound of one message's header block: the protocol's own limit (128 KiB, which
@@ -86,6 +88,10 @@ pub enum DecodeError {
     HeadersPastEnd { headers: u32, total: u32 },
     /// A header is cut short by the end of the header block, or has an unknown value type.
     MalformedHeader { offset: u32 },
+    /// One of the headers the readers act on (`:message-type`, `:event-type`, `:exception-type`,
+    /// `:error-code`, `:error-message`, `:content-type`) appears twice: botocore refuses such a
+    /// message (`DuplicateHeader`), and which one counts would be a guess.
+    DuplicateHeader { offset: u32 },
     /// The stream ended inside a message (reported by [`Decoder::finish`]).
     Truncated,
 }
@@ -101,6 +107,7 @@ impl DecodeError {
             DecodeError::HeadersTooLong { .. } => "eventstream_headers_too_long",
             DecodeError::HeadersPastEnd { .. } => "eventstream_headers_past_end",
             DecodeError::MalformedHeader { .. } => "eventstream_malformed_header",
+            DecodeError::DuplicateHeader { .. } => "eventstream_duplicate_header",
             DecodeError::Truncated => "eventstream_truncated",
         }
     }
@@ -145,9 +152,9 @@ impl Decoder {
     /// every later call returns the same error.
     ///
     /// Call it in a loop until it returns `Ok(None)` or an error.
-    pub fn decode<'a>(
+    pub fn decode<'a, 'b: 'a>(
         &'a mut self,
-        input: &mut &'a [u8],
+        input: &mut &'b [u8],
     ) -> Result<Option<Message<'a>>, DecodeError> {
         if let Some(error) = self.failed {
             *input = &[];
@@ -158,7 +165,7 @@ impl Decoder {
             self.buf.clear();
             self.total = 0;
         }
-        let data: &'a [u8] = input;
+        let data: &'b [u8] = input;
         if self.buf.is_empty()
             && let Some(prelude) = data.get(..PRELUDE_BYTES)
         {
@@ -299,16 +306,33 @@ fn check_message(whole: &[u8], limits: &Limits) -> Result<usize, DecodeError> {
         .get(PRELUDE_BYTES..PRELUDE_BYTES.saturating_add(headers_len))
         .unwrap_or_default();
     let mut headers = Headers { rest: block };
+    let mut seen = 0u8;
     while !headers.rest.is_empty() {
-        if headers.next_header().is_none() {
-            let offset = block.len().saturating_sub(headers.rest.len());
-            return Err(DecodeError::MalformedHeader {
-                offset: u32::try_from(offset).unwrap_or(u32::MAX),
-            });
+        let offset = block.len().saturating_sub(headers.rest.len());
+        let offset = u32::try_from(offset).unwrap_or(u32::MAX);
+        let Some(header) = headers.next_header() else {
+            return Err(DecodeError::MalformedHeader { offset });
+        };
+        if let Some(i) = KNOWN_HEADERS.iter().position(|known| *known == header.name) {
+            let bit = 1u8 << (i & 7);
+            if seen & bit != 0 {
+                return Err(DecodeError::DuplicateHeader { offset });
+            }
+            seen |= bit;
         }
     }
     Ok(headers_len)
 }
+
+/// The headers whose value the readers act on: each may appear once.
+const KNOWN_HEADERS: [&[u8]; 6] = [
+    b":message-type",
+    b":event-type",
+    b":exception-type",
+    b":error-code",
+    b":error-message",
+    b":content-type",
+];
 
 /// The `:message-type` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,386 @@
+//! Usage and outcome of a Bedrock streamed answer (`converse-stream`,
+//! `invoke-with-response-stream`), read from its AWS event stream as it passes.
+//!
+//! ```text
+//! body chunks ─▶ eventstream::Decoder ─▶ message ─┬─ exception / error ─▶ failure()
+//!                                                 ├─ Converse `metadata` ─▶ usage()
+//!                                                 ├─ Converse `contentBlockDelta` ─▶ observed_output()
+//!                                                 └─ Invoke `chunk` {"bytes": base64}
+//!                                                      └─ decoded Anthropic event ─▶ SseUsageReader
+//! ```
+//!
+//! * **ConverseStream**: the `metadata` event's `usage` (`inputTokens`, `outputTokens`,
+//!   `cacheReadInputTokens`, `cacheWriteInputTokens`): `input = inputTokens + cacheRead +
+//!   cacheWrite` (Bedrock's `inputTokens` leaves cache tokens out), `cached_input = cacheRead`,
+//!   `cache_write_input = cacheWrite`. A later `metadata` replaces an earlier one. The answer is
+//!   complete once `messageStop` passed (`metadata` follows it).
+//! * **InvokeModelWithResponseStream**: each `chunk` event's payload is `{"bytes": "<base64>"}`
+//!   whose decoded bytes are one Anthropic Messages stream event; they go to the crate's own
+//!   Anthropic reader ([`feed_anthropic_event`]), so usage is Anthropic's (`message_start` plus the
+//!   last `message_delta`, cache tokens included). Only when it reported none, the
+//!   `amazon-bedrock-invocationMetrics` of `message_stop` (`inputTokenCount`,
+//!   `outputTokenCount`) are used: its input leaves cache tokens out.
+//! * A message of type `exception` (`throttlingException`, `modelStreamErrorException`, …) or
+//!   `error` makes the answer a **failed** one ([`BedrockStreamReader::failure`]), whatever the
+//!   HTTP status was; the first one is kept.
+//!
+//! A decode error (bad CRC, absurd length, malformed header: [`DecodeError`]) stops reading for
+//! good: what was read before it stands, [`BedrockStreamReader::decode_error`] says why. A
+//! `chunk` whose payload is not `{"bytes": base64}`, or a `metadata` whose usage is garbage, is
+//! skipped and flagged ([`BedrockStreamReader::bad_chunk`], [`BedrockStreamReader::invalid_usage`]).
+//!
+//! Memory: the decoder's one message (≤ `max_message_bytes`), the decoded chunk (≤ ¾ of it), the
+//! Anthropic reader's line and event (≤ 3 × `max_line_bytes`), and a failure name of at most
+//! [`MAX_FAILURE_NAME_BYTES`].
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use super::eventstream::{DecodeError, Decoder, Limits, Message, MessageType};
+use super::sse::SseUsageReader;
+use super::usage::{self, anthropic};
+use super::{ApiKind, Usage};
+
+/// The streaming operation the response answers (from the request path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamOperation {
+    /// `/model/{id}/converse-stream`.
+    ConverseStream,
+    /// `/model/{id}/invoke-with-response-stream` with an Anthropic body.
+    InvokeWithResponseStream,
+}
+
+/// The longest exception or error name kept (longer ones are cut at a character boundary).
+pub const MAX_FAILURE_NAME_BYTES: usize = 64;
+
+/// Why a stream is a failed answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamFailure {
+    /// An `exception` message; its `:exception-type` (empty when missing).
+    Exception(String),
+    /// An `error` message; its `:error-code` (empty when missing).
+    Error(String),
+}
+
+/// Incremental reader of one Bedrock streamed answer. See the module documentation.
+#[derive(Debug, Clone)]
+pub struct BedrockStreamReader {
+    operation: StreamOperation,
+    decoder: Decoder,
+    /// Invoke: the Anthropic events decoded from the `chunk`s.
+    anthropic: SseUsageReader,
+    /// Invoke: the decoded bytes of the current `chunk` (cleared after each).
+    scratch: Vec<u8>,
+    /// Converse: the last `metadata` usage.
+    converse: Option<Usage>,
+    /// Invoke: `amazon-bedrock-invocationMetrics`, the fallback.
+    metrics: Option<Usage>,
+    message_stop: bool,
+    observed_output: u64,
+    failure: Option<StreamFailure>,
+    invalid: bool,
+    foreign: bool,
+    bad_chunk: bool,
+}
+
+impl BedrockStreamReader {
+    /// `max_line_bytes` bounds the Anthropic reader's event (as `limits.max_sse_line_bytes`).
+    pub fn new(operation: StreamOperation, limits: Limits, max_line_bytes: usize) -> Self {
+        BedrockStreamReader {
+            operation,
+            decoder: Decoder::new(limits),
+            anthropic: SseUsageReader::new(ApiKind::Messages, max_line_bytes),
+            scratch: Vec::new(),
+            converse: None,
+            metrics: None,
+            message_stop: false,
+            observed_output: 0,
+            failure: None,
+            invalid: false,
+            foreign: false,
+            bad_chunk: false,
+        }
+    }
+
+    /// Feed the next chunk of the response body (split anywhere).
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut input = chunk;
+        // The decoder's message borrows it; the fields it updates are the others.
+        let mut decoder = core::mem::replace(&mut self.decoder, Decoder::new(Limits::default()));
+        while let Ok(Some(message)) = decoder.decode(&mut input) {
+            self.on_message(&message);
+        }
+        self.decoder = decoder;
+    }
+
+    /// End of the response: a stream cut inside a message is a decode error (`Truncated`).
+    pub fn finish(&mut self) {
+        let _ = self.decoder.finish();
+        self.anthropic.finish();
+    }
+
+    /// The usage the stream reported (`None` until some arrived).
+    pub fn usage(&self) -> Option<Usage> {
+        match self.operation {
+            StreamOperation::ConverseStream => self.converse,
+            StreamOperation::InvokeWithResponseStream => self.anthropic.usage().or(self.metrics),
+        }
+    }
+
+    /// The answer's last event passed (`messageStop`; Invoke: Anthropic's `message_stop`) and no
+    /// exception or error message came.
+    pub fn completed(&self) -> bool {
+        let ended = match self.operation {
+            StreamOperation::ConverseStream => self.message_stop,
+            StreamOperation::InvokeWithResponseStream => self.anthropic.completed(),
+        };
+        ended && self.failure.is_none()
+    }
+
+    /// Content-bearing deltas seen (Converse `contentBlockDelta`s; Invoke: Anthropic's
+    /// `content_block_delta`s), the fallback when usage never arrives.
+    pub fn observed_output(&self) -> u64 {
+        match self.operation {
+            StreamOperation::ConverseStream => self.observed_output,
+            StreamOperation::InvokeWithResponseStream => self.anthropic.observed_output(),
+        }
+    }
+
+    /// The first exception or error message: the answer failed.
+    pub fn failure(&self) -> Option<&StreamFailure> {
+        self.failure.as_ref()
+    }
+
+    /// Why reading stopped before the stream's end, if it did.
+    pub fn decode_error(&self) -> Option<DecodeError> {
+        self.decoder.error()
+    }
+
+    /// A usage with a count that is not a `u64` was seen and ignored.
+    pub fn invalid_usage(&self) -> bool {
+        self.invalid || self.anthropic.invalid_usage()
+    }
+
+    /// A usage object without any of the API's own fields was seen and ignored.
+    pub fn foreign_usage(&self) -> bool {
+        self.foreign || self.anthropic.foreign_usage()
+    }
+
+    /// An Invoke `chunk` was not `{"bytes": base64}` (skipped), or its event overflowed the
+    /// Anthropic reader's bound.
+    pub fn bad_chunk(&self) -> bool {
+        self.bad_chunk || self.anthropic.overflowed()
+    }
+
+    /// Heap held for the stream: the decoder's buffer, the chunk scratch and the Anthropic
+    /// reader's buffers.
+    pub fn held_bytes(&self) -> usize {
+        self.decoder
+            .held_bytes()
+            .saturating_add(self.scratch.capacity())
+            .saturating_add(self.anthropic.buffered_bytes())
+    }
+
+    fn on_message(&mut self, message: &Message<'_>) {
+        let name = |value: Option<&[u8]>| bounded_name(value.unwrap_or_default());
+        match message.message_type() {
+            MessageType::Event => {}
+            MessageType::Exception => {
+                let failure = StreamFailure::Exception(name(message.exception_type()));
+                self.failure.get_or_insert(failure);
+                return;
+            }
+            MessageType::Error => {
+                let failure = StreamFailure::Error(name(message.error_code()));
+                self.failure.get_or_insert(failure);
+                return;
+            }
+            MessageType::Other => return,
+        }
+        let payload = message.payload();
+        match (self.operation, message.event_type().unwrap_or_default()) {
+            (StreamOperation::ConverseStream, b"contentBlockDelta") => {
+                self.observed_output = self.observed_output.saturating_add(1);
+            }
+            (StreamOperation::ConverseStream, b"messageStop") => self.message_stop = true,
+            (StreamOperation::ConverseStream, b"metadata") => match converse_usage(payload) {
+                ConverseReading::Usage(usage) => self.converse = Some(usage),
+                ConverseReading::Invalid => self.invalid = true,
+                ConverseReading::Foreign => self.foreign = true,
+                ConverseReading::Absent => {}
+            },
+            (StreamOperation::InvokeWithResponseStream, b"chunk") => self.on_chunk(payload),
+            _ => {}
+        }
+    }
+
+    fn on_chunk(&mut self, payload: &[u8]) {
+        self.scratch.clear();
+        let decoded = serde_json::from_slice::<ChunkPayload<'_>>(payload)
+            .ok()
+            .and_then(|chunk| chunk.bytes)
+            .is_some_and(|text| decode_base64(text.as_bytes(), &mut self.scratch));
+        if !decoded {
+            self.bad_chunk = true;
+            self.scratch.clear();
+            return;
+        }
+        feed_anthropic_event(&mut self.anthropic, &self.scratch);
+        if usage::top_level_string(&self.scratch, b"type") == Some(b"message_stop")
+            && let Some(metrics) = invocation_metrics(&self.scratch)
+        {
+            self.metrics = Some(metrics);
+        }
+        self.scratch.clear();
+    }
+}
+
+/// Feeds one Anthropic Messages stream event (its JSON, as an Invoke `chunk` carries it) to the
+/// crate's Anthropic SSE reader, as one SSE event: one `data:` line per line of the JSON (a JSON
+/// line break is whitespace, which SSE's joining `"\n"` preserves), then the blank line that
+/// dispatches it. Allocates nothing beyond the reader's own bounded line.
+pub fn feed_anthropic_event(reader: &mut SseUsageReader, event_json: &[u8]) {
+    for line in event_json.split(|b| *b == b'\n' || *b == b'\r') {
+        reader.feed(b"data: ");
+        reader.feed(line);
+        reader.feed(b"\n");
+    }
+    reader.feed(b"\n");
+}
+
+fn bounded_name(bytes: &[u8]) -> String {
+    let mut name = String::from_utf8_lossy(bytes).into_owned();
+    if name.len() > MAX_FAILURE_NAME_BYTES {
+        let mut end = MAX_FAILURE_NAME_BYTES;
+        while !name.is_char_boundary(end) {
+            end = end.saturating_sub(1);
+        }
+        name.truncate(end);
+    }
+    name
+}
+
+#[derive(Deserialize)]
+struct ChunkPayload<'a> {
+    #[serde(borrow, default)]
+    bytes: Option<Cow<'a, str>>,
+}
+
+/// Standard base64 (RFC 4648 §4, `+/`), padding optional, nothing else accepted (no whitespace).
+/// Appends to `out`, reserving exactly what the text decodes to; `false` on a bad character or
+/// length (then `out` holds garbage the caller clears).
+fn decode_base64(text: &[u8], out: &mut Vec<u8>) -> bool {
+    let text = text
+        .strip_suffix(b"==")
+        .or_else(|| text.strip_suffix(b"="))
+        .unwrap_or(text);
+    if text.len() % 4 == 1 {
+        return false;
+    }
+    out.reserve_exact(text.len() / 4 * 3 + (text.len() % 4).saturating_sub(1));
+    let mut acc: u32 = 0;
+    let mut bits: u32 = 0;
+    for &c in text {
+        let sextet = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return false,
+        };
+        acc = (acc << 6) | u32::from(sextet);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(((acc >> bits) & 0xFF) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    true
+}
+
+enum ConverseReading {
+    Usage(Usage),
+    Foreign,
+    Invalid,
+    Absent,
+}
+
+#[derive(Deserialize)]
+struct ConverseMetadata {
+    #[serde(default)]
+    usage: Option<ConverseUsage>,
+}
+
+/// Bedrock's `TokenUsage`. A count that is not a JSON number fails the parse (invalid).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConverseUsage {
+    input_tokens: Option<serde_json::Number>,
+    output_tokens: Option<serde_json::Number>,
+    cache_read_input_tokens: Option<serde_json::Number>,
+    cache_write_input_tokens: Option<serde_json::Number>,
+}
+
+/// A count: `None` when missing or `null`, `Err` when not a `u64` (negative, fractional, …).
+fn count(n: Option<&serde_json::Number>) -> Result<Option<u64>, ()> {
+    n.map(|n| n.as_u64().ok_or(())).transpose()
+}
+
+/// The usage of a ConverseStream `metadata` event (see the module documentation).
+fn converse_usage(payload: &[u8]) -> ConverseReading {
+    let Ok(metadata) = serde_json::from_slice::<ConverseMetadata>(payload) else {
+        return ConverseReading::Invalid;
+    };
+    let Some(raw) = metadata.usage else {
+        return ConverseReading::Absent;
+    };
+    let counts = (|| {
+        Ok::<_, ()>([
+            count(raw.input_tokens.as_ref())?,
+            count(raw.output_tokens.as_ref())?,
+            count(raw.cache_read_input_tokens.as_ref())?,
+            count(raw.cache_write_input_tokens.as_ref())?,
+        ])
+    })();
+    match counts {
+        Err(()) => ConverseReading::Invalid,
+        Ok([None, None, None, None]) => ConverseReading::Foreign,
+        Ok([input, output, read, write]) => ConverseReading::Usage(anthropic(
+            input.unwrap_or(0),
+            output.unwrap_or(0),
+            read.unwrap_or(0),
+            write.unwrap_or(0),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct InvokeStop {
+    #[serde(rename = "amazon-bedrock-invocationMetrics", default)]
+    metrics: Option<InvocationMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InvocationMetrics {
+    input_token_count: Option<serde_json::Number>,
+    output_token_count: Option<serde_json::Number>,
+}
+
+/// `amazon-bedrock-invocationMetrics` of an Anthropic `message_stop` (no cache tokens in it).
+fn invocation_metrics(event: &[u8]) -> Option<Usage> {
+    let metrics = serde_json::from_slice::<InvokeStop>(event).ok()?.metrics?;
+    let input = count(metrics.input_token_count.as_ref()).ok()?;
+    let output = count(metrics.output_token_count.as_ref()).ok()?;
+    if input.is_none() && output.is_none() {
+        return None;
+    }
+    Some(Usage {
+        input: input.unwrap_or(0),
+        output: output.unwrap_or(0),
+        ..Usage::default()
+    })
+}
