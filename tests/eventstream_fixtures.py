@@ -196,6 +196,26 @@ def invoke_stream_error():
     ]
 
 
+def invoke_stream_metrics_only():
+    """An Invoke stream whose Anthropic events carry no usage: only the invocation metrics."""
+    return [
+        chunk({"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "content": []}}),
+        chunk({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
+        chunk({"type": "message_delta", "delta": {"stop_reason": "end_turn"}}),
+        chunk(
+            {
+                "type": "message_stop",
+                "amazon-bedrock-invocationMetrics": {
+                    "inputTokenCount": 40,
+                    "outputTokenCount": 3,
+                    "invocationLatency": 100,
+                    "firstByteLatency": 50,
+                },
+            }
+        ),
+    ]
+
+
 def every_header_type():
     return [
         message(
@@ -225,6 +245,7 @@ FIXTURES = {
     "invoke_stream.bin": invoke_stream,
     "converse_throttled.bin": converse_throttled,
     "invoke_stream_error.bin": invoke_stream_error,
+    "invoke_stream_metrics_only.bin": invoke_stream_metrics_only,
     "every_header_type.bin": every_header_type,
 }
 
