@@ -165,6 +165,9 @@ impl Decoder {
             self.buf.clear();
             self.total = 0;
         }
+        if input.is_empty() {
+            return Ok(None);
+        }
         let data: &'b [u8] = input;
         if self.buf.is_empty()
             && let Some(prelude) = data.get(..PRELUDE_BYTES)
@@ -508,5 +511,563 @@ impl<'a> Iterator for Headers<'a> {
             self.rest = &[];
         }
         header
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub(crate) const CONVERSE: &[u8] =
+        include_bytes!("../../tests/fixtures/eventstream/converse_stream.bin");
+    pub(crate) const INVOKE: &[u8] =
+        include_bytes!("../../tests/fixtures/eventstream/invoke_stream.bin");
+    pub(crate) const CONVERSE_THROTTLED: &[u8] =
+        include_bytes!("../../tests/fixtures/eventstream/converse_throttled.bin");
+    pub(crate) const INVOKE_ERROR: &[u8] =
+        include_bytes!("../../tests/fixtures/eventstream/invoke_stream_error.bin");
+    pub(crate) const INVOKE_METRICS_ONLY: &[u8] =
+        include_bytes!("../../tests/fixtures/eventstream/invoke_stream_metrics_only.bin");
+    const EVERY_HEADER_TYPE: &[u8] =
+        include_bytes!("../../tests/fixtures/eventstream/every_header_type.bin");
+
+    pub(crate) const FIXTURES: [&[u8]; 6] = [
+        CONVERSE,
+        INVOKE,
+        CONVERSE_THROTTLED,
+        INVOKE_ERROR,
+        INVOKE_METRICS_ONLY,
+        EVERY_HEADER_TYPE,
+    ];
+
+    /// Encodes one message (the tests' own encoder, for corrupt and edge cases).
+    pub(crate) fn frame(header_block: &[u8], payload: &[u8]) -> Vec<u8> {
+        let total = (16 + header_block.len() + payload.len()) as u32;
+        let mut out = total.to_be_bytes().to_vec();
+        out.extend_from_slice(&(header_block.len() as u32).to_be_bytes());
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_be_bytes());
+        out.extend_from_slice(header_block);
+        out.extend_from_slice(payload);
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_be_bytes());
+        out
+    }
+
+    /// A string header.
+    pub(crate) fn string_header(name: &str, value: &str) -> Vec<u8> {
+        let mut out = vec![name.len() as u8];
+        out.extend_from_slice(name.as_bytes());
+        out.push(7);
+        out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        out.extend_from_slice(value.as_bytes());
+        out
+    }
+
+    /// An event as Bedrock frames it.
+    pub(crate) fn event(event_type: &str, payload: &[u8]) -> Vec<u8> {
+        let mut headers = string_header(":event-type", event_type);
+        headers.extend(string_header(":content-type", "application/json"));
+        headers.extend(string_header(":message-type", "event"));
+        frame(&headers, payload)
+    }
+
+    /// Rewrites the prelude's lengths (and its CRC, so the lengths are what is tested).
+    fn with_prelude(mut message: Vec<u8>, total: u32, headers: u32) -> Vec<u8> {
+        message[0..4].copy_from_slice(&total.to_be_bytes());
+        message[4..8].copy_from_slice(&headers.to_be_bytes());
+        let crc = crc32fast::hash(&message[0..8]);
+        message[8..12].copy_from_slice(&crc.to_be_bytes());
+        message
+    }
+
+    /// Recomputes the message CRC after an edit.
+    fn reseal(mut message: Vec<u8>) -> Vec<u8> {
+        let end = message.len() - 4;
+        let crc = crc32fast::hash(&message[..end]);
+        message[end..].copy_from_slice(&crc.to_be_bytes());
+        message
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Seen {
+        message_type: MessageType,
+        event_type: Option<Vec<u8>>,
+        exception_type: Option<Vec<u8>>,
+        error: Option<(Vec<u8>, Vec<u8>)>,
+        content_type: Option<Vec<u8>>,
+        headers: usize,
+        payload: Vec<u8>,
+    }
+
+    fn seen(m: &Message<'_>) -> Seen {
+        Seen {
+            message_type: m.message_type(),
+            event_type: m.event_type().map(<[u8]>::to_vec),
+            exception_type: m.exception_type().map(<[u8]>::to_vec),
+            error: m
+                .error_code()
+                .map(|c| (c.to_vec(), m.error_message().unwrap_or_default().to_vec())),
+            content_type: m.content_type().map(<[u8]>::to_vec),
+            headers: m.headers().count(),
+            payload: m.payload().to_vec(),
+        }
+    }
+
+    type Outcome = (Vec<Seen>, Result<(), DecodeError>);
+
+    fn run_with(limits: Limits, chunks: &[&[u8]]) -> Outcome {
+        let mut d = Decoder::new(limits);
+        let mut out = Vec::new();
+        let bound = limits.max_message_bytes.max(MIN_MESSAGE_BYTES);
+        let mut result = Ok(());
+        for chunk in chunks {
+            let mut input = *chunk;
+            loop {
+                match d.decode(&mut input) {
+                    Ok(Some(m)) => out.push(seen(&m)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        result = Err(e);
+                        assert!(input.is_empty());
+                        break;
+                    }
+                }
+            }
+            assert!(d.held_bytes() <= bound, "memory bound");
+            assert!(d.buffered_bytes() <= bound, "memory bound");
+        }
+        let finish = d.finish();
+        if result.is_ok() {
+            result = finish;
+        } else {
+            assert_eq!(finish, result, "errors are final");
+        }
+        assert_eq!(d.held_bytes(), 0);
+        (out, result)
+    }
+
+    fn run(chunks: &[&[u8]]) -> Outcome {
+        run_with(Limits::default(), chunks)
+    }
+
+    fn split_at_cuts<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        for c in cuts {
+            chunks.push(&bytes[start..c]);
+            start = c;
+        }
+        chunks.push(&bytes[start..]);
+        chunks
+    }
+
+    #[test]
+    fn fixtures_decode_as_botocore_built_them() {
+        let (frames, result) = run(&[CONVERSE]);
+        assert_eq!(result, Ok(()));
+        let events: Vec<&[u8]> = frames
+            .iter()
+            .map(|f| f.event_type.as_deref().unwrap())
+            .collect();
+        assert_eq!(
+            events,
+            [
+                &b"messageStart"[..],
+                b"contentBlockDelta",
+                b"contentBlockDelta",
+                b"contentBlockStop",
+                b"messageStop",
+                b"metadata"
+            ]
+        );
+        for f in &frames {
+            assert_eq!(f.message_type, MessageType::Event);
+            assert_eq!(f.content_type.as_deref(), Some(&b"application/json"[..]));
+            assert_eq!(f.headers, 3);
+        }
+        assert!(
+            frames[5]
+                .payload
+                .starts_with(b"{\"metrics\":{\"latencyMs\":812}")
+        );
+
+        let (frames, result) = run(&[INVOKE]);
+        assert_eq!(result, Ok(()));
+        assert_eq!(frames.len(), 7);
+        assert!(
+            frames
+                .iter()
+                .all(|f| f.event_type.as_deref() == Some(b"chunk"))
+        );
+        assert!(
+            frames[0]
+                .payload
+                .starts_with(b"{\"bytes\":\"eyJ0eXBlIjoibWVzc2FnZV9zdGFydCIs")
+        );
+
+        let (frames, result) = run(&[CONVERSE_THROTTLED]);
+        assert_eq!(result, Ok(()));
+        let last = frames.last().unwrap();
+        assert_eq!(last.message_type, MessageType::Exception);
+        assert_eq!(
+            last.exception_type.as_deref(),
+            Some(&b"throttlingException"[..])
+        );
+        assert_eq!(last.event_type, None);
+        assert_eq!(
+            last.payload,
+            b"{\"message\":\"Too many requests, please wait before trying again.\"}"
+        );
+
+        let (frames, _) = run(&[INVOKE_ERROR]);
+        assert_eq!(
+            frames.last().unwrap().exception_type.as_deref(),
+            Some(&b"modelStreamErrorException"[..])
+        );
+    }
+
+    #[test]
+    fn every_header_type_reads_its_value() {
+        let mut d = Decoder::new(Limits::default());
+        let mut input = EVERY_HEADER_TYPE;
+        let m = d.decode(&mut input).unwrap().unwrap();
+        let headers: Vec<(&[u8], HeaderValue<'_>)> =
+            m.headers().map(|h| (h.name, h.value)).collect();
+        assert_eq!(
+            headers,
+            [
+                (&b"t"[..], HeaderValue::Bool(true)),
+                (b"f", HeaderValue::Bool(false)),
+                (b"byte", HeaderValue::Byte(-7)),
+                (b"short", HeaderValue::Short(-300)),
+                (b"int", HeaderValue::Int(70000)),
+                (b"long", HeaderValue::Long(-(1 << 40))),
+                (b"bytes", HeaderValue::Bytes(b"\x00\xff\x10")),
+                (b"string", HeaderValue::String("h\u{e9}".as_bytes())),
+                (b"timestamp", HeaderValue::Timestamp(1_751_000_000_123)),
+                (
+                    b"uuid",
+                    HeaderValue::Uuid([
+                        0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67,
+                        0x89, 0xab, 0xcd, 0xef
+                    ])
+                ),
+                (b":message-type", HeaderValue::String(b"event")),
+                (b":event-type", HeaderValue::String(b"custom")),
+            ]
+        );
+        assert_eq!(m.payload(), b"payload");
+        assert_eq!(m.event_type(), Some(&b"custom"[..]));
+        assert_eq!(m.header(b"int"), Some(HeaderValue::Int(70000)));
+        // A non-string value is no string header.
+        assert_eq!(m.string_header(b"int"), None);
+        // No headers, no payload.
+        let m = d.decode(&mut input).unwrap().unwrap();
+        assert_eq!((m.headers().count(), m.payload()), (0, &b""[..]));
+        assert_eq!(m.message_type(), MessageType::Other);
+        // An error message.
+        let m = d.decode(&mut input).unwrap().unwrap();
+        assert_eq!(m.message_type(), MessageType::Error);
+        assert_eq!(m.error_code(), Some(&b"InternalFailure"[..]));
+        assert_eq!(m.error_message(), Some(&b"boom"[..]));
+        assert_eq!(d.decode(&mut input), Ok(None));
+        assert_eq!(d.finish(), Ok(()));
+    }
+
+    #[test]
+    fn every_two_chunk_split_matches_whole() {
+        for bytes in FIXTURES {
+            let whole = run(&[bytes]);
+            assert_eq!(whole.1, Ok(()));
+            for cut in 0..=bytes.len() {
+                let (a, b) = bytes.split_at(cut);
+                assert_eq!(run(&[a, b]), whole, "cut {cut}");
+            }
+            let bytewise: Vec<&[u8]> = bytes.chunks(1).collect();
+            assert_eq!(run(&bytewise), whole);
+        }
+    }
+
+    #[test]
+    fn whole_messages_in_one_chunk_are_borrowed_not_copied() {
+        let mut d = Decoder::new(Limits::default());
+        let mut input = CONVERSE;
+        while let Some(m) = d.decode(&mut input).unwrap() {
+            let payload = m.payload().as_ptr_range();
+            assert!(CONVERSE.as_ptr_range().contains(&payload.start));
+        }
+        assert_eq!(d.held_bytes(), 0);
+    }
+
+    /// The first message of the Converse fixture, and where its parts are.
+    fn first_converse_message() -> Vec<u8> {
+        let total = u32::from_be_bytes(CONVERSE[0..4].try_into().unwrap()) as usize;
+        CONVERSE[..total].to_vec()
+    }
+
+    /// Corrupt variants of a stream whose first message is fine: each gives its typed error,
+    /// after the messages before it, whatever the split, within the memory bound.
+    fn assert_fails_after_first(corrupt: &[u8], want: DecodeError, limits: Limits) {
+        let mut stream = first_converse_message();
+        stream.extend_from_slice(corrupt);
+        stream.extend_from_slice(CONVERSE);
+        let whole = run_with(limits, &[&stream]);
+        assert_eq!(whole.0.len(), 1, "{want:?}");
+        assert_eq!(whole.1, Err(want));
+        for cut in 0..=stream.len() {
+            let (a, b) = stream.split_at(cut);
+            assert_eq!(run_with(limits, &[a, b]), whole, "{want:?} cut {cut}");
+        }
+        let bytewise: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(run_with(limits, &bytewise), whole);
+    }
+
+    #[test]
+    fn flipped_bits_in_either_crc_stop_decoding() {
+        let message = first_converse_message();
+        let end = message.len() - 4;
+        for bit in 0..32 {
+            let mut bad = message.clone();
+            bad[8 + bit / 8] ^= 1 << (bit % 8);
+            assert_fails_after_first(&bad, DecodeError::PreludeCrc, Limits::default());
+            let mut bad = message.clone();
+            bad[end + bit / 8] ^= 1 << (bit % 8);
+            assert_fails_after_first(&bad, DecodeError::MessageCrc, Limits::default());
+        }
+        // A flipped bit in the lengths, the headers or the payload: one CRC or the other.
+        let mut bad = message.clone();
+        bad[1] ^= 0x10;
+        assert_fails_after_first(&bad, DecodeError::PreludeCrc, Limits::default());
+        let mut bad = message.clone();
+        bad[14] ^= 1;
+        assert_fails_after_first(&bad, DecodeError::MessageCrc, Limits::default());
+        let mut bad = message;
+        bad[end - 1] ^= 0x80;
+        assert_fails_after_first(&bad, DecodeError::MessageCrc, Limits::default());
+    }
+
+    #[test]
+    fn absurd_lengths_stop_decoding_before_buffering() {
+        let message = first_converse_message();
+        let headers = u32::from_be_bytes(message[4..8].try_into().unwrap());
+        for total in [u32::MAX, 1 << 31, (1 << 20) + 1] {
+            let bad = with_prelude(message.clone(), total, headers);
+            assert_fails_after_first(
+                &bad,
+                DecodeError::MessageTooLong { total },
+                Limits::default(),
+            );
+        }
+        for total in [0, 1, 15] {
+            let bad = with_prelude(message.clone(), total, 0);
+            assert_fails_after_first(
+                &bad,
+                DecodeError::MessageTooShort { total },
+                Limits::default(),
+            );
+        }
+        // Header block longer than the message (and than the whole stream).
+        let total = message.len() as u32;
+        for h in [total - 15, total, u32::MAX] {
+            let limits = Limits {
+                max_header_bytes: usize::MAX,
+                ..Limits::default()
+            };
+            let bad = with_prelude(message.clone(), total, h);
+            assert_fails_after_first(
+                &bad,
+                DecodeError::HeadersPastEnd { headers: h, total },
+                limits,
+            );
+        }
+        // The largest header block that fits is fine as far as the prelude goes.
+        let fits = with_prelude(message.clone(), total, total - 16);
+        assert!(check_prelude(&fits, &Limits::default()).is_ok());
+        // Over the header bound.
+        let limits = Limits {
+            max_header_bytes: headers as usize - 1,
+            ..Limits::default()
+        };
+        let mut stream = message.clone();
+        stream.extend_from_slice(&message);
+        let whole = run_with(limits, &[&stream]);
+        assert_eq!(
+            whole,
+            (vec![], Err(DecodeError::HeadersTooLong { headers }))
+        );
+    }
+
+    #[test]
+    fn message_bound_is_inclusive() {
+        let message = first_converse_message();
+        let exact = Limits {
+            max_message_bytes: message.len(),
+            ..Limits::default()
+        };
+        assert_eq!(run_with(exact, &[&message]).1, Ok(()));
+        let under = Limits {
+            max_message_bytes: message.len() - 1,
+            ..Limits::default()
+        };
+        let total = message.len() as u32;
+        let chunks: Vec<&[u8]> = message.chunks(1).collect();
+        assert_eq!(
+            run_with(under, &chunks),
+            (vec![], Err(DecodeError::MessageTooLong { total }))
+        );
+        // Tiny bounds are read as the smallest message.
+        let tiny = Limits {
+            max_message_bytes: 0,
+            max_header_bytes: 0,
+        };
+        let empty = frame(&[], &[]);
+        assert_eq!(run_with(tiny, &[&empty]).0.len(), 1);
+    }
+
+    #[test]
+    fn malformed_headers_stop_decoding() {
+        let ok = string_header(":event-type", "metadata");
+        // Unknown value type 10.
+        let mut bad = ok.clone();
+        bad[12] = 10;
+        assert_fails_after_first(
+            &frame(&bad, b"{}"),
+            DecodeError::MalformedHeader { offset: 0 },
+            Limits::default(),
+        );
+        // Cut short: in the name, in the type, in the length, in the value.
+        for keep in [1, 5, 12, 13, 14, ok.len() - 1] {
+            let mut block = ok.clone();
+            block.extend_from_slice(&ok[..keep]);
+            assert_fails_after_first(
+                &frame(&block, b"{}"),
+                DecodeError::MalformedHeader {
+                    offset: ok.len() as u32,
+                },
+                Limits::default(),
+            );
+        }
+        // Fixed-size values cut short.
+        for (kind, size) in [(2u8, 1usize), (3, 2), (4, 4), (5, 8), (8, 8), (9, 16)] {
+            let mut block = vec![1, b'x', kind];
+            block.extend(std::iter::repeat_n(0, size - 1));
+            assert_fails_after_first(
+                &frame(&block, b""),
+                DecodeError::MalformedHeader { offset: 0 },
+                Limits::default(),
+            );
+            block.push(0);
+            assert_eq!(run(&[&frame(&block, b"")]).1, Ok(()));
+        }
+        // A known header twice.
+        let mut twice = ok.clone();
+        twice.extend(string_header(":message-type", "event"));
+        twice.extend(string_header(":event-type", "chunk"));
+        let offset = (ok.len() + string_header(":message-type", "event").len()) as u32;
+        assert_fails_after_first(
+            &frame(&twice, b"{}"),
+            DecodeError::DuplicateHeader { offset },
+            Limits::default(),
+        );
+        // Any other name may repeat (the last one is read).
+        let mut other = string_header("x", "1");
+        other.extend(string_header("x", "2"));
+        let (frames, result) = run(&[&frame(&other, b"")]);
+        assert_eq!((frames.len(), result), (1, Ok(())));
+        let mut d = Decoder::new(Limits::default());
+        let bytes = frame(&other, b"");
+        let mut input = &bytes[..];
+        let m = d.decode(&mut input).unwrap().unwrap();
+        assert_eq!(m.string_header(b"x"), Some(&b"2"[..]));
+    }
+
+    #[test]
+    fn a_stream_cut_inside_a_message_is_truncated() {
+        for cut in 1..CONVERSE.len() {
+            let (frames, result) = run(&[&CONVERSE[..cut]]);
+            let boundary = result.is_ok();
+            assert_eq!(result.is_err(), !boundary);
+            if !boundary {
+                assert_eq!(result, Err(DecodeError::Truncated));
+            }
+            assert!(frames.len() < 6);
+        }
+        // Resealed edits stay valid: the checks are the CRCs, not the bytes.
+        let mut edited = first_converse_message();
+        let at = edited.len() - 6;
+        edited[at] = b' ';
+        assert_eq!(run(&[&reseal(edited)]).1, Ok(()));
+    }
+
+    #[test]
+    fn errors_are_final_and_drop_input() {
+        let mut d = Decoder::new(Limits::default());
+        let mut bad = first_converse_message();
+        bad[9] ^= 1;
+        let mut input = &bad[..];
+        assert_eq!(d.decode(&mut input), Err(DecodeError::PreludeCrc));
+        assert!(input.is_empty());
+        let mut input = CONVERSE;
+        assert_eq!(d.decode(&mut input), Err(DecodeError::PreludeCrc));
+        assert!(input.is_empty());
+        assert_eq!(d.error(), Some(DecodeError::PreludeCrc));
+        assert_eq!(d.finish(), Err(DecodeError::PreludeCrc));
+        assert_eq!(
+            DecodeError::PreludeCrc.to_string(),
+            "eventstream_prelude_crc"
+        );
+    }
+
+    mod proptests {
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 256,
+                rng_seed: proptest::test_runner::RngSeed::Fixed(20),
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn any_split_matches_whole(
+                which in 0usize..6,
+                cuts in prop::collection::vec(any::<usize>(), 0..40),
+            ) {
+                let bytes = FIXTURES[which];
+                prop_assert_eq!(run(&split_at_cuts(bytes, &cuts)), run(&[bytes]));
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic_and_stay_bounded(
+                max in prop::sample::select(vec![0usize, 16, 64, 300, 1 << 20]),
+                bytes in prop::collection::vec(any::<u8>(), 0..2048),
+                cuts in prop::collection::vec(any::<usize>(), 0..64),
+            ) {
+                let limits = Limits { max_message_bytes: max, max_header_bytes: max };
+                let split = run_with(limits, &split_at_cuts(&bytes, &cuts));
+                prop_assert_eq!(split, run_with(limits, &[&bytes]));
+            }
+
+            #[test]
+            fn corrupted_fixture_bytes_split_invariant(
+                which in 0usize..6,
+                flips in prop::collection::vec((any::<usize>(), 0u8..8), 1..4),
+                cuts in prop::collection::vec(any::<usize>(), 0..16),
+            ) {
+                let mut bytes = FIXTURES[which].to_vec();
+                for (at, bit) in flips {
+                    let at = at % bytes.len();
+                    bytes[at] ^= 1 << bit;
+                }
+                let whole = run(&[&bytes]);
+                // CRC32 catches every change of up to three bits (flips may cancel out).
+                prop_assert!(whole.1.is_err() || bytes == FIXTURES[which]);
+                prop_assert_eq!(run(&split_at_cuts(&bytes, &cuts)), whole);
+            }
+        }
     }
 }
