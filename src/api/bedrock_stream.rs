@@ -267,10 +267,14 @@ struct ChunkPayload<'a> {
     bytes: Option<Cow<'a, str>>,
 }
 
-/// Standard base64 (RFC 4648 §4, `+/`), padding optional, nothing else accepted (no whitespace).
+/// Standard base64 (RFC 4648 §4, `+/`), padding optional (when present, it completes the last
+/// quantum), nothing else accepted (no whitespace).
 /// Appends to `out`, reserving exactly what the text decodes to; `false` on a bad character or
 /// length (then `out` holds garbage the caller clears).
 fn decode_base64(text: &[u8], out: &mut Vec<u8>) -> bool {
+    if text.ends_with(b"=") && !text.len().is_multiple_of(4) {
+        return false;
+    }
     let text = text
         .strip_suffix(b"==")
         .or_else(|| text.strip_suffix(b"="))
@@ -383,4 +387,374 @@ fn invocation_metrics(event: &[u8]) -> Option<Usage> {
         output: output.unwrap_or(0),
         ..Usage::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::eventstream::tests::{
+        CONVERSE, CONVERSE_THROTTLED, INVOKE, INVOKE_ERROR, INVOKE_METRICS_ONLY, event, frame,
+        string_header,
+    };
+    use proptest::prelude::*;
+
+    use StreamOperation::{ConverseStream, InvokeWithResponseStream};
+
+    type Outcome = (
+        Option<Usage>,
+        bool,
+        u64,
+        Option<StreamFailure>,
+        Option<DecodeError>,
+        (bool, bool, bool),
+    );
+
+    fn outcome(r: &BedrockStreamReader) -> Outcome {
+        (
+            r.usage(),
+            r.completed(),
+            r.observed_output(),
+            r.failure().cloned(),
+            r.decode_error(),
+            (r.invalid_usage(), r.foreign_usage(), r.bad_chunk()),
+        )
+    }
+
+    fn run(op: StreamOperation, chunks: &[&[u8]]) -> Outcome {
+        let limits = Limits::default();
+        let mut r = BedrockStreamReader::new(op, limits, 4096);
+        for c in chunks {
+            r.feed(c);
+            assert!(r.held_bytes() <= limits.max_message_bytes * 7 / 4 + 3 * 4096);
+        }
+        r.finish();
+        outcome(&r)
+    }
+
+    fn cache_usage(input: u64, output: u64) -> Usage {
+        Usage {
+            input: input + 3000 + 1200,
+            output,
+            cached_input: 3000,
+            cache_write_input: 1200,
+            reasoning: 0,
+        }
+    }
+
+    const CLEAN: (bool, bool, bool) = (false, false, false);
+
+    fn fixtures() -> Vec<(StreamOperation, &'static [u8], Outcome)> {
+        let throttled = StreamFailure::Exception("throttlingException".into());
+        let stream_error = StreamFailure::Exception("modelStreamErrorException".into());
+        let metrics = Usage {
+            input: 40,
+            output: 3,
+            ..Usage::default()
+        };
+        vec![
+            (
+                ConverseStream,
+                CONVERSE,
+                (Some(cache_usage(25, 12)), true, 2, None, None, CLEAN),
+            ),
+            (
+                InvokeWithResponseStream,
+                INVOKE,
+                (Some(cache_usage(25, 15)), true, 2, None, None, CLEAN),
+            ),
+            (
+                ConverseStream,
+                CONVERSE_THROTTLED,
+                (None, false, 1, Some(throttled), None, CLEAN),
+            ),
+            (
+                InvokeWithResponseStream,
+                INVOKE_ERROR,
+                (
+                    Some(cache_usage(25, 1)),
+                    false,
+                    1,
+                    Some(stream_error),
+                    None,
+                    CLEAN,
+                ),
+            ),
+            (
+                InvokeWithResponseStream,
+                INVOKE_METRICS_ONLY,
+                (Some(metrics), true, 1, None, None, CLEAN),
+            ),
+        ]
+    }
+
+    #[test]
+    fn fixtures_give_usage_outcome_and_failure() {
+        for (op, bytes, want) in fixtures() {
+            assert_eq!(run(op, &[bytes]), want, "{op:?}");
+        }
+    }
+
+    #[test]
+    fn every_split_matches_whole() {
+        for (op, bytes, want) in fixtures() {
+            for cut in 0..=bytes.len() {
+                let (a, b) = bytes.split_at(cut);
+                assert_eq!(run(op, &[a, b]), want, "{op:?} cut {cut}");
+            }
+            let bytewise: Vec<&[u8]> = bytes.chunks(1).collect();
+            assert_eq!(run(op, &bytewise), want, "{op:?} bytewise");
+        }
+    }
+
+    #[test]
+    fn a_corrupt_frame_stops_reading_and_keeps_what_came_before() {
+        // The metadata frame's CRC flipped: Converse usage is lost, the deltas before it stand.
+        let mut bad = CONVERSE.to_vec();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let got = run(ConverseStream, &[&bad]);
+        assert_eq!(
+            got,
+            (None, true, 2, None, Some(DecodeError::MessageCrc), CLEAN)
+        );
+        // Cut inside the metadata frame: truncated.
+        let got = run(ConverseStream, &[&CONVERSE[..CONVERSE.len() - 10]]);
+        assert_eq!(got.4, Some(DecodeError::Truncated));
+        assert_eq!(got.0, None);
+        // A huge declared length never buffers: the reader stays small.
+        let mut huge = CONVERSE.to_vec();
+        huge[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        let crc = crc32fast::hash(&huge[..8]);
+        huge[8..12].copy_from_slice(&crc.to_be_bytes());
+        let mut r = BedrockStreamReader::new(ConverseStream, Limits::default(), 4096);
+        r.feed(&huge);
+        assert_eq!(
+            r.decode_error(),
+            Some(DecodeError::MessageTooLong { total: u32::MAX })
+        );
+        assert_eq!(r.held_bytes(), 0);
+    }
+
+    #[test]
+    fn converse_metadata_shapes() {
+        let stream = |payload: &str| {
+            let mut s = event("messageStop", b"{\"stopReason\":\"end_turn\"}");
+            s.extend(event("metadata", payload.as_bytes()));
+            run(ConverseStream, &[&s])
+        };
+        // No cache fields, nulls, unknown members.
+        let got = stream(
+            r#"{"usage":{"inputTokens":7,"outputTokens":3,"cacheReadInputTokens":null,"totalTokens":10,"x":[1]},"metrics":{"latencyMs":1},"trace":{}}"#,
+        );
+        let want = Usage {
+            input: 7,
+            output: 3,
+            ..Usage::default()
+        };
+        assert_eq!(got.0, Some(want));
+        // Invalid counts: ignored and flagged.
+        for bad in [
+            r#"{"usage":{"inputTokens":-7,"outputTokens":3}}"#,
+            r#"{"usage":{"inputTokens":7.5}}"#,
+            r#"{"usage":{"inputTokens":18446744073709551616}}"#,
+            r#"{"usage":{"inputTokens":"7"}}"#,
+            r#"{"usage":{"inputTokens":7,"inputTokens":8}}"#,
+            r#"{"usage":"lots"}"#,
+            "not json",
+        ] {
+            let got = stream(bad);
+            assert_eq!((got.0, got.5), (None, (true, false, false)), "{bad}");
+        }
+        // Another shape, or no usage.
+        let got = stream(r#"{"usage":{"input_tokens":7}}"#);
+        assert_eq!((got.0, got.5), (None, (false, true, false)));
+        let got = stream(r#"{"usage":null,"metrics":{}}"#);
+        assert_eq!((got.0, got.5), (None, CLEAN));
+        // Saturating sum.
+        let got = stream(&format!(
+            r#"{{"usage":{{"inputTokens":{m},"cacheReadInputTokens":{m},"outputTokens":1}}}}"#,
+            m = u64::MAX
+        ));
+        assert_eq!(got.0.map(|u| u.input), Some(u64::MAX));
+        // The last metadata wins.
+        let mut s = event(
+            "metadata",
+            br#"{"usage":{"inputTokens":1,"outputTokens":1}}"#,
+        );
+        s.extend(event(
+            "metadata",
+            br#"{"usage":{"inputTokens":2,"outputTokens":5}}"#,
+        ));
+        let got = run(ConverseStream, &[&s]);
+        assert_eq!(got.0.map(|u| (u.input, u.output)), Some((2, 5)));
+        assert!(!got.1, "no messageStop");
+    }
+
+    #[test]
+    fn invoke_chunks_that_are_not_base64_json_are_skipped_and_flagged() {
+        let start =
+            br#"{"type":"message_start","message":{"usage":{"input_tokens":9,"output_tokens":1}}}"#;
+        let good = format!(r#"{{"bytes":"{}"}}"#, encode_base64(start));
+        // JSON escapes in the base64 (`\/`) are undone before decoding.
+        let delta = br#"{"type":"message_delta","usage":{"output_tokens":4}}"#;
+        let escaped = format!(r#"{{"bytes":"{}"}}"#, encode_base64(delta)).replace('/', "\\/");
+        for bad in [
+            r#"{"bytes":"!!!!"}"#,
+            r#"{"bytes":"QUJD RA=="}"#,
+            r#"{"bytes":"QUJDR"}"#,
+            r#"{"bytes":7}"#,
+            r#"{"p":"abc"}"#,
+            "[]",
+            "",
+        ] {
+            let mut s = event("chunk", good.as_bytes());
+            s.extend(event("chunk", bad.as_bytes()));
+            s.extend(event("chunk", escaped.as_bytes()));
+            let got = run(InvokeWithResponseStream, &[&s]);
+            assert_eq!(got.0.map(|u| (u.input, u.output)), Some((9, 4)), "{bad}");
+            assert_eq!(got.5, (false, false, true), "{bad}");
+        }
+        // Events of other types, and messages of unknown type, are ignored.
+        let mut s = event("chunk", good.as_bytes());
+        s.extend(event("somethingNew", b"{}"));
+        s.extend(frame(&string_header(":message-type", "surprise"), b""));
+        let got = run(InvokeWithResponseStream, &[&s]);
+        assert_eq!(got.0.map(|u| u.input), Some(9));
+        assert_eq!(got.5, CLEAN);
+    }
+
+    #[test]
+    fn error_messages_fail_the_answer_and_the_first_failure_is_kept() {
+        let mut error = string_header(":message-type", "error");
+        error.extend(string_header(":error-code", "InternalFailure"));
+        error.extend(string_header(":error-message", "boom"));
+        let mut s = CONVERSE.to_vec();
+        s.extend(frame(&error, b""));
+        let mut exc = string_header(":message-type", "exception");
+        exc.extend(string_header(":exception-type", &"x".repeat(300)));
+        s.extend(frame(&exc, b"{}"));
+        let got = run(ConverseStream, &[&s]);
+        assert_eq!(got.3, Some(StreamFailure::Error("InternalFailure".into())));
+        assert!(!got.1, "a failed answer is not completed");
+        assert_eq!(got.0, Some(cache_usage(25, 12)), "usage read before stands");
+        // Names are bounded; an exception without its type still fails the answer.
+        let got = run(ConverseStream, &[&frame(&exc, b"{}")]);
+        assert_eq!(got.3, Some(StreamFailure::Exception("x".repeat(64))));
+        let got = run(
+            ConverseStream,
+            &[&frame(&string_header(":message-type", "exception"), b"")],
+        );
+        assert_eq!(got.3, Some(StreamFailure::Exception(String::new())));
+        assert_eq!(bounded_name("é".repeat(40).as_bytes()).len(), 64);
+        assert_eq!(bounded_name(b"a\xffb"), "a\u{FFFD}b");
+    }
+
+    #[test]
+    fn anthropic_events_reach_the_anthropic_reader_whatever_their_line_breaks() {
+        let mut r = SseUsageReader::new(ApiKind::Messages, 4096);
+        feed_anthropic_event(
+            &mut r,
+            b"{\r\n  \"type\": \"message_start\",\n  \"message\": {\"usage\":\r{\"input_tokens\": 3}}\n}",
+        );
+        feed_anthropic_event(
+            &mut r,
+            br#"{"type":"content_block_delta","delta":{"text":"a"}}"#,
+        );
+        feed_anthropic_event(
+            &mut r,
+            br#"{"type":"message_delta","usage":{"output_tokens":6}}"#,
+        );
+        feed_anthropic_event(&mut r, br#"{"type":"message_stop"}"#);
+        assert_eq!(r.usage().map(|u| (u.input, u.output)), Some((3, 6)));
+        assert!(r.completed());
+        assert_eq!((r.observed_output(), r.buffered_bytes()), (1, 0));
+    }
+
+    fn encode_base64(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for group in bytes.chunks(3) {
+            let b = [
+                group[0],
+                *group.get(1).unwrap_or(&0),
+                *group.get(2).unwrap_or(&0),
+            ];
+            let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+            for i in 0..=group.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+            for _ in group.len()..3 {
+                out.push('=');
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn base64_rfc4648_vectors() {
+        for (plain, text) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            let mut out = Vec::new();
+            assert!(decode_base64(text.as_bytes(), &mut out), "{text}");
+            assert_eq!(out, plain.as_bytes());
+            assert_eq!(out.capacity(), plain.len(), "exact reservation");
+            let mut out = Vec::new();
+            assert!(decode_base64(
+                text.trim_end_matches('=').as_bytes(),
+                &mut out
+            ));
+            assert_eq!(out, plain.as_bytes());
+            assert_eq!(encode_base64(plain.as_bytes()), text);
+        }
+        for bad in [
+            "Z", "Zm9vY", "Zm9v\n", "Zm-v", "Zm9v===", "=", "Zg=a", "Zg=", "Zm9v==", "====",
+        ] {
+            assert!(!decode_base64(bad.as_bytes(), &mut Vec::new()), "{bad}");
+        }
+    }
+
+    mod proptests {
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 256,
+                rng_seed: proptest::test_runner::RngSeed::Fixed(20),
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn any_split_matches_whole(
+                which in 0usize..5,
+                cuts in prop::collection::vec(any::<usize>(), 0..40),
+            ) {
+                let (op, bytes, want) = fixtures().swap_remove(which);
+                let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+                cuts.sort_unstable();
+                let mut chunks = Vec::new();
+                let mut start = 0;
+                for c in cuts {
+                    chunks.push(&bytes[start..c]);
+                    start = c;
+                }
+                chunks.push(&bytes[start..]);
+                prop_assert_eq!(run(op, &chunks), want);
+            }
+
+            #[test]
+            fn base64_round_trips(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+                let mut out = Vec::new();
+                prop_assert!(decode_base64(encode_base64(&bytes).as_bytes(), &mut out));
+                prop_assert_eq!(out, bytes);
+            }
+        }
+    }
 }
