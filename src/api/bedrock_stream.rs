@@ -394,7 +394,7 @@ mod tests {
     use super::*;
     use crate::api::eventstream::tests::{
         CONVERSE, CONVERSE_THROTTLED, INVOKE, INVOKE_ERROR, INVOKE_METRICS_ONLY, event, frame,
-        string_header,
+        split_at_cuts, string_header,
     };
     use proptest::prelude::*;
 
@@ -737,16 +737,7 @@ mod tests {
                 cuts in prop::collection::vec(any::<usize>(), 0..40),
             ) {
                 let (op, bytes, want) = fixtures().swap_remove(which);
-                let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
-                cuts.sort_unstable();
-                let mut chunks = Vec::new();
-                let mut start = 0;
-                for c in cuts {
-                    chunks.push(&bytes[start..c]);
-                    start = c;
-                }
-                chunks.push(&bytes[start..]);
-                prop_assert_eq!(run(op, &chunks), want);
+                prop_assert_eq!(run(op, &split_at_cuts(bytes, &cuts)), want);
             }
 
             #[test]
