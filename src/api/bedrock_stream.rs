@@ -315,7 +315,30 @@ enum ConverseReading {
 #[derive(Deserialize)]
 struct ConverseMetadata {
     #[serde(default)]
-    usage: Option<ConverseUsage>,
+    usage: Option<ObjectOnly<ConverseUsage>>,
+}
+
+/// `T` read from a JSON object only: serde's derive would also read a struct from an array
+/// (`[1, 2]` as its fields in order), which must count as garbage, not as usage.
+struct ObjectOnly<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for ObjectOnly<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MapOnly<T>(core::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for MapOnly<T> {
+            type Value = ObjectOnly<T>;
+            fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(ObjectOnly)
+            }
+        }
+        deserializer.deserialize_map(MapOnly(core::marker::PhantomData))
+    }
 }
 
 /// Bedrock's `TokenUsage`. A count that is not a JSON number fails the parse (invalid).
@@ -338,7 +361,7 @@ fn converse_usage(payload: &[u8]) -> ConverseReading {
     let Ok(metadata) = serde_json::from_slice::<ConverseMetadata>(payload) else {
         return ConverseReading::Invalid;
     };
-    let Some(raw) = metadata.usage else {
+    let Some(ObjectOnly(raw)) = metadata.usage else {
         return ConverseReading::Absent;
     };
     let counts = (|| {
@@ -364,7 +387,7 @@ fn converse_usage(payload: &[u8]) -> ConverseReading {
 #[derive(Deserialize)]
 struct InvokeStop {
     #[serde(rename = "amazon-bedrock-invocationMetrics", default)]
-    metrics: Option<InvocationMetrics>,
+    metrics: Option<ObjectOnly<InvocationMetrics>>,
 }
 
 #[derive(Deserialize)]
@@ -376,7 +399,7 @@ struct InvocationMetrics {
 
 /// `amazon-bedrock-invocationMetrics` of an Anthropic `message_stop` (no cache tokens in it).
 fn invocation_metrics(event: &[u8]) -> Option<Usage> {
-    let metrics = serde_json::from_slice::<InvokeStop>(event).ok()?.metrics?;
+    let ObjectOnly(metrics) = serde_json::from_slice::<InvokeStop>(event).ok()?.metrics?;
     let input = count(metrics.input_token_count.as_ref()).ok()?;
     let output = count(metrics.output_token_count.as_ref()).ok()?;
     if input.is_none() && output.is_none() {
@@ -560,6 +583,7 @@ mod tests {
             r#"{"usage":{"inputTokens":"7"}}"#,
             r#"{"usage":{"inputTokens":7,"inputTokens":8}}"#,
             r#"{"usage":"lots"}"#,
+            r#"{"usage":[7,3,0,0]}"#,
             "not json",
         ] {
             let got = stream(bad);
