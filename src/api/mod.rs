@@ -1,6 +1,8 @@
 //! Request facts and usage for the LLM APIs Tollgate understands: which API a path is, what a
 //! request asks for, and how many tokens a response used (JSON bodies and incremental SSE).
 
+pub mod bedrock_stream;
+pub mod eventstream;
 pub mod gemini;
 pub mod request;
 pub mod rewrite;
