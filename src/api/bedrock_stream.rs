@@ -417,8 +417,9 @@ mod tests {
     use super::*;
     use crate::api::eventstream::tests::{
         CONVERSE, CONVERSE_THROTTLED, INVOKE, INVOKE_ERROR, INVOKE_METRICS_ONLY, event, frame,
-        split_at_cuts, string_header,
+        string_header,
     };
+    use crate::api::testing::split_at_cuts;
     use proptest::prelude::*;
 
     use StreamOperation::{ConverseStream, InvokeWithResponseStream};

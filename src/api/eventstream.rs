@@ -517,6 +517,7 @@ impl<'a> Iterator for Headers<'a> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::api::testing::split_at_cuts;
     use proptest::prelude::*;
 
     pub(crate) const CONVERSE: &[u8] =
@@ -650,19 +651,6 @@ pub(crate) mod tests {
 
     fn run(chunks: &[&[u8]]) -> Outcome {
         run_with(Limits::default(), chunks)
-    }
-
-    pub(crate) fn split_at_cuts<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
-        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
-        cuts.sort_unstable();
-        let mut chunks = Vec::new();
-        let mut start = 0;
-        for c in cuts {
-            chunks.push(&bytes[start..c]);
-            start = c;
-        }
-        chunks.push(&bytes[start..]);
-        chunks
     }
 
     #[test]

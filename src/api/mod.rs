@@ -10,6 +10,9 @@ pub mod sse;
 pub mod strip;
 pub mod usage;
 
+#[cfg(test)]
+pub(crate) mod testing;
+
 /// The API family decides the error shape and header names used towards the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {

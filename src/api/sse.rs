@@ -527,6 +527,7 @@ fn chat_chunk_has_output(chunk: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::testing::split_at_cuts;
     use proptest::prelude::*;
 
     /// OpenAI chat stream with `stream_options.include_usage`, as sent (compact JSON, `"\n\n"`).
@@ -736,19 +737,6 @@ mod tests {
         r.finish();
         assert_eq!(r.buffered_bytes(), 0);
         outcome(&r)
-    }
-
-    fn split_at_cuts<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
-        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
-        cuts.sort_unstable();
-        let mut chunks = Vec::new();
-        let mut start = 0;
-        for c in cuts {
-            chunks.push(&bytes[start..c]);
-            start = c;
-        }
-        chunks.push(&bytes[start..]);
-        chunks
     }
 
     #[test]

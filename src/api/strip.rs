@@ -463,6 +463,7 @@ fn is_usage_chunk_json(data: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::testing::split_at_cuts;
     use proptest::prelude::*;
 
     const ROLE: &str = concat!(
@@ -615,19 +616,6 @@ mod tests {
         }
         out.extend_from_slice(&s[start..]);
         (out, stripped)
-    }
-
-    fn split_at_cuts<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
-        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
-        cuts.sort_unstable();
-        let mut chunks = Vec::new();
-        let mut start = 0;
-        for c in cuts {
-            chunks.push(&bytes[start..c]);
-            start = c;
-        }
-        chunks.push(&bytes[start..]);
-        chunks
     }
 
     #[test]

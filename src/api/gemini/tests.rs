@@ -7,6 +7,7 @@ use proptest::test_runner::{Config, RngSeed};
 use super::fixtures::STREAMS;
 use super::*;
 use crate::api::Usage;
+use crate::api::testing::split_at_cuts;
 use crate::api::usage::Reading;
 
 /// The three SSE line endings Google's front ends and proxies use.
@@ -116,15 +117,7 @@ proptest! {
     ) {
         let all = streams();
         let (format, body, _, _) = &all[which % all.len()];
-        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (body.len() + 1)).collect();
-        cuts.sort_unstable();
-        let mut pieces = Vec::new();
-        let mut start = 0;
-        for c in cuts {
-            pieces.push(&body[start..c]);
-            start = c;
-        }
-        pieces.push(&body[start..]);
+        let pieces = split_at_cuts(body, &cuts);
         prop_assert_eq!(read(*format, max, &pieces), read(*format, max, &[body]));
     }
 }
