@@ -121,16 +121,21 @@ impl Identity {
         };
         let mut key: Option<&[u8]> = None;
         for (name, value) in headers {
-            // Envoy joins repeated `authorization` lines with `,`, which no Bearer token holds.
-            let named: Vec<&[u8]> = if name.eq_ignore_ascii_case("authorization") {
-                let values = value.split(|b| *b == b',');
-                values.map(|v| bearer_token(v).unwrap_or(b"")).collect()
-            } else if API_KEY_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) {
-                vec![trim(value)]
-            } else {
+            if !API_KEY_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) {
                 continue;
-            };
-            for named in named {
+            }
+            // Envoy joins repeated `authorization` lines with `,`, which no Bearer token holds;
+            // the other headers' values are one key each (a split that never matches).
+            let bearer = name.eq_ignore_ascii_case("authorization");
+            let parts = value.split(move |b| bearer && *b == b',');
+            let keys_named = parts.map(|v| {
+                if bearer {
+                    bearer_token(v).unwrap_or(b"")
+                } else {
+                    trim(v)
+                }
+            });
+            for named in keys_named {
                 match key {
                     _ if named.is_empty() => {}
                     Some(first) if first != named => return Err(Unidentified::Conflicting),
