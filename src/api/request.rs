@@ -16,11 +16,12 @@
 //! | `prediction` | chat | rejected prediction tokens are billed as output: at most the body's bytes more |
 //! | `generationConfig.maxOutputTokens` (also `generation_config`, `max_output_tokens`) | Gemini, Vertex | per candidate (thinking and answer together); every spelling read, the largest wins (`gemini::request`) |
 //! | `generationConfig.candidateCount` (also `candidate_count`) | Gemini, Vertex | candidates generated, each up to the cap, as `n` |
-//! | `inferenceConfig.maxTokens` | Bedrock Converse | per response |
+//! | `inferenceConfig.maxTokens` | Bedrock Converse | per response (not read yet: Bedrock requests are not metered before issue 20 lands) |
 //!
 //! Each count must be a positive integer (or null or absent): `0` means "no cap" to vLLM and
 //! `"20"` or `20.0` mean 20 to pydantic (and to Google's protobuf JSON parser), so both are
-//! refused with 400 rather than read as a smaller number. `min_tokens` and `ignore_eos` (vLLM) stay under the cap, so they need nothing.
+//! refused with 400 rather than read as a smaller number. `min_tokens` and `ignore_eos` (vLLM)
+//! stay under the cap, so they need nothing.
 
 use std::borrow::Cow;
 
