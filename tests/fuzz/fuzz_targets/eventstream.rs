@@ -18,6 +18,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 
 use flate2::Crc;
+#[path = "common/cuts.rs"]
+mod cuts;
 use libfuzzer_sys::fuzz_target;
 use tollgate::api::bedrock_stream::{BedrockStreamReader, StreamOperation};
 use tollgate::api::eventstream::{DecodeError, Decoder, Limits, MessageType};
@@ -248,18 +250,7 @@ fuzz_target!(|data: &[u8]| {
         }
         out
     };
-    let mut cuts: Vec<usize> = cut_bytes
-        .iter()
-        .map(|c| usize::from(*c) * body.len() / 255)
-        .collect();
-    cuts.sort_unstable();
-    let mut chunks = Vec::with_capacity(cuts.len() + 1);
-    let mut start = 0;
-    for c in cuts {
-        chunks.push(&body[start..c]);
-        start = c;
-    }
-    chunks.push(&body[start..]);
+    let chunks = cuts::pieces(&body, cut_bytes);
     let bytewise: Vec<&[u8]> = body.chunks(1).collect();
 
     let whole = measured(max_message, || decode(limits, &[&body]));

@@ -21,6 +21,8 @@
 
 use std::sync::atomic::Ordering;
 
+#[path = "common/cuts.rs"]
+mod cuts;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use tollgate::api::Usage;
@@ -206,18 +208,7 @@ fuzz_target!(|data: &[u8]| {
             .flat_map(|b| TOKENS[usize::from(*b) % TOKENS.len()].bytes())
             .collect()
     };
-    let mut cuts: Vec<usize> = cut_bytes
-        .iter()
-        .map(|c| usize::from(*c) * body.len() / 255)
-        .collect();
-    cuts.sort_unstable();
-    let mut pieces = Vec::with_capacity(cuts.len() + 1);
-    let mut start = 0;
-    for c in cuts {
-        pieces.push(&body[start..c]);
-        start = c;
-    }
-    pieces.push(&body[start..]);
+    let pieces = cuts::pieces(&body, cut_bytes);
 
     let whole = run(format, max, &[&body]);
     assert_eq!(

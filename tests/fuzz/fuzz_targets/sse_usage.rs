@@ -7,6 +7,8 @@
 //! the rest is the body.
 #![no_main]
 
+#[path = "common/cuts.rs"]
+mod cuts;
 use libfuzzer_sys::fuzz_target;
 use tollgate::api::ApiKind;
 use tollgate::api::sse::SseUsageReader;
@@ -120,18 +122,7 @@ fuzz_target!(|data: &[u8]| {
             .flat_map(|b| TOKENS[usize::from(*b) % TOKENS.len()].bytes())
             .collect()
     };
-    let mut cuts: Vec<usize> = cut_bytes
-        .iter()
-        .map(|c| usize::from(*c) * body.len() / 255)
-        .collect();
-    cuts.sort_unstable();
-    let mut chunks = Vec::with_capacity(cuts.len() + 1);
-    let mut start = 0;
-    for c in cuts {
-        chunks.push(&body[start..c]);
-        start = c;
-    }
-    chunks.push(&body[start..]);
+    let chunks = cuts::pieces(&body, cut_bytes);
 
     let whole = run(kind, max, &[&body]);
     let split = run(kind, max, &chunks);
