@@ -29,7 +29,14 @@ pub fn max_tokens_field(kind: ApiKind) -> &'static str {
     match kind {
         ApiKind::ChatCompletions => "max_completion_tokens",
         ApiKind::Responses => "max_output_tokens",
-        ApiKind::Messages | ApiKind::Embeddings => "max_tokens",
+        ApiKind::GenerateContent => "generationConfig.maxOutputTokens",
+        ApiKind::Converse => "inferenceConfig.maxTokens",
+        ApiKind::Messages
+        | ApiKind::RawPredict
+        | ApiKind::Invoke
+        | ApiKind::Embeddings
+        | ApiKind::EmbedContent
+        | ApiKind::CountTokens => "max_tokens",
     }
 }
 
@@ -57,9 +64,14 @@ pub fn plan(
     } else {
         facts.prompt_estimate
     };
-    if kind == ApiKind::Embeddings {
+    if kind.generates_nothing() {
         return Ok(Plan {
-            prompt_tokens,
+            // A token count generates nothing and is never charged.
+            prompt_tokens: if kind == ApiKind::CountTokens {
+                0
+            } else {
+                prompt_tokens
+            },
             output_tokens: 0,
             choices: 1,
             predicted_output: 0,
@@ -71,7 +83,13 @@ pub fn plan(
         && facts.choices > max
     {
         return Err(Refusal::BadRequest {
-            param: Some("n".into()),
+            param: Some(
+                match kind {
+                    ApiKind::GenerateContent => "generationConfig.candidateCount",
+                    _ => "n",
+                }
+                .into(),
+            ),
             message: format!(
                 "{} outputs were asked for (n, best_of), above this tenant's per-request cap of {max}.",
                 facts.choices

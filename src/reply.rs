@@ -69,6 +69,39 @@ pub struct LocalReply {
     pub reason: &'static str,
 }
 
+/// Google's error shape (AI Studio and Vertex AI): `{"error": {code, message, status}}`.
+#[derive(Serialize)]
+struct GoogleError<'a> {
+    error: GoogleErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct GoogleErrorBody<'a> {
+    code: u32,
+    message: &'a str,
+    status: &'static str,
+}
+
+/// Bedrock's error body; the error's name goes in `x-amzn-errortype`, where botocore reads it.
+#[derive(Serialize)]
+struct AwsError<'a> {
+    message: &'a str,
+}
+
+/// The `google.rpc.Code` name Google's front ends send with an HTTP status.
+fn google_status(status: u32) -> &'static str {
+    match status {
+        400 | 413 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        405 => "UNIMPLEMENTED",
+        429 => "RESOURCE_EXHAUSTED",
+        503 => "UNAVAILABLE",
+        _ => "INTERNAL",
+    }
+}
+
 #[derive(Serialize)]
 struct OpenAiError<'a> {
     error: OpenAiErrorBody<'a>,
@@ -98,6 +131,24 @@ struct AnthropicErrorBody<'a> {
 }
 
 impl Refusal {
+    /// The Bedrock error name (`x-amzn-errortype`) boto3 raises. A spent USD budget is
+    /// `ServiceQuotaExceededException`, which botocore does not retry (it retries
+    /// `ThrottlingException`, so a spent monthly budget must not be one).
+    fn aws_error_type(&self) -> &'static str {
+        match self {
+            Refusal::BadRequest { .. }
+            | Refusal::ModelNotFound { .. }
+            | Refusal::TooLarge { .. }
+            | Refusal::MethodNotAllowed { .. } => "ValidationException",
+            Refusal::Unauthenticated { .. } => "UnrecognizedClientException",
+            Refusal::Forbidden { .. } => "AccessDeniedException",
+            Refusal::RateLimited { .. } => "ThrottlingException",
+            Refusal::QuotaExceeded { .. } => "ServiceQuotaExceededException",
+            Refusal::Internal { .. } => "InternalServerException",
+            Refusal::BudgetUnavailable { .. } => "ServiceUnavailableException",
+        }
+    }
+
     /// Builds the reply in the shape of `family`.
     pub fn reply(&self, family: Family) -> LocalReply {
         let too_large;
@@ -196,7 +247,17 @@ impl Refusal {
                 "api_error",
             ),
         };
+        let google_status = google_status(status);
+        let aws_type = self.aws_error_type();
         let body = match family {
+            Family::Google => serde_json::to_vec(&GoogleError {
+                error: GoogleErrorBody {
+                    code: status,
+                    message,
+                    status: google_status,
+                },
+            }),
+            Family::Aws => serde_json::to_vec(&AwsError { message }),
             Family::OpenAi => serde_json::to_vec(&OpenAiError {
                 error: OpenAiErrorBody {
                     message,
@@ -215,6 +276,9 @@ impl Refusal {
         }
         .unwrap_or_default();
         let mut headers = vec![("content-type", "application/json".to_string())];
+        if family == Family::Aws {
+            headers.push(("x-amzn-errortype", aws_type.to_string()));
+        }
         match self {
             Refusal::RateLimited {
                 retry_after_secs, ..
@@ -303,6 +367,34 @@ mod tests {
             json(&r),
             serde_json::json!({"error":{"message":"This endpoint only answers GET.","type":"invalid_request_error","param":null,"code":"method_not_allowed"}})
         );
+    }
+
+    #[test]
+    fn google_and_aws_shapes() {
+        let q = Refusal::QuotaExceeded {
+            message: "spent".into(),
+            retry_after_secs: 60,
+        };
+        let r = q.reply(Family::Google);
+        assert_eq!(r.status, 429);
+        assert_eq!(
+            json(&r),
+            serde_json::json!({"error":{"code":429,"message":"spent","status":"RESOURCE_EXHAUSTED"}})
+        );
+        let r = Refusal::Forbidden { message: "no".into() }.reply(Family::Google);
+        assert_eq!(json(&r)["error"]["status"], "PERMISSION_DENIED");
+        let r = q.reply(Family::Aws);
+        assert_eq!(json(&r), serde_json::json!({"message":"spent"}));
+        assert!(r.headers.contains(&("x-amzn-errortype", "ServiceQuotaExceededException".into())));
+        let r = Refusal::RateLimited {
+            message: "slow".into(),
+            retry_after_secs: 2,
+            kind: "tokens",
+        }
+        .reply(Family::Aws);
+        assert!(r.headers.contains(&("x-amzn-errortype", "ThrottlingException".into())));
+        let r = Refusal::Unauthenticated { message: "who".into() }.reply(Family::Aws);
+        assert!(r.headers.contains(&("x-amzn-errortype", "UnrecognizedClientException".into())));
     }
 
     #[test]

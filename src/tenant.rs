@@ -92,7 +92,7 @@ impl Unidentified {
 }
 
 /// The headers that carry an API key (`authorization` as `Bearer <key>`).
-pub const API_KEY_HEADERS: [&str; 3] = ["x-api-key", "api-key", "authorization"];
+pub const API_KEY_HEADERS: [&str; 4] = ["x-api-key", "api-key", "authorization", "x-goog-api-key"];
 
 impl Identity {
     /// Resolves a header or metadata value to a tenant.

@@ -364,6 +364,10 @@ fn converse_usage(payload: &[u8]) -> ConverseReading {
     let Some(ObjectOnly(raw)) = metadata.usage else {
         return ConverseReading::Absent;
     };
+    converse_counts(&raw)
+}
+
+fn converse_counts(raw: &ConverseUsage) -> ConverseReading {
     let counts = (|| {
         Ok::<_, ()>([
             count(raw.input_tokens.as_ref())?,
@@ -381,6 +385,38 @@ fn converse_usage(payload: &[u8]) -> ConverseReading {
             read.unwrap_or(0),
             write.unwrap_or(0),
         )),
+    }
+}
+
+impl ConverseReading {
+    fn reading(self) -> usage::Reading {
+        match self {
+            ConverseReading::Usage(u) => usage::Reading::Usage(u),
+            ConverseReading::Foreign => usage::Reading::Foreign,
+            ConverseReading::Invalid => usage::Reading::Invalid,
+            ConverseReading::Absent => usage::Reading::Absent,
+        }
+    }
+}
+
+/// The usage of a whole (non-streaming) Converse response body, or of its tail: the top-level
+/// `usage` (the stream's `metadata` fields), found by the backward scan the other APIs use; the
+/// body is parsed whole only when the scan cannot vouch for the bytes.
+pub fn converse_body_usage(body: &[u8]) -> usage::Reading {
+    match usage::locate_key_backward(body, b"usage", 1) {
+        usage::Locate::Found(value) => match serde_json::from_slice::<Option<ObjectOnly<ConverseUsage>>>(value) {
+            Ok(Some(ObjectOnly(raw))) => converse_counts(&raw).reading(),
+            Ok(None) => usage::Reading::Absent,
+            Err(_) => usage::Reading::Invalid,
+        },
+        usage::Locate::Absent => usage::Reading::Absent,
+        usage::Locate::Unsure => match converse_usage(body) {
+            // Not JSON as a whole: nothing to read (not garbage usage).
+            ConverseReading::Invalid if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() => {
+                usage::Reading::Absent
+            }
+            other => other.reading(),
+        },
     }
 }
 

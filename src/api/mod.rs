@@ -2,6 +2,7 @@
 //! request asks for, and how many tokens a response used (JSON bodies and incremental SSE).
 
 pub mod bedrock_stream;
+pub mod dialect;
 pub mod eventstream;
 pub mod gemini;
 pub mod request;
@@ -18,9 +19,14 @@ pub(crate) mod testing;
 pub enum Family {
     OpenAi,
     Anthropic,
+    /// Gemini (AI Studio) and Vertex AI, Claude on Vertex included: Google's error shape.
+    Google,
+    /// Bedrock runtime: `x-amzn-errortype` and `{"message": …}`.
+    Aws,
 }
 
-/// The APIs Tollgate reads. Anything else passes through untouched.
+/// The APIs Tollgate reads. Anything else passes through untouched. Each is one row of the
+/// dialect table ([`dialect`]): its path, body, usage and refusal shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ApiKind {
     /// OpenAI Chat Completions, `…/chat/completions`.
@@ -31,36 +37,38 @@ pub enum ApiKind {
     Embeddings,
     /// Anthropic Messages, `…/messages`.
     Messages,
+    /// Gemini / Vertex `…/models/{m}:generateContent` and `:streamGenerateContent`.
+    GenerateContent,
+    /// Gemini / Vertex `…/models/{m}:embedContent` and `:batchEmbedContents`.
+    EmbedContent,
+    /// Gemini / Vertex `…/models/{m}:countTokens`: generates nothing, never charged.
+    CountTokens,
+    /// Claude on Vertex, `…/publishers/anthropic/models/{m}:rawPredict` and `:streamRawPredict`:
+    /// an Anthropic Messages body, the model in the path.
+    RawPredict,
+    /// Bedrock `…/model/{id}/converse` and `/converse-stream`.
+    Converse,
+    /// Bedrock `…/model/{id}/invoke` and `/invoke-with-response-stream` with an Anthropic
+    /// Messages body, the model in the path.
+    Invoke,
 }
 
 impl ApiKind {
-    /// Classifies a request path (`:path`, query string allowed) by suffix, so prefixes such as
-    /// `/v1`, `/openai/deployments/NAME` or a gateway prefix work. `None` means "not ours".
+    /// Classifies a request path (`:path`, query string allowed). `None` means "not ours".
+    /// See [`dialect::classify`], which also gives the model named in the path.
     pub fn from_path(path: &[u8]) -> Option<ApiKind> {
-        let end = path
-            .iter()
-            .position(|b| *b == b'?' || *b == b'#')
-            .unwrap_or(path.len());
-        let mut path = path.get(..end)?;
-        while let [rest @ .., b'/'] = path {
-            path = rest;
-        }
-        const SUFFIXES: [(&[u8], ApiKind); 4] = [
-            (b"/chat/completions", ApiKind::ChatCompletions),
-            (b"/responses", ApiKind::Responses),
-            (b"/embeddings", ApiKind::Embeddings),
-            (b"/messages", ApiKind::Messages),
-        ];
-        SUFFIXES
-            .iter()
-            .find(|(suffix, _)| path.ends_with(suffix))
-            .map(|(_, kind)| *kind)
+        dialect::classify(path).map(|call| call.kind)
     }
 
     pub fn family(self) -> Family {
         match self {
+            ApiKind::ChatCompletions | ApiKind::Responses | ApiKind::Embeddings => Family::OpenAi,
             ApiKind::Messages => Family::Anthropic,
-            _ => Family::OpenAi,
+            ApiKind::GenerateContent
+            | ApiKind::EmbedContent
+            | ApiKind::CountTokens
+            | ApiKind::RawPredict => Family::Google,
+            ApiKind::Converse | ApiKind::Invoke => Family::Aws,
         }
     }
 
@@ -71,7 +79,30 @@ impl ApiKind {
             ApiKind::Responses => "responses",
             ApiKind::Embeddings => "embeddings",
             ApiKind::Messages => "messages",
+            ApiKind::GenerateContent => "generate_content",
+            ApiKind::EmbedContent => "embed_content",
+            ApiKind::CountTokens => "count_tokens",
+            ApiKind::RawPredict => "raw_predict",
+            ApiKind::Converse => "converse",
+            ApiKind::Invoke => "invoke",
         }
+    }
+
+    /// The request body is an Anthropic Messages body (its fields, its usage).
+    pub fn anthropic_body(self) -> bool {
+        matches!(
+            self,
+            ApiKind::Messages | ApiKind::RawPredict | ApiKind::Invoke
+        )
+    }
+
+    /// The API generates no output tokens (embeddings, token counts): no max-tokens field, no
+    /// output reserved.
+    pub fn generates_nothing(self) -> bool {
+        matches!(
+            self,
+            ApiKind::Embeddings | ApiKind::EmbedContent | ApiKind::CountTokens
+        )
     }
 }
 
@@ -89,31 +120,4 @@ pub struct Usage {
     pub cached_input: u64,
     pub cache_write_input: u64,
     pub reasoning: u64,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn classifies_by_suffix_with_prefixes_and_queries() {
-        let cases: [(&str, Option<ApiKind>); 10] = [
-            ("/v1/chat/completions", Some(ApiKind::ChatCompletions)),
-            (
-                "/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21",
-                Some(ApiKind::ChatCompletions),
-            ),
-            ("/gw/team-a/v1/responses", Some(ApiKind::Responses)),
-            ("/v1/embeddings/", Some(ApiKind::Embeddings)),
-            ("/v1/messages", Some(ApiKind::Messages)),
-            ("/v1/messages/count_tokens", None),
-            ("/v1/models", None),
-            ("/v1/chat/completionsX", None),
-            ("", None),
-            ("/", None),
-        ];
-        for (path, want) in cases {
-            assert_eq!(ApiKind::from_path(path.as_bytes()), want, "{path}");
-        }
-    }
 }

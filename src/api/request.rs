@@ -28,6 +28,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 
 use super::ApiKind;
+use super::dialect::Call;
 
 /// The facts Tollgate needs from a request body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +66,7 @@ pub struct RequestFacts {
 /// tools (server-side tools add their results, providers add tool instructions), MCP servers,
 /// containers. Matched as quoted JSON strings, so text inside a string (escaped quotes) does not
 /// match; a false match only loosens the bound to what it is without this check.
-const EXTERNAL_INPUT_MARKERS: [&[u8]; 12] = [
+const EXTERNAL_INPUT_MARKERS: [&[u8]; 18] = [
     b"\"previous_response_id\"",
     b"\"conversation\"",
     b"\"prompt\"",
@@ -78,6 +79,14 @@ const EXTERNAL_INPUT_MARKERS: [&[u8]; 12] = [
     b"\"tools\"",
     b"\"mcp_servers\"",
     b"\"container\"",
+    // Gemini and Vertex: files by URI, cached contents.
+    b"\"fileData\"",
+    b"\"file_data\"",
+    b"\"cachedContent\"",
+    b"\"cached_content\"",
+    // Bedrock: documents, images and videos from S3, prompts from prompt management.
+    b"\"s3Location\"",
+    b"\"promptVariables\"",
 ];
 
 /// Whether a request body may bring input it does not contain (see [`EXTERNAL_INPUT_MARKERS`]).
@@ -258,8 +267,98 @@ pub fn nested_deeper_than(body: &[u8], max: usize) -> bool {
     shape(body, max).too_deep
 }
 
-/// Reads the request facts of `kind` from a complete JSON body.
+/// Reads the request facts of `kind` from a complete JSON body (the APIs that name the model
+/// in the body; see [`read_request`] for every API).
 pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, RequestError> {
+    parse_body(kind, body, None)
+}
+
+/// Reads the request facts of the request `call` classified, from its complete JSON body: the
+/// model and the streaming flag come from the path for the APIs that put them there.
+pub fn read_request(call: &Call, body: &[u8]) -> Result<RequestFacts, RequestError> {
+    let Some(path_model) = &call.model else {
+        return parse_body(call.kind, body, None);
+    };
+    let Some(model) = path_model.name.as_deref() else {
+        return Err(RequestError {
+            param: Some("model".into()),
+            message: "The model named in the request path is not a valid percent-encoded UTF-8 name".into(),
+        });
+    };
+    let mut facts = match call.kind {
+        kind if kind.anthropic_body() => parse_body(kind, body, Some(model))?,
+        kind => path_model_facts(kind, body, model)?,
+    };
+    facts.stream = call.stream;
+    Ok(facts)
+}
+
+/// Gemini, Vertex and Bedrock Converse bodies: their output fields (`gemini::request`,
+/// `inferenceConfig.maxTokens`); no model, no `stream`, no `n` in the body.
+fn path_model_facts(kind: ApiKind, body: &[u8], model: &str) -> Result<RequestFacts, RequestError> {
+    let shape = check_object(body)?;
+    let (max_tokens, choices) = match kind {
+        ApiKind::GenerateContent => {
+            let g = super::gemini::generation_facts(body)?;
+            (g.max_output_tokens, g.candidates)
+        }
+        ApiKind::Converse => (converse_max_tokens(body)?, 1),
+        _ => (None, 1),
+    };
+    let len = u64::try_from(body.len()).unwrap_or(u64::MAX);
+    Ok(RequestFacts {
+        model: model.to_string(),
+        stream: false,
+        include_usage: false,
+        max_tokens,
+        choices,
+        predicted_output_bound: 0,
+        prompt_estimate: len.div_ceil(4),
+        prompt_bound: len,
+        external_input: shape.external,
+        greedy: false,
+    })
+}
+
+#[derive(Deserialize)]
+struct ConverseBody {
+    #[serde(rename = "inferenceConfig", default)]
+    inference_config: Option<ConverseInference>,
+}
+
+#[derive(Deserialize)]
+struct ConverseInference {
+    #[serde(rename = "maxTokens", default)]
+    max_tokens: Option<u64>,
+}
+
+/// Converse's `inferenceConfig.maxTokens`: a positive integer, or absent.
+fn converse_max_tokens(body: &[u8]) -> Result<Option<u64>, RequestError> {
+    let refused = |message: String| RequestError {
+        param: Some("inferenceConfig.maxTokens".into()),
+        message,
+    };
+    let parsed: ConverseBody = serde_json::from_slice(body).map_err(|err| {
+        if err.is_data() {
+            refused(format!("Invalid value for 'inferenceConfig.maxTokens': {}", without_position(&err)))
+        } else {
+            RequestError {
+                param: None,
+                message: format!("The request body is not valid JSON: {err}"),
+            }
+        }
+    })?;
+    let max = parsed.inference_config.and_then(|c| c.max_tokens);
+    if max == Some(0) {
+        return Err(refused(
+            "Invalid value for 'inferenceConfig.maxTokens': 0 is below the minimum value of 1".into(),
+        ));
+    }
+    Ok(max)
+}
+
+/// A body must be one JSON object within the nesting limit; its shape for the other checks.
+fn check_object(body: &[u8]) -> Result<Shape, RequestError> {
     // serde would read a struct from a JSON array too; every API's body is an object.
     if body.trim_ascii_start().first() != Some(&b'{') {
         return Err(RequestError {
@@ -277,14 +376,26 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, Request
             ),
         });
     }
+    Ok(shape)
+}
+
+/// The OpenAI and Anthropic bodies; `path_model` for Anthropic bodies that name the model in
+/// the path (Bedrock Invoke, Vertex rawPredict), whose body has none.
+fn parse_body(
+    kind: ApiKind,
+    body: &[u8],
+    path_model: Option<&str>,
+) -> Result<RequestFacts, RequestError> {
+    let shape = check_object(body)?;
     // The common body parses on the fast path; only a refused one is read again for the path
     // of the field at fault (tracking it costs on every field).
     let raw = match serde_json::from_slice::<RawRequest<'_>>(body) {
         Ok(raw) => raw,
         Err(_) => return Err(explain(body)),
     };
-    let model = match raw.model {
-        Some(model) if !model.is_empty() => model.into_owned(),
+    let model = match (path_model, raw.model) {
+        (Some(model), _) => model.to_string(),
+        (None, Some(model)) if !model.is_empty() => model.into_owned(),
         _ => {
             return Err(RequestError {
                 param: Some("model".into()),
@@ -312,21 +423,21 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, Request
         // `Option`'s order puts `None` first: the larger of the two when both are given.
         ApiKind::ChatCompletions => raw.max_completion_tokens.max(raw.max_tokens),
         ApiKind::Responses => raw.max_output_tokens,
-        ApiKind::Messages => raw.max_tokens,
-        ApiKind::Embeddings => None,
+        kind if kind.anthropic_body() => raw.max_tokens,
+        _ => None,
     };
     let len = u64::try_from(body.len()).unwrap_or(u64::MAX);
     let single = |v: Option<u64>| v.is_none_or(|v| v == 1);
     Ok(RequestFacts {
         model,
-        stream: raw.stream.unwrap_or(false) && kind != ApiKind::Embeddings,
+        stream: raw.stream.unwrap_or(false) && !kind.generates_nothing(),
         include_usage: raw
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         max_tokens,
         choices: match kind {
-            ApiKind::Embeddings => 1,
+            kind if kind.generates_nothing() => 1,
             _ => raw.n.unwrap_or(1).max(raw.best_of.unwrap_or(1)),
         },
         predicted_output_bound: match kind {

@@ -148,6 +148,14 @@ fn model_value_span(body: &[u8]) -> Option<(usize, usize)> {
 /// Applies `edits` to a JSON object body; `None` if the body is not a JSON object (it was parsed
 /// before, so this does not happen in practice). Keys come out sorted; values are unchanged.
 pub fn rewrite(kind: ApiKind, body: &[u8], edits: &Edits) -> Option<Vec<u8>> {
+    if kind == ApiKind::GenerateContent {
+        // Gemini has its own edit (both spellings of its generation config); the model is in
+        // the path and usage always comes, so it is the only one.
+        return match edits.max_tokens {
+            Some(max) => super::gemini::set_max_output_tokens(body, max),
+            None => Some(body.to_vec()),
+        };
+    }
     let mut doc: Map<String, Value> = serde_json::from_slice(body).ok()?;
     if let Some(max) = edits.max_tokens {
         let value = Value::from(max);
@@ -166,10 +174,24 @@ pub fn rewrite(kind: ApiKind, body: &[u8], edits: &Edits) -> Option<Vec<u8>> {
             ApiKind::Responses => {
                 doc.insert("max_output_tokens".to_string(), value);
             }
-            ApiKind::Messages => {
+            ApiKind::Messages | ApiKind::RawPredict | ApiKind::Invoke => {
                 doc.insert("max_tokens".to_string(), value);
             }
-            ApiKind::Embeddings => {}
+            ApiKind::Converse => {
+                let config = doc
+                    .entry("inferenceConfig")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !config.is_object() {
+                    *config = Value::Object(Map::new());
+                }
+                if let Value::Object(config) = config {
+                    config.insert("maxTokens".to_string(), value);
+                }
+            }
+            ApiKind::Embeddings
+            | ApiKind::GenerateContent
+            | ApiKind::EmbedContent
+            | ApiKind::CountTokens => {}
         }
     }
     if edits.include_usage {

@@ -159,7 +159,7 @@ impl SseUsageReader {
     /// Feed the next chunk of the response body as it passes (arbitrary splits, including inside a
     /// UTF-8 sequence or inside "\r\n"). Keeps only the unfinished line between calls.
     pub fn feed(&mut self, chunk: &[u8]) {
-        if self.state.kind == ApiKind::Embeddings {
+        if self.state.kind.generates_nothing() {
             return;
         }
         let state = &mut self.state;
@@ -170,7 +170,7 @@ impl SseUsageReader {
 
     /// End of stream: dispatch a pending event even without its terminating blank line.
     pub fn finish(&mut self) {
-        if self.state.kind == ApiKind::Embeddings {
+        if self.state.kind.generates_nothing() {
             return;
         }
         let state = &mut self.state;
@@ -182,11 +182,16 @@ impl SseUsageReader {
     pub fn usage(&self) -> Option<Usage> {
         match self.state.kind {
             ApiKind::ChatCompletions | ApiKind::Responses => self.state.usage,
-            ApiKind::Messages => self
+            ApiKind::Messages | ApiKind::RawPredict | ApiKind::Invoke => self
                 .state
                 .anthropic
                 .map(|a| usage::anthropic(a.input, a.output, a.cache_read, a.cache_creation)),
-            ApiKind::Embeddings => None,
+            // Google's and Bedrock's streams have their own readers.
+            ApiKind::Embeddings
+            | ApiKind::GenerateContent
+            | ApiKind::EmbedContent
+            | ApiKind::CountTokens
+            | ApiKind::Converse => None,
         }
     }
 
@@ -426,14 +431,20 @@ impl UsageState {
                     _ => {}
                 }
             }
-            ApiKind::Messages => match event_name(event_type, data) {
-                b"content_block_delta" => self.count_output(),
-                b"message_start" => self.merge_anthropic(data, &["message", "usage"]),
-                b"message_delta" => self.merge_anthropic(data, &["usage"]),
-                b"message_stop" => self.completed = true,
-                _ => {}
-            },
-            ApiKind::Embeddings => {}
+            ApiKind::Messages | ApiKind::RawPredict | ApiKind::Invoke => {
+                match event_name(event_type, data) {
+                    b"content_block_delta" => self.count_output(),
+                    b"message_start" => self.merge_anthropic(data, &["message", "usage"]),
+                    b"message_delta" => self.merge_anthropic(data, &["usage"]),
+                    b"message_stop" => self.completed = true,
+                    _ => {}
+                }
+            }
+            ApiKind::Embeddings
+            | ApiKind::GenerateContent
+            | ApiKind::EmbedContent
+            | ApiKind::CountTokens
+            | ApiKind::Converse => {}
         }
     }
 

@@ -43,7 +43,7 @@ impl Cache {
     /// The policy, TTL and scope of `model` for `kind`.
     pub fn rule(&self, kind: crate::api::ApiKind, model: &str) -> (CachePolicy, u64, bool) {
         let rule = self.models.get(model);
-        let default = if kind == crate::api::ApiKind::Embeddings {
+        let default = if kind.generates_nothing() {
             CachePolicy::Always
         } else {
             self.policy

@@ -101,6 +101,11 @@ pub fn resume(gateway: &Gateway, id: u32, refilled: Refilled) {
 /// Executes the effects in order; `false` when the request body or length was not replaced.
 fn apply(effects: &Effects<'_>, request: bool, size: usize) -> bool {
     let mut ok = true;
+    if let Some(path) = &effects.request_path
+        && let Err(status) = host::set_header(true, ":path", Some(path))
+    {
+        warn!("tollgate could not set :path: {status:?}");
+    }
     if let Some(reply) = &effects.reply {
         if let Err(status) = host::send_reply(reply, &effects.headers) {
             warn!("tollgate could not send its local reply: {status:?}");

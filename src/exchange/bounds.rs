@@ -22,6 +22,11 @@ pub enum UsageAnomaly {
     DecodeLimit,
     /// A compressed response could not be decoded (corrupt, or an unknown encoding).
     DecodeError,
+    /// A Bedrock event stream stopped decoding (a bad CRC, an absurd length, a malformed or
+    /// over-long header block): usage after that point was not read.
+    EventStream(crate::api::eventstream::DecodeError),
+    /// An `exception` or `error` frame inside a 200 Bedrock stream: a failed answer.
+    StreamException,
 }
 
 impl UsageAnomaly {
@@ -32,6 +37,8 @@ impl UsageAnomaly {
             UsageAnomaly::InvalidUsage => "invalid_usage",
             UsageAnomaly::DecodeLimit => "decode_limit",
             UsageAnomaly::DecodeError => "decode_error",
+            UsageAnomaly::EventStream(error) => error.as_str(),
+            UsageAnomaly::StreamException => "stream_exception",
         }
     }
 }

@@ -42,6 +42,9 @@ pub use decode::INFLATE_STATE_BYTES;
 pub use record::record_fields;
 
 use crate::api::request::RequestFacts;
+use crate::api::bedrock_stream::{BedrockStreamReader, StreamOperation};
+use crate::api::eventstream;
+use crate::api::gemini::{GeminiStreamReader, StreamFormat};
 use crate::api::sse::SseUsageReader;
 use crate::api::strip::UsageChunkStripper;
 use crate::api::usage::{Reading, read_cut_json_usage, read_json_usage};
@@ -94,6 +97,10 @@ enum Capture {
 enum BodyReader {
     Json(TailBuffer),
     Sse(Box<SseUsageReader>),
+    /// Gemini / Vertex `streamGenerateContent`: SSE or one streamed JSON array.
+    Gemini(Box<GeminiStreamReader>),
+    /// Bedrock `converse-stream` / `invoke-with-response-stream`: an AWS event stream.
+    Bedrock(Box<BedrockStreamReader>),
     /// Error statuses and bodies we cannot read (unknown encodings).
     Skip,
 }
@@ -156,6 +163,8 @@ impl Exchange {
         let body = match &self.body {
             BodyReader::Json(buf) => buf.bytes.len(),
             BodyReader::Sse(reader) => reader.buffered_bytes(),
+            BodyReader::Gemini(reader) => reader.buffered_bytes(),
+            BodyReader::Bedrock(reader) => reader.held_bytes(),
             BodyReader::Skip => 0,
         };
         let stripper = self
@@ -178,7 +187,9 @@ impl Exchange {
         let as_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
         let json =
             as_usize(limits.max_response_buffer_bytes).max(JSON_TAIL_BYTES.saturating_mul(2));
-        let sse = as_usize(limits.max_sse_line_bytes).saturating_mul(3);
+        // An SSE or Gemini reader holds at most 3 lines; a Bedrock one its message (one line),
+        // the chunk it decodes (¾ of it) and an Anthropic reader's 3 lines: under 5 lines.
+        let sse = as_usize(limits.max_sse_line_bytes).saturating_mul(5);
         json.max(sse)
             .saturating_add(STRIP_HOLD_BYTES)
             .saturating_add(1)
@@ -255,10 +266,33 @@ impl Exchange {
             && (200..300).contains(&status)
             && matches!(self.decoder, Decoder::Identity))
         .then(|| UsageChunkStripper::new(STRIP_HOLD_BYTES));
+        let is_event_stream = content_type.is_some_and(|ct| {
+            ct.trim_ascii_start()
+                .get(..30)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"application/vnd.amazon.eventstream"))
+        });
+        let line_cap = usize::try_from(self.limits.max_sse_line_bytes).unwrap_or(usize::MAX);
+        let operation = match self.kind {
+            ApiKind::Converse => Some(StreamOperation::ConverseStream),
+            ApiKind::Invoke => Some(StreamOperation::InvokeWithResponseStream),
+            _ => None,
+        };
         self.body = if !(200..300).contains(&status) {
             BodyReader::Skip
+        } else if self.kind == ApiKind::GenerateContent && (is_sse || self.facts.stream) {
+            let format = if is_sse {
+                StreamFormat::Sse
+            } else {
+                StreamFormat::JsonArray
+            };
+            BodyReader::Gemini(Box::new(GeminiStreamReader::new(format, line_cap)))
+        } else if let (Some(operation), true) = (operation, is_event_stream) {
+            let limits = eventstream::Limits {
+                max_message_bytes: line_cap,
+                max_header_bytes: eventstream::DEFAULT_MAX_HEADER_BYTES.min(line_cap),
+            };
+            BodyReader::Bedrock(Box::new(BedrockStreamReader::new(operation, limits, line_cap)))
         } else if is_sse {
-            let line_cap = usize::try_from(self.limits.max_sse_line_bytes).unwrap_or(usize::MAX);
             BodyReader::Sse(Box::new(SseUsageReader::new(self.kind, line_cap)))
         } else {
             BodyReader::Json(TailBuffer::new(
@@ -359,6 +393,8 @@ impl Exchange {
         let mut read = |bytes: &[u8]| match body {
             BodyReader::Json(buf) => buf.push(bytes),
             BodyReader::Sse(reader) => reader.feed(bytes),
+            BodyReader::Gemini(reader) => reader.feed(bytes),
+            BodyReader::Bedrock(reader) => reader.feed(bytes),
             BodyReader::Skip => {}
         };
         let step = match &mut self.decoder {
@@ -421,12 +457,48 @@ impl Exchange {
                     None => Reading::Absent,
                 }
             }
+            BodyReader::Gemini(reader) => {
+                reader.finish();
+                match reader.usage() {
+                    Some(usage) => Reading::Usage(usage),
+                    None if reader.invalid_usage() => Reading::Invalid,
+                    None if reader.foreign_usage() => Reading::Foreign,
+                    None => Reading::Absent,
+                }
+            }
+            BodyReader::Bedrock(reader) => {
+                reader.finish();
+                match reader.usage() {
+                    Some(usage) => Reading::Usage(usage),
+                    None if reader.invalid_usage() => Reading::Invalid,
+                    None if reader.foreign_usage() => Reading::Foreign,
+                    None => Reading::Absent,
+                }
+            }
             _ => Reading::Absent,
         };
+        // An exception or error frame inside a 200 stream is a failed answer; a corrupt frame
+        // stopped reading (what was read before it stands).
+        let mut upstream_failed = upstream_failed;
+        if let BodyReader::Bedrock(reader) = &self.body {
+            let (error, failed) = (reader.decode_error(), reader.failure().is_some());
+            if let Some(error) = error {
+                self.note(UsageAnomaly::EventStream(error));
+            }
+            if failed {
+                self.note(UsageAnomaly::StreamException);
+                upstream_failed = true;
+            }
+        }
         // A stream may have had valid usage besides the invalid one (Anthropic's `message_start`
         // before a garbage `message_delta`): still an anomaly, and its output is not trusted.
         let invalid = reading == Reading::Invalid
-            || matches!(&self.body, BodyReader::Sse(reader) if reader.invalid_usage());
+            || match &self.body {
+                BodyReader::Sse(reader) => reader.invalid_usage(),
+                BodyReader::Gemini(reader) => reader.invalid_usage(),
+                BodyReader::Bedrock(reader) => reader.invalid_usage(),
+                BodyReader::Json(_) | BodyReader::Skip => false,
+            };
         if invalid {
             self.note(UsageAnomaly::InvalidUsage);
         }
@@ -436,6 +508,14 @@ impl Exchange {
         let reported = reading.usage();
         let (observed, stream_cut) = match &self.body {
             BodyReader::Sse(reader) => (
+                reader.observed_output(),
+                !reader.completed() || matches!(self.decoder, Decoder::Capped),
+            ),
+            BodyReader::Gemini(reader) => (
+                reader.observed_output(),
+                !reader.completed() || matches!(self.decoder, Decoder::Capped),
+            ),
+            BodyReader::Bedrock(reader) => (
                 reader.observed_output(),
                 !reader.completed() || matches!(self.decoder, Decoder::Capped),
             ),

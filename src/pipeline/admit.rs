@@ -5,7 +5,8 @@ use super::cache_step::{self, Asked, Lookup};
 use super::refill::Parked;
 use super::{Active, Effects, Gateway, Headers, Host, Request, State};
 use crate::admission::{self, Denied, TenantKeys, TenantPolicy};
-use crate::api::request::parse_request;
+use crate::api::dialect::{self, Call};
+use crate::api::request::read_request;
 use crate::api::rewrite::{self, Edits};
 use crate::api::{ApiKind, Usage};
 use crate::exchange::Exchange;
@@ -41,7 +42,17 @@ impl Request {
         attempts: u8,
     ) -> Effects<'g> {
         let config = &gateway.config;
-        let facts = match parse_request(kind, &body) {
+        // The path was classified at the headers; read again here for the model it names.
+        let call = headers
+            .get(":path")
+            .and_then(dialect::classify)
+            .filter(|call| call.kind == kind)
+            .unwrap_or(Call {
+                kind,
+                stream: false,
+                model: None,
+            });
+        let facts = match read_request(&call, &body) {
             Ok(facts) => facts,
             Err(err) => {
                 let refusal = Refusal::BadRequest {
@@ -151,8 +162,15 @@ impl Request {
             include_usage: admitted.plan.inject_include_usage,
             model: resolved
                 .as_ref()
-                .filter(|r| r.upstream_model != facts.model)
+                .filter(|r| r.upstream_model != facts.model && call.model.is_none())
                 .map(|r| r.upstream_model.clone()),
+        };
+        // Gemini, Vertex and Bedrock name the model in the path: routing rewrites it there.
+        let new_path = match (&call.model, &resolved) {
+            (Some(at), Some(r)) if r.upstream_model != facts.model => headers
+                .get(":path")
+                .and_then(|raw| dialect::with_model(raw, at, &r.upstream_model)),
+            _ => None,
         };
         // Usage is read from the response: ask for it uncompressed (gzip is still decoded when
         // an upstream ignores this).
@@ -182,6 +200,9 @@ impl Request {
                     return self.refuse(kind, Some((tenant, label)), model, &rewrite_failed());
                 }
             }
+        }
+        if let Some(path) = new_path {
+            effects.headers.push((":path", Some(path)));
         }
         if let (Some(routing), Some(r)) = (&config.routing, &resolved) {
             effects.headers.extend([

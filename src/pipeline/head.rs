@@ -1,7 +1,7 @@
 //! The request headers: which API, which tenant, whether the body may come (and the usage view).
 
 use super::{Effects, Gateway, Headers, Host, Request, State, buffered};
-use crate::api::{ApiKind, Family};
+use crate::api::{Family, dialect};
 use crate::metrics::LabelId;
 use crate::reply::{LocalReply, Refusal};
 use crate::tenant::{KeyDigest, TenantSource, bearer_token};
@@ -31,15 +31,32 @@ impl Request {
         {
             return self.serve_usage_view(gateway, host, &headers);
         }
-        let Some(kind) = ApiKind::from_path(path) else {
+        let Some(kind) = dialect::classify(path).map(|call| call.kind) else {
             return Effects::proceed();
         };
         if headers.get(":method") != Some(b"POST") {
             return Effects::proceed();
         }
-        let tenant = match identify(gateway, host, &headers) {
+        // Gemini's `?key=`: read as a credential, and cut from `:path` before anything can log
+        // or forward it (first, so a refusal's access-log line never shows it either).
+        let taken = (kind.family() == Family::Google)
+            .then(|| dialect::take_query_key(path))
+            .flatten();
+        let mut headers = headers;
+        let mut query_keys = Vec::new();
+        let mut scrubbed = None;
+        if let Some((clean, keys)) = taken {
+            query_keys = keys;
+            headers.apply(&[(":path", Some(clean.clone()))]);
+            scrubbed = Some(clean);
+        }
+        let tenant = match identify(gateway, host, &headers, &query_keys) {
             Ok(tenant) => tenant,
-            Err(refusal) => return self.refuse(kind, None, None, &refusal),
+            Err(refusal) => {
+                let mut effects = self.refuse(kind, None, None, &refusal);
+                effects.request_path = scrubbed;
+                return effects;
+            }
         };
         let label = config.labels.tenant_id(&tenant);
         let limit = config.limits.max_request_body_bytes;
@@ -47,27 +64,31 @@ impl Request {
             .get("content-length")
             .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
         if declared_length.is_some_and(|len| len > limit) {
-            return self.refuse(
+            let mut effects = self.refuse(
                 kind,
                 Some((tenant, label)),
                 None,
                 &Refusal::TooLarge { limit },
             );
+            effects.request_path = scrubbed;
+            return effects;
         }
         if end_of_stream {
             let refusal = Refusal::BadRequest {
                 param: None,
                 message: "The request has no body; a JSON body is required.".into(),
             };
-            return self.refuse(kind, Some((tenant, label)), None, &refusal);
+            let mut effects = self.refuse(kind, Some((tenant, label)), None, &refusal);
+            effects.request_path = scrubbed;
+            return effects;
         }
         // A client must never pick the cluster. With routing, Tollgate sets the routing header
         // itself once the body is read (and makes Envoy match again); without, it goes now.
         let mut effects = Effects::pause();
+        effects.request_path = scrubbed;
         if config.routing.is_none() {
             effects.headers.push(("x-tollgate-route", None));
         }
-        let mut headers = headers;
         headers.apply(&effects.headers);
         self.state = State::AwaitingBody {
             kind,
@@ -179,6 +200,7 @@ fn identify<H: Host + ?Sized>(
     gateway: &Gateway,
     host: &H,
     headers: &Headers,
+    query_keys: &[Vec<u8>],
 ) -> Result<String, Refusal> {
     let identity = &gateway.config.identity;
     let found = match &identity.source {
@@ -186,7 +208,8 @@ fn identify<H: Host + ?Sized>(
         TenantSource::Metadata(path) => identity.resolve_value(host.property(path).as_deref()),
         TenantSource::ApiKey(_) => {
             let entries = headers.0.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
-            identity.resolve_api_key(entries)
+            let query = query_keys.iter().map(|k| ("x-goog-api-key", k.as_slice()));
+            identity.resolve_api_key(entries.chain(query))
         }
     };
     found.map_err(|why| Refusal::Unauthenticated {

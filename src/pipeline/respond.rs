@@ -70,16 +70,16 @@ impl Request {
         }
         if let Some(rate) = active.admitted.rate {
             let reset_in = rate.reset_ms.saturating_sub(host.now_ms());
-            let headers: [(&'static str, String); 3] = match exchange.kind.family() {
-                Family::OpenAi => [
+            let headers: Option<[(&'static str, String); 3]> = match exchange.kind.family() {
+                Family::OpenAi => Some([
                     ("x-ratelimit-limit-tokens", rate.limit.to_string()),
                     ("x-ratelimit-remaining-tokens", rate.remaining.to_string()),
                     (
                         "x-ratelimit-reset-tokens",
                         window::openai_duration(reset_in),
                     ),
-                ],
-                Family::Anthropic => [
+                ]),
+                Family::Anthropic => Some([
                     ("anthropic-ratelimit-tokens-limit", rate.limit.to_string()),
                     (
                         "anthropic-ratelimit-tokens-remaining",
@@ -89,9 +89,13 @@ impl Request {
                         "anthropic-ratelimit-tokens-reset",
                         window::rfc3339(rate.reset_ms),
                     ),
-                ],
+                ]),
+                // Google and Bedrock send no rate-limit headers of their own.
+                Family::Google | Family::Aws => None,
             };
-            edits.extend(headers.map(|(n, v)| (n, Some(v.into_bytes()))));
+            if let Some(headers) = headers {
+                edits.extend(headers.map(|(n, v)| (n, Some(v.into_bytes()))));
+            }
         }
         headers.apply(&edits);
         let mut effects = Effects {

@@ -87,7 +87,13 @@ impl Reading {
 
 /// [`usage_from_json`], telling a foreign-shaped usage object from a missing one.
 pub fn read_json_usage(kind: ApiKind, body: &[u8]) -> Reading {
-    Reading::of(kind, usage_at(body, &["usage"]))
+    match kind {
+        ApiKind::GenerateContent | ApiKind::EmbedContent => super::gemini::read_body_usage(body),
+        ApiKind::Converse => super::bedrock_stream::converse_body_usage(body),
+        // A token count generates nothing and is never charged.
+        ApiKind::CountTokens => Reading::Absent,
+        _ => Reading::of(kind, usage_at(body, &["usage"])),
+    }
 }
 
 /// The usage of a JSON body that was cut short (an upstream reset, a client that left): `prefix`
@@ -95,7 +101,14 @@ pub fn read_json_usage(kind: ApiKind, body: &[u8]) -> Reading {
 /// value arrived whole before the cut; found by a forward parse (the backward scan needs the
 /// body's end), `O(prefix)` once per such response.
 pub fn read_cut_json_usage(kind: ApiKind, prefix: &[u8]) -> Reading {
-    Reading::of(kind, parse::parse_usage_prefix(prefix))
+    match kind {
+        // Google and Bedrock put usage after the answer: a cut body is charged by the fallbacks.
+        ApiKind::GenerateContent
+        | ApiKind::EmbedContent
+        | ApiKind::CountTokens
+        | ApiKind::Converse => Reading::Absent,
+        _ => Reading::of(kind, parse::parse_usage_prefix(prefix)),
+    }
 }
 
 #[cfg(test)]

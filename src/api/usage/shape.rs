@@ -45,12 +45,17 @@ impl RawUsage {
             }
             ApiKind::Embeddings => self.prompt_tokens.is_some(),
             ApiKind::Responses => self.input_tokens.is_some() || self.output_tokens.is_some(),
-            ApiKind::Messages => {
+            ApiKind::Messages | ApiKind::RawPredict | ApiKind::Invoke => {
                 self.input_tokens.is_some()
                     || self.output_tokens.is_some()
                     || self.cache_read_input_tokens.is_some()
                     || self.cache_creation_input_tokens.is_some()
             }
+            // Their usage has its own readers (`gemini`, `bedrock_stream`).
+            ApiKind::GenerateContent
+            | ApiKind::EmbedContent
+            | ApiKind::CountTokens
+            | ApiKind::Converse => false,
         }
     }
 
@@ -74,12 +79,16 @@ impl RawUsage {
                 input: n(self.prompt_tokens),
                 ..Usage::default()
             },
-            ApiKind::Messages => anthropic(
+            ApiKind::Messages | ApiKind::RawPredict | ApiKind::Invoke => anthropic(
                 n(self.input_tokens),
                 n(self.output_tokens),
                 n(self.cache_read_input_tokens),
                 n(self.cache_creation_input_tokens),
             ),
+            ApiKind::GenerateContent
+            | ApiKind::EmbedContent
+            | ApiKind::CountTokens
+            | ApiKind::Converse => Usage::default(),
         }
     }
 }
