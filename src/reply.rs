@@ -381,20 +381,35 @@ mod tests {
             json(&r),
             serde_json::json!({"error":{"code":429,"message":"spent","status":"RESOURCE_EXHAUSTED"}})
         );
-        let r = Refusal::Forbidden { message: "no".into() }.reply(Family::Google);
+        let r = Refusal::Forbidden {
+            message: "no".into(),
+        }
+        .reply(Family::Google);
         assert_eq!(json(&r)["error"]["status"], "PERMISSION_DENIED");
         let r = q.reply(Family::Aws);
         assert_eq!(json(&r), serde_json::json!({"message":"spent"}));
-        assert!(r.headers.contains(&("x-amzn-errortype", "ServiceQuotaExceededException".into())));
+        assert!(
+            r.headers
+                .contains(&("x-amzn-errortype", "ServiceQuotaExceededException".into()))
+        );
         let r = Refusal::RateLimited {
             message: "slow".into(),
             retry_after_secs: 2,
             kind: "tokens",
         }
         .reply(Family::Aws);
-        assert!(r.headers.contains(&("x-amzn-errortype", "ThrottlingException".into())));
-        let r = Refusal::Unauthenticated { message: "who".into() }.reply(Family::Aws);
-        assert!(r.headers.contains(&("x-amzn-errortype", "UnrecognizedClientException".into())));
+        assert!(
+            r.headers
+                .contains(&("x-amzn-errortype", "ThrottlingException".into()))
+        );
+        let r = Refusal::Unauthenticated {
+            message: "who".into(),
+        }
+        .reply(Family::Aws);
+        assert!(
+            r.headers
+                .contains(&("x-amzn-errortype", "UnrecognizedClientException".into()))
+        );
     }
 
     #[test]

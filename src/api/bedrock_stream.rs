@@ -404,15 +404,19 @@ impl ConverseReading {
 /// body is parsed whole only when the scan cannot vouch for the bytes.
 pub fn converse_body_usage(body: &[u8]) -> usage::Reading {
     match usage::locate_key_backward(body, b"usage", 1) {
-        usage::Locate::Found(value) => match serde_json::from_slice::<Option<ObjectOnly<ConverseUsage>>>(value) {
-            Ok(Some(ObjectOnly(raw))) => converse_counts(&raw).reading(),
-            Ok(None) => usage::Reading::Absent,
-            Err(_) => usage::Reading::Invalid,
-        },
+        usage::Locate::Found(value) => {
+            match serde_json::from_slice::<Option<ObjectOnly<ConverseUsage>>>(value) {
+                Ok(Some(ObjectOnly(raw))) => converse_counts(&raw).reading(),
+                Ok(None) => usage::Reading::Absent,
+                Err(_) => usage::Reading::Invalid,
+            }
+        }
         usage::Locate::Absent => usage::Reading::Absent,
         usage::Locate::Unsure => match converse_usage(body) {
             // Not JSON as a whole: nothing to read (not garbage usage).
-            ConverseReading::Invalid if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() => {
+            ConverseReading::Invalid
+                if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() =>
+            {
                 usage::Reading::Absent
             }
             other => other.reading(),

@@ -127,7 +127,9 @@ fn bedrock(path: &[u8]) -> Option<Call> {
     let slash = rest.iter().rposition(|b| *b == b'/')?;
     let (id, operation) = rest.split_at(slash);
     let operation = operation.get(1..)?;
-    let &(_, kind, stream) = BEDROCK_OPERATIONS.iter().find(|(o, _, _)| *o == operation)?;
+    let &(_, kind, stream) = BEDROCK_OPERATIONS
+        .iter()
+        .find(|(o, _, _)| *o == operation)?;
     if id.is_empty() {
         return None;
     }
@@ -170,9 +172,10 @@ fn encode(name: &str) -> String {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'@') {
             out.push(char::from(b));
         } else {
+            let hex = |n: u8| char::from(HEX.get(usize::from(n)).copied().unwrap_or(b'0'));
             out.push('%');
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0x0f)]));
+            out.push(hex(b >> 4));
+            out.push(hex(b & 0x0f));
         }
     }
     out
@@ -263,7 +266,10 @@ mod tests {
     #[test]
     fn classifies_every_shape() {
         let cases: [(&str, Option<(ApiKind, bool)>); 30] = [
-            ("/v1/chat/completions", Some((ApiKind::ChatCompletions, false))),
+            (
+                "/v1/chat/completions",
+                Some((ApiKind::ChatCompletions, false)),
+            ),
             (
                 "/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21",
                 Some((ApiKind::ChatCompletions, false)),
@@ -292,9 +298,18 @@ mod tests {
                 "/v1beta1/publishers/google/models/gemini-2.5-pro:generateContent/",
                 Some((ApiKind::GenerateContent, false)),
             ),
-            ("/v1/models/m:embedContent", Some((ApiKind::EmbedContent, false))),
-            ("/v1/models/m:batchEmbedContents", Some((ApiKind::EmbedContent, false))),
-            ("/v1/models/m:countTokens?key=k", Some((ApiKind::CountTokens, false))),
+            (
+                "/v1/models/m:embedContent",
+                Some((ApiKind::EmbedContent, false)),
+            ),
+            (
+                "/v1/models/m:batchEmbedContents",
+                Some((ApiKind::EmbedContent, false)),
+            ),
+            (
+                "/v1/models/m:countTokens?key=k",
+                Some((ApiKind::CountTokens, false)),
+            ),
             (
                 "/v1/projects/p/locations/l/publishers/anthropic/models/claude-sonnet-4@20250514:rawPredict",
                 Some((ApiKind::RawPredict, false)),
@@ -303,14 +318,23 @@ mod tests {
                 "/v1/projects/p/locations/l/publishers/anthropic/models/claude-sonnet-4@20250514:streamRawPredict",
                 Some((ApiKind::RawPredict, true)),
             ),
-            ("/v1/projects/p/locations/l/publishers/google/models/g:rawPredict", None),
+            (
+                "/v1/projects/p/locations/l/publishers/google/models/g:rawPredict",
+                None,
+            ),
             ("/v1/models/:generateContent", None),
             ("/v1/models/m:generate", None),
             ("/v1/tunedModels/m:generateContent", None),
-            ("/model/anthropic.claude-3-haiku-20240307-v1:0/converse", Some((ApiKind::Converse, false))),
+            (
+                "/model/anthropic.claude-3-haiku-20240307-v1:0/converse",
+                Some((ApiKind::Converse, false)),
+            ),
             ("/model/m/converse-stream", Some((ApiKind::Converse, true))),
             ("/model/m/invoke", Some((ApiKind::Invoke, false))),
-            ("/model/m/invoke-with-response-stream/", Some((ApiKind::Invoke, true))),
+            (
+                "/model/m/invoke-with-response-stream/",
+                Some((ApiKind::Invoke, true)),
+            ),
             ("/model//converse", None),
             ("/model/m/converse-streaming", None),
             ("/models/m/converse", None),
@@ -328,14 +352,25 @@ mod tests {
             Some("arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-5-sonnet")
         );
         assert_eq!(
-            model("/model/arn:aws:bedrock:us-east-1:1:application-inference-profile/abc123/invoke").as_deref(),
+            model("/model/arn:aws:bedrock:us-east-1:1:application-inference-profile/abc123/invoke")
+                .as_deref(),
             Some("arn:aws:bedrock:us-east-1:1:application-inference-profile/abc123")
         );
-        assert_eq!(model("/gw/model/us.amazon.nova-pro-v1:0/converse?x=1").as_deref(), Some("us.amazon.nova-pro-v1:0"));
-        assert_eq!(model("/v1beta/models/gemini%2D2.5:generateContent").as_deref(), Some("gemini-2.5"));
+        assert_eq!(
+            model("/gw/model/us.amazon.nova-pro-v1:0/converse?x=1").as_deref(),
+            Some("us.amazon.nova-pro-v1:0")
+        );
+        assert_eq!(
+            model("/v1beta/models/gemini%2D2.5:generateContent").as_deref(),
+            Some("gemini-2.5")
+        );
         assert_eq!(model("/v1/chat/completions"), None);
         // Undecodable: classified (the route table sends it here), refused later.
-        for bad in ["/model/a%zz/converse", "/model/%ff/converse", "/model/a%2/converse"] {
+        for bad in [
+            "/model/a%zz/converse",
+            "/model/%ff/converse",
+            "/model/a%2/converse",
+        ] {
             let call = classify(bad.as_bytes()).unwrap();
             assert_eq!(call.model.unwrap().name, None, "{bad}");
         }
@@ -346,13 +381,21 @@ mod tests {
         let raw = b"/v1/model/old%3Aid/converse-stream?x=1";
         let call = classify(raw).unwrap();
         let m = call.model.unwrap();
-        let out = with_model(raw, &m, "arn:aws:bedrock:us-east-1:1:inference-profile/us.x").unwrap();
+        let out = with_model(
+            raw,
+            &m,
+            "arn:aws:bedrock:us-east-1:1:inference-profile/us.x",
+        )
+        .unwrap();
         assert_eq!(
             out,
             b"/v1/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ainference-profile%2Fus.x/converse-stream?x=1"
         );
         let again = classify(&out).unwrap().model.unwrap().name;
-        assert_eq!(again.as_deref(), Some("arn:aws:bedrock:us-east-1:1:inference-profile/us.x"));
+        assert_eq!(
+            again.as_deref(),
+            Some("arn:aws:bedrock:us-east-1:1:inference-profile/us.x")
+        );
         let raw = b"/v1/projects/p/locations/l/publishers/anthropic/models/a@1:rawPredict";
         let m = classify(raw).unwrap().model.unwrap();
         assert_eq!(
@@ -363,7 +406,8 @@ mod tests {
 
     #[test]
     fn query_keys_are_taken_out() {
-        let (path, keys) = take_query_key(b"/v1/models/m:generateContent?key=abc%2Bd&alt=sse").unwrap();
+        let (path, keys) =
+            take_query_key(b"/v1/models/m:generateContent?key=abc%2Bd&alt=sse").unwrap();
         assert_eq!(path, b"/v1/models/m:generateContent?alt=sse");
         assert_eq!(keys, vec![b"abc+d".to_vec()]);
         let (path, keys) = take_query_key(b"/v1/models/m:countTokens?alt=sse&key=a&key=b").unwrap();

@@ -282,7 +282,9 @@ pub fn read_request(call: &Call, body: &[u8]) -> Result<RequestFacts, RequestErr
     let Some(model) = path_model.name.as_deref() else {
         return Err(RequestError {
             param: Some("model".into()),
-            message: "The model named in the request path is not a valid percent-encoded UTF-8 name".into(),
+            message:
+                "The model named in the request path is not a valid percent-encoded UTF-8 name"
+                    .into(),
         });
     };
     let mut facts = match call.kind {
@@ -340,7 +342,10 @@ fn converse_max_tokens(body: &[u8]) -> Result<Option<u64>, RequestError> {
     };
     let parsed: ConverseBody = serde_json::from_slice(body).map_err(|err| {
         if err.is_data() {
-            refused(format!("Invalid value for 'inferenceConfig.maxTokens': {}", without_position(&err)))
+            refused(format!(
+                "Invalid value for 'inferenceConfig.maxTokens': {}",
+                without_position(&err)
+            ))
         } else {
             RequestError {
                 param: None,
@@ -351,7 +356,8 @@ fn converse_max_tokens(body: &[u8]) -> Result<Option<u64>, RequestError> {
     let max = parsed.inference_config.and_then(|c| c.max_tokens);
     if max == Some(0) {
         return Err(refused(
-            "Invalid value for 'inferenceConfig.maxTokens': 0 is below the minimum value of 1".into(),
+            "Invalid value for 'inferenceConfig.maxTokens': 0 is below the minimum value of 1"
+                .into(),
         ));
     }
     Ok(max)

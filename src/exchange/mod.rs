@@ -41,10 +41,10 @@ pub use bounds::{UsageAnomaly, UsageBounds};
 pub use decode::INFLATE_STATE_BYTES;
 pub use record::record_fields;
 
-use crate::api::request::RequestFacts;
 use crate::api::bedrock_stream::{BedrockStreamReader, StreamOperation};
 use crate::api::eventstream;
 use crate::api::gemini::{GeminiStreamReader, StreamFormat};
+use crate::api::request::RequestFacts;
 use crate::api::sse::SseUsageReader;
 use crate::api::strip::UsageChunkStripper;
 use crate::api::usage::{Reading, read_cut_json_usage, read_json_usage};
@@ -291,7 +291,9 @@ impl Exchange {
                 max_message_bytes: line_cap,
                 max_header_bytes: eventstream::DEFAULT_MAX_HEADER_BYTES.min(line_cap),
             };
-            BodyReader::Bedrock(Box::new(BedrockStreamReader::new(operation, limits, line_cap)))
+            BodyReader::Bedrock(Box::new(BedrockStreamReader::new(
+                operation, limits, line_cap,
+            )))
         } else if is_sse {
             BodyReader::Sse(Box::new(SseUsageReader::new(self.kind, line_cap)))
         } else {
