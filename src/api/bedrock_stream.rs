@@ -404,8 +404,10 @@ impl ConverseReading {
 /// body is parsed whole only when the scan cannot vouch for the bytes.
 pub fn converse_body_usage(body: &[u8]) -> usage::Reading {
     match usage::locate_key_backward(body, b"usage", 1) {
+        // The slice runs from the value to the body's end: read one value, not to the end.
         usage::Locate::Found(value) => {
-            match serde_json::from_slice::<Option<ObjectOnly<ConverseUsage>>>(value) {
+            let mut de = serde_json::Deserializer::from_slice(value);
+            match Option::<ObjectOnly<ConverseUsage>>::deserialize(&mut de) {
                 Ok(Some(ObjectOnly(raw))) => converse_counts(&raw).reading(),
                 Ok(None) => usage::Reading::Absent,
                 Err(_) => usage::Reading::Invalid,
@@ -812,5 +814,30 @@ mod tests {
                 prop_assert_eq!(out, bytes);
             }
         }
+    }
+}
+#[cfg(test)]
+mod body_usage_tests {
+    use super::*;
+
+    #[test]
+    fn converse_json_body_usage() {
+        let body = br#"{"metrics":{"latencyMs":100},"output":{"message":{"content":[{"text":"hello"}],"role":"assistant"}},"stopReason":"end_turn","usage":{"cacheReadInputTokens":600,"cacheWriteInputTokens":400,"inputTokens":5,"outputTokens":9,"totalTokens":1014}}"#;
+        assert_eq!(
+            converse_body_usage(body)
+                .usage()
+                .map(|u| (u.input, u.output)),
+            Some((1005, 9))
+        );
+        // Its tail works as well; garbage counts are invalid, not zero.
+        let tail = body.get(body.len() - 120..).unwrap();
+        assert!(converse_body_usage(tail).usage().is_some());
+        let bad = br#"{"usage":{"inputTokens":-1,"outputTokens":9}}"#;
+        assert_eq!(converse_body_usage(bad), usage::Reading::Invalid);
+        assert_eq!(
+            converse_body_usage(b"{\"output\":{}}"),
+            usage::Reading::Absent
+        );
+        assert_eq!(converse_body_usage(b"not json"), usage::Reading::Absent);
     }
 }

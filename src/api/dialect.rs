@@ -9,6 +9,7 @@
 //! | `…/models/{m}:embedContent`, `:batchEmbedContents` | `EmbedContent` | path | no |
 //! | `…/models/{m}:countTokens` | `CountTokens` | path | no |
 //! | `…/publishers/anthropic/models/{m}:rawPredict`, `:streamRawPredict` | `RawPredict` | path | path |
+//! | `…/publishers/anthropic/models/count-tokens:rawPredict` (Claude's token count) | `CountTokens` | body | no |
 //! | `…/model/{id}/converse`, `/converse-stream` | `Converse` | path | path |
 //! | `…/model/{id}/invoke`, `/invoke-with-response-stream` | `Invoke` | path | path |
 //!
@@ -106,6 +107,14 @@ fn google(path: &[u8]) -> Option<Call> {
     }
     if kind == ApiKind::RawPredict && !before.ends_with(b"/publishers/anthropic/models") {
         return None;
+    }
+    // Claude's token count on Vertex: `…/models/count-tokens:rawPredict`, the model in the body.
+    if kind == ApiKind::RawPredict && model == b"count-tokens" {
+        return Some(Call {
+            kind: ApiKind::CountTokens,
+            stream: false,
+            model: None,
+        });
     }
     let start = slash.checked_add(1)?;
     Some(Call {
@@ -265,7 +274,7 @@ mod tests {
 
     #[test]
     fn classifies_every_shape() {
-        let cases: [(&str, Option<(ApiKind, bool)>); 30] = [
+        let cases: [(&str, Option<(ApiKind, bool)>); 31] = [
             (
                 "/v1/chat/completions",
                 Some((ApiKind::ChatCompletions, false)),

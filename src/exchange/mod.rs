@@ -266,10 +266,11 @@ impl Exchange {
             && (200..300).contains(&status)
             && matches!(self.decoder, Decoder::Identity))
         .then(|| UsageChunkStripper::new(STRIP_HOLD_BYTES));
+        const EVENT_STREAM: &[u8] = b"application/vnd.amazon.eventstream";
         let is_event_stream = content_type.is_some_and(|ct| {
             ct.trim_ascii_start()
-                .get(..30)
-                .is_some_and(|p| p.eq_ignore_ascii_case(b"application/vnd.amazon.eventstream"))
+                .get(..EVENT_STREAM.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(EVENT_STREAM))
         });
         let line_cap = usize::try_from(self.limits.max_sse_line_bytes).unwrap_or(usize::MAX);
         let operation = match self.kind {
