@@ -331,6 +331,10 @@ mod tests {
                 "/v1/projects/p/locations/l/publishers/google/models/g:rawPredict",
                 None,
             ),
+            (
+                "/v1/projects/p/locations/l/publishers/anthropic/models/count-tokens:rawPredict",
+                Some((ApiKind::CountTokens, false)),
+            ),
             ("/v1/models/:generateContent", None),
             ("/v1/models/m:generate", None),
             ("/v1/tunedModels/m:generateContent", None),

@@ -232,7 +232,6 @@ fn bedrock_event_streams_are_read_as_they_pass() {
     let stream = fixture("converse_stream.bin");
     let pieces: Vec<Vec<u8>> = stream.chunks(13).map(<[u8]>::to_vec).collect();
     let path = "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.anthropic.claude-sonnet-4/converse-stream";
-    let body = json!({"messages": []});
     let t = run(
         &gw,
         &host,
