@@ -145,6 +145,12 @@ import socket, string, struct, sys, termios, threading, time, uuid, zlib  # noqa
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+sys.modules.setdefault("fake_upstream", sys.modules[__name__])  # one module, run or imported
+try:  # the Gemini / Vertex dialects (a container that mounts only this file answers them 404)
+    import fake_google  # noqa: E402
+except ImportError:
+    fake_google = None
+
 API_SUFFIXES = (("/chat/completions", "chat_completions"), ("/responses", "responses"),
                 ("/embeddings", "embeddings"), ("/messages", "messages"))
 SECRET_HEADERS = ("authorization", "x-api-key")
@@ -687,7 +693,10 @@ class Handler(BaseHTTPRequestHandler):
         path, method = urlsplit(self.path).path.rstrip("/"), self.command
         raw = self._read_body()
         api = next((name for suffix, name in API_SUFFIXES if path.endswith(suffix)), None)
-        if (method, path) == ("GET", "/healthz"):
+        google = fake_google.match(path) if method == "POST" and fake_google else None
+        if google:
+            fake_google.handle(self, google, raw)
+        elif (method, path) == ("GET", "/healthz"):
             self._send_simple(200, b"ok", "text/plain")
         elif (method, path) == ("GET", "/ledger"):
             entry_id = parse_qs(urlsplit(self.path).query).get("id", [None])[0]
@@ -815,7 +824,8 @@ class Handler(BaseHTTPRequestHandler):
                                   sent_sha256=digest.hexdigest())
 
     def _write_json(self, entry, status, obj, usage_included, extra, gz, reset_after, reset_before_end=None):
-        data = gzip.compress(_jdump(obj), mtime=0) if gz else _jdump(obj)
+        data = obj if isinstance(obj, bytes) else _jdump(obj)
+        data = gzip.compress(data, mtime=0) if gz else data
         self._start(status, "application/json", extra, len(data))
         if reset_before_end:
             reset_after = max(0, len(data) - reset_before_end)
@@ -826,9 +836,10 @@ class Handler(BaseHTTPRequestHandler):
         self.server.ledger.update(entry, completed=True, usage_sent=usage_included)
         self.wfile.write(data)
 
-    def _write_sse(self, entry, events, usage_idx, extra, gz, reset_after, split):
+    def _write_sse(self, entry, events, usage_idx, extra, gz, reset_after, split,
+                   ctype="text/event-stream; charset=utf-8"):
         ledger, total = self.server.ledger, len(events)
-        self._start(200, "text/event-stream; charset=utf-8", [("cache-control", "no-cache")] + extra)
+        self._start(200, ctype, [("cache-control", "no-cache")] + extra)
         reset = reset_after is not None and reset_after < total
         events = events[:reset_after] if reset else events
         blobs = list(events)
