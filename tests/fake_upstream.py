@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Fake OpenAI / Anthropic upstream for Tollgate end-to-end tests.
+"""Fake OpenAI / Anthropic / Gemini upstream for Tollgate end-to-end tests.
 
-Speaks just enough of the real wire formats that the official ``openai`` and
-``anthropic`` Python SDKs parse its replies (JSON and SSE), and keeps a ledger
+Speaks just enough of the real wire formats that the official ``openai``,
+``anthropic`` (AnthropicVertex too) and ``google-genai`` Python SDKs parse its
+replies (JSON and SSE), and keeps a ledger
 of every API request together with the usage it reported, so tests can compare
 what the filter accounted with what the "provider" actually sent.
 Python 3.11 standard library only.
@@ -20,6 +21,33 @@ Endpoints (POST, matched by path suffix, query string ignored):
     .../responses          OpenAI Responses          (api "responses")
     .../embeddings         OpenAI Embeddings         (api "embeddings")
     .../messages           Anthropic Messages        (api "messages")
+Google dialects (tests/fake_google.py; `{m}` = the model segment, percent-decoded
+into the ledger's "model"; AI Studio `/v1|v1beta/models/{m}`, Vertex
+`/v1|v1beta1/projects/P/locations/L/publishers/google/models/{m}`, express mode
+`/v1beta1/publishers/google/models/{m}`; any prefix, trailing slash allowed):
+    .../models/{m}:generateContent         Gemini JSON             (api "generate_content")
+    .../models/{m}:streamGenerateContent   ?alt=sse: SSE, `data: {...}` + CRLF CRLF;
+                                           without alt: one JSON array
+                                           `[{...}\n,\r\n{...}\n]`, one HTTP chunk
+                                           per element     (api "generate_content")
+    .../models/{m}:countTokens             {"totalTokens", "promptTokensDetails"}
+                                           (api "count_tokens": ledger usage all 0,
+                                           the count in "total_tokens")
+    .../models/{m}:embedContent            {"embedding": {"values"}}; Vertex adds
+                                           usageMetadata.promptTokenCount
+    .../models/{m}:batchEmbedContents      {"embeddings": [...]}, no usage (AI Studio;
+                                           google-genai's embed_content on AI Studio)
+                                                                    (api "embed_content")
+    .../publishers/anthropic/models/{m}:rawPredict, :streamRawPredict
+                                           Claude on Vertex: Anthropic Messages JSON /
+                                           SSE, model from the path (api "raw_predict");
+                                           {m} = count-tokens: {"input_tokens"} (api
+                                           "count_tokens")
+  Google JSON bodies are pretty-printed (two-space indent, as Google's front end),
+  SSE lines are one-line JSON; zero counts are left out of usageMetadata (proto3);
+  errors are {"error": {"code", "message", "status": "RESOURCE_EXHAUSTED"|...}}
+  (400 INVALID_ARGUMENT, 401 UNAUTHENTICATED, 403 PERMISSION_DENIED, 404 NOT_FOUND,
+  5xx INTERNAL/UNAVAILABLE/...), for rawPredict too.
 Control: ``GET /ledger`` (JSON array, arrival order; ``?id=ID``: only that id's entries, without
 dumping a ledger of tens of thousands), ``DELETE /ledger`` or
 ``POST /ledger/reset`` (clear), ``GET /healthz`` ("ok"). Anything else: 404.
@@ -65,7 +93,23 @@ x-fake-hostile: MODE               a hostile upstream (see below)
 x-fake-invalid-count: JSON         the garbage count of invalid-usage (default -1)
 x-fake-bomb-bytes: N               decoded size of a bomb / endless line
                                    (default 1 GiB = 1073741824)
+--- Google paths only (generateContent / streamGenerateContent) ---
+x-fake-sse-eol: crlf|lf|cr         line ends of the alt=sse stream (default crlf,
+                                   as Google); an event ends with two of them
+x-fake-usage-placement: MODE       streams: `every` (default) = usageMetadata with
+                                   running totals on every chunk; `last` = only on
+                                   the last chunk; `separate` = a final usage-only
+                                   chunk (no candidates)
+x-fake-tool-prompt-tokens: N       toolUsePromptTokenCount (default 0)
+x-fake-block: REASON               200 with promptFeedback.blockReason = REASON
+                                   (e.g. SAFETY), no candidates, usage with
+                                   promptTokenCount only (a stream: one chunk)
 =================================  =========================================
+On Google paths x-fake-status, -status-server, -reset-after (SSE events /
+JSON-array elements / JSON bytes), -reset-before-end, -split, -hold-ms,
+-no-usage, -delay-ms, -chunks, -gzip, -record-body, -generate and the usage
+knobs work as above; x-fake-hostile takes absurd-usage, foreign-usage and
+invalid-usage only (invalid-usage poisons candidatesTokenCount).
 Knobs combine (split + gzip + reset-after cuts the gzip stream after event N).
 A malformed knob (non-integer, negative) gives a 400 in the API's shape.
 The content text contains non-ASCII ("café ☕"), so random byte splits can cut
@@ -124,6 +168,24 @@ embeddings (output 0). Normalised usage ``input`` counts ALL prompt tokens
                        cache_creation_input_tokens = cache_write_input,
                        output_tokens = output (message_start says 1; the
                        message_delta carries the final cumulative count)
+    Gemini             promptTokenCount = x-fake-input-tokens (default the
+                       estimate above; at least cached), cachedContentTokenCount
+                       = cached_input (inside promptTokenCount),
+                       toolUsePromptTokenCount = x-fake-tool-prompt-tokens,
+                       thoughtsTokenCount = reasoning, candidatesTokenCount =
+                       output - reasoning; totalTokenCount = their sum. The
+                       ledger's normalised usage: input = promptTokenCount +
+                       toolUsePromptTokenCount, output = candidatesTokenCount +
+                       thoughtsTokenCount, cached_input = cachedContentTokenCount,
+                       reasoning = thoughtsTokenCount, cache_write_input = 0.
+                       The cap is generationConfig.maxOutputTokens x candidateCount
+                       (also generation_config / max_output_tokens /
+                       candidate_count); x-fake-generate: max = the cap, else
+                       30000 x candidateCount. finishReason MAX_TOKENS when the
+                       output reaches the cap. candidateCount answers that many
+                       candidates. Embeddings: input only (AI Studio reports none:
+                       "usage_on_wire": false, "usage_sent": false).
+    Claude on Vertex   as Anthropic (cap: max_tokens)
 
 Ledger entry (recorded before the body is written, then updated)::
 
@@ -137,13 +199,24 @@ Ledger entry (recorded before the body is written, then updated)::
      "events": int (SSE events in the full reply), "events_sent": int,
      "reset": bool, "completed": bool (whole body written),
      "client_disconnected": bool, "headers": {lower-cased name: value;
-     authorization / x-api-key: true}, "body": parsed request JSON or null}
+     authorization / x-api-key / x-goog-api-key: true}, "body": parsed request JSON or null}
+Google entries add "method" (generateContent, ...), "dialect" ("ai_studio" or
+"vertex"), "stream_format" ("sse", "json_array" or null); generate_content adds
+"block", "placement", "sse_eol", "candidate_count"; embed_content
+"usage_on_wire"; count_tokens "total_tokens". "events" counts SSE events or
+JSON-array pieces (the closing "]" is a piece of its own).
 """
 
 import argparse, base64, fcntl, gzip, hashlib, json, math, os, random, signal  # noqa: E401
 import socket, string, struct, sys, termios, threading, time, uuid, zlib  # noqa: E401
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+sys.modules.setdefault("fake_upstream", sys.modules[__name__])  # one module, run or imported
+try:  # the Gemini / Vertex dialects (a container that mounts only this file answers them 404)
+    import fake_google  # noqa: E402
+except ImportError:
+    fake_google = None
 
 API_SUFFIXES = (("/chat/completions", "chat_completions"), ("/responses", "responses"),
                 ("/embeddings", "embeddings"), ("/messages", "messages"))
@@ -687,7 +760,10 @@ class Handler(BaseHTTPRequestHandler):
         path, method = urlsplit(self.path).path.rstrip("/"), self.command
         raw = self._read_body()
         api = next((name for suffix, name in API_SUFFIXES if path.endswith(suffix)), None)
-        if (method, path) == ("GET", "/healthz"):
+        google = fake_google.match(path) if method == "POST" and fake_google else None
+        if google:
+            fake_google.handle(self, google, raw)
+        elif (method, path) == ("GET", "/healthz"):
             self._send_simple(200, b"ok", "text/plain")
         elif (method, path) == ("GET", "/ledger"):
             entry_id = parse_qs(urlsplit(self.path).query).get("id", [None])[0]
@@ -815,7 +891,8 @@ class Handler(BaseHTTPRequestHandler):
                                   sent_sha256=digest.hexdigest())
 
     def _write_json(self, entry, status, obj, usage_included, extra, gz, reset_after, reset_before_end=None):
-        data = gzip.compress(_jdump(obj), mtime=0) if gz else _jdump(obj)
+        data = obj if isinstance(obj, bytes) else _jdump(obj)
+        data = gzip.compress(data, mtime=0) if gz else data
         self._start(status, "application/json", extra, len(data))
         if reset_before_end:
             reset_after = max(0, len(data) - reset_before_end)
@@ -826,9 +903,10 @@ class Handler(BaseHTTPRequestHandler):
         self.server.ledger.update(entry, completed=True, usage_sent=usage_included)
         self.wfile.write(data)
 
-    def _write_sse(self, entry, events, usage_idx, extra, gz, reset_after, split):
+    def _write_sse(self, entry, events, usage_idx, extra, gz, reset_after, split,
+                   ctype="text/event-stream; charset=utf-8"):
         ledger, total = self.server.ledger, len(events)
-        self._start(200, "text/event-stream; charset=utf-8", [("cache-control", "no-cache")] + extra)
+        self._start(200, ctype, [("cache-control", "no-cache")] + extra)
         reset = reset_after is not None and reset_after < total
         events = events[:reset_after] if reset else events
         blobs = list(events)
