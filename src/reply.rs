@@ -247,6 +247,12 @@ impl Refusal {
                 "api_error",
             ),
         };
+        // Bedrock models a spent quota as 400 `ServiceQuotaExceededException`; botocore's legacy
+        // retry mode retries every 429, so a spent budget must not be one there.
+        let status = match (family, self) {
+            (Family::Aws, Refusal::QuotaExceeded { .. }) => 400,
+            _ => status,
+        };
         let google_status = google_status(status);
         let aws_type = self.aws_error_type();
         let body = match family {

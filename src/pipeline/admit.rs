@@ -8,7 +8,7 @@ use crate::admission::{self, Denied, TenantKeys, TenantPolicy};
 use crate::api::dialect::{self, Call};
 use crate::api::request::read_request;
 use crate::api::rewrite::{self, Edits};
-use crate::api::{ApiKind, Usage};
+use crate::api::{ApiKind, Family, Usage};
 use crate::exchange::Exchange;
 use crate::metrics::{LabelId, Stat, StatUpdate};
 use crate::reply::Refusal;
@@ -166,12 +166,18 @@ impl Request {
                 .map(|r| r.upstream_model.clone()),
         };
         // Gemini, Vertex and Bedrock name the model in the path: routing rewrites it there.
-        let new_path = match (&call.model, &resolved) {
-            (Some(at), Some(r)) if r.upstream_model != facts.model => headers
-                .get(":path")
-                .and_then(|raw| dialect::with_model(raw, at, &r.upstream_model)),
-            _ => None,
-        };
+        // Bedrock's segment is always sent fully percent-encoded, as botocore sends it: Envoy's
+        // path normalisation turns a `%2F` into `/`, and Bedrock does not find the model then.
+        let new_path = call.model.as_ref().and_then(|at| {
+            let name = resolved
+                .as_ref()
+                .map_or(facts.model.as_str(), |r| r.upstream_model.as_str());
+            if name == facts.model && kind.family() != Family::Aws {
+                return None;
+            }
+            let raw = headers.get(":path")?;
+            dialect::with_model(raw, at, name).filter(|path| path.as_slice() != raw)
+        });
         // Usage is read from the response: ask for it uncompressed (gzip is still decoded when
         // an upstream ignores this).
         let mut effects = Effects::proceed();

@@ -18,7 +18,7 @@ from google.oauth2.credentials import Credentials
 from conftest import KEYS, api_key_config, sha256
 from harness import ROOT, Envoy, FakeUpstream, http
 
-pytestmark = pytest.mark.skip(reason="issue 20: waits for the dialect wiring")
+# (was skipped until the dialect wiring landed)
 
 MODEL = "gemini-2.5-flash"
 CLAUDE = "claude-sonnet-4-5@20250929"
@@ -57,7 +57,8 @@ def gup():
 
 @pytest.fixture(scope="module")
 def genv(gup):
-    config = api_key_config(prices={"*": {"input": "1.00", "output": "2.00"}})
+    config = api_key_config(prices={"*": {"input": "1.00", "output": "2.00"},
+                                    "gemini-metrics-probe": {"input": "1.00", "output": "2.00"}})
     config["identity"]["api_keys"].append({"sha256": sha256(BROKE_KEY), "tenant": "broke"})
     config["tenants"]["broke"] = {"limits": [{"name": "daily", "usd": "0.000001", "window": "day"}]}
     proc = Envoy(config, gup.port)

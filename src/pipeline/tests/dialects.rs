@@ -320,6 +320,21 @@ fn routing_rewrites_the_model_in_the_path_not_the_body() {
         t.request_edit("x-tollgate-route").as_deref(),
         Some("bedrock")
     );
+    // A Bedrock ARN that arrived with a raw `/` (Envoy unescapes `%2F`) goes out encoded.
+    let raw_slash = "/model/arn:aws:bedrock:us-east-1:1:application-inference-profile/abc/converse";
+    let gw2 = metered(json!({}));
+    let t = run(
+        &gw2,
+        &host,
+        &bedrock(raw_slash, json!({"messages": []})),
+        None,
+    );
+    assert_eq!(
+        t.request_edit(":path").as_deref(),
+        Some(
+            "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Aapplication-inference-profile%2Fabc/converse"
+        )
+    );
     // Same upstream name: the path stays as the client sent it.
     let t = run(&gw, &host, &gemini(GENERATE, json!({"contents": []})), None);
     assert_eq!(t.request_edit(":path"), None);
@@ -356,7 +371,7 @@ fn spent_budgets_refuse_in_each_apis_shape_without_retry_loops() {
         &bedrock(CONVERSE, json!({"messages": []})),
         None,
     );
-    assert_eq!(t.status(), 429);
+    assert_eq!(t.status(), 400);
     assert_eq!(
         t.reply_header("x-amzn-errortype").as_deref(),
         Some("ServiceQuotaExceededException")
