@@ -46,8 +46,9 @@ Knobs (besides fake_upstream's x-fake-request-id, -delay-ms, -chunks, -hold-ms, 
     x-fake-corrupt-crc: N           stream: flip one byte of frame N's payload (0-based), so its
                                     message CRC is wrong
 SigV4 (server flag `--sigv4 ACCESS_KEY:SECRET_KEY:REGION`, service `bedrock`): every Bedrock
-request's `authorization` is checked with botocore's own signer (SigV4Auth) over the request as
-received (raw path, the signed headers' values, the body); a mismatch, another key, scope or a
+request's `authorization` is checked with botocore's own signer (SigV4Auth; over exactly the headers
+named in SignedHeaders, without botocore's client-side blacklist) over the request as received
+(raw path, the signed headers' values, the body); a mismatch, another key, scope or a
 wrong `x-amz-content-sha256` answers 403 InvalidSignatureException, none answers 403
 MissingAuthenticationTokenException. The ledger's `sigv4` is "ok", "bad" or "absent" (null
 without --sigv4), `sigv4_reason` says why it was bad.
@@ -103,10 +104,31 @@ def error_body(status, message, error_type=None):
 
 
 # --------------------------------------------------------------------------- SigV4
+def _server_side_signer():
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import HTTPHeaders
+
+    class ServerSideSigV4(SigV4Auth):
+        """botocore's SigV4 over exactly the headers the client signed: botocore's client-side
+        blacklist (user-agent, connection, …) is its own choice of what to sign; a server checks
+        whatever SignedHeaders names (Envoy signs user-agent, for one)."""
+
+        def headers_to_sign(self, request):
+            header_map = HTTPHeaders()
+            for name, value in request.headers.items():
+                header_map[name.lower()] = value
+            return header_map
+
+    return ServerSideSigV4
+
+
+def _ServerSideSigV4(*args):
+    return _server_side_signer()(*args)
+
+
 def verify_sigv4(config, method, raw_path, header_pairs, body, now=None):
     """("ok" | "bad" | "absent", reason, canonical request) for a request as received.
     `config` = (access_key, secret_key, region); `header_pairs` = [(name, value)] as received."""
-    from botocore.auth import SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
@@ -149,7 +171,7 @@ def verify_sigv4(config, method, raw_path, header_pairs, body, now=None):
     request = AWSRequest(method=method, url=f"http://{headers['host']}{raw_path}",
                          headers={n: headers[n] for n in names}, data=body)
     request.context["timestamp"] = amz_date
-    signer = SigV4Auth(Credentials(access_key, secret_key), SIGV4_SERVICE, region)
+    signer = _ServerSideSigV4(Credentials(access_key, secret_key), SIGV4_SERVICE, region)
     if signer.signed_headers(signer.headers_to_sign(request)) != signed:
         return "bad", "SignedHeaders is not sorted lower-case names", None
     canonical = signer.canonical_request(request)
