@@ -45,6 +45,12 @@ Knobs (besides fake_upstream's x-fake-request-id, -delay-ms, -chunks, -hold-ms, 
                                     stream, then the stream ends
     x-fake-corrupt-crc: N           stream: flip one byte of frame N's payload (0-based), so its
                                     message CRC is wrong
+    x-fake-bedrock-routing: real    route as live Bedrock does: a modelId holding a raw "/" (an
+                                    ARN whose "/" was not sent as %2F) splits the path, and
+                                    Bedrock answers HTTP 200 with the Coral body
+                                    {"Output":{"__type":"com.amazon.coral.service#UnknownOperationException"},"Version":"1.0"}
+                                    (seen live: vercel/ai #17523, PRs #17524/#17548). Default:
+                                    the raw "/" is accepted and decoded like %2F.
 SigV4 (server flag `--sigv4 ACCESS_KEY:SECRET_KEY:REGION`, service `bedrock`): every Bedrock
 request's `authorization` is checked with botocore's own signer (SigV4Auth; over exactly the headers
 named in SignedHeaders, without botocore's client-side blacklist) over the request as received
@@ -54,7 +60,8 @@ MissingAuthenticationTokenException. The ledger's `sigv4` is "ok", "bad" or "abs
 without --sigv4), `sigv4_reason` says why it was bad.
 
 Ledger entry: fake_upstream's fields with api "converse" / "invoke", "model" the decoded
-modelId, "model_segment" (the raw path segment(s)), "operation", "path" (raw, as received),
+modelId, "model_segment" (the raw path segment(s)), "raw_slash" (the segment held a raw "/"),
+"unknown_operation" (answered as live Bedrock routes a raw "/"), "operation", "path" (raw, as received),
 "events" / "events_sent" counting event-stream frames, "stream_exception", "corrupt_frame",
 "sigv4", "sigv4_reason".
 """
@@ -84,6 +91,8 @@ ERROR_TYPES = {400: "ValidationException", 401: "UnrecognizedClientException",
 ERROR_SUFFIX = ":http://internal.amazon.com/coral/com.amazon.bedrock/"
 EVENTSTREAM = "application/vnd.amazon.eventstream"
 UNCAPPED_OUTPUT = 30000
+UNKNOWN_OPERATION = {"Output": {"__type": "com.amazon.coral.service#UnknownOperationException"},
+                     "Version": "1.0"}
 SIGV4_SERVICE = "bedrock"
 
 
@@ -94,7 +103,7 @@ def match(raw_path):
         return None
     api, stream = OPERATIONS[m["op"]]
     return {"api": api, "model": unquote(m["model"]), "model_segment": m["model"],
-            "operation": m["op"], "stream": stream}
+            "raw_slash": "/" in m["model"], "operation": m["op"], "stream": stream}
 
 
 def error_body(status, message, error_type=None):
@@ -104,7 +113,18 @@ def error_body(status, message, error_type=None):
 
 
 # --------------------------------------------------------------------------- SigV4
-def _server_side_signer():
+_signer_class = None
+
+
+def _server_side_signer(credentials, region):
+    """botocore's SigV4Auth, but over exactly the headers the request names (see below)."""
+    global _signer_class
+    if _signer_class is None:
+        _signer_class = _define_signer()
+    return _signer_class(credentials, SIGV4_SERVICE, region)
+
+
+def _define_signer():
     from botocore.auth import SigV4Auth
     from botocore.awsrequest import HTTPHeaders
 
@@ -120,10 +140,6 @@ def _server_side_signer():
             return header_map
 
     return ServerSideSigV4
-
-
-def _ServerSideSigV4(*args):
-    return _server_side_signer()(*args)
 
 
 def verify_sigv4(config, method, raw_path, header_pairs, body, now=None):
@@ -171,7 +187,7 @@ def verify_sigv4(config, method, raw_path, header_pairs, body, now=None):
     request = AWSRequest(method=method, url=f"http://{headers['host']}{raw_path}",
                          headers={n: headers[n] for n in names}, data=body)
     request.context["timestamp"] = amz_date
-    signer = _ServerSideSigV4(Credentials(access_key, secret_key), SIGV4_SERVICE, region)
+    signer = _server_side_signer(Credentials(access_key, secret_key), region)
     if signer.signed_headers(signer.headers_to_sign(request)) != signed:
         return "bad", "SignedHeaders is not sorted lower-case names", None
     canonical = signer.canonical_request(request)
@@ -304,6 +320,7 @@ def handle(handler, fu, raw, info):
     entry = {"id": h.get("x-fake-request-id") or uuid.uuid4().hex, "server": server.name,
              "api": info["api"], "operation": info["operation"], "path": handler.path,
              "model": info["model"], "model_segment": info["model_segment"],
+             "raw_slash": info["raw_slash"], "unknown_operation": False,
              "stream": info["stream"], "include_usage": True, "status": 200,
              "usage": dict.fromkeys(("input", "output", "cached_input", "cache_write_input",
                                      "reasoning"), 0),
@@ -343,6 +360,12 @@ def _answer(handler, fu, raw_len, body, entry, bad, sig):
             exc_after = int(after) if after else 1
         no_usage = (h.get("x-fake-no-usage") or "").strip().lower()
         no_usage = "anthropic" if no_usage == "anthropic" else ("1" if fu._flag(h, "x-fake-no-usage") else "")
+        real_routing = (h.get("x-fake-bedrock-routing") or "").strip().lower()
+        if real_routing not in ("", "real"):
+            raise fu.KnobError("x-fake-bedrock-routing must be real")
+        if real_routing and entry["raw_slash"]:  # Bedrock routes before it authenticates
+            ledger.update(entry, unknown_operation=True)
+            return handler._write_json(entry, 200, UNKNOWN_OPERATION, False, extra, False, None)
         if bad:
             status, error_type, message = 400, "ValidationException", bad
         elif sig in ("bad", "absent"):

@@ -167,12 +167,17 @@ def test_throttling_is_retried_twice_in_standard_mode(fake):
 
 @pytest.mark.parametrize("status,error", [(400, "ValidationException"),
                                           (403, "AccessDeniedException"),
-                                          (401, "UnrecognizedClientException")])
+                                          (401, "UnrecognizedClientException"),
+                                          # Modelled (400), not a throttle: raised once, a candidate
+                                          # for a spent budget that no retry can cure.
+                                          (400, "ServiceQuotaExceededException")])
 def test_errors_raise_the_sdks_class(fake, status, error):
-    c, rid = knobbed(fake, x_fake_status=status)
+    c, rid = knobbed(fake, x_fake_status=status, x_fake_error_type=error)
     with pytest.raises(ClientError) as err:
         c.invoke_model(modelId=MODEL, body=anthropic_body())
     assert err.value.response["Error"]["Code"] == error
+    if error != "UnrecognizedClientException":  # not in bedrock-runtime's model: plain ClientError
+        assert isinstance(err.value, getattr(c.exceptions, error))
     assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == status
     assert len([e for e in fake.ledger() if e["id"] == rid]) == 1  # not retried
 

@@ -14,7 +14,11 @@ What it shows:
   rewrite, the path after normalisation, the Host after the route's host rewrite, again on each
   retry. boto3's own signature (the client's credentials) is replaced, never forwarded.
 - Model ids as boto3 encodes them (`%3A`, `%2F`) and an ARN with a raw `/`: the exact path
-  forwarded under each listener setting, and the signature verifies under both.
+  forwarded under each listener setting, and the signature verifies under both. But the shipped
+  UNESCAPE_AND_FORWARD forwards boto3's `%2F` as `/`, which live Bedrock routes as another path
+  (HTTP 200 UnknownOperationException; the fake's x-fake-bedrock-routing: real): KEEP_UNCHANGED,
+  or re-encoding the model segment after normalisation (the Lua stand-in's REENCODE, what
+  Tollgate should do), forwards boto3's exact path.
 - The same filter in the HCM chain (after Tollgate, before the router) signs the Host the client
   sent; a route host rewrite (auto_host_rewrite in tollgate-providers.yaml) then breaks the
   signature, and a virtual host's request_headers_to_remove [authorization] would strip it.
@@ -44,10 +48,26 @@ ARN_PATH = ("/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-p
             "us.anthropic.claude-3-5-sonnet/converse")
 MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
 
-# The stand-in for Tollgate: buffers the body, lowers the output caps to 64 (a clamp).
+# The stand-in for Tollgate: buffers the body, lowers the output caps to 64 (a clamp); with
+# REENCODE, also writes the Bedrock model segment of :path fully percent-encoded again (what this
+# report proposes Tollgate does on every Bedrock request, after Envoy's path normalisation).
 CLAMP_LUA = """
+local REENCODE = __REENCODE__
+local OPS = {["converse"]=true, ["converse-stream"]=true, ["invoke"]=true,
+             ["invoke-with-response-stream"]=true}
+local function reencode(path)
+  local p, query = path, ""
+  local q = path:find("?", 1, true)
+  if q then p, query = path:sub(1, q - 1), path:sub(q) end
+  local prefix, id, op, tail = p:match("^(.-/model/)(.+)/([%a%-]+)(/*)$")
+  if not prefix or not OPS[op] then return path end
+  id = id:gsub("%%(%x%x)", function(x) return string.char(tonumber(x, 16)) end)
+  id = id:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", string.byte(c)) end)
+  return prefix .. id .. "/" .. op .. tail .. query
+end
 function envoy_on_request(h)
   if h:headers():get(":method") ~= "POST" then return end
+  if REENCODE then h:headers():replace(":path", reencode(h:headers():get(":path"))) end
   local body = h:body()
   if body == nil then return end
   local s = body:getBytes(0, body:length())
@@ -71,7 +91,7 @@ def snippet():
 
 
 def bootstrap(listen, admin, upstream_port, escaped="UNESCAPE_AND_FORWARD", placement="cluster",
-              credentials="env", host_rewrite=True):
+              credentials="env", host_rewrite=True, reencode=False):
     """A minimal Bedrock listener; `placement`: the signing filter on the cluster ("cluster", as
     the snippet) or in the HCM chain after the clamp ("hcm")."""
     snip = snippet()
@@ -103,7 +123,7 @@ def bootstrap(listen, admin, upstream_port, escaped="UNESCAPE_AND_FORWARD", plac
              "request_headers_to_remove": list(VHOST_REMOVES)}
     hcm_filters = [{"name": "envoy.filters.http.lua", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-        "default_source_code": {"inline_string": CLAMP_LUA}}}]
+        "default_source_code": {"inline_string": CLAMP_LUA.replace("__REENCODE__", "true" if reencode else "false")}}}]
     if placement == "hcm":
         opts["http_filters"] = [f for f in opts["http_filters"] if f is not signing]
         hcm_filters.append(signing)
@@ -169,6 +189,10 @@ VARIANTS = {
     "keep-unchanged+cluster-filter+inline-credentials": (
         {"escaped": "KEEP_UNCHANGED", "placement": "cluster", "credentials": "inline"},
         ARN_PATH, "ok"),
+    # The shipped listener, and the model segment written encoded again after normalisation.
+    "shipped-paths+reencoded-model+cluster-filter": (
+        {"escaped": "UNESCAPE_AND_FORWARD", "placement": "cluster", "credentials": "env",
+         "reencode": True}, ARN_PATH, "ok"),
     # In the HCM chain: right only while nothing after it changes the request...
     "shipped-paths+hcm-filter+no-host-rewrite": (
         {"escaped": "UNESCAPE_AND_FORWARD", "placement": "hcm", "credentials": "env",
@@ -186,6 +210,7 @@ def variant(request, fake, tmp_path_factory):
     proc = SigningEnvoy(tmp_path_factory.mktemp("sigv4"), fake.port, **kwargs)
     proc.host_rewrite = kwargs.get("host_rewrite", True)
     proc.placement = kwargs["placement"]
+    proc.reencode = kwargs.get("reencode", False)
     yield proc, arn_path, expected
     proc.stop()
 
@@ -261,6 +286,25 @@ def test_other_operations_and_model_ids(fake, variant, op):
                           "invoke_model_with_response_stream": ARN}[op]
 
 
+def test_live_bedrock_routing_of_the_forwarded_path(fake, variant):
+    """Live Bedrock splits a path at a raw "/" and answers HTTP 200 UnknownOperationException
+    (fake: x-fake-bedrock-routing: real): the shipped UNESCAPE_AND_FORWARD turns boto3's %2F into
+    that "/" and breaks every ARN model id; KEEP_UNCHANGED or re-encoding the segment does not."""
+    proc, arn_path, expected = variant
+    if expected != "ok":
+        pytest.skip("signature refused in this variant")
+    rid = uuid.uuid4().hex
+    c = tenant_client(proc.url, **{"x-fake-request-id": rid, "x-fake-bedrock-routing": "real"})
+    r = c.converse(modelId=ARN, messages=MESSAGES)
+    e = fake.entry(rid)
+    assert e["path"] == arn_path and e["raw_slash"] == ("inference-profile/" in arn_path)
+    if e["raw_slash"]:
+        # boto3 parses the 200 as an empty Converse answer: no output, no usage, no error.
+        assert e["unknown_operation"] and "output" not in r and "usage" not in r
+    else:
+        assert not e["unknown_operation"] and r["output"]["message"]["role"] == "assistant"
+
+
 def test_raw_slash_arn_and_a_client_signature_never_reach_bedrock(fake, variant):
     """An application inference profile ARN with its `/` unencoded, sent with a stale client
     signature and session token: Envoy's signature replaces them."""
@@ -276,7 +320,9 @@ def test_raw_slash_arn_and_a_client_signature_never_reach_bedrock(fake, variant)
                             "x-amz-security-token": "tenant-session-token"})
     assert status == (200 if expected == "ok" else 403), data
     e = check(fake, proc, "raw-" + proc.url, expected)
-    assert e["path"] == path and e["model"] == APP_ARN
+    assert e["model"] == APP_ARN
+    assert e["path"] == (path.replace("application-inference-profile/", "application-inference-profile%2F")
+                         if proc.reencode else path)
     # The route drops it; so does Envoy's signer without a session token of its own (the hcm
     # variants, where no route removes it).
     assert "x-amz-security-token" not in e["headers"]
