@@ -6,15 +6,19 @@ Speaks just enough of the real wire formats that the official ``openai``,
 replies (JSON and SSE), and keeps a ledger
 of every API request together with the usage it reported, so tests can compare
 what the filter accounted with what the "provider" actually sent.
-Python 3.11 standard library only.
+Python 3.11 standard library only, but for the Bedrock dialect (tests/fake_bedrock.py, imported
+on the first Bedrock request), which needs botocore.
 
 CLI::
 
     python3 tests/fake_upstream.py --port 0 --name NAME [--port-file PATH]
+                                   [--sigv4 ACCESS_KEY:SECRET_KEY:REGION]
 
 Binds 127.0.0.1 only (port 0 picks a free port), prints ``LISTENING <port>`` on
 stdout and, with --port-file, writes the port to PATH (atomically). Stops on
-SIGTERM/SIGINT. ``--quiet`` silences the per-request log on stderr.
+SIGTERM/SIGINT. ``--quiet`` silences the per-request log on stderr. ``--sigv4``: every Bedrock
+request must carry a valid SigV4 signature for these test credentials (service ``bedrock``),
+checked with botocore's own signer; else 403 InvalidSignatureException (see fake_bedrock).
 
 Endpoints (POST, matched by path suffix, query string ignored):
     .../chat/completions   OpenAI Chat Completions   (api "chat_completions")
@@ -48,6 +52,12 @@ into the ledger's "model"; AI Studio `/v1|v1beta/models/{m}`, Vertex
   errors are {"error": {"code", "message", "status": "RESOURCE_EXHAUSTED"|...}}
   (400 INVALID_ARGUMENT, 401 UNAUTHENTICATED, 403 PERMISSION_DENIED, 404 NOT_FOUND,
   5xx INTERNAL/UNAVAILABLE/...), for rawPredict too.
+    .../model/{modelId}/converse, /converse-stream,
+    .../model/{modelId}/invoke, /invoke-with-response-stream
+                           AWS Bedrock runtime        (api "converse" / "invoke"): answered by
+                           tests/fake_bedrock.py (event streams, Bedrock errors, SigV4 check and
+                           its own knobs x-fake-stream-exception, x-fake-corrupt-crc,
+                           x-fake-error-type: see its docstring)
 Control: ``GET /ledger`` (JSON array, arrival order; ``?id=ID``: only that id's entries, without
 dumping a ledger of tens of thousands), ``DELETE /ledger`` or
 ``POST /ledger/reset`` (clear), ``GET /healthz`` ("ok"). Anything else: 404.
@@ -773,6 +783,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send_simple(200, {"ok": True})
         elif method == "POST" and api:
             self._handle_api(api, raw)
+        elif method == "POST" and "/model/" in path and _bedrock().match(self.path):
+            _bedrock().handle(self, sys.modules[__name__], raw, _bedrock().match(self.path))
         else:
             self._send_simple(404, openai_error(404, f"Invalid URL ({method} {path})"))
 
@@ -940,14 +952,24 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
 
 
+def _bedrock():
+    """The Bedrock dialect (tests/fake_bedrock.py), imported on first use: it needs botocore."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import fake_bedrock
+    return fake_bedrock
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128  # default 5 drops SYNs under parallel tests
 
-    def __init__(self, port, name, quiet=False):
+    def __init__(self, port, name, quiet=False, sigv4=None):
         super().__init__(("127.0.0.1", port), Handler)
         self.name, self.quiet, self.ledger = name, quiet, Ledger()
+        self.sigv4 = sigv4  # (access key, secret key, region): Bedrock requests must be signed
 
 
 def main(argv=None):
@@ -956,9 +978,16 @@ def main(argv=None):
     ap.add_argument("--name", default="upstream", help="server name recorded in the ledger")
     ap.add_argument("--port-file", help="write the bound port to this file")
     ap.add_argument("--quiet", action="store_true", help="no per-request log on stderr")
+    ap.add_argument("--sigv4", metavar="ACCESS_KEY:SECRET_KEY:REGION",
+                    help="Bedrock paths: verify each request's SigV4 signature (service bedrock)")
     args = ap.parse_args(argv)
+    sigv4 = None
+    if args.sigv4:
+        sigv4 = tuple(args.sigv4.split(":"))
+        if len(sigv4) != 3 or not all(sigv4):
+            ap.error("--sigv4 wants ACCESS_KEY:SECRET_KEY:REGION")
 
-    server = Server(args.port, args.name, args.quiet)
+    server = Server(args.port, args.name, args.quiet, sigv4)
     port = server.server_address[1]
     if args.port_file:
         tmp = f"{args.port_file}.tmp{os.getpid()}"

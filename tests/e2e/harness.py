@@ -43,13 +43,16 @@ def http(method, url, body=None, headers=None, timeout=30):
 
 
 class FakeUpstream:
-    def __init__(self, name="upstream"):
+    """tests/fake_upstream.py; `args`: more command-line flags (e.g. ["--sigv4", "AK:SK:REGION"])."""
+
+    def __init__(self, name="upstream", args=()):
         self.name = name
         fd, self.port_file = tempfile.mkstemp(prefix="fake-port-")
         os.close(fd)
         os.unlink(self.port_file)
         self.proc = subprocess.Popen(
-            [sys.executable, FAKE, "--port", "0", "--name", name, "--port-file", self.port_file],
+            [sys.executable, FAKE, "--port", "0", "--name", name, "--port-file", self.port_file,
+             *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.time() + 15
