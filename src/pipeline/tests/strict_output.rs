@@ -216,3 +216,130 @@ fn output_past_the_injected_cap_is_charged_at_it() {
     assert_eq!(t.field("output_tokens"), "128");
     assert_eq!(t.field("usage_anomaly"), "clamped");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Gemini and Vertex (issue 20): `generationConfig.maxOutputTokens` per candidate times
+// `candidateCount`, in both spellings of each name, as Google's protobuf JSON parser reads them
+// (numeric strings and integral floats accepted, 0 meaning the model's default, i.e. no cap).
+
+const GEMINI: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
+const GEMINI_CONFIGS: &[&str] = &["generationConfig", "generation_config"];
+const GEMINI_KEYS: &[&str] = &[
+    "maxOutputTokens",
+    "max_output_tokens",
+    "candidateCount",
+    "candidate_count",
+];
+
+fn gemini_body(fields: &[(usize, usize, usize)]) -> Vec<u8> {
+    let mut configs: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    for &(c, k, v) in fields {
+        if let Some(config) = configs.get_mut(c % 2) {
+            config.push(format!(
+                r#""{}":{}"#,
+                GEMINI_KEYS[k % GEMINI_KEYS.len()],
+                VALUES[v % VALUES.len()]
+            ));
+        }
+    }
+    let mut body = String::from(r#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]"#);
+    for (name, members) in GEMINI_CONFIGS.iter().zip(configs.iter()) {
+        if !members.is_empty() {
+            body.push_str(&format!(r#","{name}":{{{}}}"#, members.join(",")));
+        }
+    }
+    body.push('}');
+    body.into_bytes()
+}
+
+/// The most a permissive Gemini upstream may generate for `body`: every spelling read, the
+/// largest cap and count winning. `Some(None)`: no cap; `None`: refused.
+fn gemini_permissive_output(body: &[u8]) -> Option<Option<u64>> {
+    let doc: serde_json::Map<String, Value> = serde_json::from_slice(body).ok()?;
+    let (mut cap, mut candidates) = (None, 1u64);
+    for name in GEMINI_CONFIGS {
+        let Some(config) = doc.get(*name) else {
+            continue;
+        };
+        let config = match config {
+            Value::Null => continue,
+            Value::Object(c) => c,
+            _ => return None,
+        };
+        for key in ["maxOutputTokens", "max_output_tokens"] {
+            if let Some(v) = config.get(key) {
+                cap = cap.max(lax_count(v)?.filter(|&c| c > 0));
+            }
+        }
+        for key in ["candidateCount", "candidate_count"] {
+            if let Some(v) = config.get(key) {
+                candidates = candidates.max(lax_count(v)?.unwrap_or(1));
+            }
+        }
+    }
+    Some(cap.map(|c| c.saturating_mul(candidates.max(1))))
+}
+
+fn check_gemini(body: &[u8]) -> Result<(), TestCaseError> {
+    let gw = strict_gateway();
+    let host = Fake::new();
+    let call = Call::post(GEMINI, Some("sk-a"), json!({})).raw_body(body);
+    let open = open(&gw, &host, &call);
+    if !open.trace.forwarded {
+        let status = open.trace.status();
+        prop_assert!(status == 400 || status == 429, "status {status}");
+        return Ok(());
+    }
+    let upstream = String::from_utf8_lossy(&open.trace.upstream_body).into_owned();
+    let Some(generated) = gemini_permissive_output(&open.trace.upstream_body) else {
+        return Ok(());
+    };
+    let Some(generated) = generated else {
+        return Err(TestCaseError::fail(format!(
+            "no output cap went upstream: {upstream}"
+        )));
+    };
+    let (_, reserved) = bucket(&gw, &host, "team-a", "big");
+    let output_reserved = reserved - body.len() as u64;
+    prop_assert!(
+        generated <= output_reserved,
+        "{generated} may be generated, {output_reserved} reserved: {upstream}"
+    );
+    let answer = Upstream::json(json!({"candidates": [],
+        "usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": generated}}));
+    let t = close(&gw, &host, open, Some(&answer));
+    let charged = generated.min(gw.config.limits.max_reported_tokens);
+    prop_assert_eq!(
+        t.field("output_tokens"),
+        charged.to_string(),
+        "{}",
+        upstream
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 1000,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(20),
+        ..ProptestConfig::default()
+    })]
+    #[test]
+    fn strict_reserves_all_gemini_may_generate(
+        fields in proptest::collection::vec(
+            (0usize..2, 0usize..GEMINI_KEYS.len(), 0usize..VALUES.len()), 0..5),
+    ) {
+        check_gemini(&gemini_body(&fields))?;
+    }
+}
+
+#[test]
+fn gemini_candidates_multiply_the_reserve() {
+    for body in [
+        r#"{"contents":[],"generationConfig":{"candidateCount":8}}"#,
+        r#"{"contents":[],"generationConfig":{"candidateCount":2,"maxOutputTokens":100},"generation_config":{"candidate_count":3}}"#,
+        r#"{"contents":[],"generation_config":{"max_output_tokens":50,"candidate_count":4}}"#,
+    ] {
+        check_gemini(body.as_bytes()).unwrap();
+    }
+}
