@@ -1,4 +1,6 @@
-//! `exchange::Exchange` driven the way the Envoy glue (`src/envoy/http.rs`) drives it: request
+//! `exchange::Exchange` driven the way the Envoy glue (`src/envoy/http.rs`) drives it, for every
+//! `ApiKind` (the Gemini, Vertex and Bedrock ones read their facts through `read_request` with
+//! the model and, for the streaming operations, the stream flag in the path): request
 //! facts, include_usage injected or not, the cache capture on or off, response headers (status,
 //! content type, content encoding), the body in arbitrary chunks — identity, gzip or deflate,
 //! properly compressed or corrupt, sometimes with a decompression bomb (up to 32 MiB of zeros) —
@@ -25,10 +27,13 @@
 //! `held_bytes` one), to fuzz everything else should the peak bound ever be broken.
 //!
 //! Input layout (missing bytes read as 0):
-//! - byte 0: kind (bits 0-1), request `stream` (2), request `include_usage` (3), Tollgate injected
+//! - byte 0: kind (bits 0-1, the low bits of the kind index, see byte 6), request `stream` (2:
+//!   the body's `stream` for the OpenAI/Anthropic kinds, the path's streaming operation for
+//!   `GenerateContent`, `RawPredict`, `Converse` and `Invoke`), request `include_usage` (3), Tollgate injected
 //!   include_usage (4), capture for the cache (5), routed to another model (6), the response ends
 //!   normally (7: else it is cut and `finish` sees `upstream_failed` from byte 1 bit 6);
-//! - byte 1: status (bits 0-2), content type (3-5), upstream_failed (6), an empty last chunk (7);
+//! - byte 1: status (bits 0-2), content type (3-5, the low bits of its index, see byte 6),
+//!   upstream_failed (6), an empty last chunk (7);
 //! - byte 2: content encoding (bits 0-2), how the body is encoded (3-4: 0 = compressed as the
 //!   header says, 1 = the other of gzip/zlib, 2 = not compressed, 3 = raw deflate), level (5),
 //!   body mode (6: 0 = raw bytes, 1 = each byte picks a token from `TOKENS`);
@@ -36,9 +41,14 @@
 //!   (4-5);
 //! - byte 4: bomb size (bits 0-3, see `BOMBS`), `max_decoded_response_bytes` (4-6, see
 //!   `DECODE_CAPS`); byte 5: where in the body the bomb goes (/255);
-//! - bytes 6-7, 8-9: reservation (prompt, output tokens);
-//! - byte 10: number of cuts (mod 64), then 2 bytes per cut (position = u16/65535 of the wire
-//!   body); the rest is the body.
+//! - byte 6: the kind index's high bits (bits 0-1: index = byte 0 bits 0-1 + 4 × these, mod
+//!   `KINDS.len()`), the content type index's high bit (2: index = byte 1 bits 3-5 + 8 × it);
+//! - bytes 7-8, 9-10: reservation (prompt, output tokens);
+//! - byte 11: number of cuts (mod 64), then 2 bytes per cut (position = u16/65535 of the wire
+//!   body); the rest is the body. In token mode (byte 2 bit 6) `TOKENS` include Gemini SSE
+//!   events and JSON-array pieces, and AWS event-stream frames built with real CRCs (Converse
+//!   events, Invoke `chunk` frames carrying base64 Anthropic events, exception and error
+//!   frames, one with a corrupt message CRC).
 #![no_main]
 
 use std::cell::RefCell;
@@ -51,8 +61,9 @@ use std::sync::atomic::Ordering;
 use flate2::write::DeflateEncoder;
 use flate2::{Compression, Crc};
 use libfuzzer_sys::fuzz_target;
+use tollgate::api::dialect::{Call, PathModel};
+use tollgate::api::request::{RequestFacts, parse_request, read_request};
 use tollgate::api::ApiKind;
-use tollgate::api::request::parse_request;
 use tollgate::api::strip::UsageChunkStripper;
 use tollgate::config::Limits;
 use tollgate::exchange::{Exchange, INFLATE_STATE_BYTES, UsageAnomaly, UsageSource};
@@ -88,9 +99,13 @@ const SLACK: usize = 16 * 1024;
 ///             the whole body up to the cap, then a tail of keep..2 × keep bytes,
 ///             keep = min(JSON_TAIL_BYTES, cap)
 ///           = 3 × max_sse_line_bytes                                 SSE reader (2xx, SSE):
-///             unfinished line + event type + event data, each ≤ the line cap
+///             unfinished line + event type + event data, each ≤ the line cap; the Gemini
+///             stream reader (SSE or JSON array) and the Bedrock event-stream reader count
+///             as this too: GROW × (reader + scratch) = 12 lines is the bound the
+///             `gemini_stream` (12 × max) and `eventstream` (3 × message + 9 × line, both
+///             the line cap here) targets assert for them on their own
 ///   scratch = serde_json's scratch for one escaped string while usage is parsed: at most the
-///             document parsed (JSON: the tail = reader; SSE: one event's data = max_sse_line_bytes)
+///             document parsed (JSON: the tail = reader; SSE, Gemini, Bedrock: one line)
 ///   strip   = 5 × (STRIP_HOLD_BYTES + 1) + largest_chunk           if the usage chunk is stripped:
 ///             the held-back event, a judged event's joined data and its parse scratch, and the
 ///             replacement returned for a chunk (held + chunk + what `finish` returns)
@@ -193,14 +208,20 @@ fn bound_enforced() -> bool {
 
 // ---- input ---------------------------------------------------------------------------------
 
-const KINDS: [ApiKind; 4] = [
+const KINDS: [ApiKind; 10] = [
     ApiKind::ChatCompletions,
     ApiKind::Responses,
     ApiKind::Embeddings,
     ApiKind::Messages,
+    ApiKind::GenerateContent,
+    ApiKind::EmbedContent,
+    ApiKind::CountTokens,
+    ApiKind::RawPredict,
+    ApiKind::Converse,
+    ApiKind::Invoke,
 ];
 const STATUSES: [u32; 8] = [200, 200, 200, 201, 204, 400, 429, 500];
-const CONTENT_TYPES: [Option<&[u8]>; 8] = [
+const CONTENT_TYPES: [Option<&[u8]>; 16] = [
     Some(b"application/json"),
     Some(b"text/event-stream"),
     Some(b"text/event-stream; charset=utf-8"),
@@ -209,7 +230,66 @@ const CONTENT_TYPES: [Option<&[u8]>; 8] = [
     None,
     Some(b"text/plain"),
     Some(b"text/event-strea"),
+    Some(b"application/vnd.amazon.eventstream"),
+    Some(b"application/vnd.amazon.eventstream"),
+    Some(b" APPLICATION/VND.AMAZON.EVENTSTREAM; charset=x"),
+    Some(b"application/vnd.amazon.eventstrea"),
+    Some(b"application/vnd.amazon.eventstreamX"),
+    Some(b"text/event-stream"),
+    Some(b"application/json"),
+    Some(b""),
 ];
+/// The path's streaming operation exists for these kinds (`:streamGenerateContent`,
+/// `:streamRawPredict`, `/converse-stream`, `/invoke-with-response-stream`).
+fn path_streams(kind: ApiKind) -> bool {
+    matches!(
+        kind,
+        ApiKind::GenerateContent | ApiKind::RawPredict | ApiKind::Converse | ApiKind::Invoke
+    )
+}
+
+/// The request facts of `kind`: the OpenAI/Anthropic ones from their body, the others through
+/// `read_request` with the model (and, for a streaming operation, the stream flag) in the path,
+/// as the filter reads them.
+fn request_facts(kind: ApiKind, stream: bool, asked_usage: bool, max_tokens: u16) -> RequestFacts {
+    let body = match kind {
+        ApiKind::ChatCompletions | ApiKind::Responses | ApiKind::Embeddings | ApiKind::Messages => {
+            let body = format!(
+                r#"{{"model":"m","stream":{stream},"stream_options":{{"include_usage":{asked_usage}}},"max_tokens":{max_tokens}}}"#
+            );
+            match parse_request(kind, body.as_bytes()) {
+                Ok(f) => return f,
+                Err(e) => panic!("generated request rejected: {e:?}"),
+            }
+        }
+        ApiKind::GenerateContent => {
+            format!(r#"{{"contents":[],"generationConfig":{{"maxOutputTokens":{max_tokens}}}}}"#)
+        }
+        ApiKind::EmbedContent | ApiKind::CountTokens => r#"{"contents":[]}"#.to_string(),
+        ApiKind::RawPredict | ApiKind::Invoke => format!(
+            r#"{{"anthropic_version":"bedrock-2023-05-31","messages":[],"max_tokens":{max_tokens}}}"#
+        ),
+        ApiKind::Converse => {
+            format!(r#"{{"messages":[],"inferenceConfig":{{"maxTokens":{max_tokens}}}}}"#)
+        }
+    };
+    let call = Call {
+        kind,
+        stream: stream && path_streams(kind),
+        model: Some(PathModel {
+            start: 0,
+            end: 0,
+            name: Some("m".to_string()),
+        }),
+    };
+    match read_request(&call, body.as_bytes()) {
+        Ok(f) => {
+            assert_eq!(f.stream, call.stream, "the path's stream flag was not kept");
+            f
+        }
+        Err(e) => panic!("generated request rejected: {e:?}"),
+    }
+}
 const ENCODINGS: [Option<&[u8]>; 8] = [
     None,
     Some(b"identity"),
@@ -296,7 +376,117 @@ const TOKENS: &[&str] = &[
     "é",
     FILLER_1K,
     FILLER_64K,
+    // Gemini: SSE events (running totals; CRLF, LF and CR separators), JSON-array pieces, a
+    // blocked prompt
+    "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"hi\"}]}}],\"usageMetadata\":{\"promptTokenCount\":12,\"candidatesTokenCount\":3,\"thoughtsTokenCount\":5}}\r\n\r\n",
+    "data: {\"usageMetadata\":{\"promptTokenCount\":12,\"candidatesTokenCount\":9,\"cachedContentTokenCount\":4,\"toolUsePromptTokenCount\":2}}\n\n",
+    "data: {\"promptFeedback\":{\"blockReason\":\"SAFETY\"},\"usageMetadata\":{\"promptTokenCount\":7}}\r\r",
+    "[",
+    "]",
+    ",",
+    "{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"x]}[\"}]}}]}",
+    "{\"usageMetadata\":{\"promptTokenCount\":5,\"candidatesTokenCount\":8,\"thoughtsTokenCount\":1}}",
+    "{\"usageMetadata\":{\"promptTokenCount\":-1}}",
+    // Bedrock event-stream frames (see `FRAMES`)
+    FRAME_0,
+    FRAME_1,
+    FRAME_2,
+    FRAME_3,
+    FRAME_4,
+    FRAME_5,
+    FRAME_6,
+    FRAME_7,
+    // Bedrock JSON bodies
+    "{\"output\":{\"message\":{}},\"usage\":{\"inputTokens\":10,\"outputTokens\":4,\"cacheReadInputTokens\":100}}",
+    "{\"content\":[],\"usage\":{\"input_tokens\":3,\"output_tokens\":4,\"cache_creation_input_tokens\":2}}",
 ];
+
+const FRAME_0: &str = "\u{2}F0";
+const FRAME_1: &str = "\u{2}F1";
+const FRAME_2: &str = "\u{2}F2";
+const FRAME_3: &str = "\u{2}F3";
+const FRAME_4: &str = "\u{2}F4";
+const FRAME_5: &str = "\u{2}F5";
+const FRAME_6: &str = "\u{2}F6";
+const FRAME_7: &str = "\u{2}F7";
+const FRAME_MARKERS: [&str; 8] = [
+    FRAME_0, FRAME_1, FRAME_2, FRAME_3, FRAME_4, FRAME_5, FRAME_6, FRAME_7,
+];
+
+/// (`:message-type`, event/exception type, payload, corrupt the message CRC) of each frame
+/// token. Invoke's `chunk` payloads are base64 Anthropic events (`message_start` with cache
+/// tokens, `message_delta`).
+const FRAMES: [(&str, &str, &str, bool); 8] = [
+    ("event", "messageStart", r#"{"role":"assistant"}"#, false),
+    ("event", "contentBlockDelta", r#"{"contentBlockIndex":0,"delta":{"text":"Hi"}}"#, false),
+    (
+        "event",
+        "metadata",
+        r#"{"usage":{"inputTokens":25,"outputTokens":12,"cacheReadInputTokens":3000,"cacheWriteInputTokens":1200},"metrics":{"latencyMs":8}}"#,
+        false,
+    ),
+    (
+        "event",
+        "chunk",
+        concat!(
+            r#"{"bytes":""#,
+            "eyJ0eXBlIjoibWVzc2FnZV9zdGFydCIsIm1lc3NhZ2UiOnsidXNhZ2UiOnsiaW5wdXRfdG9rZW5zIjoyNSwiY2FjaGVfcmVhZF9pbnB1dF90b2tlbnMiOjMsIm91dHB1dF90b2tlbnMiOjF9fX0=",
+            r#""}"#
+        ),
+        false,
+    ),
+    (
+        "event",
+        "chunk",
+        concat!(
+            r#"{"bytes":""#,
+            "eyJ0eXBlIjoibWVzc2FnZV9kZWx0YSIsInVzYWdlIjp7Im91dHB1dF90b2tlbnMiOjE1fX0=",
+            r#""}"#
+        ),
+        false,
+    ),
+    ("exception", "throttlingException", r#"{"message":"Too many requests"}"#, false),
+    ("error", "InternalFailure", "", false),
+    ("event", "metadata", r#"{"usage":{"inputTokens":1,"outputTokens":1}}"#, true),
+];
+
+fn eventstream_header(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.push(name.len() as u8);
+    out.extend_from_slice(name.as_bytes());
+    out.push(7);
+    out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    out.extend_from_slice(value.as_bytes());
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = Crc::new();
+    c.update(bytes);
+    c.sum()
+}
+
+/// One AWS event-stream message (prelude and its CRC, string headers, payload, message CRC).
+fn eventstream_frame(n: usize, out: &mut Vec<u8>) {
+    let (kind, name, payload, corrupt) = FRAMES[n % FRAMES.len()];
+    let mut headers = Vec::new();
+    let name_header = match kind {
+        "exception" => ":exception-type",
+        "error" => ":error-code",
+        _ => ":event-type",
+    };
+    eventstream_header(&mut headers, name_header, name);
+    eventstream_header(&mut headers, ":content-type", "application/json");
+    eventstream_header(&mut headers, ":message-type", kind);
+    let start = out.len();
+    let total = (16 + headers.len() + payload.len()) as u32;
+    out.extend_from_slice(&total.to_be_bytes());
+    out.extend_from_slice(&(headers.len() as u32).to_be_bytes());
+    let prelude_crc = crc32(&out[start..]);
+    out.extend_from_slice(&prelude_crc.to_be_bytes());
+    out.extend_from_slice(&headers);
+    out.extend_from_slice(payload.as_bytes());
+    let message_crc = crc32(&out[start..]) ^ u32::from(corrupt);
+    out.extend_from_slice(&message_crc.to_be_bytes());
+}
 
 struct Input<'a>(&'a [u8]);
 
@@ -326,6 +516,10 @@ fn expand(body: &[u8]) -> Vec<u8> {
         match TOKENS[usize::from(*b) % TOKENS.len()] {
             FILLER_1K => out.resize(out.len() + 1024, b'a'),
             FILLER_64K => out.resize(out.len() + 64 * 1024, b'a'),
+            t if t.starts_with('\u{2}') => {
+                let n = FRAME_MARKERS.iter().position(|m| *m == t).unwrap_or(0);
+                eventstream_frame(n, &mut out);
+            }
             t => out.extend_from_slice(t.as_bytes()),
         }
     }
@@ -470,13 +664,13 @@ fuzz_target!(|data: &[u8]| {
     check_encoder_once();
     check_mirrors_once();
     let mut input = Input(data);
-    let [b0, b1, b2, b3, b4, b5] = [0; 6].map(|_| input.u8());
+    let [b0, b1, b2, b3, b4, b5, b6] = [0; 7].map(|_| input.u8());
     let (prompt_reserved, output_reserved) = (input.u16(), input.u16());
     let ncuts = usize::from(input.u8() % 64);
     let cut_points: Vec<u16> = (0..ncuts).map(|_| input.u16()).collect();
     let raw_body = input.0;
 
-    let kind = KINDS[usize::from(b0 & 3)];
+    let kind = KINDS[usize::from((b0 & 3) | (b6 & 3) << 2) % KINDS.len()];
     let (stream, asked_usage, inject, capture, routed, complete) = (
         bit(b0, 2),
         bit(b0, 3),
@@ -486,7 +680,7 @@ fuzz_target!(|data: &[u8]| {
         bit(b0, 7),
     );
     let status = STATUSES[usize::from(b1 & 7)];
-    let content_type = CONTENT_TYPES[usize::from(b1 >> 3 & 7)];
+    let content_type = CONTENT_TYPES[usize::from((b1 >> 3 & 7) | (b6 >> 2 & 1) << 3)];
     let (upstream_failed, empty_last) = (bit(b1, 6), bit(b1, 7));
     let encoding = ENCODINGS[usize::from(b2 & 7)];
     let how = b2 >> 3 & 3;
@@ -550,19 +744,24 @@ fuzz_target!(|data: &[u8]| {
 
     // A max_tokens of 0 is refused since issue 18 (vLLM reads it as no cap).
     let max_tokens = output_reserved.max(1);
-    let request = format!(
-        r#"{{"model":"m","stream":{stream},"stream_options":{{"include_usage":{asked_usage}}},"max_tokens":{max_tokens}}}"#
-    );
-    let facts = match parse_request(kind, request.as_bytes()) {
-        Ok(f) => f,
-        Err(e) => panic!("generated request rejected: {e:?}"),
-    };
+    let facts = request_facts(kind, stream, asked_usage, max_tokens);
     let mut client: Vec<u8> = Vec::with_capacity(wire.len());
     let is_sse = content_type.is_some_and(|ct| {
         ct.get(..17)
             .is_some_and(|p| p.eq_ignore_ascii_case(b"text/event-stream"))
     });
     let ok = (200..300).contains(&status);
+    let is_event_stream = content_type.is_some_and(|ct| {
+        const EVENT_STREAM: &[u8] = b"application/vnd.amazon.eventstream";
+        ct.trim_ascii_start()
+            .get(..EVENT_STREAM.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(EVENT_STREAM))
+    });
+    // Which reader the exchange reads a 2xx body with: a streaming one (SSE, the Gemini stream
+    // reader, the Bedrock event-stream reader) or the JSON tail.
+    let streamed = (kind == ApiKind::GenerateContent && (is_sse || facts.stream))
+        || (matches!(kind, ApiKind::Converse | ApiKind::Invoke) && is_event_stream)
+        || is_sse;
     let served = ("m-upstream".to_string(), "route-a".to_string());
     let tenant = "tenant".to_string();
 
@@ -586,8 +785,8 @@ fuzz_target!(|data: &[u8]| {
     let held_limit = Exchange::held_bytes_bound(&limits, if capture { capture_limit } else { 0 });
     let limit = bound(
         &limits,
-        ok && !is_sse,
-        ok && is_sse,
+        ok && !streamed,
+        ok && streamed,
         rewrites,
         capture.then_some(capture_limit),
         encoded,
@@ -684,7 +883,7 @@ fuzz_target!(|data: &[u8]| {
             Some(UsageAnomaly::DecodeLimit),
             "{decoded_len} B decoded against a cap of {decode_cap} B, not flagged"
         );
-        if !is_sse {
+        if !streamed {
             assert!(
                 matches!(source, UsageSource::Reservation | UsageSource::Refunded),
                 "usage read past the decode cap: {source:?}"
