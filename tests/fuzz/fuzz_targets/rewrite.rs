@@ -3,15 +3,35 @@
 //! is a JSON object (what the filter guarantees: it parsed the body first), the result exists,
 //! parses as a JSON object and equals the input with exactly the edits applied, compared as
 //! `serde_json::Value`s:
-//! - `max_tokens` → the API's field (chat: `max_tokens` when the client used it and not
-//!   `max_completion_tokens`, else `max_completion_tokens`; responses: `max_output_tokens`;
-//!   messages: `max_tokens`); embeddings: see `EMBEDDINGS_MAX_TOKENS` below;
+//! - `max_tokens` → the API's field (chat: `max_tokens` when the client used it,
+//!   `max_completion_tokens` when it used that or not `max_tokens`, both when it used both;
+//!   responses: `max_output_tokens`;
+//!   messages: `max_tokens`); embeddings: none (see `EMBEDDINGS_MAX_TOKENS_DROPS_OTHER_EDITS`);
 //! - `include_usage` → `stream_options` is an object (replaced if it was not) with
 //!   `include_usage: true`, its other members kept;
 //! - `model` → the top-level `model` is that string;
 //! - every other top-level member unchanged.
 //!
-//! Input layout: byte 0 = kind (bits 0-1), mode (bit 2: 0 = raw body, 1 = a JSON object built
+//! The Gemini, Vertex and Bedrock kinds get only `max_tokens` edits in the filter
+//! (`plan.rs` injects `include_usage` for chat streams only; `pipeline/admit.rs` edits the body's
+//! model only when the path names none, and these name it in the path), so their oracle runs
+//! with those two edits off (the edits the input asks for still run, for "never panics"). For
+//! them, whenever `read_request` accepts the body (what the filter checks first) and the cap is
+//! at least 1, the rewritten body exists, is a JSON object that `read_request` accepts again
+//! with the same model and stream flag and no more choices (duplicate Gemini config keys: the
+//! last one is kept), and it carries the cap:
+//! - `RawPredict`, `Invoke` (Anthropic bodies): `max_tokens` is the cap;
+//! - `Converse`: `inferenceConfig` is an object (replaced if it was not) whose `maxTokens` is the
+//!   cap, its other members kept;
+//! - `GenerateContent`: when the plan would rewrite (no max, or one above the cap), the
+//!   max-output figure read back is at most the cap (every `generationConfig`/
+//!   `generation_config` spelling of `maxOutputTokens`/`max_output_tokens` is lowered, one is
+//!   added when there is none), and no top-level member but those configs changes;
+//! - `EmbedContent`, `CountTokens`: nothing to edit; the body is unchanged as a JSON value;
+//! and every other top-level member is unchanged.
+//!
+//! Input layout: byte 0 = kind (bits 0-1 and 6-7: index = bits 0-1 + 4 × bits 6-7, mod
+//! `KINDS.len()`), mode (bit 2: 0 = raw body, 1 = a JSON object built
 //! from `KEYS`/`VALUES`/`SPACES`), edits (bit 3: max_tokens, bit 4: include_usage, bit 5:
 //! model); bytes 1-8 = max_tokens (u64 LE); byte 9 = model choice; the rest is the body (or the
 //! builder's choices).
@@ -20,21 +40,38 @@
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 use tollgate::api::ApiKind;
+use tollgate::api::dialect::{Call, PathModel};
+use tollgate::api::request::read_request;
 use tollgate::api::rewrite::{Edits, apply};
 
-const KINDS: [ApiKind; 4] = [
+const KINDS: [ApiKind; 10] = [
     ApiKind::ChatCompletions,
     ApiKind::Responses,
     ApiKind::Embeddings,
     ApiKind::Messages,
+    ApiKind::GenerateContent,
+    ApiKind::EmbedContent,
+    ApiKind::CountTokens,
+    ApiKind::RawPredict,
+    ApiKind::Converse,
+    ApiKind::Invoke,
 ];
 
-/// Embeddings has no max-tokens field: `rewrite` returns the body re-serialised as soon as
-/// `max_tokens` is set, *without the other edits* (model, include_usage). The filter never asks
-/// for max_tokens on embeddings (admission's plan returns early for them), so this is latent, not
-/// live. The oracle encodes today's behaviour; flip to `false` if `rewrite` is changed to apply
-/// the other edits (the first 60 s run with `false` found the difference within seconds).
-const EMBEDDINGS_MAX_TOKENS_DROPS_OTHER_EDITS: bool = true;
+/// The kinds that name the model in the path.
+fn path_model(kind: ApiKind) -> bool {
+    !matches!(
+        kind,
+        ApiKind::ChatCompletions | ApiKind::Responses | ApiKind::Embeddings | ApiKind::Messages
+    )
+}
+
+const GEMINI_CONFIGS: [&str; 2] = ["generationConfig", "generation_config"];
+
+/// Embeddings has no max-tokens field. Until issue 20, `rewrite` returned the body re-serialised
+/// as soon as `max_tokens` was set, *without the other edits* (model, include_usage); it now
+/// applies them (the `true` oracle failed within seconds on the dialect rewrite), so this is
+/// `false`. Set it back to `true` only if that old behaviour returns.
+const EMBEDDINGS_MAX_TOKENS_DROPS_OTHER_EDITS: bool = false;
 
 const MODELS: &[&str] = &[
     "gpt-4o",
@@ -64,6 +101,14 @@ const KEYS: &[&str] = &[
     "\"include_usage\"",
     "\"x\"",
     "\"é\"",
+    "\"generationConfig\"",
+    "\"generation_config\"",
+    "\"maxOutputTokens\"",
+    "\"candidateCount\"",
+    "\"inferenceConfig\"",
+    "\"maxTokens\"",
+    "\"anthropic_version\"",
+    "\"contents\"",
 ];
 
 const VALUES: &[&str] = &[
@@ -92,6 +137,17 @@ const VALUES: &[&str] = &[
     "{\"include_usage\":false,\"x\":1}",
     "{\"model\":{\"model\":[]}}",
     "[{\"role\":\"user\",\"content\":\"hi\"}]",
+    "{\"maxOutputTokens\":100}",
+    "{\"max_output_tokens\":50000,\"candidateCount\":2}",
+    "{\"maxOutputTokens\":3,\"max_output_tokens\":90000,\"temperature\":0}",
+    "{\"maxOutputTokens\":null,\"thinkingConfig\":{\"thinking_budget\":1024}}",
+    "{\"maxOutputTokens\":\"20\"}",
+    "{\"candidate_count\":3}",
+    "{\"maxTokens\":50,\"temperature\":0.5}",
+    "{\"maxTokens\":0}",
+    "{\"stopSequences\":[\"x\"]}",
+    "\"bedrock-2023-05-31\"",
+    "[{\"role\":\"user\",\"parts\":[{\"text\":\"hi\"}]}]",
 ];
 
 const SPACES: &[&str] = &["", " ", "\n", "\t", "\r\n  "];
@@ -116,18 +172,140 @@ fn build(choices: &[u8]) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// The field `max_tokens` goes to, per the documented rule.
-fn max_field(kind: ApiKind, doc: &Map<String, Value>) -> Option<&'static str> {
+/// The fields `max_tokens` goes to, per the documented rule. Chat: `max_tokens` when the client
+/// sent it, `max_completion_tokens` when it sent that or not `max_tokens` (both when it sent
+/// both: servers disagree on which wins, so both are capped).
+fn max_fields(kind: ApiKind, doc: &Map<String, Value>) -> Vec<&'static str> {
     match kind {
-        ApiKind::ChatCompletions
-            if doc.contains_key("max_tokens") && !doc.contains_key("max_completion_tokens") =>
-        {
-            Some("max_tokens")
+        ApiKind::ChatCompletions => {
+            let legacy = doc.contains_key("max_tokens");
+            let mut fields = Vec::new();
+            if legacy {
+                fields.push("max_tokens");
+            }
+            if !legacy || doc.contains_key("max_completion_tokens") {
+                fields.push("max_completion_tokens");
+            }
+            fields
         }
-        ApiKind::ChatCompletions => Some("max_completion_tokens"),
-        ApiKind::Responses => Some("max_output_tokens"),
-        ApiKind::Messages => Some("max_tokens"),
-        ApiKind::Embeddings => None,
+        ApiKind::Responses => vec!["max_output_tokens"],
+        ApiKind::Messages | ApiKind::RawPredict | ApiKind::Invoke => vec!["max_tokens"],
+        _ => Vec::new(),
+    }
+}
+
+/// The oracle for the kinds that name the model in the path (see the module docs).
+fn check_path_kind(kind: ApiKind, body: &[u8], input: &Map<String, Value>, cap: u64) {
+    let edits = Edits {
+        max_tokens: (!kind.generates_nothing()).then_some(cap),
+        ..Edits::default()
+    };
+    let call = Call {
+        kind,
+        stream: false,
+        model: Some(PathModel {
+            start: 0,
+            end: 0,
+            name: Some("m".to_string()),
+        }),
+    };
+    let Ok(before) = read_request(&call, body) else {
+        return; // refused before any rewrite
+    };
+    if cap == 0 {
+        return;
+    }
+    let Some(got) = apply(kind, body, &edits) else {
+        panic!("no rewrite of an accepted {kind:?} body: {}", String::from_utf8_lossy(body));
+    };
+    let doc: Map<String, Value> = match serde_json::from_slice(&got) {
+        Ok(v) => v,
+        Err(e) => panic!("{kind:?} output is not a JSON object ({e}): {}", String::from_utf8_lossy(&got)),
+    };
+    let after = match read_request(&call, &got) {
+        Ok(f) => f,
+        Err(e) => panic!(
+            "{kind:?} rewrite (cap {cap}) refused on read-back: {e:?}\n body: {}\n  got: {}",
+            String::from_utf8_lossy(body),
+            String::from_utf8_lossy(&got)
+        ),
+    };
+    // Duplicate config keys: the re-serialisation keeps the last, so a `candidateCount` read
+    // from an earlier one may be gone (fewer candidates than reserved: safe), never more.
+    assert!(
+        after.model == before.model
+            && after.stream == before.stream
+            && after.choices <= before.choices,
+        "{kind:?} rewrite changed the request's facts: {before:?} → {after:?}\n body: {}\n  got: {}",
+        String::from_utf8_lossy(body),
+        String::from_utf8_lossy(&got)
+    );
+    let carries = match kind {
+        _ if kind.generates_nothing() => after.max_tokens == before.max_tokens,
+        // The plan rewrites only an absent max (strict) or one above the cap (clamp); then
+        // every spelling ends at or under the cap. (With duplicate config keys the last one
+        // wins the re-serialisation, so the figure read back may be under the cap, never over.)
+        ApiKind::GenerateContent if before.max_tokens.is_none_or(|m| m > cap) => {
+            after.max_tokens.is_some_and(|m| m <= cap)
+        }
+        ApiKind::GenerateContent => true,
+        _ => after.max_tokens == Some(cap),
+    };
+    assert!(
+        carries,
+        "{kind:?} rewrite (cap {cap}) does not carry the cap: {:?} → {:?}\n body: {}\n  got: {}",
+        before.max_tokens,
+        after.max_tokens,
+        String::from_utf8_lossy(body),
+        String::from_utf8_lossy(&got)
+    );
+    // Member by member: only the API's own field changes.
+    let edited: &[&str] = match kind {
+        ApiKind::RawPredict | ApiKind::Invoke => &["max_tokens"],
+        ApiKind::Converse => &["inferenceConfig"],
+        ApiKind::GenerateContent => &GEMINI_CONFIGS,
+        _ => &[],
+    };
+    for (key, value) in input {
+        if !edited.contains(&key.as_str()) {
+            assert!(
+                doc.get(key).is_some_and(|v| same(v, value)),
+                "{kind:?} rewrite changed member {key:?}"
+            );
+        }
+    }
+    for key in doc.keys() {
+        assert!(
+            input.contains_key(key) || edited.contains(&key.as_str()),
+            "{kind:?} rewrite added member {key:?}"
+        );
+    }
+    match kind {
+        ApiKind::RawPredict | ApiKind::Invoke => {
+            assert_eq!(doc.get("max_tokens"), Some(&Value::from(cap)));
+        }
+        ApiKind::Converse => {
+            let Some(Value::Object(config)) = doc.get("inferenceConfig") else {
+                panic!("no inferenceConfig object after the rewrite");
+            };
+            assert_eq!(config.get("maxTokens"), Some(&Value::from(cap)));
+            if let Some(Value::Object(old)) = input.get("inferenceConfig") {
+                for (k, v) in old {
+                    if k != "maxTokens" {
+                        assert!(
+                            config.get(k).is_some_and(|n| same(n, v)),
+                            "inferenceConfig.{k} changed"
+                        );
+                    }
+                }
+                assert_eq!(
+                    config.len(),
+                    old.len() + usize::from(!old.contains_key("maxTokens")),
+                    "inferenceConfig gained members"
+                );
+            }
+        }
+        _ => {}
     }
 }
 
@@ -159,7 +337,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let flags = head[0];
-    let kind = KINDS[usize::from(flags & 3)];
+    let kind = KINDS[usize::from((flags & 3) | (flags >> 6) << 2) % KINDS.len()];
     let mut max = [0u8; 8];
     max.copy_from_slice(&head[1..9]);
     // Mostly small caps, sometimes the whole u64 range.
@@ -180,6 +358,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(input) = serde_json::from_slice::<Map<String, Value>>(&body) else {
         return; // Not a JSON object: only "no panic" is promised.
     };
+    if path_model(kind) {
+        check_path_kind(kind, &body, &input, max);
+        return;
+    }
     let Some(got) = got else {
         panic!("no result for a JSON object body");
     };
@@ -196,8 +378,10 @@ fuzz_target!(|data: &[u8]| {
         && edits.max_tokens.is_some()
         && EMBEDDINGS_MAX_TOKENS_DROPS_OTHER_EDITS;
     if !embeddings_early {
-        if let (Some(n), Some(field)) = (edits.max_tokens, max_field(kind, &input)) {
-            want.insert(field.to_string(), Value::from(n));
+        if let Some(n) = edits.max_tokens {
+            for field in max_fields(kind, &input) {
+                want.insert(field.to_string(), Value::from(n));
+            }
         }
         if edits.include_usage {
             let options = want
