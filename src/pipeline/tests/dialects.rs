@@ -404,3 +404,66 @@ fn claude_on_vertex_reads_the_anthropic_body_with_the_model_in_the_path() {
     );
     assert_eq!(t.status(), 400);
 }
+
+#[test]
+fn routing_stays_within_one_api_family() {
+    let routing = |aliases: Value| {
+        json!({"routing": {"models": {
+            "gpt-4o": {"route": "openai", "api": "openai"},
+            "gemini-2.5-flash": {"route": "google", "api": "google"},
+            "gemini-2.5-pro": {"route": "google", "api": "google"}},
+            "aliases": aliases}})
+    };
+    let mixed = json!({"fast": {"targets": [{"model": "gemini-2.5-flash"}, {"model": "gpt-4o"}]}});
+    let json = serde_json::to_vec(&{
+        let mut base = json!({"identity": {"source": "header", "header": "x-tenant"}});
+        base.as_object_mut()
+            .unwrap()
+            .extend(routing(mixed).as_object().unwrap().clone());
+        base
+    })
+    .unwrap();
+    let err = crate::config::Config::from_json(&json).unwrap_err();
+    assert_eq!(err.field, "routing.aliases.fast.targets[1].model");
+    let bad = json!({"x": {"targets": [{"model": "gemini-2.5-flash"}], "downgrade_to": "gpt-4o"}});
+    let json = serde_json::to_vec(&{
+        let mut base = json!({"identity": {"source": "header", "header": "x-tenant"}});
+        base.as_object_mut()
+            .unwrap()
+            .extend(routing(bad).as_object().unwrap().clone());
+        base
+    })
+    .unwrap();
+    assert_eq!(
+        crate::config::Config::from_json(&json).unwrap_err().field,
+        "routing.aliases.x.downgrade_to"
+    );
+    // Within one family: fine; a request of another family is refused.
+    let ok =
+        json!({"gem": {"targets": [{"model": "gemini-2.5-flash"}, {"model": "gemini-2.5-pro"}]}});
+    let gw = metered(routing(ok));
+    let host = Fake::new();
+    let t = run(
+        &gw,
+        &host,
+        &Call::chat(json!({"model": "gem", "messages": []})),
+        None,
+    );
+    assert_eq!(t.status(), 400);
+    assert_eq!(t.reply_json()["error"]["param"], "model");
+    let t = run(
+        &gw,
+        &host,
+        &gemini(
+            "/v1beta/models/gem:generateContent",
+            json!({"contents": []}),
+        ),
+        None,
+    );
+    assert!(t.forwarded);
+    assert!(
+        t.request_edit(":path")
+            .unwrap()
+            .starts_with("/v1beta/models/gemini-2.5-")
+    );
+}
