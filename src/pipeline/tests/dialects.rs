@@ -467,3 +467,41 @@ fn routing_stays_within_one_api_family() {
             .starts_with("/v1beta/models/gemini-2.5-")
     );
 }
+
+#[test]
+fn gemini_streams_cut_short_are_settled_once_by_what_passed() {
+    let gw = metered(json!({}));
+    let host = Fake::new();
+    let path = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse";
+    let body = json!({"contents": [{"parts": [{"text": "q".repeat(2000)}]}],
+                      "generationConfig": {"maxOutputTokens": 500}});
+    // Chunks with text but usage only at the end: a client leaving after two is charged the
+    // two chunks it saw (observed), never the reservation, and the bucket holds nothing.
+    let chunk = |text: &str| json!({"candidates": [{"content": {"parts": [{"text": text}]}}]});
+    let mut events: Vec<Vec<u8>> = ["a", "b", "c"]
+        .iter()
+        .map(|t| format!("data: {}\r\n\r\n", chunk(t)).into_bytes())
+        .collect();
+    let last = gemini_answer(json!({"promptTokenCount": 400, "candidatesTokenCount": 30}));
+    events.push(format!("data: {last}\r\n\r\n").into_bytes());
+    let stream = raw("text/event-stream", events);
+    let left = stream.clone().cut(2, "downstream_remote_disconnect");
+    let t = run(&gw, &host, &gemini(path, body.clone()), Some(&left));
+    assert_eq!(t.records, 1);
+    assert_eq!(t.field("usage_source"), "observed");
+    assert_eq!(t.field("output_tokens"), "2");
+    let (used, reserved) = bucket(&gw, &host, "team-a", "tpd");
+    assert_eq!(reserved, 0);
+    // An upstream reset before any chunk: refunded.
+    let reset = stream.clone().cut(
+        0,
+        "upstream_reset_before_response_started{connection_termination}",
+    );
+    let t = run(&gw, &host, &gemini(path, body.clone()), Some(&reset));
+    assert_eq!(t.field("usage_source"), "refunded");
+    assert_eq!(bucket(&gw, &host, "team-a", "tpd"), (used, 0));
+    // The whole stream: the last running total.
+    let t = run(&gw, &host, &gemini(path, body), Some(&stream));
+    assert_eq!(charged(&t), (400, 30));
+    assert_eq!(bucket(&gw, &host, "team-a", "tpd"), (used + 430, 0));
+}
