@@ -54,7 +54,7 @@ DEFAULTS = {
     "AZURE_OPENAI_HOST": "example.openai.azure.com",
     # tollgate-providers.yaml: the Vertex AI region ({region}-aiplatform.googleapis.com) and the
     # Bedrock runtime region (bedrock-runtime.{region}.amazonaws.com, SigV4's region).
-    "VERTEX_REGION": "us-central1",
+    "VERTEX_REGION": "us-east5",
     "BEDROCK_REGION": "us-east-1",
 }
 
