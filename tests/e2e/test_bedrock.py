@@ -15,6 +15,13 @@ Sections: 1. the four operations with a model id, an inference-profile id and an
 chaos (exception frame, corrupt CRC, client leaving, upstream reset) settled once each; 3. refusals
 as boto3 exceptions, with the requests counted at Envoy; 4. strict and clamp mode; 5. SigV4 by
 Envoy after Tollgate rewrote the body (a second Envoy, a fake that verifies the signature).
+
+What it shows about boto3 (botocore 1.44): a token window limit (429 ThrottlingException) is sent
+3 times in standard mode (two retries); a spent USD budget (400 ServiceQuotaExceededException) and
+an unknown key (401 UnrecognizedClientException) once, in standard and legacy mode. What passed
+of an interrupted stream is charged: a ConverseStream cut before its `metadata` event is charged
+the prompt estimate + the deltas seen (`observed`); an Invoke stream whose `message_start` passed
+is charged its Anthropic usage so far (`reported`).
 """
 import copy
 import json
@@ -389,8 +396,9 @@ def refused(env, up, key, model_id=MODEL, retries=None, **body):
         time.time() - started
 
 
-def test_unknown_key_is_unrecognized_client(benv, bup):
-    code, status, lines, _ = refused(benv, bup, "sk-unknown", retries={"mode": "standard"})
+@pytest.mark.parametrize("mode", ["standard", "legacy"])
+def test_unknown_key_is_unrecognized_client(benv, bup, mode):
+    code, status, lines, _ = refused(benv, bup, "sk-unknown", retries={"mode": mode})
     assert (code, status, len(lines)) == ("UnrecognizedClientException", 401, 1)
     assert lines[0]["decision"] == "unauthenticated"
 
@@ -426,6 +434,27 @@ def test_strict_mode_injects_max_tokens(benv, bup):
     entry, line = charged(benv, bup, request_id, tenant="strict")
     assert entry["body"]["inferenceConfig"]["maxTokens"] == 64
     assert r["usage"]["outputTokens"] == 64 == int(line["output_tokens"])
+
+
+def test_strict_mode_injects_into_an_inference_config_without_max_tokens(benv, bup):
+    request_id = rid()
+    c = client(benv, key=STRICT_KEY, **hdrs(request_id, **{"x-fake-generate": "max"}))
+    events = list(c.converse_stream(modelId=PROFILE, messages=MESSAGES,
+                                    inferenceConfig={"temperature": 0.5})["stream"])
+    entry, line = charged(benv, bup, request_id, tenant="strict")
+    assert entry["body"]["inferenceConfig"] == {"temperature": 0.5, "maxTokens": 64}
+    assert events[-1]["metadata"]["usage"]["outputTokens"] == 64 == int(line["output_tokens"])
+
+
+def test_strict_mode_injects_invoke_max_tokens(benv, bup):
+    request_id = rid()
+    c = client(benv, key=STRICT_KEY, **hdrs(request_id, **{"x-fake-generate": "max"}))
+    body = json.dumps({"anthropic_version": "bedrock-2023-05-31",
+                       "messages": [{"role": "user", "content": PROMPT}]})
+    msg = json.loads(c.invoke_model(modelId=MODEL, body=body)["body"].read())
+    entry, line = charged(benv, bup, request_id, tenant="strict")
+    assert entry["body"]["max_tokens"] == 64 == msg["usage"]["output_tokens"]
+    assert "model" not in entry["body"] and "stream_options" not in entry["body"]
 
 
 def test_clamp_mode_lowers_invoke_max_tokens(benv, bup):
@@ -520,3 +549,14 @@ def test_sigv4_verifies_after_a_clamp_rewrote_the_invoke_stream_body(senv, sup, 
     assert entry["path"] == f"/model/{ENCODED[model_id]}/invoke-with-response-stream"
     _, line = charged(senv, sup, request_id, tenant="capped")
     assert line["api"] == "invoke" and int(line["output_tokens"]) == lowered
+
+
+def test_sigv4_verifies_after_strict_mode_injected_max_tokens(senv, sup):
+    request_id = rid()
+    c = client(senv, key=STRICT_KEY, **hdrs(request_id, **{"x-fake-generate": "max", "x-fake-split": "13"}))
+    events = list(c.converse_stream(modelId=MODEL, messages=MESSAGES)["stream"])
+    entry = signed(sup, request_id)
+    assert entry["body"]["inferenceConfig"] == {"maxTokens": 64}
+    assert events[-1]["metadata"]["usage"]["outputTokens"] == 64
+    assert entry["path"] == f"/model/{ENCODED[MODEL]}/converse-stream"
+    charged(senv, sup, request_id, tenant="strict")
