@@ -275,7 +275,6 @@ def test_exception_frame_inside_a_200_stream(benv, bup, op):
     # event passed, the deltas seen are charged; Invoke: message_start's usage passed.
     assert line["usage_source"] == ("observed" if op == "converse_stream" else "reported"), line
     assert int(line["output_tokens"]) < 40 and int(line["input_tokens"]) > 0, line
-    print("exception frame", op, {k: line[k] for k in ("input_tokens", "output_tokens", "usage_source")})
 
 
 def test_corrupt_crc_stops_reading_usage_without_a_trap(benv, bup):
@@ -335,7 +334,6 @@ def test_client_leaving_mid_stream(benv, bup, op):
     else:
         assert line["usage_source"] == "reported", line
         assert int(line["output_tokens"]) == entry["usage"]["output"], (line, entry)
-    print("client left", op, {k: line[k] for k in ("status", "input_tokens", "output_tokens", "usage_source")})
 
 
 @pytest.mark.parametrize("op", ["converse_stream", "invoke_model_with_response_stream"])
