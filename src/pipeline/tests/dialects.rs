@@ -505,3 +505,29 @@ fn gemini_streams_cut_short_are_settled_once_by_what_passed() {
     assert_eq!(charged(&t), (400, 30));
     assert_eq!(bucket(&gw, &host, "team-a", "tpd"), (used + 430, 0));
 }
+
+#[test]
+fn bedrock_token_count_headers_are_the_fallback_of_a_body_without_usage() {
+    let gw = metered(json!({}));
+    let host = Fake::new();
+    let body = json!({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 100,
+                      "messages": [{"role": "user", "content": "w".repeat(3000)}]});
+    let path = "/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/invoke";
+    let mut open = open(&gw, &host, &bedrock(path, body));
+    let headers = Headers(vec![
+        (":status".into(), b"200".to_vec()),
+        ("content-type".into(), b"application/json".to_vec()),
+        ("x-amzn-bedrock-input-token-count".into(), b"700".to_vec()),
+        ("x-amzn-bedrock-output-token-count".into(), b"42".to_vec()),
+    ]);
+    let effects = open.request.on_response_headers(&gw, &host, headers, false);
+    open.trace.take(effects);
+    let answer = br#"{"type":"message","content":[{"type":"text","text":"hi"}]}"#;
+    let effects = open
+        .request
+        .on_response_body(&gw, &host, answer.len(), answer, true);
+    open.trace.take(effects);
+    let t = close(&gw, &host, open, None);
+    assert_eq!(t.field("usage_source"), "reported");
+    assert_eq!(charged(&t), (700, 42));
+}
