@@ -531,3 +531,28 @@ fn bedrock_token_count_headers_are_the_fallback_of_a_body_without_usage() {
     assert_eq!(t.field("usage_source"), "reported");
     assert_eq!(charged(&t), (700, 42));
 }
+
+#[test]
+fn the_cache_keys_the_path_so_a_stream_never_gets_a_json_answer() {
+    let gw = metered(json!({"cache": {"policy": "always"}}));
+    let host = Fake::new();
+    let body = json!({"contents": [{"parts": [{"text": "capital of France? ".repeat(20)}]}]});
+    let answer = Upstream::json(gemini_answer(
+        json!({"promptTokenCount": 50, "candidatesTokenCount": 5}),
+    ));
+    let miss = run(&gw, &host, &gemini(GENERATE, body.clone()), Some(&answer));
+    assert_eq!(miss.field("cache"), "miss");
+    let hit = run(&gw, &host, &gemini(GENERATE, body.clone()), None);
+    assert_eq!(hit.field("cache"), "hit");
+    assert_eq!(hit.field("api"), "generate_content");
+    // The same body on the streaming path, or for another model: not the stored answer.
+    let stream = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse";
+    let other = "/v1beta/models/gemini-2.5-pro:generateContent";
+    for path in [stream, other] {
+        let t = run(&gw, &host, &gemini(path, body.clone()), Some(&answer));
+        assert_eq!(t.field("cache"), "miss", "{path}");
+    }
+    // The query key is not part of the key (it is cut first): the same tenant hits.
+    let keyed = Call::post(&format!("{GENERATE}?key=sk-a"), None, body);
+    assert_eq!(run(&gw, &host, &keyed, None).field("cache"), "hit");
+}
