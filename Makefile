@@ -119,7 +119,8 @@ demo-stop:
 	@if [ -f .run/demo.pid ]; then kill $$(cat .run/demo.pid) && echo "demo stopped"; else echo "no demo running"; fi
 
 # Not part of `make test`: timing is measured and printed, never asserted. Bare Envoy, a no-op and a
-# naive wasm filter, Tollgate minimal / realistic / cache hit; BENCH_ARGS="--ladder" prices each
+# naive wasm filter, Tollgate minimal / realistic / cache hit / a Gemini and a Converse request;
+# BENCH_ARGS="--before OLD.wasm" times another build beside it; BENCH_ARGS="--ladder" prices each
 # feature instead, BENCH_ARGS="--only bare,minimal" runs a subset.
 BENCH_SECONDS ?= 10
 BENCH_ARGS ?=

@@ -52,6 +52,10 @@ DEFAULTS = {
     # tollgate-providers.yaml: SDS files with the provider API keys, and the Azure OpenAI resource.
     "SECRETS_DIR": os.path.join(HERE, "secrets"),
     "AZURE_OPENAI_HOST": "example.openai.azure.com",
+    # tollgate-providers.yaml: the Vertex AI region ({region}-aiplatform.googleapis.com) and the
+    # Bedrock runtime region (bedrock-runtime.{region}.amazonaws.com, SigV4's region).
+    "VERTEX_REGION": "us-east5",
+    "BEDROCK_REGION": "us-east-1",
 }
 
 # The command-line flags every shipped Envoy runs with (the tests, `make demo`, both compose

@@ -2,8 +2,8 @@
 """`make demo`: the fake LLM upstream and the real Envoy 1.40 with tollgate.wasm, on loopback.
 
 A short narrated scenario with the official SDKs: two tenants, an alias routed to another model,
-a cache hit, a tenant hitting its token budget (the 429), an unknown key, then the ledger lines
-and the Prometheus metrics. In a terminal it then keeps Envoy up until Ctrl-C (or
+a cache hit, a Gemini call (google-genai) and a Bedrock Converse call (boto3), a tenant hitting its
+token budget (the 429), an unknown key, then the ledger lines and the Prometheus metrics. In a terminal it then keeps Envoy up until Ctrl-C (or
 `make demo-stop`); without a terminal (CI) it stops after the scenario. `--serve` / `--no-serve`
 force either.
 """
@@ -18,12 +18,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests/e2e"))
 
 import anthropic  # noqa: E402
+import boto3  # noqa: E402
 import openai  # noqa: E402
+from botocore.config import Config as BotoConfig  # noqa: E402
+from google import genai  # noqa: E402
+from google.genai import types as genai_types  # noqa: E402
 from harness import Envoy, FakeUpstream, http  # noqa: E402
 from render import ENVOY_FLAGS  # noqa: E402
 
 KEY_A, KEY_B = "sk-demo-team-a", "sk-demo-team-b"  # envoy/tollgate.json holds their SHA-256
 ADMIN_TOKEN = "tollgate-admin-demo"
+# The Gemini and Bedrock models of the demo, routed and priced as in envoy/tollgate-providers.json
+# (prices from examples/prices/prices-2026-12-07.json).
+GEMINI = "gemini-2.5-flash"
+BEDROCK = "global.anthropic.claude-sonnet-4-5-20250929-v1:0"
 PID_FILE = os.path.join(ROOT, ".run/demo.pid")
 BOLD, DIM, END = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 
@@ -59,6 +67,24 @@ def scenario(envoy):
         raw = oai.chat.completions.with_raw_response.create(
             model="gpt-4o-mini", temperature=0, messages=[{"role": "user", "content": "What is Envoy?"}])
         print(f"  attempt {attempt}: x-tollgate-cache: {raw.headers['x-tollgate-cache']}")
+
+    step("team-a: Gemini generateContent with google-genai (the model is in the path, the key in x-goog-api-key)")
+    gemini = genai.Client(api_key=KEY_A, http_options=genai_types.HttpOptions(base_url=envoy.url))
+    r = gemini.models.generate_content(model=GEMINI, contents="Hello!")
+    um = r.usage_metadata
+    print(f"  answer {r.text!r}; usageMetadata {um.prompt_token_count} prompt, {um.candidates_token_count} "
+          f"candidates, {um.thoughts_token_count or 0} thoughts (all thoughts are billed as output)")
+
+    step("team-a: Bedrock Converse with boto3 (SigV4-signed by the SDK; the tenant key in x-api-key)")
+    bedrock = boto3.client("bedrock-runtime", endpoint_url=envoy.url, region_name="us-east-1",
+                           aws_access_key_id="demo", aws_secret_access_key="demo",
+                           config=BotoConfig(retries={"mode": "standard", "max_attempts": 1}))
+    bedrock.meta.events.register("before-sign.bedrock-runtime.*",
+                                 lambda request, **_: request.headers.__setitem__("x-api-key", KEY_A))
+    r = bedrock.converse(modelId=BEDROCK, messages=[{"role": "user", "content": [{"text": "Hello!"}]}],
+                         inferenceConfig={"maxTokens": 64})
+    print(f"  answer {r['output']['message']['content'][0]['text']!r}; usage {r['usage']['inputTokens']} in, "
+          f"{r['usage']['outputTokens']} out (boto3 sent the path /model/{BEDROCK.replace(':', '%3A')}/converse)")
 
     step("team-b: an Anthropic streaming message through Envoy")
     claude = anthropic.Anthropic(base_url=envoy.url, api_key=KEY_B, max_retries=0)
@@ -97,7 +123,7 @@ def scenario(envoy):
     time.sleep(0.3)
     lines = [line for line in envoy.access_lines() if line["api"]]
     for line in lines:
-        keep = {k: line[k] for k in ("request_id", "status", "tenant", "model", "served_model", "stream",
+        keep = {k: line[k] for k in ("request_id", "status", "tenant", "api", "model", "served_model", "stream",
                                      "input_tokens", "output_tokens", "llm_cost_usd", "cache", "decision")}
         print("  " + json.dumps(keep))
 
@@ -106,7 +132,7 @@ def scenario(envoy):
         if line.startswith("tollgate_") and ("_requests{" in line or "_cost_micro_usd{" in line
                                                or "_denials{" in line or "_cache_hits{" in line):
             print("  " + line)
-    return len(lines) == 7
+    return len(lines) == 9
 
 
 def main():
@@ -115,6 +141,14 @@ def main():
     upstream = FakeUpstream("demo-provider")
     with open(os.path.join(ROOT, "envoy/tollgate.json"), encoding="utf-8") as f:
         plugin = json.load(f)
+    # Gemini and Bedrock: their routes and example prices, as in the providers config. The demo's
+    # Envoy (envoy/tollgate.yaml) has no gemini or bedrock route: its openai-default route takes
+    # these requests to the same fake provider, which speaks both dialects.
+    with open(os.path.join(ROOT, "examples/prices/prices-2026-12-07.json"), encoding="utf-8") as f:
+        example_prices = json.load(f)["prices"]
+    for model, route in ((GEMINI, "gemini"), (BEDROCK, "bedrock")):
+        plugin["routing"]["models"][model] = {"route": route}
+        plugin["prices"][model] = example_prices[model]
     fixed = {"LISTEN_PORT": "10000", "ADMIN_PORT": "9901"} if port_free(10000) and port_free(9901) else {}
     envoy = Envoy(plugin, upstream.port, extra=fixed)
     os.makedirs(os.path.dirname(PID_FILE), exist_ok=True)
@@ -134,6 +168,8 @@ def main():
          -d '{{"model":"smart","messages":[{{"role":"user","content":"hi"}}]}}'
     python3 -c "import openai; print(openai.OpenAI(base_url='{envoy.url}/v1', api_key='{KEY_A}')\\
 .chat.completions.create(model='gpt-4o-mini', messages=[{{'role':'user','content':'hi'}}]))"
+    curl -s '{envoy.url}/v1beta/models/{GEMINI}:generateContent' -H 'x-goog-api-key: {KEY_A}' \\
+         -H 'content-type: application/json' -d '{{"contents":[{{"parts":[{{"text":"hi"}}]}}]}}'
     curl -s {envoy.url}/tollgate/usage -H 'authorization: Bearer {ADMIN_TOKEN}' | jq
     curl -s {envoy.admin}/stats/prometheus | grep ^tollgate_
     tail -f {envoy.access_log}""", flush=True)

@@ -8,6 +8,7 @@
 //! (`n × 2^64/φ`), which spreads any run of requests over the targets in proportion to their
 //! weights far more evenly than independent random draws would.
 
+use crate::api::Family;
 use hashbrown::HashMap;
 
 use crate::tenant::KeyDigest;
@@ -17,6 +18,9 @@ use crate::tenant::KeyDigest;
 pub struct ModelRoute {
     pub route: String,
     pub upstream_model: String,
+    /// The API family the model is served through (`routing.models.M.api`), when declared:
+    /// a request of another family is refused, an alias may not mix families.
+    pub api: Option<Family>,
 }
 
 /// One weighted target of an alias.
@@ -63,6 +67,8 @@ pub struct Resolved {
     pub model: String,
     pub route: String,
     pub upstream_model: String,
+    /// The served model's declared API family.
+    pub api: Option<Family>,
     /// Resolved to the alias's downgrade target.
     pub downgraded: bool,
 }
@@ -131,6 +137,7 @@ impl Routing {
                 model: model.to_string(),
                 route: route.route.clone(),
                 upstream_model: route.upstream_model.clone(),
+                api: route.api,
                 downgraded,
             }),
             None => match &self.unknown {
@@ -138,6 +145,7 @@ impl Routing {
                     model: model.to_string(),
                     route: route.clone(),
                     upstream_model: model.to_string(),
+                    api: None,
                     downgraded,
                 }),
                 UnknownModel::Reject => None,
@@ -170,6 +178,7 @@ mod tests {
                 ModelRoute {
                     route: route.into(),
                     upstream_model: up.into(),
+                    api: None,
                 },
             );
         }

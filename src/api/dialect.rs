@@ -161,8 +161,7 @@ fn decode(segment: &[u8]) -> Option<String> {
     while let Some(&b) = segment.get(i) {
         if b == b'%' {
             let hex = segment.get(i.checked_add(1)?..i.checked_add(3)?)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            out.push(hex_byte(hex)?);
             i = i.checked_add(3)?;
         } else {
             out.push(b);
@@ -171,6 +170,15 @@ fn decode(segment: &[u8]) -> Option<String> {
     }
     let name = String::from_utf8(out).ok()?;
     (!name.is_empty()).then_some(name)
+}
+
+/// Two hexadecimal digits (exactly: `u8::from_str_radix` would also take a sign, `%+F`).
+fn hex_byte(pair: &[u8]) -> Option<u8> {
+    let digit = |c: u8| char::from(c).to_digit(16);
+    match pair {
+        [hi, lo] => u8::try_from(digit(*hi)? * 16 + digit(*lo)?).ok(),
+        _ => None,
+    }
 }
 
 /// Percent-encodes a model name for a path segment: unreserved characters and `@` stay, every
@@ -244,8 +252,7 @@ fn decode_query(value: &[u8]) -> Vec<u8> {
         let escaped = (b == b'%')
             .then(|| value.get(i.saturating_add(1)..i.saturating_add(3)))
             .flatten()
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
+            .and_then(hex_byte);
         match (b, escaped) {
             (_, Some(v)) => {
                 out.push(v);
@@ -383,6 +390,9 @@ mod tests {
             "/model/a%zz/converse",
             "/model/%ff/converse",
             "/model/a%2/converse",
+            // `%+F` was read as 0x0F (found by the `dialect` fuzz target).
+            "/model/a%+Fb/converse",
+            "/model/a%-1b/converse",
         ] {
             let call = classify(bad.as_bytes()).unwrap();
             assert_eq!(call.model.unwrap().name, None, "{bad}");

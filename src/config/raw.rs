@@ -116,6 +116,8 @@ pub(super) struct RawRouting {
 pub(super) struct RawModelRoute {
     pub(super) route: String,
     pub(super) upstream_model: Option<String>,
+    /// The API family the model is served through: `openai`, `anthropic`, `google`, `bedrock`.
+    pub(super) api: Option<String>,
 }
 
 #[derive(Deserialize)]

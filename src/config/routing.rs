@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use hashbrown::HashMap;
 
+use crate::api::Family;
 use crate::routing::{Alias, ModelRoute, Routing, Target, UnknownModel};
 
 use super::raw::{RawAlias, RawRouting};
@@ -29,11 +30,25 @@ pub(super) fn build_routing(raw: &RawRouting) -> Result<Routing, ConfigError> {
                 "must not be empty",
             ));
         }
+        let api = match m.api.as_deref() {
+            None => None,
+            Some("openai") => Some(Family::OpenAi),
+            Some("anthropic") => Some(Family::Anthropic),
+            Some("google") => Some(Family::Google),
+            Some("bedrock") => Some(Family::Aws),
+            Some(other) => {
+                return Err(ConfigError::new(
+                    format!("routing.models.{name}.api"),
+                    format!("\"{other}\" is not one of openai, anthropic, google, bedrock"),
+                ));
+            }
+        };
         models.insert(
             name.clone(),
             ModelRoute {
                 route: m.route.clone(),
                 upstream_model: m.upstream_model.clone().unwrap_or_else(|| name.clone()),
+                api,
             },
         );
     }
@@ -110,6 +125,33 @@ pub(super) fn aliases(
         }
         if let Some(cheaper) = &a.downgrade_to {
             known(format!("{at}.downgrade_to"), cheaper)?;
+        }
+        // Routing stays within one API: an alias whose models are served through different
+        // families (declared with `api`) could send a Gemini body to an OpenAI upstream.
+        let family = |model: &str| models.get(model).and_then(|m| m.api);
+        let named = targets
+            .iter()
+            .map(|t| t.model.as_str())
+            .chain(a.downgrade_to.as_deref());
+        let mut first: Option<(&str, Family)> = None;
+        for (i, model) in named.enumerate() {
+            let Some(api) = family(model) else { continue };
+            match first {
+                None => first = Some((model, api)),
+                Some((other, want)) if want != api => {
+                    let field = match targets.get(i) {
+                        Some(_) => format!("{at}.targets[{i}].model"),
+                        None => format!("{at}.downgrade_to"),
+                    };
+                    return Err(ConfigError::new(
+                        field,
+                        format!(
+                            "\"{model}\" is served through another API than \"{other}\"; an alias routes within one API"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
         }
         out.insert(
             name.clone(),

@@ -53,10 +53,8 @@ pub fn set_body(request: bool, size: usize, body: &[u8]) -> Result<(), Status> {
 
 /// A buffer's first `size` bytes (the plugin configuration, in `on_configure`).
 pub fn buffer(kind: BufferType, size: usize) -> Option<Bytes> {
-    match size {
-        0 => None,
-        _ => hostcalls::get_buffer(kind, 0, size).ok().flatten(),
-    }
+    let read = || hostcalls::get_buffer(kind, 0, size).ok();
+    (size > 0).then(read).flatten().flatten()
 }
 
 /// Writes filter state `wasm.<name>` (printable with `%FILTER_STATE(wasm.<name>:PLAIN)%`).

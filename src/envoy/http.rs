@@ -101,21 +101,18 @@ pub fn resume(gateway: &Gateway, id: u32, refilled: Refilled) {
 /// Executes the effects in order; `false` when the request body or length was not replaced.
 fn apply(effects: &Effects<'_>, request: bool, size: usize) -> bool {
     let mut ok = true;
-    if let Some(path) = &effects.request_path
-        && let Err(status) = host::set_header(true, ":path", Some(path))
+    // Before a reply too: a refusal's request headers are what its access-log line prints.
+    if let Some(map) = &effects.header_map
+        && let Err(status) = host::set_headers(request, map)
     {
-        warn!("tollgate could not set :path: {status:?}");
+        warn!("tollgate could not set the headers: {status:?}");
+        ok &= !(request && effects.body.is_some());
     }
     if let Some(reply) = &effects.reply {
         if let Err(status) = host::send_reply(reply, &effects.headers) {
             warn!("tollgate could not send its local reply: {status:?}");
         }
-    } else if let Some(map) = &effects.header_map {
-        if let Err(status) = host::set_headers(request, map) {
-            warn!("tollgate could not set the headers: {status:?}");
-            ok &= !(request && effects.body.is_some());
-        }
-    } else {
+    } else if effects.header_map.is_none() {
         for (name, value) in &effects.headers {
             if let Err(status) = host::set_header(request, name, value.as_deref()) {
                 warn!("tollgate could not set {name}: {status:?}");

@@ -127,6 +127,9 @@ pub struct Exchange {
     /// A copy of what the client receives, for the response cache (bounded).
     capture: Capture,
     finished: Option<(Usage, UsageSource)>,
+    /// Bedrock's `x-amzn-bedrock-{input,output}-token-count` response headers: the usage of a
+    /// non-streamed answer whose body reported none.
+    header_usage: Option<Usage>,
     /// The first anomaly met (decoding, usage shape, bounds).
     anomaly: Option<UsageAnomaly>,
 }
@@ -148,6 +151,7 @@ impl Exchange {
             served: None,
             capture: Capture::Off,
             finished: None,
+            header_usage: None,
             anomaly: None,
         }
     }
@@ -226,6 +230,16 @@ impl Exchange {
     /// The served model: the routed one, else the requested one.
     pub fn served_model(&self) -> &str {
         self.served.as_ref().map_or(&self.facts.model, |(m, _)| m)
+    }
+
+    /// Bedrock's token-count response headers (either may be missing), the fallback of a body
+    /// without usage. Their input leaves cache tokens out, as `amazon-bedrock-invocationMetrics`.
+    pub fn set_header_usage(&mut self, input: Option<u64>, output: Option<u64>) {
+        self.header_usage = (input.is_some() || output.is_some()).then(|| Usage {
+            input: input.unwrap_or(0),
+            output: output.unwrap_or(0),
+            ..Usage::default()
+        });
     }
 
     /// Tollgate asked the upstream for `include_usage`: the client must not see that chunk.
@@ -508,7 +522,11 @@ impl Exchange {
         if reading == Reading::Foreign {
             self.note(UsageAnomaly::ForeignUsage);
         }
-        let reported = reading.usage();
+        let complete_json = matches!(self.body, BodyReader::Json(_)) && self.complete;
+        let reported = match (reading, self.header_usage) {
+            (Reading::Absent, Some(headers)) if complete_json => Some(headers),
+            (reading, _) => reading.usage(),
+        };
         let (observed, stream_cut) = match &self.body {
             BodyReader::Sse(reader) => (
                 reader.observed_output(),

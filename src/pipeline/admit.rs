@@ -84,6 +84,18 @@ impl Request {
                 return self.refuse(kind, Some((tenant, label)), Some(facts.model), &refusal);
             }
         };
+        if let Some(api) = resolved.as_ref().and_then(|r| r.api)
+            && api != kind.family()
+        {
+            let refusal = Refusal::BadRequest {
+                param: Some("model".into()),
+                message: format!(
+                    "The model '{}' is not served through this API.",
+                    facts.model
+                ),
+            };
+            return self.refuse(kind, Some((tenant, label)), Some(facts.model), &refusal);
+        }
         let served = resolved
             .as_ref()
             .map_or(facts.model.as_str(), |r| r.model.as_str());

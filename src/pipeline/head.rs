@@ -54,7 +54,7 @@ impl Request {
             Ok(tenant) => tenant,
             Err(refusal) => {
                 let mut effects = self.refuse(kind, None, None, &refusal);
-                effects.request_path = scrubbed;
+                effects.header_map = scrubbed.map(|_| headers);
                 return effects;
             }
         };
@@ -70,7 +70,7 @@ impl Request {
                 None,
                 &Refusal::TooLarge { limit },
             );
-            effects.request_path = scrubbed;
+            effects.header_map = scrubbed.map(|_| headers);
             return effects;
         }
         if end_of_stream {
@@ -79,13 +79,15 @@ impl Request {
                 message: "The request has no body; a JSON body is required.".into(),
             };
             let mut effects = self.refuse(kind, Some((tenant, label)), None, &refusal);
-            effects.request_path = scrubbed;
+            effects.header_map = scrubbed.map(|_| headers);
             return effects;
         }
         // A client must never pick the cluster. With routing, Tollgate sets the routing header
         // itself once the body is read (and makes Envoy match again); without, it goes now.
         let mut effects = Effects::pause();
-        effects.request_path = scrubbed;
+        if let Some(clean) = scrubbed {
+            effects.headers.push((":path", Some(clean)));
+        }
         if config.routing.is_none() {
             effects.headers.push(("x-tollgate-route", None));
         }

@@ -67,7 +67,7 @@ impl Headers {
     }
 }
 
-/// What a callback asks the host to do, in this order: replace `:path`, edit headers, replace the body, clear
+/// What a callback asks the host to do, in this order: edit headers, replace the body, clear
 /// the route cache, send the reply (with `headers` added to it), write the record.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Effects<'g> {
@@ -75,15 +75,13 @@ pub struct Effects<'g> {
     /// extra headers of the reply.
     pub headers: Vec<(&'g str, Option<Vec<u8>>)>,
     /// The whole header map with `headers` applied, when the host is to replace the map in one
-    /// call instead of one call per edit (the response headers).
+    /// call instead of one call per edit (the response headers). With a `reply`, the request's
+    /// headers set before it (a refusal whose `?key=` was cut from `:path`).
     pub header_map: Option<Headers>,
     /// Replaces the request body (request side) or the current chunk (response side).
     pub body: Option<Vec<u8>>,
     /// Makes Envoy match the route table again (the routing header changed).
     pub clear_route_cache: bool,
-    /// Replaces the request's `:path` before anything else (before a reply too, so the access
-    /// log never shows what was cut from it: a Gemini `?key=`).
-    pub request_path: Option<Vec<u8>>,
     /// Answers the request locally.
     pub reply: Option<LocalReply>,
     /// The per-request ledger record, for filter state (`wasm.<name>`).

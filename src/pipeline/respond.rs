@@ -56,6 +56,16 @@ impl Request {
         }
         let exchange = &mut active.exchange;
         exchange.on_response_headers(head.status, head.content_type, head.content_encoding);
+        if exchange.kind.family() == Family::Aws {
+            let count = |name| {
+                let value = std::str::from_utf8(headers.get(name)?).ok()?;
+                value.trim().parse::<u64>().ok()
+            };
+            exchange.set_header_usage(
+                count("x-amzn-bedrock-input-token-count"),
+                count("x-amzn-bedrock-output-token-count"),
+            );
+        }
         let mut edits: Vec<(&'g str, Option<Vec<u8>>)> = Vec::new();
         if let Some(routing) = &gateway.config.routing {
             let model = exchange.served_model().as_bytes().to_vec();

@@ -12,6 +12,13 @@ Gateway variants, each the shipped envoy/tollgate.yaml (Envoy 1.40, V8, `--concu
              request has `temperature: 0.2`, so the cache is bypassed
   hit        the realistic config, the same body every time with `temperature: 0`: after the
              first request every request is a cache hit
+  gemini     the minimal config for a Gemini model: `…/models/gemini-2.5-flash:generateContent`,
+             a Gemini body and answer (JSON only)
+  converse   the minimal config for a Bedrock model: `…/model/anthropic.claude…:0/converse`, a
+             Converse body and answer (JSON only; Tollgate re-encodes the path's model id)
+  minimal@before, realistic@before
+             with --before WASM: the minimal and realistic configs with another build (say the
+             previous commit's), timed in the same run as the current one
 With --ladder the Tollgate variants are instead one feature added at a time (base, +tokens,
 +routing, +usd, +concurrent, +cache) and a per-feature cost table is printed.
 
@@ -27,6 +34,7 @@ the requests Envoy completed (http.llm.downstream_rq_completed). Timing comes on
 normal builds.
 
     python3 tests/bench/bench.py [--seconds 10] [--only bare,minimal] [--ladder] [--count-seconds 2]
+                                 [--before path/to/previous/tollgate.wasm]
 """
 import argparse
 import hashlib
@@ -93,7 +101,39 @@ MINIMAL = ("tokens", "routing")
 REALISTIC = LADDER
 
 
-def tollgate_config(features, tenants=50):
+GEMINI_MODEL = "gemini-2.5-flash"
+BEDROCK_MODEL = "anthropic.claude-3-5-haiku-20241022-v1:0"
+GEMINI_REQUEST = {
+    "contents": [{"role": "user", "parts": [{"text": CHAT_REQUEST["messages"][1]["content"]}]}],
+    "systemInstruction": {"parts": [{"text": CHAT_REQUEST["messages"][0]["content"]}]},
+    "generationConfig": {"maxOutputTokens": 256, "temperature": 0.2},
+}
+GEMINI_RESPONSE = json.dumps({
+    "candidates": [{"content": {"role": "model", "parts": [{"text": "Lorem ipsum dolor sit amet. " * 24}]},
+                    "finishReason": "STOP", "index": 0}],
+    "usageMetadata": {"promptTokenCount": 260, "candidatesTokenCount": 170, "totalTokenCount": 430},
+    "modelVersion": GEMINI_MODEL, "responseId": "bench",
+})
+CONVERSE_REQUEST = {
+    "messages": [{"role": "user", "content": [{"text": CHAT_REQUEST["messages"][1]["content"]}]}],
+    "system": [{"text": CHAT_REQUEST["messages"][0]["content"]}],
+    "inferenceConfig": {"maxTokens": 256, "temperature": 0.2},
+}
+CONVERSE_RESPONSE = json.dumps({
+    "output": {"message": {"role": "assistant", "content": [{"text": "Lorem ipsum dolor sit amet. " * 24}]}},
+    "stopReason": "end_turn",
+    "usage": {"inputTokens": 260, "outputTokens": 170, "totalTokens": 430},
+    "metrics": {"latencyMs": 500},
+})
+# api -> (request path, model, request body, answer file name)
+APIS = {
+    "chat": ("/v1/chat/completions", MODEL, CHAT_REQUEST, "chat.json"),
+    "gemini": (f"/v1beta/models/{GEMINI_MODEL}:generateContent", GEMINI_MODEL, GEMINI_REQUEST, "gemini.json"),
+    "converse": (f"/model/{BEDROCK_MODEL}/converse", BEDROCK_MODEL, CONVERSE_REQUEST, "converse.json"),
+}
+
+
+def tollgate_config(features, tenants=50, model=MODEL):
     """Tenants by API key (SHA-256 digests) plus `features`: tokens (one token limit), routing
     (a routing table with the requested model only), usd (a USD limit and the model's prices),
     concurrent (max_concurrent), cache (deterministic policy)."""
@@ -106,7 +146,7 @@ def tollgate_config(features, tenants=50):
         policy["limits"].append({"name": "tpm", "tokens": 10_000_000_000, "window": "minute"})
     if "usd" in features:
         policy["limits"].append({"name": "daily-usd", "usd": "1000000", "window": "day"})
-        config["prices"] = {MODEL: {"input": "0.15", "output": "0.60", "cached_input": "0.075"}}
+        config["prices"] = {model: {"input": "0.15", "output": "0.60", "cached_input": "0.075"}}
     if "concurrent" in features:
         policy["max_concurrent"] = 1000
     if not policy["limits"]:
@@ -114,37 +154,51 @@ def tollgate_config(features, tenants=50):
     if policy:
         config["tenant_defaults"] = policy
     if "routing" in features:
-        config["routing"] = {"models": {MODEL: {"route": "openai"}}}
+        config["routing"] = {"models": {model: {"route": "openai"}}}
     if "cache" in features:
         config["cache"] = {"max_entries": 256, "max_bytes": 4194304, "policy": "deterministic"}
     return config
 
 
-def variants(ladder):
-    """name -> (wasm, counting wasm or None, plugin config, request temperature)."""
-    out = {"bare": (None, None, {}, 0.2), "noop": (NOOP, None, {}, 0.2), "naive": (NAIVE, NAIVE_COUNT, {}, 0.2)}
+def variants(ladder, before=None):
+    """name -> (wasm, counting wasm or None, plugin config, request temperature, api)."""
+    out = {"bare": (None, None, {}, 0.2, "chat"), "noop": (NOOP, None, {}, 0.2, "chat"),
+           "naive": (NAIVE, NAIVE_COUNT, {}, 0.2, "chat")}
     if ladder:
         for i, feature in enumerate(("base",) + LADDER):
             name = "base" if i == 0 else "+" + feature
-            out[name] = (WASM, COUNT_WASM, tollgate_config(LADDER[:i]), 0.2)
+            out[name] = (WASM, COUNT_WASM, tollgate_config(LADDER[:i]), 0.2, "chat")
     else:
-        out["minimal"] = (WASM, COUNT_WASM, tollgate_config(MINIMAL), 0.2)
-        out["realistic"] = (WASM, COUNT_WASM, tollgate_config(REALISTIC), 0.2)
-        out["hit"] = (WASM, COUNT_WASM, tollgate_config(REALISTIC), 0)
+        out["minimal"] = (WASM, COUNT_WASM, tollgate_config(MINIMAL), 0.2, "chat")
+        out["realistic"] = (WASM, COUNT_WASM, tollgate_config(REALISTIC), 0.2, "chat")
+        out["hit"] = (WASM, COUNT_WASM, tollgate_config(REALISTIC), 0, "chat")
+        if before:
+            out["minimal@before"] = (before, None, tollgate_config(MINIMAL), 0.2, "chat")
+            out["realistic@before"] = (before, None, tollgate_config(REALISTIC), 0.2, "chat")
+        out["gemini"] = (WASM, COUNT_WASM, tollgate_config(MINIMAL, model=GEMINI_MODEL), 0.2, "gemini")
+        out["converse"] = (WASM, COUNT_WASM, tollgate_config(MINIMAL, model=BEDROCK_MODEL), 0.2, "converse")
     return out
 
 
-def request_body(stream, temperature):
+def request_body(stream, temperature, api="chat"):
+    if api == "gemini":
+        return json.dumps(dict(GEMINI_REQUEST, generationConfig=dict(GEMINI_REQUEST["generationConfig"],
+                                                                     temperature=temperature)))
+    if api == "converse":
+        return json.dumps(dict(CONVERSE_REQUEST, inferenceConfig=dict(CONVERSE_REQUEST["inferenceConfig"],
+                                                                      temperature=temperature)))
     body = dict(CHAT_REQUEST, temperature=temperature)
     if stream:
         body["stream"] = True
     return json.dumps(body)
 
 
-def request_headers(stream):
+def request_headers(stream, api="chat"):
     headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
     if stream:
         headers["x-bench-stream"] = "1"
+    if api != "chat":
+        headers["x-bench-api"] = api
     return headers
 
 
@@ -224,24 +278,24 @@ class Gateway(Proc):
                 out[name] = int(value)
         return out
 
-    def probe(self, stream, temperature):
+    def probe(self, stream, temperature, api="chat"):
         """One request as wrk sends it: (status, x-tollgate-cache, the x-tollgate-route header the
         upstream received: the backend echoes it; "-" when the gateway answered itself)."""
-        status, headers, _ = http("POST", self.url + "/v1/chat/completions",
-                                  request_body(stream, temperature).encode(), request_headers(stream))
+        status, headers, _ = http("POST", self.url + APIS[api][0],
+                                  request_body(stream, temperature, api).encode(), request_headers(stream, api))
         route = headers.get("x-bench-route", "-") or "(none)"
         return status, headers.get("x-tollgate-cache", "-"), route
 
 
-def wrk(url, connections, seconds, stream, temperature, workdir):
+def wrk(url, connections, seconds, stream, temperature, workdir, api="chat"):
     script = os.path.join(workdir, "post.lua")
     with open(script, "w") as f:
         f.write('wrk.method = "POST"\n')
-        f.write(f"wrk.body = {json.dumps(request_body(stream, temperature))}\n")
-        for k, v in request_headers(stream).items():
+        f.write(f"wrk.body = {json.dumps(request_body(stream, temperature, api))}\n")
+        for k, v in request_headers(stream, api).items():
             f.write(f'wrk.headers["{k}"] = "{v}"\n')
     proc = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script,
-                           url + "/v1/chat/completions"], capture_output=True, text=True)
+                           url + APIS[api][0]], capture_output=True, text=True)
     out = proc.stdout
 
     def number(pattern, cast=int, default=0):
@@ -266,19 +320,19 @@ def errors(r):
     return r["non2xx"] + r["socket"] + (0 if r["total"] else 1)
 
 
-def count_run(name, wasm, config, temperature, upstream, seconds, workdir):
+def count_run(name, wasm, config, temperature, upstream, seconds, workdir, api="chat"):
     """Host calls and allocations per request with a counting build:
     {stream: (calls per request, allocations per request, requests, errors)}."""
     gw = Gateway(name + ".count", wasm, config, upstream, workdir)
     out = {}
     try:
         pattern = r"^(wasmcustom\.tollgate\.bench\.|http\.llm\.downstream_rq_completed$)"
-        for stream in (False, True):
-            gw.probe(stream, temperature)
-            wrk(gw.url, 4, 1, stream, temperature, workdir)  # warm-up: VM, pools, metric ids, cache
+        for stream in STREAMS[api]:
+            gw.probe(stream, temperature, api)
+            wrk(gw.url, 4, 1, stream, temperature, workdir, api)  # warm-up: VM, pools, metric ids, cache
             time.sleep(0.3)
             before = gw.stats(pattern)
-            r = wrk(gw.url, 4, seconds, stream, temperature, workdir)
+            r = wrk(gw.url, 4, seconds, stream, temperature, workdir, api)
             time.sleep(0.5)  # requests cut by wrk's end are logged (and flushed) a moment later
             after = gw.stats(pattern)
 
@@ -301,6 +355,10 @@ def count_run(name, wasm, config, temperature, upstream, seconds, workdir):
     return out
 
 
+# The other APIs are timed with JSON answers only.
+STREAMS = {"chat": (False, True), "gemini": (False,), "converse": (False,)}
+
+
 def main():
     global WASM
     ap = argparse.ArgumentParser()
@@ -312,9 +370,11 @@ def main():
     ap.add_argument("--count-seconds", type=int, default=2,
                     help="the counting builds' run per body (0: no host call / allocation counts)")
     ap.add_argument("--wasm", default=WASM, help="the tollgate.wasm timed")
+    ap.add_argument("--before", default="", help="another tollgate.wasm (say the previous commit's), timed "
+                                                   "as minimal@before and realistic@before in the same run")
     args = ap.parse_args()
     WASM = os.path.abspath(args.wasm)
-    table = variants(args.ladder)
+    table = variants(args.ladder, os.path.abspath(args.before) if args.before else None)
     only = [v for v in args.only.split(",") if v]
     if set(only) - set(table):
         sys.exit(f"--only: unknown variant(s) {', '.join(sorted(set(only) - set(table)))}; "
@@ -327,6 +387,9 @@ def main():
     workdir = tempfile.mkdtemp(prefix="tollgate-bench-")
     with open(os.path.join(workdir, "chat.json"), "w") as f:
         f.write(CHAT_RESPONSE)
+    for name, text in (("gemini.json", GEMINI_RESPONSE), ("converse.json", CONVERSE_RESPONSE)):
+        with open(os.path.join(workdir, name), "w") as f:
+            f.write(text)
     with open(os.path.join(workdir, "chat.sse"), "w") as f:
         f.write(sse_response())
     print(f"request body: {len(request_body(False, 0.2))} bytes JSON, {len(request_body(True, 0.2))} streamed; "
@@ -335,29 +398,31 @@ def main():
     with open(os.path.join(HERE, "backend.yaml")) as f:
         backend = Proc(render.render(f.read(), {
             "ADMIN_PORT": str(backend_admin), "LISTEN_PORT": str(backend_port),
-            "JSON_BODY": os.path.join(workdir, "chat.json"), "SSE_BODY": os.path.join(workdir, "chat.sse")}),
+            "JSON_BODY": os.path.join(workdir, "chat.json"), "SSE_BODY": os.path.join(workdir, "chat.sse"),
+            "GEMINI_BODY": os.path.join(workdir, "gemini.json"),
+            "CONVERSE_BODY": os.path.join(workdir, "converse.json")}),
             workdir, "backend")
     backend.wait_ready(backend_admin)
     results, counts, probe_errors = {}, {}, []
     try:
         for name in names:
-            wasm, count_wasm, config, temperature = table[name]
+            wasm, count_wasm, config, temperature, api = table[name]
             gw = Gateway(name, wasm, config, backend_port, workdir)
             try:
-                for stream in (False, True):
-                    status, cache, route = gw.probe(stream, temperature)
+                for stream in STREAMS[api]:
+                    status, cache, route = gw.probe(stream, temperature, api)
                     if temperature == 0:
-                        status, cache, route = gw.probe(stream, temperature)  # the first one stored it
+                        status, cache, route = gw.probe(stream, temperature, api)  # the first one stored it
                     flag = "" if status == 200 else "  <-- ERRORS"
                     if flag:
                         probe_errors.append(f"{name} {'sse' if stream else 'json'} probe: status {status}")
                     print(f"  {name:11} {'sse ' if stream else 'json'} probe: status {status}, "
                           f"upstream got x-tollgate-route {route}, x-tollgate-cache {cache}{flag}", flush=True)
-                wrk(gw.url, 4, 2, False, temperature, workdir)  # warm-up: VMs, connection pools
-                for stream in (False, True):
+                wrk(gw.url, 4, 2, False, temperature, workdir, api)  # warm-up: VMs, connection pools
+                for stream in STREAMS[api]:
                     for conns in (1, 16):
                         before = gw.cpu_seconds()
-                        r = wrk(gw.url, conns, args.seconds, stream, temperature, workdir)
+                        r = wrk(gw.url, conns, args.seconds, stream, temperature, workdir, api)
                         r["cpu_us"] = (gw.cpu_seconds() - before) * 1e6 / max(r["total"], 1)
                         r["rss"] = gw.rss_mib()
                         results[(name, stream, conns)] = r
@@ -370,10 +435,10 @@ def main():
                 gw.stop()
         if args.count_seconds:
             for name in names:
-                wasm, count_wasm, config, temperature = table[name]
+                wasm, count_wasm, config, temperature, api = table[name]
                 if count_wasm:
                     counts[name] = count_run(name, count_wasm, config, temperature, backend_port,
-                                             args.count_seconds, workdir)
+                                             args.count_seconds, workdir, api)
     finally:
         backend.stop()
         shutil.rmtree(workdir, ignore_errors=True)  # the access logs: hundreds of MB
@@ -391,7 +456,9 @@ def report(args, names, results, counts, probe_errors):
         for conns in (1, 16):
             bare = results.get(("bare", stream, conns))
             for name in names:
-                r = results[(name, stream, conns)]
+                r = results.get((name, stream, conns))
+                if r is None:
+                    continue
                 ratio = r["rps"] / bare["rps"] if bare and bare["rps"] else nan
                 dp50 = r["p50"] - bare["p50"] if bare else nan
                 dcpu = r["cpu_us"] - bare["cpu_us"] if bare else nan

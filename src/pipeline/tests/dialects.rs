@@ -404,3 +404,155 @@ fn claude_on_vertex_reads_the_anthropic_body_with_the_model_in_the_path() {
     );
     assert_eq!(t.status(), 400);
 }
+
+#[test]
+fn routing_stays_within_one_api_family() {
+    let routing = |aliases: Value| {
+        json!({"routing": {"models": {
+            "gpt-4o": {"route": "openai", "api": "openai"},
+            "gemini-2.5-flash": {"route": "google", "api": "google"},
+            "gemini-2.5-pro": {"route": "google", "api": "google"}},
+            "aliases": aliases}})
+    };
+    let mixed = json!({"fast": {"targets": [{"model": "gemini-2.5-flash"}, {"model": "gpt-4o"}]}});
+    let json = serde_json::to_vec(&{
+        let mut base = json!({"identity": {"source": "header", "header": "x-tenant"}});
+        base.as_object_mut()
+            .unwrap()
+            .extend(routing(mixed).as_object().unwrap().clone());
+        base
+    })
+    .unwrap();
+    let err = crate::config::Config::from_json(&json).unwrap_err();
+    assert_eq!(err.field, "routing.aliases.fast.targets[1].model");
+    let bad = json!({"x": {"targets": [{"model": "gemini-2.5-flash"}], "downgrade_to": "gpt-4o"}});
+    let json = serde_json::to_vec(&{
+        let mut base = json!({"identity": {"source": "header", "header": "x-tenant"}});
+        base.as_object_mut()
+            .unwrap()
+            .extend(routing(bad).as_object().unwrap().clone());
+        base
+    })
+    .unwrap();
+    assert_eq!(
+        crate::config::Config::from_json(&json).unwrap_err().field,
+        "routing.aliases.x.downgrade_to"
+    );
+    // Within one family: fine; a request of another family is refused.
+    let ok =
+        json!({"gem": {"targets": [{"model": "gemini-2.5-flash"}, {"model": "gemini-2.5-pro"}]}});
+    let gw = metered(routing(ok));
+    let host = Fake::new();
+    let t = run(
+        &gw,
+        &host,
+        &Call::chat(json!({"model": "gem", "messages": []})),
+        None,
+    );
+    assert_eq!(t.status(), 400);
+    assert_eq!(t.reply_json()["error"]["param"], "model");
+    let t = run(
+        &gw,
+        &host,
+        &gemini(
+            "/v1beta/models/gem:generateContent",
+            json!({"contents": []}),
+        ),
+        None,
+    );
+    assert!(t.forwarded);
+    assert!(
+        t.request_edit(":path")
+            .unwrap()
+            .starts_with("/v1beta/models/gemini-2.5-")
+    );
+}
+
+#[test]
+fn gemini_streams_cut_short_are_settled_once_by_what_passed() {
+    let gw = metered(json!({}));
+    let host = Fake::new();
+    let path = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse";
+    let body = json!({"contents": [{"parts": [{"text": "q".repeat(2000)}]}],
+                      "generationConfig": {"maxOutputTokens": 500}});
+    // Chunks with text but usage only at the end: a client leaving after two is charged the
+    // two chunks it saw (observed), never the reservation, and the bucket holds nothing.
+    let chunk = |text: &str| json!({"candidates": [{"content": {"parts": [{"text": text}]}}]});
+    let mut events: Vec<Vec<u8>> = ["a", "b", "c"]
+        .iter()
+        .map(|t| format!("data: {}\r\n\r\n", chunk(t)).into_bytes())
+        .collect();
+    let last = gemini_answer(json!({"promptTokenCount": 400, "candidatesTokenCount": 30}));
+    events.push(format!("data: {last}\r\n\r\n").into_bytes());
+    let stream = raw("text/event-stream", events);
+    let left = stream.clone().cut(2, "downstream_remote_disconnect");
+    let t = run(&gw, &host, &gemini(path, body.clone()), Some(&left));
+    assert_eq!(t.records, 1);
+    assert_eq!(t.field("usage_source"), "observed");
+    assert_eq!(t.field("output_tokens"), "2");
+    let (used, reserved) = bucket(&gw, &host, "team-a", "tpd");
+    assert_eq!(reserved, 0);
+    // An upstream reset before any chunk: refunded.
+    let reset = stream.clone().cut(
+        0,
+        "upstream_reset_before_response_started{connection_termination}",
+    );
+    let t = run(&gw, &host, &gemini(path, body.clone()), Some(&reset));
+    assert_eq!(t.field("usage_source"), "refunded");
+    assert_eq!(bucket(&gw, &host, "team-a", "tpd"), (used, 0));
+    // The whole stream: the last running total.
+    let t = run(&gw, &host, &gemini(path, body), Some(&stream));
+    assert_eq!(charged(&t), (400, 30));
+    assert_eq!(bucket(&gw, &host, "team-a", "tpd"), (used + 430, 0));
+}
+
+#[test]
+fn bedrock_token_count_headers_are_the_fallback_of_a_body_without_usage() {
+    let gw = metered(json!({}));
+    let host = Fake::new();
+    let body = json!({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 100,
+                      "messages": [{"role": "user", "content": "w".repeat(3000)}]});
+    let path = "/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/invoke";
+    let mut open = open(&gw, &host, &bedrock(path, body));
+    let headers = Headers(vec![
+        (":status".into(), b"200".to_vec()),
+        ("content-type".into(), b"application/json".to_vec()),
+        ("x-amzn-bedrock-input-token-count".into(), b"700".to_vec()),
+        ("x-amzn-bedrock-output-token-count".into(), b"42".to_vec()),
+    ]);
+    let effects = open.request.on_response_headers(&gw, &host, headers, false);
+    open.trace.take(effects);
+    let answer = br#"{"type":"message","content":[{"type":"text","text":"hi"}]}"#;
+    let effects = open
+        .request
+        .on_response_body(&gw, &host, answer.len(), answer, true);
+    open.trace.take(effects);
+    let t = close(&gw, &host, open, None);
+    assert_eq!(t.field("usage_source"), "reported");
+    assert_eq!(charged(&t), (700, 42));
+}
+
+#[test]
+fn the_cache_keys_the_path_so_a_stream_never_gets_a_json_answer() {
+    let gw = metered(json!({"cache": {"policy": "always"}}));
+    let host = Fake::new();
+    let body = json!({"contents": [{"parts": [{"text": "capital of France? ".repeat(20)}]}]});
+    let answer = Upstream::json(gemini_answer(
+        json!({"promptTokenCount": 50, "candidatesTokenCount": 5}),
+    ));
+    let miss = run(&gw, &host, &gemini(GENERATE, body.clone()), Some(&answer));
+    assert_eq!(miss.field("cache"), "miss");
+    let hit = run(&gw, &host, &gemini(GENERATE, body.clone()), None);
+    assert_eq!(hit.field("cache"), "hit");
+    assert_eq!(hit.field("api"), "generate_content");
+    // The same body on the streaming path, or for another model: not the stored answer.
+    let stream = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse";
+    let other = "/v1beta/models/gemini-2.5-pro:generateContent";
+    for path in [stream, other] {
+        let t = run(&gw, &host, &gemini(path, body.clone()), Some(&answer));
+        assert_eq!(t.field("cache"), "miss", "{path}");
+    }
+    // The query key is not part of the key (it is cut first): the same tenant hits.
+    let keyed = Call::post(&format!("{GENERATE}?key=sk-a"), None, body);
+    assert_eq!(run(&gw, &host, &keyed, None).field("cache"), "hit");
+}

@@ -316,8 +316,10 @@ impl Trace {
     }
 
     fn take(&mut self, effects: Effects<'_>) {
-        if let Some(path) = effects.request_path {
-            self.request_path = Some(path);
+        let map_path = effects.header_map.as_ref().and_then(|m| m.get(":path"));
+        let edited = effects.headers.iter().find(|(n, _)| *n == ":path");
+        if let Some(path) = map_path.or(edited.and_then(|(_, v)| v.as_deref())) {
+            self.request_path.get_or_insert_with(|| path.to_vec());
         }
         if !effects.record.is_empty() {
             self.records += 1;
