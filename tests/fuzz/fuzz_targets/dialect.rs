@@ -132,7 +132,7 @@ const TOKENS: &[&str] = &[
 /// decodes an escape with `u8::from_str_radix`, which accepts a leading `+`, so `%+F` is read
 /// as `%0F` instead of refusing the name as malformed. `true` mirrors that in the reference
 /// decoder so the rest of the target keeps running; set it to `false` once `decode` is fixed.
-const SRC_ACCEPTS_PLUS_IN_ESCAPES: bool = true;
+const SRC_ACCEPTS_PLUS_IN_ESCAPES: bool = false;
 
 /// The reference percent-decoder: `%XX` (either case) → byte; a `%` without two hex digits
 /// after it is malformed; the result must be non-empty UTF-8.

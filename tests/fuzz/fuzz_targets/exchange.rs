@@ -42,7 +42,10 @@
 //! - byte 4: bomb size (bits 0-3, see `BOMBS`), `max_decoded_response_bytes` (4-6, see
 //!   `DECODE_CAPS`); byte 5: where in the body the bomb goes (/255);
 //! - byte 6: the kind index's high bits (bits 0-1: index = byte 0 bits 0-1 + 4 × these, mod
-//!   `KINDS.len()`), the content type index's high bit (2: index = byte 1 bits 3-5 + 8 × it);
+//!   `KINDS.len()`), the content type index's high bit (2: index = byte 1 bits 3-5 + 8 × it),
+//!   Bedrock's `x-amzn-bedrock-{input,output}-token-count` headers for the `Aws` family (3:
+//!   input = 21, 4: output = 13; given to `set_header_usage` after `on_response_headers`, as
+//!   `pipeline/respond.rs` does);
 //! - bytes 7-8, 9-10: reservation (prompt, output tokens);
 //! - byte 11: number of cuts (mod 64), then 2 bytes per cut (position = u16/65535 of the wire
 //!   body); the rest is the body. In token mode (byte 2 bit 6) `TOKENS` include Gemini SSE
@@ -781,6 +784,9 @@ fuzz_target!(|data: &[u8]| {
         x.capture_for_cache(capture_limit);
     }
     x.on_response_headers(status, content_type, encoding);
+    if kind.family() == tollgate::api::Family::Aws {
+        x.set_header_usage(bit(b6, 3).then_some(21), bit(b6, 4).then_some(13));
+    }
     let rewrites = x.rewrites_response_body();
     let held_limit = Exchange::held_bytes_bound(&limits, if capture { capture_limit } else { 0 });
     let limit = bound(
