@@ -225,10 +225,15 @@ pub fn take_query_key(raw: &[u8]) -> Option<(Vec<u8>, Vec<Vec<u8>>)> {
     let mut keys = Vec::new();
     let mut kept: Vec<&[u8]> = Vec::new();
     for param in query.split(|b| *b == b'&') {
-        match param.strip_prefix(b"key=") {
-            Some(value) => keys.push(decode_query(value)),
-            None if param == b"key" => keys.push(Vec::new()),
-            None => kept.push(param),
+        // The name is compared decoded, as servers read it: `%6Bey=` is a key too.
+        let (name, value) = match param.iter().position(|b| *b == b'=') {
+            Some(eq) => param.split_at(eq),
+            None => (param, &b""[..]),
+        };
+        if decode_query(name) == b"key" {
+            keys.push(decode_query(value.get(1..).unwrap_or_default()));
+        } else {
+            kept.push(param);
         }
     }
     if keys.is_empty() {
@@ -439,6 +444,8 @@ mod tests {
         let (path, _) = take_query_key(b"/p?key=a").unwrap();
         assert_eq!(path, b"/p");
         assert_eq!(take_query_key(b"/p?keys=a&monkey=b"), None);
+        let (path, keys) = take_query_key(b"/p?%6Bey=a&k%65y&x=1").unwrap();
+        assert_eq!((path.as_slice(), keys.len()), (&b"/p?x=1"[..], 2));
         assert_eq!(take_query_key(b"/p"), None);
     }
 }
