@@ -16,7 +16,7 @@
 //! | `prediction` | chat | rejected prediction tokens are billed as output: at most the body's bytes more |
 //! | `generationConfig.maxOutputTokens` (also `generation_config`, `max_output_tokens`) | Gemini, Vertex | per candidate (thinking and answer together); every spelling read, the largest wins (`gemini::request`) |
 //! | `generationConfig.candidateCount` (also `candidate_count`) | Gemini, Vertex | candidates generated, each up to the cap, as `n` |
-//! | `inferenceConfig.maxTokens` | Bedrock Converse | per response (not read yet: Bedrock requests are not metered before issue 20 lands) |
+//! | `inferenceConfig.maxTokens`, and `additionalModelRequestFields`' `max_tokens`, `max_gen_len`, `maxTokenCount`, `max_new_tokens`, `max_completion_tokens`, `maxTokens` | Bedrock Converse | per response; the largest given; a cap Tollgate sets is written to `inferenceConfig.maxTokens` and to each of the others present |
 //!
 //! Each count must be a positive integer (or null or absent): `0` means "no cap" to vLLM and
 //! `"20"` or `20.0` mean 20 to pydantic (and to Google's protobuf JSON parser), so both are
@@ -326,6 +326,9 @@ fn path_model_facts(kind: ApiKind, body: &[u8], model: &str) -> Result<RequestFa
 struct ConverseBody {
     #[serde(rename = "inferenceConfig", default)]
     inference_config: Option<ConverseInference>,
+    /// Model-specific request fields Bedrock passes to the model as they are.
+    #[serde(rename = "additionalModelRequestFields", default)]
+    additional: Option<ConverseAdditional>,
 }
 
 #[derive(Deserialize)]
@@ -334,31 +337,87 @@ struct ConverseInference {
     max_tokens: Option<u64>,
 }
 
-/// Converse's `inferenceConfig.maxTokens`: a positive integer, or absent.
+/// The output caps model families read from `additionalModelRequestFields`, by name: Anthropic
+/// (`max_tokens`), Meta (`max_gen_len`), Amazon Titan (`maxTokenCount`), Mistral and others
+/// (`max_new_tokens`, `max_completion_tokens`, `maxTokens`). Tollgate rewrites each one present
+/// with `inferenceConfig.maxTokens` ([`CONVERSE_ADDITIONAL_CAPS`]).
+#[derive(Deserialize)]
+struct ConverseAdditional {
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_gen_len: Option<u64>,
+    #[serde(rename = "maxTokenCount", default)]
+    max_token_count: Option<u64>,
+    #[serde(default)]
+    max_new_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(rename = "maxTokens", default)]
+    max_tokens_camel: Option<u64>,
+}
+
+/// The `additionalModelRequestFields` members read as output caps (see [`ConverseAdditional`]).
+pub const CONVERSE_ADDITIONAL_CAPS: [&str; 6] = [
+    "max_tokens",
+    "max_gen_len",
+    "maxTokenCount",
+    "max_new_tokens",
+    "max_completion_tokens",
+    "maxTokens",
+];
+
+/// Converse's output cap: `inferenceConfig.maxTokens` and the model-specific caps of
+/// `additionalModelRequestFields`, the largest given (each a positive integer, or absent).
 fn converse_max_tokens(body: &[u8]) -> Result<Option<u64>, RequestError> {
-    let refused = |message: String| RequestError {
-        param: Some("inferenceConfig.maxTokens".into()),
-        message,
-    };
-    let parsed: ConverseBody = serde_json::from_slice(body).map_err(|err| {
-        if err.is_data() {
-            refused(format!(
-                "Invalid value for 'inferenceConfig.maxTokens': {}",
-                without_position(&err)
-            ))
-        } else {
-            RequestError {
-                param: None,
-                message: format!("The request body is not valid JSON: {err}"),
-            }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed: ConverseBody = match serde_path_to_error::deserialize(&mut de) {
+        Ok(parsed) => parsed,
+        Err(err) => {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            return Err(if inner.is_data() {
+                RequestError {
+                    message: format!("Invalid value for '{path}': {}", without_position(&inner)),
+                    param: Some(path),
+                }
+            } else {
+                RequestError {
+                    param: None,
+                    message: format!("The request body is not valid JSON: {inner}"),
+                }
+            });
         }
-    })?;
-    let max = parsed.inference_config.and_then(|c| c.max_tokens);
-    if max == Some(0) {
-        return Err(refused(
-            "Invalid value for 'inferenceConfig.maxTokens': 0 is below the minimum value of 1"
-                .into(),
-        ));
+    };
+    let extra = parsed.additional.map(|a| {
+        [
+            a.max_tokens,
+            a.max_gen_len,
+            a.max_token_count,
+            a.max_new_tokens,
+            a.max_completion_tokens,
+            a.max_tokens_camel,
+        ]
+    });
+    let named = std::iter::once((
+        "inferenceConfig.maxTokens".to_string(),
+        parsed.inference_config.and_then(|c| c.max_tokens),
+    ))
+    .chain(extra.into_iter().flat_map(|values| {
+        CONVERSE_ADDITIONAL_CAPS
+            .iter()
+            .zip(values)
+            .map(|(name, value)| (format!("additionalModelRequestFields.{name}"), value))
+    }));
+    let mut max = None;
+    for (name, value) in named {
+        if value == Some(0) {
+            return Err(RequestError {
+                message: format!("Invalid value for '{name}': 0 is below the minimum value of 1"),
+                param: Some(name),
+            });
+        }
+        max = max.max(value);
     }
     Ok(max)
 }

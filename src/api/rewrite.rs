@@ -185,7 +185,15 @@ pub fn rewrite(kind: ApiKind, body: &[u8], edits: &Edits) -> Option<Vec<u8>> {
                     *config = Value::Object(Map::new());
                 }
                 if let Value::Object(config) = config {
-                    config.insert("maxTokens".to_string(), value);
+                    config.insert("maxTokens".to_string(), value.clone());
+                }
+                // A model-specific cap passed through as it is must not stay above ours.
+                if let Some(Value::Object(extra)) = doc.get_mut("additionalModelRequestFields") {
+                    for name in super::request::CONVERSE_ADDITIONAL_CAPS {
+                        if let Some(cap) = extra.get_mut(name) {
+                            *cap = value.clone();
+                        }
+                    }
                 }
             }
             ApiKind::Embeddings

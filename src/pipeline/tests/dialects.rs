@@ -556,3 +556,35 @@ fn the_cache_keys_the_path_so_a_stream_never_gets_a_json_answer() {
     let keyed = Call::post(&format!("{GENERATE}?key=sk-a"), None, body);
     assert_eq!(run(&gw, &host, &keyed, None).field("cache"), "hit");
 }
+
+#[test]
+fn converse_model_specific_caps_are_read_and_lowered_with_inference_config() {
+    let gw = metered(
+        json!({"tenant_defaults": {"strict": true, "max_output_tokens": 100,
+        "clamp_min_output_tokens": 1,
+        "limits": [{"name": "tpd", "tokens": 1_000_000, "window": "day"}]}}),
+    );
+    let host = Fake::new();
+    // Claude's own `max_tokens` passed through: read as the cap, lowered with maxTokens.
+    let body = json!({"messages": [], "inferenceConfig": {"maxTokens": 50},
+                      "additionalModelRequestFields": {"max_tokens": 100_000, "top_k": 5}});
+    let t = open(&gw, &host, &bedrock(CONVERSE, body));
+    assert!(t.trace.forwarded);
+    let sent = t.trace.upstream_json();
+    assert_eq!(sent["inferenceConfig"]["maxTokens"], 100);
+    assert_eq!(
+        sent["additionalModelRequestFields"],
+        json!({"max_tokens": 100, "top_k": 5})
+    );
+    close(&gw, &host, t, None);
+    // 0 or a string is refused, naming the field.
+    for bad in [json!(0), json!("20"), json!(-1)] {
+        let body = json!({"messages": [], "additionalModelRequestFields": {"max_gen_len": bad}});
+        let t = run(&gw, &host, &bedrock(CONVERSE, body), None);
+        assert_eq!(t.status(), 400, "{bad}");
+        assert_eq!(
+            t.reply_header("x-amzn-errortype").as_deref(),
+            Some("ValidationException")
+        );
+    }
+}

@@ -22,7 +22,8 @@
 //! last one is kept), and it carries the cap:
 //! - `RawPredict`, `Invoke` (Anthropic bodies): `max_tokens` is the cap;
 //! - `Converse`: `inferenceConfig` is an object (replaced if it was not) whose `maxTokens` is the
-//!   cap, its other members kept;
+//!   cap, its other members kept; in an `additionalModelRequestFields` object, every member of
+//!   `CONVERSE_ADDITIONAL_CAPS` is the cap and the others are kept;
 //! - `GenerateContent`: when the plan would rewrite (no max, or one above the cap), the
 //!   max-output figure read back is at most the cap (every `generationConfig`/
 //!   `generation_config` spelling of `maxOutputTokens`/`max_output_tokens` is lowered, one is
@@ -41,6 +42,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 use tollgate::api::ApiKind;
 use tollgate::api::dialect::{Call, PathModel};
+use tollgate::api::request::CONVERSE_ADDITIONAL_CAPS;
 use tollgate::api::request::read_request;
 use tollgate::api::rewrite::{Edits, apply};
 
@@ -107,6 +109,8 @@ const KEYS: &[&str] = &[
     "\"candidateCount\"",
     "\"inferenceConfig\"",
     "\"maxTokens\"",
+    "\"additionalModelRequestFields\"",
+    "\"max_gen_len\"",
     "\"anthropic_version\"",
     "\"contents\"",
 ];
@@ -262,7 +266,7 @@ fn check_path_kind(kind: ApiKind, body: &[u8], input: &Map<String, Value>, cap: 
     // Member by member: only the API's own field changes.
     let edited: &[&str] = match kind {
         ApiKind::RawPredict | ApiKind::Invoke => &["max_tokens"],
-        ApiKind::Converse => &["inferenceConfig"],
+        ApiKind::Converse => &["inferenceConfig", "additionalModelRequestFields"],
         ApiKind::GenerateContent => &GEMINI_CONFIGS,
         _ => &[],
     };
@@ -285,6 +289,31 @@ fn check_path_kind(kind: ApiKind, body: &[u8], input: &Map<String, Value>, cap: 
             assert_eq!(doc.get("max_tokens"), Some(&Value::from(cap)));
         }
         ApiKind::Converse => {
+            // The model-specific caps passed through are lowered with it; nothing else there.
+            if let Some(old) = input.get("additionalModelRequestFields") {
+                let new = doc.get("additionalModelRequestFields");
+                match (old, new) {
+                    (Value::Object(old), Some(Value::Object(new))) => {
+                        assert_eq!(old.len(), new.len(), "additionalModelRequestFields gained members");
+                        for (k, v) in old {
+                            let want = if CONVERSE_ADDITIONAL_CAPS.contains(&k.as_str()) {
+                                Value::from(cap)
+                            } else {
+                                v.clone()
+                            };
+                            assert!(
+                                new.get(k).is_some_and(|n| same(n, &want)),
+                                "additionalModelRequestFields.{k}: {:?}, want {want}",
+                                new.get(k)
+                            );
+                        }
+                    }
+                    (old, new) => assert!(
+                        new.is_some_and(|n| same(n, old)),
+                        "additionalModelRequestFields changed"
+                    ),
+                }
+            }
             let Some(Value::Object(config)) = doc.get("inferenceConfig") else {
                 panic!("no inferenceConfig object after the rewrite");
             };
