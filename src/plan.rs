@@ -79,6 +79,22 @@ pub fn plan(
             inject_include_usage: false,
         });
     }
+    if facts.foreign_body {
+        if policy.strict || policy.max_output_tokens.is_some() {
+            return Err(Refusal::BadRequest {
+                param: None,
+                message: "This tenant's output cap cannot be applied to this Invoke body (only Anthropic Messages bodies, with anthropic_version, are read); use the Converse API.".into(),
+            });
+        }
+        return Ok(Plan {
+            prompt_tokens,
+            output_tokens: policy.default_output_tokens,
+            choices: 1,
+            predicted_output: 0,
+            set_max_tokens: None,
+            inject_include_usage: false,
+        });
+    }
     if let Some(max) = policy.max_choices
         && facts.choices > max
     {

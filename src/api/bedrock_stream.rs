@@ -227,7 +227,9 @@ impl BedrockStreamReader {
             return;
         }
         feed_anthropic_event(&mut self.anthropic, &self.scratch);
-        if usage::top_level_string(&self.scratch, b"type") == Some(b"message_stop")
+        // Anthropic's `message_stop` carries the invocation metrics; other model families' last
+        // chunk does too (no `type`): the fallback for both.
+        if memchr::memmem::find(&self.scratch, b"amazon-bedrock-invocationMetrics").is_some()
             && let Some(metrics) = invocation_metrics(&self.scratch)
         {
             self.metrics = Some(metrics);
@@ -735,6 +737,23 @@ mod tests {
         assert_eq!(r.usage().map(|u| (u.input, u.output)), Some((3, 6)));
         assert!(r.completed());
         assert_eq!((r.observed_output(), r.buffered_bytes()), (1, 0));
+    }
+
+    #[test]
+    fn other_model_families_fall_back_to_their_invocation_metrics() {
+        // A Llama stream on Invoke: no Anthropic events, the metrics on its last chunk.
+        let chunk = |json: &str| {
+            let payload = format!(r#"{{"bytes":"{}"}}"#, encode_base64(json.as_bytes()));
+            event("chunk", payload.as_bytes())
+        };
+        let mut stream = chunk(r#"{"generation":"Hello","prompt_token_count":12}"#);
+        stream.extend(chunk(
+            r#"{"generation":"","stop_reason":"stop","amazon-bedrock-invocationMetrics":{"inputTokenCount":12,"outputTokenCount":7,"invocationLatency":100,"firstByteLatency":50}}"#,
+        ));
+        let mut r = BedrockStreamReader::new(InvokeWithResponseStream, Limits::default(), 4096);
+        r.feed(&stream);
+        r.finish();
+        assert_eq!(r.usage().map(|u| (u.input, u.output)), Some((12, 7)));
     }
 
     fn encode_base64(bytes: &[u8]) -> String {

@@ -59,6 +59,10 @@ pub struct RequestFacts {
     /// only the most likely token), and `n` and `best_of` absent, null or 1 (the cache's
     /// `deterministic`).
     pub greedy: bool,
+    /// A Bedrock Invoke body that is not an Anthropic Messages body (no `anthropic_version`:
+    /// Llama, Titan, Mistral, … each with its own fields): Tollgate can neither read nor set its
+    /// output cap, so strict mode and per-request caps refuse it (Converse reads every model).
+    pub foreign_body: bool,
 }
 
 /// Keys (and values) through which a request brings input tokens its body does not hold: a
@@ -182,6 +186,8 @@ struct RawRequest<'a> {
     best_of: Option<u64>,
     #[serde(default)]
     prediction: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    anthropic_version: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     temperature: Number,
     #[serde(default)]
@@ -319,6 +325,7 @@ fn path_model_facts(kind: ApiKind, body: &[u8], model: &str) -> Result<RequestFa
         prompt_bound: len,
         external_input: shape.external,
         greedy: false,
+        foreign_body: false,
     })
 }
 
@@ -484,10 +491,12 @@ fn parse_body(
             });
         }
     }
+    let foreign_body = kind == ApiKind::Invoke && raw.anthropic_version.is_none();
     let max_tokens = match kind {
         // `Option`'s order puts `None` first: the larger of the two when both are given.
         ApiKind::ChatCompletions => raw.max_completion_tokens.max(raw.max_tokens),
         ApiKind::Responses => raw.max_output_tokens,
+        _ if foreign_body => None,
         kind if kind.anthropic_body() => raw.max_tokens,
         _ => None,
     };
@@ -515,6 +524,7 @@ fn parse_body(
         greedy: single(raw.n)
             && single(raw.best_of)
             && (raw.temperature.is(0.0) || raw.top_p.is(0.0) || raw.top_k.is(1.0)),
+        foreign_body,
     })
 }
 

@@ -588,3 +588,28 @@ fn converse_model_specific_caps_are_read_and_lowered_with_inference_config() {
         );
     }
 }
+
+#[test]
+fn invoke_bodies_of_other_model_families_pass_unedited_or_are_refused_by_caps() {
+    let body = json!({"prompt": "hi", "max_gen_len": 64, "temperature": 0.5});
+    let path = "/model/meta.llama3-70b-instruct-v1%3A0/invoke";
+    // No cap to apply: forwarded as sent (no `max_tokens` Bedrock would reject), usage from the
+    // token-count headers.
+    let gw = metered(json!({}));
+    let host = Fake::new();
+    let t = open(&gw, &host, &bedrock(path, body.clone()));
+    assert!(t.trace.forwarded);
+    assert_eq!(t.trace.upstream_json(), body);
+    close(&gw, &host, t, None);
+    // Strict mode or a per-request cap cannot be applied to it: refused, naming Converse.
+    let strict = metered(json!({"tenant_defaults": {"strict": true,
+        "limits": [{"name": "tpd", "tokens": 1_000_000, "window": "day"}]}}));
+    let t = run(&strict, &host, &bedrock(path, body), None);
+    assert_eq!(t.status(), 400);
+    assert!(
+        t.reply_json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("Converse")
+    );
+}
