@@ -305,13 +305,13 @@ pub fn read_request(call: &Call, body: &[u8]) -> Result<RequestFacts, RequestErr
 /// `inferenceConfig.maxTokens`); no model, no `stream`, no `n` in the body.
 fn path_model_facts(kind: ApiKind, body: &[u8], model: &str) -> Result<RequestFacts, RequestError> {
     let shape = check_object(body)?;
-    let (max_tokens, choices) = match kind {
+    let (max_tokens, choices, greedy) = match kind {
         ApiKind::GenerateContent => {
             let g = super::gemini::generation_facts(body)?;
-            (g.max_output_tokens, g.candidates)
+            (g.max_output_tokens, g.candidates, g.greedy)
         }
-        ApiKind::Converse => (converse_max_tokens(body)?, 1),
-        _ => (None, 1),
+        ApiKind::Converse => (converse_max_tokens(body)?, 1, false),
+        _ => (None, 1, false),
     };
     let len = u64::try_from(body.len()).unwrap_or(u64::MAX);
     Ok(RequestFacts {
@@ -324,7 +324,7 @@ fn path_model_facts(kind: ApiKind, body: &[u8], model: &str) -> Result<RequestFa
         prompt_estimate: len.div_ceil(4),
         prompt_bound: len,
         external_input: shape.external,
-        greedy: false,
+        greedy,
         foreign_body: false,
     })
 }

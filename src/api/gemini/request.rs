@@ -23,11 +23,22 @@ pub struct GenerationFacts {
     pub max_output_tokens: Option<u64>,
     /// `candidateCount` (the largest given), 1 when absent.
     pub candidates: u64,
+    /// Greedy decoding: a `temperature` or `topP` of 0, or a `topK` of 1 (either spelling), and
+    /// one candidate (the cache's `deterministic` policy).
+    pub greedy: bool,
 }
 
 const CONFIG_KEYS: [&str; 2] = ["generationConfig", "generation_config"];
 const MAX_KEYS: [&str; 2] = ["maxOutputTokens", "max_output_tokens"];
 const COUNT_KEYS: [&str; 2] = ["candidateCount", "candidate_count"];
+/// Sampling members and the value that makes decoding greedy.
+const GREEDY_KEYS: [(&str, f64); 5] = [
+    ("temperature", 0.0),
+    ("topP", 0.0),
+    ("top_p", 0.0),
+    ("topK", 1.0),
+    ("top_k", 1.0),
+];
 
 /// Reads the [`GenerationFacts`] of a complete request body. One streaming pass; every member
 /// but `generationConfig`'s two counts is skipped without allocation.
@@ -49,9 +60,11 @@ pub fn generation_facts(body: &[u8]) -> Result<GenerationFacts, RequestError> {
             param: Some(param),
         });
     }
+    let candidates = found.candidates.unwrap_or(1);
     Ok(GenerationFacts {
         max_output_tokens: found.max_output_tokens,
-        candidates: found.candidates.unwrap_or(1),
+        candidates,
+        greedy: found.greedy && candidates == 1,
     })
 }
 
@@ -108,6 +121,7 @@ fn cap_config(config: &mut Map<String, Value>, cap: u64) {
 struct Found {
     max_output_tokens: Option<u64>,
     candidates: Option<u64>,
+    greedy: bool,
     refused: Option<(String, &'static str)>,
 }
 
@@ -181,6 +195,10 @@ impl<'de> Visitor<'de> for ConfigSeed<'_> {
                 (&mut self.found.max_output_tokens, k)
             } else if let Some(k) = COUNT_KEYS.into_iter().find(|k| *k == key) {
                 (&mut self.found.candidates, k)
+            } else if let Some((_, want)) = GREEDY_KEYS.into_iter().find(|(k, _)| *k == key) {
+                let value = map.next_value::<Value>()?;
+                self.found.greedy |= value.as_f64() == Some(want);
+                continue;
             } else {
                 map.next_value::<IgnoredAny>()?;
                 continue;

@@ -265,7 +265,8 @@ fn reads_both_spellings_and_the_largest() {
         facts(r#"{"contents":[],"generationConfig":{"maxOutputTokens":100,"candidateCount":3}}"#),
         Ok(GenerationFacts {
             max_output_tokens: Some(100),
-            candidates: 3
+            candidates: 3,
+            greedy: false
         })
     );
     assert_eq!(
@@ -279,7 +280,8 @@ fn reads_both_spellings_and_the_largest() {
         facts(both),
         Ok(GenerationFacts {
             max_output_tokens: Some(70),
-            candidates: 4
+            candidates: 4,
+            greedy: false
         })
     );
     assert_eq!(
@@ -292,9 +294,30 @@ fn reads_both_spellings_and_the_largest() {
         facts(r#"{"maxOutputTokens":5,"generationConfig":null}"#),
         Ok(GenerationFacts {
             max_output_tokens: None,
-            candidates: 1
+            candidates: 1,
+            greedy: false
         })
     );
+}
+
+#[test]
+fn greedy_decoding_is_read_in_either_spelling_with_one_candidate() {
+    let greedy = |body: &str| generation_facts(body.as_bytes()).unwrap().greedy;
+    assert!(greedy(r#"{"generationConfig":{"temperature":0}}"#));
+    assert!(greedy(
+        r#"{"generation_config":{"top_k":1,"temperature":0.7}}"#
+    ));
+    assert!(greedy(
+        r#"{"generationConfig":{"topP":0.0,"candidateCount":1}}"#
+    ));
+    assert!(!greedy(
+        r#"{"generationConfig":{"temperature":0,"candidateCount":2}}"#
+    ));
+    assert!(!greedy(
+        r#"{"generationConfig":{"temperature":0.2,"topK":40}}"#
+    ));
+    assert!(!greedy(r#"{"generationConfig":{"temperature":"0"}}"#));
+    assert!(!greedy(r#"{"temperature":0,"contents":[]}"#));
 }
 
 #[test]

@@ -613,3 +613,28 @@ fn invoke_bodies_of_other_model_families_pass_unedited_or_are_refused_by_caps() 
             .contains("Converse")
     );
 }
+
+#[test]
+fn greedy_gemini_requests_are_cached_under_the_deterministic_policy() {
+    let gw = metered(json!({"cache": {"policy": "deterministic"}}));
+    let host = Fake::new();
+    let answer = Upstream::json(gemini_answer(
+        json!({"promptTokenCount": 5, "candidatesTokenCount": 5}),
+    ));
+    let ask = |temperature: f64| {
+        gemini(
+            GENERATE,
+            json!({"contents": [{"parts": [{"text": "2+2? ".repeat(10)}]}],
+                                "generationConfig": {"temperature": temperature}}),
+        )
+    };
+    assert_eq!(
+        run(&gw, &host, &ask(0.0), Some(&answer)).field("cache"),
+        "miss"
+    );
+    assert_eq!(run(&gw, &host, &ask(0.0), None).field("cache"), "hit");
+    assert_eq!(
+        run(&gw, &host, &ask(0.7), Some(&answer)).field("cache"),
+        "bypass"
+    );
+}
