@@ -33,6 +33,7 @@
 mod bounds;
 mod decode;
 mod record;
+mod stream;
 mod tail;
 #[cfg(test)]
 mod testing;
@@ -51,6 +52,7 @@ use crate::api::usage::{Reading, read_cut_json_usage, read_json_usage};
 use crate::api::{ApiKind, Usage};
 use crate::config::Limits;
 use decode::{Decoder, GZIP_HEADER_MAX, INFLATE_OUT_BYTES, Step};
+use stream::StreamReader;
 use tail::{JSON_TAIL_BYTES, TailBuffer};
 
 /// How much of one SSE event the usage-chunk stripper may hold back (usage chunks are < 1 KiB).
@@ -103,6 +105,27 @@ enum BodyReader {
     Bedrock(Box<BedrockStreamReader>),
     /// Error statuses and bodies we cannot read (unknown encodings).
     Skip,
+}
+
+impl BodyReader {
+    /// The streamed answer's reader, whichever wire format it reads.
+    fn stream(&self) -> Option<&dyn StreamReader> {
+        match self {
+            BodyReader::Sse(reader) => Some(reader.as_ref()),
+            BodyReader::Gemini(reader) => Some(reader.as_ref()),
+            BodyReader::Bedrock(reader) => Some(reader.as_ref()),
+            BodyReader::Json(_) | BodyReader::Skip => None,
+        }
+    }
+
+    fn stream_mut(&mut self) -> Option<&mut dyn StreamReader> {
+        match self {
+            BodyReader::Sse(reader) => Some(reader.as_mut()),
+            BodyReader::Gemini(reader) => Some(reader.as_mut()),
+            BodyReader::Bedrock(reader) => Some(reader.as_mut()),
+            BodyReader::Json(_) | BodyReader::Skip => None,
+        }
+    }
 }
 
 /// State of one exchange from the moment its request body was read.
@@ -166,10 +189,7 @@ impl Exchange {
         };
         let body = match &self.body {
             BodyReader::Json(buf) => buf.bytes.len(),
-            BodyReader::Sse(reader) => reader.buffered_bytes(),
-            BodyReader::Gemini(reader) => reader.buffered_bytes(),
-            BodyReader::Bedrock(reader) => reader.held_bytes(),
-            BodyReader::Skip => 0,
+            reader => reader.stream().map_or(0, StreamReader::held_bytes),
         };
         let stripper = self
             .stripper
@@ -407,12 +427,13 @@ impl Exchange {
             return;
         }
         let body = &mut self.body;
-        let mut read = |bytes: &[u8]| match body {
+        let mut read = |bytes: &[u8]| match &mut *body {
             BodyReader::Json(buf) => buf.push(bytes),
-            BodyReader::Sse(reader) => reader.feed(bytes),
-            BodyReader::Gemini(reader) => reader.feed(bytes),
-            BodyReader::Bedrock(reader) => reader.feed(bytes),
-            BodyReader::Skip => {}
+            reader => {
+                if let Some(reader) = reader.stream_mut() {
+                    reader.feed(bytes);
+                }
+            }
         };
         let step = match &mut self.decoder {
             Decoder::Identity => {
@@ -465,34 +486,14 @@ impl Exchange {
             BodyReader::Json(buf) if readable && buf.holds_the_start() => {
                 read_cut_json_usage(self.kind, &buf.bytes)
             }
-            BodyReader::Sse(reader) => {
-                reader.finish();
-                match reader.usage() {
-                    Some(usage) => Reading::Usage(usage),
-                    None if reader.invalid_usage() => Reading::Invalid,
-                    None if reader.foreign_usage() => Reading::Foreign,
-                    None => Reading::Absent,
+            BodyReader::Json(_) | BodyReader::Skip => Reading::Absent,
+            reader => match reader.stream_mut() {
+                Some(reader) => {
+                    reader.finish();
+                    reader.reading()
                 }
-            }
-            BodyReader::Gemini(reader) => {
-                reader.finish();
-                match reader.usage() {
-                    Some(usage) => Reading::Usage(usage),
-                    None if reader.invalid_usage() => Reading::Invalid,
-                    None if reader.foreign_usage() => Reading::Foreign,
-                    None => Reading::Absent,
-                }
-            }
-            BodyReader::Bedrock(reader) => {
-                reader.finish();
-                match reader.usage() {
-                    Some(usage) => Reading::Usage(usage),
-                    None if reader.invalid_usage() => Reading::Invalid,
-                    None if reader.foreign_usage() => Reading::Foreign,
-                    None => Reading::Absent,
-                }
-            }
-            _ => Reading::Absent,
+                None => Reading::Absent,
+            },
         };
         // An exception or error frame inside a 200 stream is a failed answer; a corrupt frame
         // stopped reading (what was read before it stands).
@@ -510,12 +511,7 @@ impl Exchange {
         // A stream may have had valid usage besides the invalid one (Anthropic's `message_start`
         // before a garbage `message_delta`): still an anomaly, and its output is not trusted.
         let invalid = reading == Reading::Invalid
-            || match &self.body {
-                BodyReader::Sse(reader) => reader.invalid_usage(),
-                BodyReader::Gemini(reader) => reader.invalid_usage(),
-                BodyReader::Bedrock(reader) => reader.invalid_usage(),
-                BodyReader::Json(_) | BodyReader::Skip => false,
-            };
+            || self.body.stream().is_some_and(StreamReader::invalid_usage);
         if invalid {
             self.note(UsageAnomaly::InvalidUsage);
         }
@@ -527,21 +523,12 @@ impl Exchange {
             (Reading::Absent, Some(headers)) if complete_json => Some(headers),
             (reading, _) => reading.usage(),
         };
-        let (observed, stream_cut) = match &self.body {
-            BodyReader::Sse(reader) => (
+        let (observed, stream_cut) = self.body.stream().map_or((0, false), |reader| {
+            (
                 reader.observed_output(),
                 !reader.completed() || matches!(self.decoder, Decoder::Capped),
-            ),
-            BodyReader::Gemini(reader) => (
-                reader.observed_output(),
-                !reader.completed() || matches!(self.decoder, Decoder::Capped),
-            ),
-            BodyReader::Bedrock(reader) => (
-                reader.observed_output(),
-                !reader.completed() || matches!(self.decoder, Decoder::Capped),
-            ),
-            _ => (0, false),
-        };
+            )
+        });
         // A stream cut before its end may have reported only part of its usage (Anthropic's
         // `message_start` carries the input and a placeholder output of 1), and so has one whose
         // final usage was garbage: never charge less output than the deltas that passed.
