@@ -54,6 +54,20 @@ pub enum ApiKind {
 }
 
 impl ApiKind {
+    /// Every API, in declaration order (tests and fuzz targets pick from it by index).
+    pub const ALL: [ApiKind; 10] = [
+        ApiKind::ChatCompletions,
+        ApiKind::Responses,
+        ApiKind::Embeddings,
+        ApiKind::Messages,
+        ApiKind::GenerateContent,
+        ApiKind::EmbedContent,
+        ApiKind::CountTokens,
+        ApiKind::RawPredict,
+        ApiKind::Converse,
+        ApiKind::Invoke,
+    ];
+
     /// Classifies a request path (`:path`, query string allowed). `None` means "not ours".
     /// See [`dialect::classify`], which also gives the model named in the path.
     pub fn from_path(path: &[u8]) -> Option<ApiKind> {

@@ -10,18 +10,7 @@ use tollgate::api::dialect::{Call, PathModel};
 use tollgate::api::request::{parse_request, read_request};
 use tollgate::config::Config;
 
-const KINDS: [ApiKind; 10] = [
-    ApiKind::ChatCompletions,
-    ApiKind::Responses,
-    ApiKind::Embeddings,
-    ApiKind::Messages,
-    ApiKind::GenerateContent,
-    ApiKind::EmbedContent,
-    ApiKind::CountTokens,
-    ApiKind::RawPredict,
-    ApiKind::Converse,
-    ApiKind::Invoke,
-];
+const KINDS: [ApiKind; 10] = ApiKind::ALL;
 
 fuzz_target!(|data: &[u8]| {
     let _ = Config::from_json(data);

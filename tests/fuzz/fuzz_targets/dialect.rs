@@ -35,18 +35,7 @@ use tollgate::api::ApiKind;
 use tollgate::api::dialect::{Call, PathModel, classify, take_query_key, with_model};
 use tollgate::api::request::read_request;
 
-const KINDS: [ApiKind; 10] = [
-    ApiKind::ChatCompletions,
-    ApiKind::Responses,
-    ApiKind::Embeddings,
-    ApiKind::Messages,
-    ApiKind::GenerateContent,
-    ApiKind::EmbedContent,
-    ApiKind::CountTokens,
-    ApiKind::RawPredict,
-    ApiKind::Converse,
-    ApiKind::Invoke,
-];
+const KINDS: [ApiKind; 10] = ApiKind::ALL;
 
 /// `with_model` to this name on a `rawPredict` path gives Claude's token-count path (documented
 /// in `src/api/dialect.rs`): a `CountTokens` call without a model. Set to `false` to see it

@@ -211,18 +211,7 @@ fn bound_enforced() -> bool {
 
 // ---- input ---------------------------------------------------------------------------------
 
-const KINDS: [ApiKind; 10] = [
-    ApiKind::ChatCompletions,
-    ApiKind::Responses,
-    ApiKind::Embeddings,
-    ApiKind::Messages,
-    ApiKind::GenerateContent,
-    ApiKind::EmbedContent,
-    ApiKind::CountTokens,
-    ApiKind::RawPredict,
-    ApiKind::Converse,
-    ApiKind::Invoke,
-];
+const KINDS: [ApiKind; 10] = ApiKind::ALL;
 const STATUSES: [u32; 8] = [200, 200, 200, 201, 204, 400, 429, 500];
 const CONTENT_TYPES: [Option<&[u8]>; 16] = [
     Some(b"application/json"),

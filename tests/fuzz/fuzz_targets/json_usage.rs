@@ -13,18 +13,7 @@ use serde_json::Value;
 use tollgate::api::ApiKind;
 use tollgate::api::usage::usage_from_json;
 
-const KINDS: [ApiKind; 10] = [
-    ApiKind::ChatCompletions,
-    ApiKind::Responses,
-    ApiKind::Embeddings,
-    ApiKind::Messages,
-    ApiKind::GenerateContent,
-    ApiKind::EmbedContent,
-    ApiKind::CountTokens,
-    ApiKind::RawPredict,
-    ApiKind::Converse,
-    ApiKind::Invoke,
-];
+const KINDS: [ApiKind; 10] = ApiKind::ALL;
 
 /// The top-level member holding `kind`'s usage.
 fn usage_key(kind: ApiKind) -> &'static str {

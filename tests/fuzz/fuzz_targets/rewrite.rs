@@ -46,18 +46,7 @@ use tollgate::api::request::CONVERSE_ADDITIONAL_CAPS;
 use tollgate::api::request::read_request;
 use tollgate::api::rewrite::{Edits, apply};
 
-const KINDS: [ApiKind; 10] = [
-    ApiKind::ChatCompletions,
-    ApiKind::Responses,
-    ApiKind::Embeddings,
-    ApiKind::Messages,
-    ApiKind::GenerateContent,
-    ApiKind::EmbedContent,
-    ApiKind::CountTokens,
-    ApiKind::RawPredict,
-    ApiKind::Converse,
-    ApiKind::Invoke,
-];
+const KINDS: [ApiKind; 10] = ApiKind::ALL;
 
 /// The kinds that name the model in the path.
 fn path_model(kind: ApiKind) -> bool {
