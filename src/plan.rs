@@ -4,6 +4,7 @@
 
 use crate::admission::TenantPolicy;
 use crate::api::ApiKind;
+use crate::api::dialect::Output;
 use crate::api::request::RequestFacts;
 use crate::reply::Refusal;
 
@@ -26,18 +27,7 @@ pub struct Plan {
 
 /// The API's max-tokens field name, for messages.
 pub fn max_tokens_field(kind: ApiKind) -> &'static str {
-    match kind {
-        ApiKind::ChatCompletions => "max_completion_tokens",
-        ApiKind::Responses => "max_output_tokens",
-        ApiKind::GenerateContent => "generationConfig.maxOutputTokens",
-        ApiKind::Converse => "inferenceConfig.maxTokens",
-        ApiKind::Messages
-        | ApiKind::RawPredict
-        | ApiKind::Invoke
-        | ApiKind::Embeddings
-        | ApiKind::EmbedContent
-        | ApiKind::CountTokens => "max_tokens",
-    }
+    kind.dialect().max_tokens_field()
 }
 
 /// Checks the request against the tenant's per-request rules and decides what to reserve.
@@ -64,10 +54,11 @@ pub fn plan(
     } else {
         facts.prompt_estimate
     };
-    if kind.generates_nothing() {
+    let dialect = kind.dialect();
+    if dialect.output() != Output::Tokens {
         return Ok(Plan {
             // A token count generates nothing and is never charged.
-            prompt_tokens: if kind == ApiKind::CountTokens {
+            prompt_tokens: if dialect.output() == Output::Nothing {
                 0
             } else {
                 prompt_tokens
@@ -99,13 +90,7 @@ pub fn plan(
         && facts.choices > max
     {
         return Err(Refusal::BadRequest {
-            param: Some(
-                match kind {
-                    ApiKind::GenerateContent => "generationConfig.candidateCount",
-                    _ => "n",
-                }
-                .into(),
-            ),
+            param: Some(dialect.choices_field().into()),
             message: format!(
                 "{} outputs were asked for (n, best_of), above this tenant's per-request cap of {max}.",
                 facts.choices
@@ -139,9 +124,7 @@ pub fn plan(
         choices: facts.choices,
         predicted_output: facts.predicted_output_bound,
         set_max_tokens,
-        inject_include_usage: kind == ApiKind::ChatCompletions
-            && facts.stream
-            && !facts.include_usage,
+        inject_include_usage: dialect.asks_stream_usage() && facts.stream && !facts.include_usage,
     })
 }
 

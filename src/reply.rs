@@ -42,6 +42,42 @@ pub enum Refusal {
     BudgetUnavailable { message: String },
 }
 
+impl Family {
+    /// The token rate-limit headers of the family's own API on an admitted request: `limit`
+    /// and `remaining` tokens, the window resetting at `reset_ms` (in `reset_in_ms`). Google
+    /// and Bedrock send none of their own.
+    pub fn rate_limit_headers(
+        self,
+        limit: u64,
+        remaining: u64,
+        reset_ms: u64,
+        reset_in_ms: u64,
+    ) -> Option<[(&'static str, String); 3]> {
+        match self {
+            Family::OpenAi => Some([
+                ("x-ratelimit-limit-tokens", limit.to_string()),
+                ("x-ratelimit-remaining-tokens", remaining.to_string()),
+                (
+                    "x-ratelimit-reset-tokens",
+                    crate::window::openai_duration(reset_in_ms),
+                ),
+            ]),
+            Family::Anthropic => Some([
+                ("anthropic-ratelimit-tokens-limit", limit.to_string()),
+                (
+                    "anthropic-ratelimit-tokens-remaining",
+                    remaining.to_string(),
+                ),
+                (
+                    "anthropic-ratelimit-tokens-reset",
+                    crate::window::rfc3339(reset_ms),
+                ),
+            ]),
+            Family::Google | Family::Aws => None,
+        }
+    }
+}
+
 impl LocalReply {
     /// Its headers, then the `extra` ones (names from the configuration) that are text.
     pub fn header_pairs<'a>(

@@ -37,10 +37,10 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
+use super::Usage;
 use super::eventstream::{DecodeError, Decoder, Limits, Message, MessageType};
-use super::sse::SseUsageReader;
+use super::sse::{SseGrammar, SseUsageReader};
 use super::usage::{self, anthropic};
-use super::{ApiKind, Usage};
 
 /// The streaming operation the response answers (from the request path).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +90,7 @@ impl BedrockStreamReader {
         BedrockStreamReader {
             operation,
             decoder: Decoder::new(limits),
-            anthropic: SseUsageReader::new(ApiKind::Messages, max_line_bytes),
+            anthropic: SseUsageReader::with_grammar(SseGrammar::Messages, max_line_bytes),
             scratch: Vec::new(),
             converse: None,
             metrics: None,
@@ -720,7 +720,7 @@ mod tests {
 
     #[test]
     fn anthropic_events_reach_the_anthropic_reader_whatever_their_line_breaks() {
-        let mut r = SseUsageReader::new(ApiKind::Messages, 4096);
+        let mut r = SseUsageReader::new(crate::api::ApiKind::Messages, 4096);
         feed_anthropic_event(
             &mut r,
             b"{\r\n  \"type\": \"message_start\",\n  \"message\": {\"usage\":\r{\"input_tokens\": 3}}\n}",

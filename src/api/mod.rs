@@ -25,8 +25,9 @@ pub enum Family {
     Aws,
 }
 
-/// The APIs Tollgate reads. Anything else passes through untouched. Each is one row of the
-/// dialect table ([`dialect`]): its path, body, usage and refusal shape.
+/// The APIs Tollgate reads. Anything else passes through untouched. Each is one
+/// [`dialect::Dialect`] ([`ApiKind::dialect`]): its body, usage and refusal shape; the path
+/// table ([`dialect::classify`]) says which a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ApiKind {
     /// OpenAI Chat Completions, `…/chat/completions`.
@@ -74,49 +75,20 @@ impl ApiKind {
         dialect::classify(path).map(|call| call.kind)
     }
 
+    /// Whose error shape and headers the client gets ([`dialect::Dialect::family`]).
     pub fn family(self) -> Family {
-        match self {
-            ApiKind::ChatCompletions | ApiKind::Responses | ApiKind::Embeddings => Family::OpenAi,
-            ApiKind::Messages => Family::Anthropic,
-            ApiKind::GenerateContent
-            | ApiKind::EmbedContent
-            | ApiKind::CountTokens
-            | ApiKind::RawPredict => Family::Google,
-            ApiKind::Converse | ApiKind::Invoke => Family::Aws,
-        }
+        self.dialect().family()
     }
 
     /// The name used in the ledger, metrics and logs.
     pub fn as_str(self) -> &'static str {
-        match self {
-            ApiKind::ChatCompletions => "chat_completions",
-            ApiKind::Responses => "responses",
-            ApiKind::Embeddings => "embeddings",
-            ApiKind::Messages => "messages",
-            ApiKind::GenerateContent => "generate_content",
-            ApiKind::EmbedContent => "embed_content",
-            ApiKind::CountTokens => "count_tokens",
-            ApiKind::RawPredict => "raw_predict",
-            ApiKind::Converse => "converse",
-            ApiKind::Invoke => "invoke",
-        }
-    }
-
-    /// The request body is an Anthropic Messages body (its fields, its usage).
-    pub fn anthropic_body(self) -> bool {
-        matches!(
-            self,
-            ApiKind::Messages | ApiKind::RawPredict | ApiKind::Invoke
-        )
+        self.dialect().name()
     }
 
     /// The API generates no output tokens (embeddings, token counts): no max-tokens field, no
     /// output reserved.
     pub fn generates_nothing(self) -> bool {
-        matches!(
-            self,
-            ApiKind::Embeddings | ApiKind::EmbedContent | ApiKind::CountTokens
-        )
+        self.dialect().output() != dialect::Output::Tokens
     }
 }
 

@@ -273,17 +273,17 @@ pub fn nested_deeper_than(body: &[u8], max: usize) -> bool {
     shape(body, max).too_deep
 }
 
-/// Reads the request facts of `kind` from a complete JSON body (the APIs that name the model
-/// in the body; see [`read_request`] for every API).
+/// Reads the request facts of `kind` from a complete JSON body, without a path (the APIs that
+/// name the model in the body; see [`read_request`] for every API).
 pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestFacts, RequestError> {
-    parse_body(kind, body, None)
+    kind.dialect().read_request(body, None)
 }
 
 /// Reads the request facts of the request `call` classified, from its complete JSON body: the
 /// model and the streaming flag come from the path for the APIs that put them there.
 pub fn read_request(call: &Call, body: &[u8]) -> Result<RequestFacts, RequestError> {
     let Some(path_model) = &call.model else {
-        return parse_body(call.kind, body, None);
+        return parse_request(call.kind, body);
     };
     let Some(model) = path_model.name.as_deref() else {
         return Err(RequestError {
@@ -293,140 +293,29 @@ pub fn read_request(call: &Call, body: &[u8]) -> Result<RequestFacts, RequestErr
                     .into(),
         });
     };
-    let mut facts = match call.kind {
-        kind if kind.anthropic_body() => parse_body(kind, body, Some(model))?,
-        kind => path_model_facts(kind, body, model)?,
-    };
+    let mut facts = call.kind.dialect().read_request(body, Some(model))?;
     facts.stream = call.stream;
     Ok(facts)
 }
 
-/// Gemini, Vertex and Bedrock Converse bodies: their output fields (`gemini::request`,
-/// `inferenceConfig.maxTokens`); no model, no `stream`, no `n` in the body.
-fn path_model_facts(kind: ApiKind, body: &[u8], model: &str) -> Result<RequestFacts, RequestError> {
+/// The facts of a body whose fields Tollgate does not read (its dialect fills in its output
+/// fields): one JSON object within the nesting limit, the model from the path.
+pub(crate) fn object_facts(body: &[u8], model: &str) -> Result<RequestFacts, RequestError> {
     let shape = check_object(body)?;
-    let (max_tokens, choices, greedy) = match kind {
-        ApiKind::GenerateContent => {
-            let g = super::gemini::generation_facts(body)?;
-            (g.max_output_tokens, g.candidates, g.greedy)
-        }
-        ApiKind::Converse => (converse_max_tokens(body)?, 1, false),
-        _ => (None, 1, false),
-    };
     let len = u64::try_from(body.len()).unwrap_or(u64::MAX);
     Ok(RequestFacts {
         model: model.to_string(),
         stream: false,
         include_usage: false,
-        max_tokens,
-        choices,
+        max_tokens: None,
+        choices: 1,
         predicted_output_bound: 0,
         prompt_estimate: len.div_ceil(4),
         prompt_bound: len,
         external_input: shape.external,
-        greedy,
+        greedy: false,
         foreign_body: false,
     })
-}
-
-#[derive(Deserialize)]
-struct ConverseBody {
-    #[serde(rename = "inferenceConfig", default)]
-    inference_config: Option<ConverseInference>,
-    /// Model-specific request fields Bedrock passes to the model as they are.
-    #[serde(rename = "additionalModelRequestFields", default)]
-    additional: Option<ConverseAdditional>,
-}
-
-#[derive(Deserialize)]
-struct ConverseInference {
-    #[serde(rename = "maxTokens", default)]
-    max_tokens: Option<u64>,
-}
-
-/// The output caps model families read from `additionalModelRequestFields`, by name: Anthropic
-/// (`max_tokens`), Meta (`max_gen_len`), Amazon Titan (`maxTokenCount`), Mistral and others
-/// (`max_new_tokens`, `max_completion_tokens`, `maxTokens`). Tollgate rewrites each one present
-/// with `inferenceConfig.maxTokens` ([`CONVERSE_ADDITIONAL_CAPS`]).
-#[derive(Deserialize)]
-struct ConverseAdditional {
-    #[serde(default)]
-    max_tokens: Option<u64>,
-    #[serde(default)]
-    max_gen_len: Option<u64>,
-    #[serde(rename = "maxTokenCount", default)]
-    max_token_count: Option<u64>,
-    #[serde(default)]
-    max_new_tokens: Option<u64>,
-    #[serde(default)]
-    max_completion_tokens: Option<u64>,
-    #[serde(rename = "maxTokens", default)]
-    max_tokens_camel: Option<u64>,
-}
-
-/// The `additionalModelRequestFields` members read as output caps (see [`ConverseAdditional`]).
-pub const CONVERSE_ADDITIONAL_CAPS: [&str; 6] = [
-    "max_tokens",
-    "max_gen_len",
-    "maxTokenCount",
-    "max_new_tokens",
-    "max_completion_tokens",
-    "maxTokens",
-];
-
-/// Converse's output cap: `inferenceConfig.maxTokens` and the model-specific caps of
-/// `additionalModelRequestFields`, the largest given (each a positive integer, or absent).
-fn converse_max_tokens(body: &[u8]) -> Result<Option<u64>, RequestError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let parsed: ConverseBody = match serde_path_to_error::deserialize(&mut de) {
-        Ok(parsed) => parsed,
-        Err(err) => {
-            let path = err.path().to_string();
-            let inner = err.into_inner();
-            return Err(if inner.is_data() {
-                RequestError {
-                    message: format!("Invalid value for '{path}': {}", without_position(&inner)),
-                    param: Some(path),
-                }
-            } else {
-                RequestError {
-                    param: None,
-                    message: format!("The request body is not valid JSON: {inner}"),
-                }
-            });
-        }
-    };
-    let extra = parsed.additional.map(|a| {
-        [
-            a.max_tokens,
-            a.max_gen_len,
-            a.max_token_count,
-            a.max_new_tokens,
-            a.max_completion_tokens,
-            a.max_tokens_camel,
-        ]
-    });
-    let named = std::iter::once((
-        "inferenceConfig.maxTokens".to_string(),
-        parsed.inference_config.and_then(|c| c.max_tokens),
-    ))
-    .chain(extra.into_iter().flat_map(|values| {
-        CONVERSE_ADDITIONAL_CAPS
-            .iter()
-            .zip(values)
-            .map(|(name, value)| (format!("additionalModelRequestFields.{name}"), value))
-    }));
-    let mut max = None;
-    for (name, value) in named {
-        if value == Some(0) {
-            return Err(RequestError {
-                message: format!("Invalid value for '{name}': 0 is below the minimum value of 1"),
-                param: Some(name),
-            });
-        }
-        max = max.max(value);
-    }
-    Ok(max)
 }
 
 /// A body must be one JSON object within the nesting limit; its shape for the other checks.
@@ -451,13 +340,64 @@ fn check_object(body: &[u8]) -> Result<Shape, RequestError> {
     Ok(shape)
 }
 
-/// The OpenAI and Anthropic bodies; `path_model` for Anthropic bodies that name the model in
-/// the path (Bedrock Invoke, Vertex rawPredict), whose body has none.
-fn parse_body(
-    kind: ApiKind,
-    body: &[u8],
-    path_model: Option<&str>,
-) -> Result<RequestFacts, RequestError> {
+/// The fields of an OpenAI or Anthropic body, checked (see the module docs); each dialect
+/// picks its output cap from them ([`Fields::facts`]).
+#[derive(Debug)]
+pub(crate) struct Fields {
+    pub(crate) model: String,
+    pub(crate) stream: bool,
+    pub(crate) include_usage: bool,
+    pub(crate) max_tokens: Option<u64>,
+    pub(crate) max_completion_tokens: Option<u64>,
+    pub(crate) max_output_tokens: Option<u64>,
+    /// The larger of `n` and `best_of` (1 without them).
+    pub(crate) choices: u64,
+    /// Chat's `prediction` is present.
+    pub(crate) prediction: bool,
+    /// `anthropic_version` is present (Bedrock Invoke's Anthropic bodies).
+    pub(crate) anthropic_version: bool,
+    pub(crate) greedy: bool,
+    len: u64,
+    external: bool,
+}
+
+impl Fields {
+    /// The facts of a dialect whose output cap per choice is `max_tokens`.
+    pub(crate) fn facts(self, max_tokens: Option<u64>) -> RequestFacts {
+        RequestFacts {
+            model: self.model,
+            stream: self.stream,
+            include_usage: self.include_usage,
+            max_tokens,
+            choices: self.choices,
+            predicted_output_bound: 0,
+            prompt_estimate: self.len.div_ceil(4),
+            prompt_bound: self.len,
+            external_input: self.external,
+            greedy: self.greedy,
+            foreign_body: false,
+        }
+    }
+
+    /// The facts of a dialect that generates nothing (embeddings, token counts): no stream, no
+    /// output cap, one output.
+    pub(crate) fn input_only(self) -> RequestFacts {
+        RequestFacts {
+            stream: false,
+            choices: 1,
+            ..self.facts(None)
+        }
+    }
+
+    /// The body's byte count (the bound on what a predicted output may add).
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+/// Reads and checks an OpenAI or Anthropic body; `path_model` for Anthropic bodies that name the
+/// model in the path (Bedrock Invoke, Vertex rawPredict), whose body has none.
+pub(crate) fn read_fields(body: &[u8], path_model: Option<&str>) -> Result<Fields, RequestError> {
     let shape = check_object(body)?;
     // The common body parses on the fast path; only a refused one is read again for the path
     // of the field at fault (tracking it costs on every field).
@@ -491,40 +431,25 @@ fn parse_body(
             });
         }
     }
-    let foreign_body = kind == ApiKind::Invoke && raw.anthropic_version.is_none();
-    let max_tokens = match kind {
-        // `Option`'s order puts `None` first: the larger of the two when both are given.
-        ApiKind::ChatCompletions => raw.max_completion_tokens.max(raw.max_tokens),
-        ApiKind::Responses => raw.max_output_tokens,
-        _ if foreign_body => None,
-        kind if kind.anthropic_body() => raw.max_tokens,
-        _ => None,
-    };
-    let len = u64::try_from(body.len()).unwrap_or(u64::MAX);
     let single = |v: Option<u64>| v.is_none_or(|v| v == 1);
-    Ok(RequestFacts {
+    Ok(Fields {
         model,
-        stream: raw.stream.unwrap_or(false) && !kind.generates_nothing(),
+        stream: raw.stream.unwrap_or(false),
         include_usage: raw
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
-        max_tokens,
-        choices: match kind {
-            kind if kind.generates_nothing() => 1,
-            _ => raw.n.unwrap_or(1).max(raw.best_of.unwrap_or(1)),
-        },
-        predicted_output_bound: match kind {
-            ApiKind::ChatCompletions if raw.prediction.is_some() => len,
-            _ => 0,
-        },
-        prompt_estimate: len.div_ceil(4),
-        prompt_bound: len,
-        external_input: shape.external,
+        max_tokens: raw.max_tokens,
+        max_completion_tokens: raw.max_completion_tokens,
+        max_output_tokens: raw.max_output_tokens,
+        choices: raw.n.unwrap_or(1).max(raw.best_of.unwrap_or(1)),
+        prediction: raw.prediction.is_some(),
+        anthropic_version: raw.anthropic_version.is_some(),
         greedy: single(raw.n)
             && single(raw.best_of)
             && (raw.temperature.is(0.0) || raw.top_p.is(0.0) || raw.top_k.is(1.0)),
-        foreign_body,
+        len: u64::try_from(body.len()).unwrap_or(u64::MAX),
+        external: shape.external,
     })
 }
 
@@ -561,7 +486,7 @@ fn explain(body: &[u8]) -> RequestError {
     }
 }
 
-fn without_position(err: &serde_json::Error) -> String {
+pub(crate) fn without_position(err: &serde_json::Error) -> String {
     let text = err.to_string();
     match text.rfind(" at line ") {
         Some(at) => text.get(..at).unwrap_or(&text).to_string(),

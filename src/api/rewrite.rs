@@ -145,62 +145,23 @@ fn model_value_span(body: &[u8]) -> Option<(usize, usize)> {
     }
 }
 
-/// Applies `edits` to a JSON object body; `None` if the body is not a JSON object (it was parsed
-/// before, so this does not happen in practice). Keys come out sorted; values are unchanged.
+/// Applies `edits` to a body of `kind` (its dialect's edit, see `Dialect::rewrite`); `None` if
+/// the body is not a JSON object (it was parsed before, so this does not happen in practice).
 pub fn rewrite(kind: ApiKind, body: &[u8], edits: &Edits) -> Option<Vec<u8>> {
-    if kind == ApiKind::GenerateContent {
-        // Gemini has its own edit (both spellings of its generation config); the model is in
-        // the path and usage always comes, so it is the only one.
-        return match edits.max_tokens {
-            Some(max) => super::gemini::set_max_output_tokens(body, max),
-            None => Some(body.to_vec()),
-        };
-    }
+    kind.dialect().rewrite(body, edits)
+}
+
+/// Applies `edits` to a JSON object body: the output cap through `set_max` (the dialect's
+/// field), `stream_options.include_usage`, the model. Keys come out sorted; values are
+/// unchanged. `None` if the body is not a JSON object.
+pub(crate) fn edit_object(
+    body: &[u8],
+    edits: &Edits,
+    set_max: impl FnOnce(&mut Map<String, Value>, Value),
+) -> Option<Vec<u8>> {
     let mut doc: Map<String, Value> = serde_json::from_slice(body).ok()?;
     if let Some(max) = edits.max_tokens {
-        let value = Value::from(max);
-        match kind {
-            // Keep the client's choice of field; new requests get the current one. A body with
-            // both gets both: servers disagree on which one wins.
-            ApiKind::ChatCompletions => {
-                let legacy = doc.contains_key("max_tokens");
-                if legacy {
-                    doc.insert("max_tokens".to_string(), value.clone());
-                }
-                if !legacy || doc.contains_key("max_completion_tokens") {
-                    doc.insert("max_completion_tokens".to_string(), value);
-                }
-            }
-            ApiKind::Responses => {
-                doc.insert("max_output_tokens".to_string(), value);
-            }
-            ApiKind::Messages | ApiKind::RawPredict | ApiKind::Invoke => {
-                doc.insert("max_tokens".to_string(), value);
-            }
-            ApiKind::Converse => {
-                let config = doc
-                    .entry("inferenceConfig")
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if !config.is_object() {
-                    *config = Value::Object(Map::new());
-                }
-                if let Value::Object(config) = config {
-                    config.insert("maxTokens".to_string(), value.clone());
-                }
-                // A model-specific cap passed through as it is must not stay above ours.
-                if let Some(Value::Object(extra)) = doc.get_mut("additionalModelRequestFields") {
-                    for name in super::request::CONVERSE_ADDITIONAL_CAPS {
-                        if let Some(cap) = extra.get_mut(name) {
-                            *cap = value.clone();
-                        }
-                    }
-                }
-            }
-            ApiKind::Embeddings
-            | ApiKind::GenerateContent
-            | ApiKind::EmbedContent
-            | ApiKind::CountTokens => {}
-        }
+        set_max(&mut doc, Value::from(max));
     }
     if edits.include_usage {
         let options = doc

@@ -60,10 +60,25 @@
 
 use core::mem;
 
+use super::dialect::{chat_usage, responses_usage, speaks_anthropic};
 use super::usage::{self, RawUsage};
 use super::{ApiKind, Usage};
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// What the events of a stream mean: one grammar per family of SSE streams (see "Per API" in the
+/// module documentation). A dialect names its own (`Dialect::sse`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SseGrammar {
+    /// Chat Completions chunks, `[DONE]`.
+    Chat,
+    /// Responses' `response.*` events.
+    Responses,
+    /// Anthropic Messages events.
+    Messages,
+    /// A stream that carries no usage Tollgate reads (embeddings, token counts): ignored.
+    Silent,
+}
 
 /// Incremental usage reader for one streamed response. See the module documentation.
 #[derive(Debug, Clone)]
@@ -77,7 +92,7 @@ pub struct SseUsageReader {
 /// The usage state of one stream, updated event by event.
 #[derive(Debug, Clone)]
 struct UsageState {
-    kind: ApiKind,
+    grammar: SseGrammar,
     /// Chat Completions and Responses: the last usage seen.
     usage: Option<Usage>,
     /// Messages: the usage fields seen so far.
@@ -141,11 +156,16 @@ impl AnthropicUsage {
 }
 
 impl SseUsageReader {
+    /// The reader for `kind`'s streams.
     pub fn new(kind: ApiKind, max_line_bytes: usize) -> Self {
+        Self::with_grammar(kind.dialect().sse(), max_line_bytes)
+    }
+
+    pub fn with_grammar(grammar: SseGrammar, max_line_bytes: usize) -> Self {
         SseUsageReader {
             events: SseEvents::new(max_line_bytes),
             state: UsageState {
-                kind,
+                grammar,
                 usage: None,
                 anthropic: None,
                 completed: false,
@@ -159,7 +179,7 @@ impl SseUsageReader {
     /// Feed the next chunk of the response body as it passes (arbitrary splits, including inside a
     /// UTF-8 sequence or inside "\r\n"). Keeps only the unfinished line between calls.
     pub fn feed(&mut self, chunk: &[u8]) {
-        if self.state.kind.generates_nothing() {
+        if self.state.grammar == SseGrammar::Silent {
             return;
         }
         let state = &mut self.state;
@@ -170,7 +190,7 @@ impl SseUsageReader {
 
     /// End of stream: dispatch a pending event even without its terminating blank line.
     pub fn finish(&mut self) {
-        if self.state.kind.generates_nothing() {
+        if self.state.grammar == SseGrammar::Silent {
             return;
         }
         let state = &mut self.state;
@@ -180,18 +200,13 @@ impl SseUsageReader {
 
     /// The usage reported by the stream so far (None until some usage was seen).
     pub fn usage(&self) -> Option<Usage> {
-        match self.state.kind {
-            ApiKind::ChatCompletions | ApiKind::Responses => self.state.usage,
-            ApiKind::Messages | ApiKind::RawPredict | ApiKind::Invoke => self
+        match self.state.grammar {
+            SseGrammar::Chat | SseGrammar::Responses => self.state.usage,
+            SseGrammar::Messages => self
                 .state
                 .anthropic
                 .map(|a| usage::anthropic(a.input, a.output, a.cache_read, a.cache_creation)),
-            // Google's and Bedrock's streams have their own readers.
-            ApiKind::Embeddings
-            | ApiKind::GenerateContent
-            | ApiKind::EmbedContent
-            | ApiKind::CountTokens
-            | ApiKind::Converse => None,
+            SseGrammar::Silent => None,
         }
     }
 
@@ -415,14 +430,14 @@ impl UsageState {
     // Events.
 
     fn on_event(&mut self, event_type: &[u8], data: &[u8]) {
-        match self.kind {
-            ApiKind::ChatCompletions => self.on_chat_chunk(data),
-            ApiKind::Responses => {
+        match self.grammar {
+            SseGrammar::Chat => self.on_chat_chunk(data),
+            SseGrammar::Responses => {
                 let name = event_name(event_type, data);
                 match name {
                     b"response.completed" | b"response.incomplete" | b"response.failed" => {
                         let raw = usage::usage_at(data, &["response", "usage"]);
-                        self.take(usage::Reading::of(ApiKind::Responses, raw));
+                        self.take(usage::Reading::from_raw(raw, responses_usage));
                         self.completed = true;
                     }
                     _ if name.starts_with(b"response.") && name.ends_with(b".delta") => {
@@ -431,20 +446,14 @@ impl UsageState {
                     _ => {}
                 }
             }
-            ApiKind::Messages | ApiKind::RawPredict | ApiKind::Invoke => {
-                match event_name(event_type, data) {
-                    b"content_block_delta" => self.count_output(),
-                    b"message_start" => self.merge_anthropic(data, &["message", "usage"]),
-                    b"message_delta" => self.merge_anthropic(data, &["usage"]),
-                    b"message_stop" => self.completed = true,
-                    _ => {}
-                }
-            }
-            ApiKind::Embeddings
-            | ApiKind::GenerateContent
-            | ApiKind::EmbedContent
-            | ApiKind::CountTokens
-            | ApiKind::Converse => {}
+            SseGrammar::Messages => match event_name(event_type, data) {
+                b"content_block_delta" => self.count_output(),
+                b"message_start" => self.merge_anthropic(data, &["message", "usage"]),
+                b"message_delta" => self.merge_anthropic(data, &["usage"]),
+                b"message_stop" => self.completed = true,
+                _ => {}
+            },
+            SseGrammar::Silent => {}
         }
     }
 
@@ -457,7 +466,7 @@ impl UsageState {
         if chat_chunk_has_output(data) {
             self.count_output();
         }
-        self.take(usage::read_json_usage(ApiKind::ChatCompletions, data));
+        self.take(usage::read_usage_object(data, chat_usage));
     }
 
     /// Chat Completions and Responses: a usage object replaces the last one.
@@ -473,7 +482,7 @@ impl UsageState {
     fn merge_anthropic(&mut self, data: &[u8], path: &[&str]) {
         match usage::usage_at(data, path) {
             Some(raw) if raw.invalid => self.invalid = true,
-            Some(raw) if raw.speaks(ApiKind::Messages) => {
+            Some(raw) if speaks_anthropic(&raw) => {
                 self.anthropic.get_or_insert_default().merge(&raw);
             }
             Some(_) => self.foreign = true,

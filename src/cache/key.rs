@@ -154,8 +154,7 @@ pub fn cache_key(inputs: &KeyInputs<'_>, body: &[u8]) -> Option<PendingKey> {
     for field in IGNORED_FIELDS {
         map.remove(field);
     }
-    let stream =
-        inputs.kind != ApiKind::Embeddings && map.get("stream") == Some(&Value::Bool(true));
+    let stream = !inputs.kind.generates_nothing() && map.get("stream") == Some(&Value::Bool(true));
     let canonical = serde_json::to_vec(&Value::Object(map)).ok()?;
     let mut hash = Sha256::new();
     hash.update(DOMAIN);

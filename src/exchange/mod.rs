@@ -42,9 +42,10 @@ pub use bounds::{UsageAnomaly, UsageBounds};
 pub use decode::INFLATE_STATE_BYTES;
 pub use record::record_fields;
 
-use crate::api::bedrock_stream::{BedrockStreamReader, StreamOperation};
+use crate::api::bedrock_stream::BedrockStreamReader;
+use crate::api::dialect::{Reader, ResponseBody};
 use crate::api::eventstream;
-use crate::api::gemini::{GeminiStreamReader, StreamFormat};
+use crate::api::gemini::GeminiStreamReader;
 use crate::api::request::RequestFacts;
 use crate::api::sse::SseUsageReader;
 use crate::api::strip::UsageChunkStripper;
@@ -307,34 +308,33 @@ impl Exchange {
                 .is_some_and(|p| p.eq_ignore_ascii_case(EVENT_STREAM))
         });
         let line_cap = usize::try_from(self.limits.max_sse_line_bytes).unwrap_or(usize::MAX);
-        let operation = match self.kind {
-            ApiKind::Converse => Some(StreamOperation::ConverseStream),
-            ApiKind::Invoke => Some(StreamOperation::InvokeWithResponseStream),
-            _ => None,
-        };
-        self.body = if !(200..300).contains(&status) {
-            BodyReader::Skip
-        } else if self.kind == ApiKind::GenerateContent && (is_sse || self.facts.stream) {
-            let format = if is_sse {
-                StreamFormat::Sse
-            } else {
-                StreamFormat::JsonArray
-            };
-            BodyReader::Gemini(Box::new(GeminiStreamReader::new(format, line_cap)))
-        } else if let (Some(operation), true) = (operation, is_event_stream) {
-            let limits = eventstream::Limits {
-                max_message_bytes: line_cap,
-                max_header_bytes: eventstream::DEFAULT_MAX_HEADER_BYTES.min(line_cap),
-            };
-            BodyReader::Bedrock(Box::new(BedrockStreamReader::new(
-                operation, limits, line_cap,
-            )))
-        } else if is_sse {
-            BodyReader::Sse(Box::new(SseUsageReader::new(self.kind, line_cap)))
-        } else {
-            BodyReader::Json(TailBuffer::new(
+        if !(200..300).contains(&status) {
+            self.body = BodyReader::Skip;
+            return;
+        }
+        self.body = match self.kind.dialect().reader(ResponseBody {
+            sse: is_sse,
+            event_stream: is_event_stream,
+            stream_asked: self.facts.stream,
+        }) {
+            Reader::Gemini(format) => {
+                BodyReader::Gemini(Box::new(GeminiStreamReader::new(format, line_cap)))
+            }
+            Reader::EventStream(operation) => {
+                let limits = eventstream::Limits {
+                    max_message_bytes: line_cap,
+                    max_header_bytes: eventstream::DEFAULT_MAX_HEADER_BYTES.min(line_cap),
+                };
+                BodyReader::Bedrock(Box::new(BedrockStreamReader::new(
+                    operation, limits, line_cap,
+                )))
+            }
+            Reader::Sse(grammar) => {
+                BodyReader::Sse(Box::new(SseUsageReader::with_grammar(grammar, line_cap)))
+            }
+            Reader::Json => BodyReader::Json(TailBuffer::new(
                 usize::try_from(self.limits.max_response_buffer_bytes).unwrap_or(usize::MAX),
-            ))
+            )),
         };
     }
 

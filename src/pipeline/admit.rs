@@ -8,7 +8,7 @@ use crate::admission::{self, Denied, TenantKeys, TenantPolicy};
 use crate::api::dialect::{self, Call};
 use crate::api::request::read_request;
 use crate::api::rewrite::{self, Edits};
-use crate::api::{ApiKind, Family, Usage};
+use crate::api::{ApiKind, Usage};
 use crate::exchange::Exchange;
 use crate::metrics::{LabelId, Stat, StatUpdate};
 use crate::reply::Refusal;
@@ -184,7 +184,7 @@ impl Request {
             let name = resolved
                 .as_ref()
                 .map_or(facts.model.as_str(), |r| r.upstream_model.as_str());
-            if name == facts.model && kind.family() != Family::Aws {
+            if name == facts.model && !kind.dialect().reencodes_path_model() {
                 return None;
             }
             let raw = headers.get(":path")?;

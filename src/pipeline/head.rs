@@ -39,7 +39,9 @@ impl Request {
         }
         // Gemini's `?key=`: read as a credential, and cut from `:path` before anything can log
         // or forward it (first, so a refusal's access-log line never shows it either).
-        let taken = (kind.family() == Family::Google)
+        let taken = kind
+            .dialect()
+            .query_key()
             .then(|| dialect::take_query_key(path))
             .flatten();
         let mut headers = headers;

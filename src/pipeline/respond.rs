@@ -2,9 +2,7 @@
 //! watched for usage (and rewritten when Tollgate asked for a usage chunk the client did not).
 
 use super::{Effects, Gateway, Headers, Host, Request, State};
-use crate::api::Family;
 use crate::metrics::{Histogram, Stat, StatUpdate};
-use crate::window;
 
 /// What the pipeline reads of the response headers.
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,15 +54,12 @@ impl Request {
         }
         let exchange = &mut active.exchange;
         exchange.on_response_headers(head.status, head.content_type, head.content_encoding);
-        if exchange.kind.family() == Family::Aws {
+        if let Some([input, output]) = exchange.kind.dialect().usage_headers() {
             let count = |name| {
                 let value = std::str::from_utf8(headers.get(name)?).ok()?;
                 value.trim().parse::<u64>().ok()
             };
-            exchange.set_header_usage(
-                count("x-amzn-bedrock-input-token-count"),
-                count("x-amzn-bedrock-output-token-count"),
-            );
+            exchange.set_header_usage(count(input), count(output));
         }
         let mut edits: Vec<(&'g str, Option<Vec<u8>>)> = Vec::new();
         if let Some(routing) = &gateway.config.routing {
@@ -80,29 +75,12 @@ impl Request {
         }
         if let Some(rate) = active.admitted.rate {
             let reset_in = rate.reset_ms.saturating_sub(host.now_ms());
-            let headers: Option<[(&'static str, String); 3]> = match exchange.kind.family() {
-                Family::OpenAi => Some([
-                    ("x-ratelimit-limit-tokens", rate.limit.to_string()),
-                    ("x-ratelimit-remaining-tokens", rate.remaining.to_string()),
-                    (
-                        "x-ratelimit-reset-tokens",
-                        window::openai_duration(reset_in),
-                    ),
-                ]),
-                Family::Anthropic => Some([
-                    ("anthropic-ratelimit-tokens-limit", rate.limit.to_string()),
-                    (
-                        "anthropic-ratelimit-tokens-remaining",
-                        rate.remaining.to_string(),
-                    ),
-                    (
-                        "anthropic-ratelimit-tokens-reset",
-                        window::rfc3339(rate.reset_ms),
-                    ),
-                ]),
-                // Google and Bedrock send no rate-limit headers of their own.
-                Family::Google | Family::Aws => None,
-            };
+            let headers = exchange.kind.family().rate_limit_headers(
+                rate.limit,
+                rate.remaining,
+                rate.reset_ms,
+                reset_in,
+            );
             if let Some(headers) = headers {
                 edits.extend(headers.map(|(n, v)| (n, Some(v.into_bytes()))));
             }

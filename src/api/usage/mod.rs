@@ -74,12 +74,15 @@ impl Reading {
         }
     }
 
-    /// Reads a raw usage object as `kind`'s.
-    pub(crate) fn of(kind: ApiKind, raw: Option<RawUsage>) -> Reading {
+    /// Reads a raw usage object with a dialect's reading of its fields (`None`: none of its
+    /// own count fields, another API's usage).
+    pub(crate) fn from_raw(
+        raw: Option<RawUsage>,
+        read: impl Fn(&RawUsage) -> Option<Usage>,
+    ) -> Reading {
         match raw {
             Some(raw) if raw.invalid => Reading::Invalid,
-            Some(raw) if raw.speaks(kind) => Reading::Usage(raw.normalise(kind)),
-            Some(_) => Reading::Foreign,
+            Some(raw) => read(&raw).map_or(Reading::Foreign, Reading::Usage),
             None => Reading::Absent,
         }
     }
@@ -87,28 +90,29 @@ impl Reading {
 
 /// [`usage_from_json`], telling a foreign-shaped usage object from a missing one.
 pub fn read_json_usage(kind: ApiKind, body: &[u8]) -> Reading {
-    match kind {
-        ApiKind::GenerateContent | ApiKind::EmbedContent => super::gemini::read_body_usage(body),
-        ApiKind::Converse => super::bedrock_stream::converse_body_usage(body),
-        // A token count generates nothing and is never charged.
-        ApiKind::CountTokens => Reading::Absent,
-        _ => Reading::of(kind, usage_at(body, &["usage"])),
-    }
+    kind.dialect().json_usage(body)
 }
 
 /// The usage of a JSON body that was cut short (an upstream reset, a client that left): `prefix`
 /// must be the body from its first byte (not a tail). The top-level usage counts only if its
 /// value arrived whole before the cut; found by a forward parse (the backward scan needs the
-/// body's end), `O(prefix)` once per such response.
+/// body's end), `O(prefix)` once per such response. Google and Bedrock put usage after the
+/// answer: a cut body of theirs is charged by the fallbacks.
 pub fn read_cut_json_usage(kind: ApiKind, prefix: &[u8]) -> Reading {
-    match kind {
-        // Google and Bedrock put usage after the answer: a cut body is charged by the fallbacks.
-        ApiKind::GenerateContent
-        | ApiKind::EmbedContent
-        | ApiKind::CountTokens
-        | ApiKind::Converse => Reading::Absent,
-        _ => Reading::of(kind, parse::parse_usage_prefix(prefix)),
-    }
+    kind.dialect().cut_json_usage(prefix)
+}
+
+/// The top-level `usage` object of a JSON body (or its tail), read by `read`.
+pub(crate) fn read_usage_object(body: &[u8], read: impl Fn(&RawUsage) -> Option<Usage>) -> Reading {
+    Reading::from_raw(usage_at(body, &["usage"]), read)
+}
+
+/// The top-level `usage` of a body cut short, once it passed whole (see [`read_cut_json_usage`]).
+pub(crate) fn read_cut_usage_object(
+    prefix: &[u8],
+    read: impl Fn(&RawUsage) -> Option<Usage>,
+) -> Reading {
+    Reading::from_raw(parse::parse_usage_prefix(prefix), read)
 }
 
 #[cfg(test)]

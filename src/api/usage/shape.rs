@@ -1,7 +1,7 @@
 //! A usage object as sent on the wire ([`RawUsage`], every API's fields), whether it speaks the
 //! API's own fields, and its normalisation to a [`Usage`].
 
-use crate::api::{ApiKind, Usage};
+use crate::api::Usage;
 
 /// A usage object as sent on the wire: the union of every API's fields. `None` means missing or
 /// `null`.
@@ -35,72 +35,6 @@ impl RawUsage {
             ..RawUsage::default()
         }
     }
-
-    /// Whether at least one of `kind`'s own count fields is present (and not `null`): a usage
-    /// object without any is another API's (or empty) and must not be charged as 0/0.
-    pub(crate) fn speaks(&self, kind: ApiKind) -> bool {
-        match kind {
-            ApiKind::ChatCompletions => {
-                self.prompt_tokens.is_some() || self.completion_tokens.is_some()
-            }
-            ApiKind::Embeddings => self.prompt_tokens.is_some(),
-            ApiKind::Responses => self.input_tokens.is_some() || self.output_tokens.is_some(),
-            ApiKind::Messages | ApiKind::RawPredict | ApiKind::Invoke => {
-                self.input_tokens.is_some()
-                    || self.output_tokens.is_some()
-                    || self.cache_read_input_tokens.is_some()
-                    || self.cache_creation_input_tokens.is_some()
-            }
-            // Their usage has its own readers (`gemini`, `bedrock_stream`).
-            ApiKind::GenerateContent
-            | ApiKind::EmbedContent
-            | ApiKind::CountTokens
-            | ApiKind::Converse => false,
-        }
-    }
-
-    /// Maps the wire fields of `kind` to a [`Usage`].
-    pub(crate) fn normalise(&self, kind: ApiKind) -> Usage {
-        let n = |v: Option<u64>| v.unwrap_or(0);
-        match kind {
-            ApiKind::ChatCompletions => openai(
-                n(self.prompt_tokens),
-                n(self.completion_tokens),
-                n(self.prompt_cached_tokens),
-                n(self.completion_reasoning_tokens),
-            ),
-            ApiKind::Responses => openai(
-                n(self.input_tokens),
-                n(self.output_tokens),
-                n(self.input_cached_tokens),
-                n(self.output_reasoning_tokens),
-            ),
-            ApiKind::Embeddings => Usage {
-                input: n(self.prompt_tokens),
-                ..Usage::default()
-            },
-            ApiKind::Messages | ApiKind::RawPredict | ApiKind::Invoke => anthropic(
-                n(self.input_tokens),
-                n(self.output_tokens),
-                n(self.cache_read_input_tokens),
-                n(self.cache_creation_input_tokens),
-            ),
-            ApiKind::GenerateContent
-            | ApiKind::EmbedContent
-            | ApiKind::CountTokens
-            | ApiKind::Converse => Usage::default(),
-        }
-    }
-}
-
-fn openai(input: u64, output: u64, cached: u64, reasoning: u64) -> Usage {
-    Usage {
-        input,
-        output,
-        cached_input: cached.min(input),
-        cache_write_input: 0,
-        reasoning: reasoning.min(output),
-    }
 }
 
 /// Anthropic's `input_tokens` excludes cache reads and writes; ours includes them.
@@ -117,6 +51,7 @@ pub(crate) fn anthropic(input: u64, output: u64, cache_read: u64, cache_write: u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::ApiKind;
     use crate::api::usage::{Reading, read_json_usage, usage_from_json};
 
     #[test]

@@ -42,7 +42,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 use tollgate::api::ApiKind;
 use tollgate::api::dialect::{Call, PathModel};
-use tollgate::api::request::CONVERSE_ADDITIONAL_CAPS;
+use tollgate::api::dialect::CONVERSE_ADDITIONAL_CAPS;
 use tollgate::api::request::read_request;
 use tollgate::api::rewrite::{Edits, apply};
 

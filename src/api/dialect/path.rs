@@ -18,7 +18,7 @@
 //! first `/model/` to the operation). The shipped route tables match exactly these shapes
 //! (`envoy/tollgate.yaml`, `llm_path`), so a path Envoy would forward is always one Tollgate reads.
 
-use super::ApiKind;
+use crate::api::ApiKind;
 
 /// What the request path says.
 #[derive(Debug, Clone, PartialEq, Eq)]
