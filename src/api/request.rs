@@ -199,7 +199,7 @@ struct RawRequest<'a> {
 /// A JSON number read as `f64`, or anything else (`None`): sampling parameters are the
 /// upstream's to validate; Tollgate only asks whether they are exactly 0 or 1.
 #[derive(Default)]
-struct Number(Option<f64>);
+pub(crate) struct Number(Option<f64>);
 
 impl<'de> Deserialize<'de> for Number {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Number, D::Error> {
@@ -250,7 +250,7 @@ impl<'de> Deserialize<'de> for Number {
 }
 
 impl Number {
-    fn is(&self, want: f64) -> bool {
+    pub(crate) fn is(&self, want: f64) -> bool {
         self.0 == Some(want)
     }
 }

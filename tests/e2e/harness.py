@@ -157,8 +157,10 @@ class Envoy:
             return f.read()
 
     def access_lines(self):
+        """The complete lines of the access log. Envoy flushes its buffer when it fills, which
+        can end the file inside a line: a last line without its newline is still being written."""
         with open(self.access_log, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return [json.loads(line) for line in f if line.strip() and line.endswith("\n")]
 
     def access_line(self, request_id, timeout=5.0):
         """The access-log line of the request sent with `x-request-id: request_id`."""

@@ -9,7 +9,7 @@ use super::{Dialect, Reader, ResponseBody, anthropic};
 use crate::api::Family;
 use crate::api::bedrock_stream::{self, StreamOperation};
 use crate::api::request::{
-    RequestError, RequestFacts, object_facts, read_fields, without_position,
+    Number, RequestError, RequestFacts, object_facts, read_fields, without_position,
 };
 use crate::api::sse::SseGrammar;
 use crate::api::usage::Reading;
@@ -38,8 +38,10 @@ impl Dialect for Converse {
         path_model: Option<&str>,
     ) -> Result<RequestFacts, RequestError> {
         let facts = object_facts(body, path_model.unwrap_or_default())?;
+        let (max_tokens, greedy) = converse_fields(body)?;
         Ok(RequestFacts {
-            max_tokens: converse_max_tokens(body)?,
+            max_tokens,
+            greedy,
             ..facts
         })
     }
@@ -150,6 +152,10 @@ struct ConverseBody {
 struct ConverseInference {
     #[serde(rename = "maxTokens", default)]
     max_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Number,
+    #[serde(rename = "topP", default)]
+    top_p: Number,
 }
 
 /// The output caps model families read from `additionalModelRequestFields`, by name: Anthropic
@@ -170,6 +176,9 @@ struct ConverseAdditional {
     max_completion_tokens: Option<u64>,
     #[serde(rename = "maxTokens", default)]
     max_tokens_camel: Option<u64>,
+    /// Anthropic's and others' top-k, passed through (Converse has none of its own).
+    #[serde(default)]
+    top_k: Number,
 }
 
 /// The `additionalModelRequestFields` members read as output caps (see [`ConverseAdditional`]).
@@ -183,8 +192,10 @@ pub const CONVERSE_ADDITIONAL_CAPS: [&str; 6] = [
 ];
 
 /// Converse's output cap: `inferenceConfig.maxTokens` and the model-specific caps of
-/// `additionalModelRequestFields`, the largest given (each a positive integer, or absent).
-fn converse_max_tokens(body: &[u8]) -> Result<Option<u64>, RequestError> {
+/// `additionalModelRequestFields`, the largest given (each a positive integer, or absent); and
+/// whether it decodes greedily (`inferenceConfig.temperature` or `topP` of 0, or a passed-through
+/// `top_k` of 1; Converse generates one output).
+fn converse_fields(body: &[u8]) -> Result<(Option<u64>, bool), RequestError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let parsed: ConverseBody = match serde_path_to_error::deserialize(&mut de) {
         Ok(parsed) => parsed,
@@ -204,6 +215,11 @@ fn converse_max_tokens(body: &[u8]) -> Result<Option<u64>, RequestError> {
             });
         }
     };
+    let greedy = parsed
+        .inference_config
+        .as_ref()
+        .is_some_and(|c| c.temperature.is(0.0) || c.top_p.is(0.0))
+        || parsed.additional.as_ref().is_some_and(|a| a.top_k.is(1.0));
     let extra = parsed.additional.map(|a| {
         [
             a.max_tokens,
@@ -234,5 +250,5 @@ fn converse_max_tokens(body: &[u8]) -> Result<Option<u64>, RequestError> {
         }
         max = max.max(value);
     }
-    Ok(max)
+    Ok((max, greedy))
 }

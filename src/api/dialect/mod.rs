@@ -182,3 +182,102 @@ impl ApiKind {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One path per API, as its SDK sends it.
+    const PATHS: [(&str, ApiKind); 10] = [
+        ("/v1/chat/completions", ApiKind::ChatCompletions),
+        ("/v1/responses", ApiKind::Responses),
+        ("/v1/embeddings", ApiKind::Embeddings),
+        ("/v1/messages", ApiKind::Messages),
+        (
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            ApiKind::GenerateContent,
+        ),
+        (
+            "/v1/models/text-embedding-004:batchEmbedContents",
+            ApiKind::EmbedContent,
+        ),
+        (
+            "/v1/models/gemini-2.5-flash:countTokens",
+            ApiKind::CountTokens,
+        ),
+        (
+            "/v1/projects/p/locations/l/publishers/anthropic/models/claude:rawPredict",
+            ApiKind::RawPredict,
+        ),
+        ("/model/amazon.nova-pro-v1%3A0/converse", ApiKind::Converse),
+        ("/model/anthropic.claude-v2/invoke", ApiKind::Invoke),
+    ];
+
+    #[test]
+    fn every_api_is_one_dialect_reached_from_its_path() {
+        let mut names: Vec<&str> = ApiKind::ALL.iter().map(|k| k.dialect().name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ApiKind::ALL.len(), "dialect names are unique");
+        for (path, kind) in PATHS {
+            assert_eq!(
+                classify(path.as_bytes()).map(|c| c.kind),
+                Some(kind),
+                "{path}"
+            );
+            assert_eq!(kind.as_str(), kind.dialect().name());
+        }
+        assert!(
+            ApiKind::ALL
+                .iter()
+                .all(|k| PATHS.iter().any(|(_, p)| p == k))
+        );
+    }
+
+    #[test]
+    fn the_questions_the_pipeline_asks_have_the_documented_answers() {
+        let output = |k: ApiKind| k.dialect().output();
+        assert_eq!(output(ApiKind::Embeddings), Output::InputOnly);
+        assert_eq!(output(ApiKind::EmbedContent), Output::InputOnly);
+        assert_eq!(output(ApiKind::CountTokens), Output::Nothing);
+        let asks: Vec<ApiKind> = ApiKind::ALL
+            .into_iter()
+            .filter(|k| k.dialect().asks_stream_usage())
+            .collect();
+        assert_eq!(asks, [ApiKind::ChatCompletions]);
+        for kind in ApiKind::ALL {
+            let d = kind.dialect();
+            assert_eq!(d.query_key(), d.family() == Family::Google, "{kind:?}");
+            assert_eq!(
+                d.reencodes_path_model() || d.usage_headers().is_some(),
+                d.family() == Family::Aws,
+                "{kind:?}"
+            );
+        }
+        // A Bedrock event stream is read as one only where Bedrock streams; a JSON answer is
+        // JSON everywhere.
+        let body = |sse, event_stream| ResponseBody {
+            sse,
+            event_stream,
+            stream_asked: true,
+        };
+        assert_eq!(
+            ApiKind::Converse.dialect().reader(body(false, true)),
+            Reader::EventStream(StreamOperation::ConverseStream)
+        );
+        assert_eq!(
+            ApiKind::Messages.dialect().reader(body(false, true)),
+            Reader::Json
+        );
+        assert_eq!(
+            ApiKind::GenerateContent
+                .dialect()
+                .reader(body(false, false)),
+            Reader::Gemini(StreamFormat::JsonArray)
+        );
+        assert_eq!(
+            ApiKind::Invoke.dialect().reader(body(true, false)),
+            Reader::Sse(SseGrammar::Messages)
+        );
+    }
+}

@@ -638,3 +638,41 @@ fn greedy_gemini_requests_are_cached_under_the_deterministic_policy() {
         "bypass"
     );
 }
+
+#[test]
+fn greedy_converse_requests_are_cached_under_the_deterministic_policy() {
+    let gw = metered(json!({"cache": {"policy": "deterministic"}}));
+    let host = Fake::new();
+    let answer = Upstream::json(json!({
+        "output": {"message": {"role": "assistant", "content": [{"text": "4"}]}},
+        "stopReason": "end_turn",
+        "usage": {"inputTokens": 5, "outputTokens": 1, "totalTokens": 6}}));
+    let ask = |config: Value, extra: Value| {
+        bedrock(
+            CONVERSE,
+            json!({"messages": [{"role": "user", "content": [{"text": "2+2? ".repeat(10)}]}],
+                   "inferenceConfig": config, "additionalModelRequestFields": extra}),
+        )
+    };
+    for (config, extra) in [
+        (json!({"temperature": 0}), json!({})),
+        (json!({"topP": 0.0}), json!({})),
+        (json!({"temperature": 0.9}), json!({"top_k": 1})),
+    ] {
+        let greedy = ask(config, extra);
+        assert_eq!(
+            run(&gw, &host, &greedy, Some(&answer)).field("cache"),
+            "miss"
+        );
+        assert_eq!(run(&gw, &host, &greedy, None).field("cache"), "hit");
+    }
+    for (config, extra) in [
+        (json!({"temperature": 0.7}), json!({})),
+        (json!({"temperature": "0"}), json!({"top_k": 2})),
+    ] {
+        assert_eq!(
+            run(&gw, &host, &ask(config, extra), Some(&answer)).field("cache"),
+            "bypass"
+        );
+    }
+}

@@ -38,7 +38,7 @@ use tollgate::api::request::read_request;
 const KINDS: [ApiKind; 10] = ApiKind::ALL;
 
 /// `with_model` to this name on a `rawPredict` path gives Claude's token-count path (documented
-/// in `src/api/dialect.rs`): a `CountTokens` call without a model. Set to `false` to see it
+/// in `src/api/dialect/path.rs`): a `CountTokens` call without a model. Set to `false` to see it
 /// reported as a violation.
 const COUNT_TOKENS_NAME: &str = "count-tokens";
 const ALLOW_COUNT_TOKENS_NAME: bool = true;
@@ -117,7 +117,7 @@ const TOKENS: &[&str] = &[
     "x",
 ];
 
-/// KNOWN FINDING (reproducers in `tests/fuzz/artifacts-keep/dialect/`): `src/api/dialect.rs`
+/// KNOWN FINDING (reproducers in `tests/fuzz/artifacts-keep/dialect/`): `src/api/dialect/path.rs`
 /// decodes an escape with `u8::from_str_radix`, which accepts a leading `+`, so `%+F` is read
 /// as `%0F` instead of refusing the name as malformed. `true` mirrors that in the reference
 /// decoder so the rest of the target keeps running; set it to `false` once `decode` is fixed.
