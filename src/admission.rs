@@ -40,6 +40,9 @@ pub struct TenantPolicy {
     /// Length of a reservation epoch: what a request holds expires `holdings::SLOTS - 1` to
     /// `holdings::SLOTS` epochs after it was taken if it is never settled (its VM died).
     pub reservation_epoch_ms: u64,
+    /// The tenants above this one (`parent`, its parent, …), nearest first. Their limits are in
+    /// `limits` too, each with its `owner`.
+    pub ancestors: Vec<String>,
 }
 
 impl TenantPolicy {
@@ -90,6 +93,7 @@ impl Default for TenantPolicy {
             aliases: HashMap::new(),
             downgrade_at_permille: None,
             reservation_epoch_ms: holdings::epoch_ms_for_ttl(DEFAULT_RESERVATION_TTL_MS),
+            ancestors: Vec::new(),
         }
     }
 }
@@ -105,16 +109,17 @@ pub struct TenantKeys {
 }
 
 impl TenantKeys {
-    /// `scope` is the tenant name, or a slot name for undeclared tenants. The `2` is the value
-    /// format (buckets and slots hold epoch rings since 0.2): a code update that keeps the
-    /// `vm_id` must not read the old format's keys.
+    /// `scope` is the tenant name, or a slot name for undeclared tenants; an ancestor's limit
+    /// is in the ancestor's bucket (its `owner`). The `2` is the value format (buckets and
+    /// slots hold epoch rings since 0.2): a code update that keeps the `vm_id` must not read
+    /// the old format's keys.
     pub fn new(scope: &str, policy: &TenantPolicy) -> TenantKeys {
         TenantKeys {
             scope: scope.to_string(),
             buckets: policy
                 .limits
                 .iter()
-                .map(|l| format!("tg:b2:{scope}:{}", l.name))
+                .map(|l| format!("tg:b2:{}:{}", l.owner.as_deref().unwrap_or(scope), l.name))
                 .collect(),
             concurrency: format!("tg:c2:{scope}"),
         }
@@ -169,6 +174,9 @@ fn amount(limit: &Limit, usage: &Usage, price: Option<&Price>, strict: bool) -> 
 pub enum Denied {
     /// Refused: the reply says why.
     Refused(Refusal),
+    /// Refused because a limit is spent: `by` names it, `tenant/limit` (the tenant being the
+    /// request's or the ancestor whose budget it is).
+    Spent { refusal: Refusal, by: String },
     /// Global limit `limit`'s lease is `need` short: refill it, then try again. Nothing is held.
     Short { limit: usize, need: u64 },
 }
@@ -279,7 +287,17 @@ pub fn admit<S: SharedStore + ?Sized>(
                 if let Some(taken) = concurrency {
                     release_slot(store, &keys.concurrency, taken, epoch);
                 }
-                return Err(Denied::Refused(refusal(policy, denial, now_ms)));
+                let by = match &denial {
+                    Denial::Exhausted { limit, .. } => policy.limits.get(*limit).map(|l| {
+                        format!("{}/{}", l.owner.as_deref().unwrap_or(&keys.scope), l.name)
+                    }),
+                    Denial::Contended | Denial::Short { .. } => None,
+                };
+                let refusal = refusal(policy, denial, now_ms);
+                return Err(match by {
+                    Some(by) => Denied::Spent { refusal, by },
+                    None => Denied::Refused(refusal),
+                });
             }
         }
     }
@@ -331,20 +349,27 @@ fn refusal(policy: &TenantPolicy, denial: Denial, now_ms: u64) -> Refusal {
             reset_ms,
         } => {
             let retry_after_secs = window::retry_after_secs(now_ms, reset_ms);
+            // An ancestor's limit says whose it is.
+            let whose = |l: &Limit| match &l.owner {
+                Some(owner) => format!(" of '{owner}'"),
+                None => String::new(),
+            };
             match policy.limits.get(limit) {
                 Some(l) if l.unit == Unit::PicoUsd => Refusal::QuotaExceeded {
                     message: format!(
-                        "You exceeded your current quota: the {} budget '{}' is spent until it resets in {retry_after_secs}s.",
+                        "You exceeded your current quota: the {} budget '{}'{} is spent until it resets in {retry_after_secs}s.",
                         l.window.as_str(),
-                        l.name
+                        l.name,
+                        whose(l)
                     ),
                     retry_after_secs,
                 },
                 Some(l) => Refusal::RateLimited {
                     message: format!(
-                        "Rate limit reached on tokens per {} ('{}'): limit {}, remaining {remaining}. Please try again in {retry_after_secs}s.",
+                        "Rate limit reached on tokens per {} ('{}'{}): limit {}, remaining {remaining}. Please try again in {retry_after_secs}s.",
                         l.window.as_str(),
                         l.name,
+                        whose(l),
                         l.amount
                     ),
                     retry_after_secs,
@@ -466,12 +491,14 @@ pub fn in_flight(bytes: Option<&[u8]>, epoch: u64) -> u64 {
 }
 
 /// What a settlement did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
     /// Writes that failed under contention (for the log; nothing panics).
     pub failed: usize,
     /// The tenant's requests in flight once the slot was released (with a concurrency limit).
     pub in_flight: Option<u64>,
+    /// For a tenant in a budget tree: each settled limit (its index) and its `used` after.
+    pub used: Vec<(usize, u64)>,
 }
 
 /// Settles an admitted request with the usage it is charged for.
@@ -499,14 +526,21 @@ pub fn settle<S: SharedStore + ?Sized>(
         .iter()
         .filter_map(|h| Some((h.limit, keys.buckets.get(h.limit)?.as_str())))
         .collect();
-    let mut failed = budget::settle_all(
+    // A tenant in a budget tree reports every level's use (the budget gauges).
+    let mut used = Vec::new();
+    let report = !policy.ancestors.is_empty();
+    let mut failed = budget::settle_each(
         store,
         &policy.limits,
         &key_refs,
         &admitted.held,
         &actual,
-        now_ms,
-        policy.epoch(now_ms),
+        (now_ms, policy.epoch(now_ms)),
+        |limit, value| {
+            if report {
+                used.push((limit, value));
+            }
+        },
     );
     let in_flight = admitted
         .concurrency
@@ -514,7 +548,11 @@ pub fn settle<S: SharedStore + ?Sized>(
     if admitted.concurrency.is_some() && in_flight.is_none() {
         failed += 1;
     }
-    Settled { failed, in_flight }
+    Settled {
+        failed,
+        in_flight,
+        used,
+    }
 }
 
 #[cfg(test)]
@@ -533,6 +571,7 @@ mod tests {
             window: Window::Minute,
             model: None,
             global: None,
+            owner: None,
         }
     }
 
@@ -674,12 +713,15 @@ mod tests {
         );
         let refused = admit(&store, &policy, &keys, "m", None, p, 4).unwrap_err();
         assert!(matches!(
-            refused,
-            Denied::Refused(Refusal::RateLimited {
-                kind: "tokens",
-                retry_after_secs: 60,
-                ..
-            })
+            &refused,
+            Denied::Spent {
+                refusal: Refusal::RateLimited {
+                    kind: "tokens",
+                    retry_after_secs: 60,
+                    ..
+                },
+                by,
+            } if by == "t/tpm"
         ));
     }
 
@@ -730,7 +772,10 @@ mod tests {
         assert!(admit(&store, &policy, &keys, "m", Some(&price), p, 0).is_ok());
         assert!(matches!(
             admit(&store, &policy, &keys, "m", Some(&price), p, 0),
-            Err(Denied::Refused(Refusal::QuotaExceeded { .. }))
+            Err(Denied::Spent {
+                refusal: Refusal::QuotaExceeded { .. },
+                ..
+            })
         ));
     }
 }

@@ -44,6 +44,9 @@ pub struct Limit {
     pub model: Option<String>,
     /// Leased from the rate-limit service's global counter (`None`: this Envoy's own budget).
     pub global: Option<GlobalLimit>,
+    /// The ancestor tenant whose budget this is (`parent`, its parent, …): its bucket is the
+    /// ancestor's, shared by every tenant under it. `None`: the request's own tenant's.
+    pub owner: Option<String>,
 }
 
 /// A global limit's own settings.
@@ -347,6 +350,27 @@ pub fn settle_all<S: SharedStore + ?Sized>(
     now_ms: u64,
     epoch: u64,
 ) -> usize {
+    settle_each(
+        store,
+        limits,
+        keys,
+        held,
+        actual,
+        (now_ms, epoch),
+        |_, _| {},
+    )
+}
+
+/// [`settle_all`], telling `settled` each limit's `used` once its settlement is written.
+pub fn settle_each<S: SharedStore + ?Sized>(
+    store: &S,
+    limits: &[Limit],
+    keys: &[(usize, &str)],
+    held: &[Held],
+    actual: &[u64],
+    (now_ms, epoch): (u64, u64),
+    mut settled: impl FnMut(usize, u64),
+) -> usize {
     let mut failed = 0;
     for (h, &used) in held.iter().zip(actual) {
         let Some(limit) = limits.get(h.limit) else {
@@ -355,7 +379,7 @@ pub fn settle_all<S: SharedStore + ?Sized>(
         let Some(&(_, key)) = keys.iter().find(|(i, _)| *i == h.limit) else {
             continue;
         };
-        let result: Result<(), UpdateError<()>> = update(store, key, |bytes| {
+        let result: Result<u64, UpdateError<()>> = update(store, key, |bytes| {
             let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
             // A global limit charges the window whose lease paid for the reservation: a
             // settlement after the window turned only releases what it held.
@@ -369,9 +393,12 @@ pub fn settle_all<S: SharedStore + ?Sized>(
                 lease.fallback_spent = spent.saturating_add(used);
             }
             bucket.held.release(h.epoch, h.amount);
-            Ok((bucket.encode(), ()))
+            Ok((bucket.encode(), bucket.used))
         });
-        failed += usize::from(result.is_err());
+        match result {
+            Ok(used) => settled(h.limit, used),
+            Err(_) => failed += 1,
+        }
     }
     failed
 }
@@ -543,6 +570,7 @@ mod tests {
             window: Window::Minute,
             model: None,
             global: None,
+            owner: None,
         }
     }
 

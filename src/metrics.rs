@@ -139,7 +139,7 @@ impl Labels {
         }
     }
 
-    /// The names of the global limits, each a `limit` label value of the lease gauges.
+    /// The limits' names, each a `limit` label value (lease and budget gauges).
     pub fn with_limits<'a>(mut self, mut names: impl Iterator<Item = &'a String>) -> Labels {
         (self.limits, self.limit_values) = first_labels(&mut names, usize::MAX);
         self
@@ -240,6 +240,9 @@ pub enum Stat {
     /// A global limit's lease on this Envoy as of its last refill, by tenant and limit:
     /// `granted` this window, or the service's `remaining` (tokens, or micro-USD).
     GlobalLease(LabelId, LabelId, &'static str),
+    /// A limit's use this window as of its last settlement, by the tenant whose budget it is
+    /// and the limit (tokens, or micro-USD): set for tenants in a budget tree, at every level.
+    BudgetUsed(LabelId, LabelId),
 }
 
 /// How a stat is recorded.
@@ -254,9 +257,11 @@ impl Stat {
     pub fn kind(self) -> StatKind {
         match self {
             Stat::Histogram(..) => StatKind::Histogram,
-            Stat::InFlight(_) | Stat::CacheEntries | Stat::CacheBytes | Stat::GlobalLease(..) => {
-                StatKind::Gauge
-            }
+            Stat::InFlight(_)
+            | Stat::CacheEntries
+            | Stat::CacheBytes
+            | Stat::GlobalLease(..)
+            | Stat::BudgetUsed(..) => StatKind::Gauge,
             _ => StatKind::Counter,
         }
     }
@@ -290,6 +295,11 @@ impl Stat {
             ),
             Stat::GlobalLease(t, l, gauge) => format!(
                 "tollgate.tenant.{}.limit.{}.global_{gauge}",
+                labels.tenant_value(t),
+                labels.limit_value(l)
+            ),
+            Stat::BudgetUsed(t, l) => format!(
+                "tollgate.tenant.{}.limit.{}.budget_used",
                 labels.tenant_value(t),
                 labels.limit_value(l)
             ),

@@ -27,6 +27,12 @@ struct KeyCount {
 #[derive(Serialize)]
 struct TenantView<'a> {
     tenant: &'a str,
+    /// The budget tree: the tenant's parent (whose limits its requests must fit too) and the
+    /// tenants whose parent it is. Each level lists only its own limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    children: Vec<&'a str>,
     in_flight: u64,
     max_concurrent: Option<u64>,
     limits: Vec<LimitView<'a>>,
@@ -86,6 +92,7 @@ pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) 
                 .limits
                 .iter()
                 .zip(&tenant.keys.buckets)
+                .filter(|(limit, _)| limit.owner.is_none())
                 .map(|(limit, key)| {
                     let b = budget::read(store, key, limit, now_ms, tenant.policy.epoch(now_ms));
                     LimitView {
@@ -113,8 +120,17 @@ pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) 
                     }
                 })
                 .collect();
+            let mut children: Vec<&str> = config
+                .tenants
+                .iter()
+                .filter(|(_, t)| t.policy.ancestors.first() == Some(name))
+                .map(|(child, _)| child.as_str())
+                .collect();
+            children.sort_unstable();
             Some(TenantView {
                 tenant: name,
+                parent: tenant.policy.ancestors.first().map(String::as_str),
+                children,
                 in_flight: in_flight(
                     store.get(&tenant.keys.concurrency).0.as_deref(),
                     tenant.policy.epoch(now_ms),

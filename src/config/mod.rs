@@ -117,6 +117,9 @@ impl Config {
                 keys.extend(k.all().map(str::to_string));
             }
         }
+        // An ancestor's buckets are in every descendant's keys too.
+        keys.sort_unstable();
+        keys.dedup();
         keys
     }
 
@@ -244,11 +247,11 @@ impl TryFrom<RawConfig> for Config {
             .into_iter()
             .chain(prices.keys().filter(|m| m.as_str() != "*"))
             .collect();
-        let global_limits = tenants
+        let limit_names = tenants
             .values()
             .map(|t| &t.policy)
             .chain([&defaults])
-            .flat_map(|p| p.limits.iter().filter(|l| l.global.is_some()))
+            .flat_map(|p| p.limits.iter())
             .map(|l| &l.name);
         let labels = Labels::new(
             tenants.keys(),
@@ -256,7 +259,7 @@ impl TryFrom<RawConfig> for Config {
             max_tenants,
             max_models,
         )
-        .with_limits(global_limits);
+        .with_limits(limit_names);
         let cache = raw.cache.as_ref().map(cache::build_cache).transpose()?;
         let global = raw
             .global_budgets

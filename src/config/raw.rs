@@ -97,6 +97,8 @@ pub(super) struct RawPolicy {
     pub(super) strict: Option<bool>,
     pub(super) aliases: Option<BTreeMap<String, RawAlias>>,
     pub(super) downgrade_at: Option<f64>,
+    /// Another declared tenant whose limits every request of this one must fit too.
+    pub(super) parent: Option<String>,
 }
 
 #[derive(Deserialize)]

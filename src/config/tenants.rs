@@ -44,14 +44,98 @@ pub(super) fn build_tenants(
         reservation_epoch_ms: holdings::epoch_ms_for_ttl(reservation_ttl_ms),
         ..TenantPolicy::default()
     };
-    let defaults = policy("tenant_defaults", raw_defaults, &base, models)?;
+    let own_defaults = policy("tenant_defaults", raw_defaults, &base, models)?;
+    // Each tenant's own policy first: an ancestor contributes its own limits, not its own
+    // ancestors' twice.
+    let mut own = BTreeMap::new();
+    for (name, raw) in raw_tenants {
+        let policy = policy(&format!("tenants.{name}"), raw, &own_defaults, models)?;
+        own.insert(name.as_str(), policy);
+    }
     let mut tenants = HashMap::with_capacity(raw_tenants.len());
-    for (name, own) in raw_tenants {
-        let policy = policy(&format!("tenants.{name}"), own, &defaults, models)?;
+    for (name, raw) in raw_tenants {
+        let at = format!("tenants.{name}.parent");
+        let ancestors = ancestors(&at, Some(name), raw.parent.as_deref(), raw_tenants)?;
+        let Some(policy) = own.get(name.as_str()) else {
+            continue;
+        };
+        let policy = under(policy.clone(), &ancestors, &own);
         let keys = TenantKeys::new(name, &policy);
         tenants.insert(name.clone(), Tenant { policy, keys });
     }
+    // Undeclared tenants may have a parent too (`tenant_defaults.parent`); declared tenants
+    // name their own.
+    let ancestors = ancestors(
+        "tenant_defaults.parent",
+        None,
+        raw_defaults.parent.as_deref(),
+        raw_tenants,
+    )?;
+    let defaults = under(own_defaults, &ancestors, &own);
     Ok((defaults, tenants))
+}
+
+/// A budget tree has at most this many levels (a tenant and three ancestors: key → team →
+/// department → organisation).
+pub const MAX_TREE_LEVELS: usize = 4;
+
+/// The ancestors of `tenant` (`None`: the undeclared tenants), nearest first, from `parent`:
+/// each a declared tenant, no cycle, at most [`MAX_TREE_LEVELS`] levels.
+fn ancestors(
+    at: &str,
+    tenant: Option<&String>,
+    parent: Option<&str>,
+    raw_tenants: &BTreeMap<String, RawPolicy>,
+) -> Result<Vec<String>, ConfigError> {
+    let mut chain: Vec<String> = Vec::new();
+    let mut next = parent;
+    while let Some(name) = next {
+        let Some(raw) = raw_tenants.get(name) else {
+            return Err(ConfigError::new(
+                at,
+                format!("\"{name}\" is not a declared tenant (a parent must be one of `tenants`)"),
+            ));
+        };
+        if tenant.is_some_and(|t| t == name) || chain.iter().any(|c| c == name) {
+            return Err(ConfigError::new(
+                at,
+                format!("parents form a cycle through \"{name}\""),
+            ));
+        }
+        chain.push(name.to_string());
+        if chain.len() >= MAX_TREE_LEVELS {
+            return Err(ConfigError::new(
+                at,
+                format!(
+                    "the budget tree is deeper than {MAX_TREE_LEVELS} levels (a tenant and at most {} ancestors)",
+                    MAX_TREE_LEVELS - 1
+                ),
+            ));
+        }
+        next = raw.parent.as_deref();
+    }
+    Ok(chain)
+}
+
+/// `policy` under its ancestors: their own limits join its own (each owned by its ancestor, so
+/// in the ancestor's bucket), and strict mode holds if any level asks for it.
+fn under(
+    mut policy: TenantPolicy,
+    ancestors: &[String],
+    own: &BTreeMap<&str, TenantPolicy>,
+) -> TenantPolicy {
+    for name in ancestors {
+        let Some(above) = own.get(name.as_str()) else {
+            continue;
+        };
+        policy.strict |= above.strict;
+        policy.limits.extend(above.limits.iter().map(|l| Limit {
+            owner: Some(name.clone()),
+            ..l.clone()
+        }));
+    }
+    policy.ancestors = ancestors.to_vec();
+    policy
 }
 
 /// A tenant's policy: its own fields over `base` (a list such as `limits` replaces the base's).
@@ -214,6 +298,7 @@ fn limit(at: &str, raw: &RawLimit) -> Result<Limit, ConfigError> {
         window,
         model: raw.model.clone(),
         global: raw.global.then_some(GlobalLimit { fallback }),
+        owner: None,
     })
 }
 
@@ -249,5 +334,104 @@ mod tests {
             r#"{"identity":{"source":"header","header":"x-t"},"limits":{"reservation_ttl_seconds":6}}"#,
         );
         assert_eq!(e.field, "limits.reservation_ttl_seconds");
+    }
+}
+
+#[cfg(test)]
+mod tree_tests {
+    use crate::config::Config;
+    use crate::config::tests::err;
+
+    fn config(tenants: &str) -> String {
+        format!(r#"{{"identity":{{"source":"header","header":"x-t"}},"tenants":{tenants}}}"#)
+    }
+
+    #[test]
+    fn a_tenant_carries_every_ancestors_limits_in_the_ancestors_buckets() {
+        let cfg = Config::from_json(
+            config(
+                r#"{"org":{"limits":[{"name":"usd","usd":"100","window":"month"}],"strict":true},
+                    "team":{"parent":"org","limits":[{"name":"tpd","tokens":1000,"window":"day"}]},
+                    "key":{"parent":"team","limits":[{"name":"tpm","tokens":100,"window":"minute"}]}}"#,
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let key = cfg.tenants.get("key").unwrap();
+        let names: Vec<(&str, Option<&str>)> = key
+            .policy
+            .limits
+            .iter()
+            .map(|l| (l.name.as_str(), l.owner.as_deref()))
+            .collect();
+        assert_eq!(
+            names,
+            [("tpm", None), ("tpd", Some("team")), ("usd", Some("org"))]
+        );
+        assert_eq!(
+            key.keys.buckets,
+            ["tg:b2:key:tpm", "tg:b2:team:tpd", "tg:b2:org:usd"]
+        );
+        assert_eq!(key.policy.ancestors, ["team", "org"]);
+        // Strict mode at any level holds for every tenant under it.
+        assert!(key.policy.strict);
+        let org = cfg.tenants.get("org").unwrap();
+        assert!(org.policy.ancestors.is_empty());
+        assert_eq!(org.keys.buckets, ["tg:b2:org:usd"]);
+        // Each bucket is one key, however many tenants share it.
+        let keys = cfg.shared_keys();
+        let mut unique = keys.clone();
+        unique.dedup();
+        assert_eq!(keys, unique);
+        assert_eq!(keys.iter().filter(|k| *k == "tg:b2:org:usd").count(), 1);
+    }
+
+    #[test]
+    fn unknown_parents_cycles_and_deep_trees_are_refused_naming_the_field() {
+        let e = err(&config(r#"{"a":{"parent":"nobody"}}"#));
+        assert_eq!(e.field, "tenants.a.parent");
+        assert!(e.reason.contains("not a declared tenant"), "{}", e.reason);
+        let e = err(&config(r#"{"a":{"parent":"a"}}"#));
+        assert_eq!(e.field, "tenants.a.parent");
+        assert!(e.reason.contains("cycle"), "{}", e.reason);
+        let e = err(&config(
+            r#"{"a":{"parent":"b"},"b":{"parent":"c"},"c":{"parent":"b"}}"#,
+        ));
+        assert_eq!(e.field, "tenants.a.parent");
+        assert!(e.reason.contains("cycle"), "{}", e.reason);
+        // Four levels are fine, five are not.
+        let four = r#"{"l1":{"parent":"l2"},"l2":{"parent":"l3"},"l3":{"parent":"l4"},"l4":{}}"#;
+        assert!(Config::from_json(config(four).as_bytes()).is_ok());
+        let five = r#"{"l1":{"parent":"l2"},"l2":{"parent":"l3"},"l3":{"parent":"l4"},"l4":{"parent":"l5"},"l5":{}}"#;
+        let e = err(&config(five));
+        assert_eq!(e.field, "tenants.l1.parent");
+        assert!(e.reason.contains("deeper than 4"), "{}", e.reason);
+        let e = err(
+            r#"{"identity":{"source":"header","header":"x-t"},"tenant_defaults":{"parent":"x"}}"#,
+        );
+        assert_eq!(e.field, "tenant_defaults.parent");
+    }
+
+    #[test]
+    fn undeclared_tenants_may_share_a_parent() {
+        let cfg = Config::from_json(
+            br#"{"identity":{"source":"header","header":"x-t","accept_undeclared":true},
+                 "tenant_defaults":{"parent":"public","limits":[{"name":"tpm","tokens":10,"window":"minute"}]},
+                 "tenants":{"public":{"limits":[{"name":"tpd","tokens":1000,"window":"day"}]}}}"#,
+        )
+        .unwrap();
+        let keys = cfg.undeclared_keys("someone");
+        assert_eq!(keys.buckets.len(), 2);
+        assert!(keys.buckets[0].starts_with("tg:b2:~"));
+        assert_eq!(keys.buckets[1], "tg:b2:public:tpd");
+        // The parent does not inherit the defaults' parent (nor is it its own parent).
+        assert!(
+            cfg.tenants
+                .get("public")
+                .unwrap()
+                .policy
+                .ancestors
+                .is_empty()
+        );
     }
 }

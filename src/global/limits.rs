@@ -23,7 +23,8 @@ fn global_limits(config: &Config) -> Vec<(&str, &Limit)> {
     if config.identity.accept_undeclared {
         out.extend(config.undeclared_policy.limits.iter().map(|l| ("~", l)));
     }
-    out.retain(|(_, l)| l.global.is_some());
+    // An ancestor's limit is listed once, under the ancestor.
+    out.retain(|(_, l)| l.global.is_some() && l.owner.is_none());
     out
 }
 

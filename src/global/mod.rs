@@ -140,6 +140,7 @@ mod tests {
             window: Window::Minute,
             model: None,
             global: Some(GlobalLimit::default()),
+            owner: None,
         }
     }
 

@@ -144,6 +144,12 @@ impl Request {
             Err(Denied::Refused(refusal)) => {
                 return self.refuse(kind, Some((tenant, label)), Some(facts.model), &refusal);
             }
+            Err(Denied::Spent { refusal, by }) => {
+                let who = Some((tenant, label));
+                let effects = self.refuse(kind, who, Some(facts.model), &refusal);
+                self.refused_by(by);
+                return effects;
+            }
             Err(Denied::Short { limit, need }) => {
                 let parked = Parked {
                     kind,
@@ -361,6 +367,17 @@ impl Active {
                 leave_in_flight(gateway, host, self.label, taken, policy.epoch(now));
             }
             _ => {}
+        }
+        // A budget tree's gauges: each level's use, under the level's own label.
+        for (i, used) in settled.used {
+            let Some(limit) = policy.limits.get(i) else {
+                continue;
+            };
+            let labels = &gateway.config.labels;
+            let owner = labels.tenant_id(limit.owner.as_deref().unwrap_or(&self.exchange.tenant));
+            let stat = Stat::BudgetUsed(owner, labels.limit_id(&limit.name));
+            let value = used / crate::global::hit_size(limit.unit);
+            host.stat(StatUpdate::Set(stat, value));
         }
         if settled.failed > 0 {
             let failed = settled.failed;

@@ -57,6 +57,13 @@ impl Request {
                     let model = Some(probe.facts.model);
                     return Ok(self.refuse(kind, Some((probe.tenant, label)), model, &refusal));
                 }
+                Err(Denied::Spent { refusal, by }) => {
+                    let model = Some(probe.facts.model);
+                    let who = Some((probe.tenant, label));
+                    let effects = self.refuse(kind, who, model, &refusal);
+                    self.refused_by(by);
+                    return Ok(effects);
+                }
             }
         }
         let model = config.labels.model_id(&served);

@@ -251,6 +251,8 @@ enum State {
         tenant: Option<(String, LabelId)>,
         model: Option<String>,
         reason: &'static str,
+        /// The limit that refused it, `tenant/limit` (the tenant whose budget it is).
+        by: Option<String>,
     },
     /// Answered by Tollgate itself (usage view, cache hit); the record is ready.
     Answered(Vec<(&'static str, String)>),
@@ -335,7 +337,15 @@ impl Request {
             tenant,
             model,
             reason: reply.reason,
+            by: None,
         };
         Effects::reply(reply)
+    }
+
+    /// Names the limit that refused the request (`tenant/limit`) in its record.
+    fn refused_by(&mut self, limit: String) {
+        if let State::Refused { by, .. } = &mut self.state {
+            *by = Some(limit);
+        }
     }
 }

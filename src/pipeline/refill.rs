@@ -185,7 +185,11 @@ impl Gateway {
         let Some(limit) = policy.limits.get(flight.limit) else {
             return (Refilled::Unavailable, flight.waiters);
         };
-        let label = self.config.labels.tenant_id(&flight.tenant);
+        // An ancestor's limit is counted under the ancestor's label.
+        let label = self
+            .config
+            .labels
+            .tenant_id(limit.owner.as_deref().unwrap_or(&flight.tenant));
         let epoch = policy.epoch(now_ms);
         let size = global::hit_size(limit.unit);
         let service = self.config.global.as_ref().map(|g| g.protocol());
@@ -322,13 +326,14 @@ impl Gateway {
         let Some(hits) = global::refill_hits(global, l, need, remaining, lease.granted) else {
             return Join::TooLarge;
         };
+        // The counter is the limit's owner's: an ancestor's is shared by every tenant under it.
         let declared = self.config.tenants.contains_key(tenant);
-        let entries = global::descriptor(
-            if declared { tenant } else { "~" },
-            &l.name,
-            &keys.scope,
-            &l.window.id(now_ms),
-        );
+        let (policy_name, scope) = match &l.owner {
+            Some(owner) => (owner.as_str(), owner.as_str()),
+            None if declared => (tenant, keys.scope.as_str()),
+            None => ("~", keys.scope.as_str()),
+        };
+        let entries = global::descriptor(policy_name, &l.name, scope, &l.window.id(now_ms));
         let message = global.protocol().ask(&global.domain, &entries, hits);
         let own = Flight {
             foreign: false,

@@ -41,6 +41,7 @@ impl Request {
                 tenant,
                 model,
                 reason,
+                by,
             } => {
                 let mut fields = vec![
                     ("tollgate.api", kind.as_str().to_string()),
@@ -52,6 +53,9 @@ impl Request {
                 }
                 if let Some(model) = model {
                     fields.push(("tollgate.model", model.clone()));
+                }
+                if let Some(by) = by {
+                    fields.push(("tollgate.refused_by", by.clone()));
                 }
                 host.stat(StatUpdate::Add(Stat::Denials(label, reason), 1));
                 fields

@@ -11,6 +11,7 @@ mod refusals;
 mod routing;
 mod settlement;
 mod strict_output;
+mod tree;
 mod workers;
 
 use std::cell::{Cell, RefCell};

@@ -205,7 +205,9 @@ fn check_path_kind(kind: ApiKind, body: &[u8], input: &Map<String, Value>, cap: 
     let Ok(before) = read_request(&call, body) else {
         return; // refused before any rewrite
     };
-    if cap == 0 {
+    // The plan never edits a foreign Invoke body (no `anthropic_version`): strict mode and
+    // per-request caps refuse it, since its cap cannot be read back.
+    if cap == 0 || before.foreign_body {
         return;
     }
     let Some(got) = apply(kind, body, &edits) else {
