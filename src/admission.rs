@@ -61,7 +61,7 @@ impl TenantPolicy {
         self.limits
             .iter()
             .zip(&keys.buckets)
-            .filter(|(limit, _)| limit.applies_to(model))
+            .filter(|(limit, _)| limit.applies_to(model) && !limit.shadow)
             .any(|(limit, key)| {
                 let b = budget::read(store, key, limit, now_ms, self.epoch(now_ms));
                 let taken = u128::from(b.used.saturating_add(b.reserved())) * 1000;
@@ -152,6 +152,8 @@ pub struct Admitted {
     /// The tenant's requests in flight once this one took its slot (with a concurrency limit).
     pub in_flight: Option<u64>,
     pub rate: Option<RateInfo>,
+    /// The first shadow limit that would have refused it, `tenant/limit` (it was admitted).
+    pub shadow_refusal: Option<String>,
 }
 
 /// The amount a request's usage counts against `limit`.
@@ -251,12 +253,18 @@ pub fn admit<S: SharedStore + ?Sized>(
         match budget::reserve_all(store, &policy.limits, &targets, now_ms, epoch) {
             Ok(held) => {
                 let rate = tightest_tokens(policy, &held, now_ms);
+                let shadow_refusal = held
+                    .iter()
+                    .find(|h| h.over)
+                    .and_then(|h| policy.limits.get(h.limit))
+                    .map(|l| limit_path(l, keys));
                 return Ok(Admitted {
                     plan,
                     held,
                     concurrency,
                     in_flight,
                     rate,
+                    shadow_refusal,
                 });
             }
             Err(denial) => {
@@ -288,9 +296,9 @@ pub fn admit<S: SharedStore + ?Sized>(
                     release_slot(store, &keys.concurrency, taken, epoch);
                 }
                 let by = match &denial {
-                    Denial::Exhausted { limit, .. } => policy.limits.get(*limit).map(|l| {
-                        format!("{}/{}", l.owner.as_deref().unwrap_or(&keys.scope), l.name)
-                    }),
+                    Denial::Exhausted { limit, .. } => {
+                        policy.limits.get(*limit).map(|l| limit_path(l, keys))
+                    }
                     Denial::Contended | Denial::Short { .. } => None,
                 };
                 let refusal = refusal(policy, denial, now_ms);
@@ -303,7 +311,16 @@ pub fn admit<S: SharedStore + ?Sized>(
     }
 }
 
-/// The largest output reservation every applicable limit still has room for.
+/// A limit as the ledger names it: `tenant/limit`, the tenant whose budget it is.
+fn limit_path(limit: &Limit, keys: &TenantKeys) -> String {
+    format!(
+        "{}/{}",
+        limit.owner.as_deref().unwrap_or(&keys.scope),
+        limit.name
+    )
+}
+
+/// The largest output reservation every applicable (enforced) limit still has room for.
 fn output_that_fits<S: SharedStore + ?Sized>(
     store: &S,
     policy: &TenantPolicy,
@@ -316,6 +333,9 @@ fn output_that_fits<S: SharedStore + ?Sized>(
     let mut fit = u64::MAX;
     for &i in applicable {
         let limit = policy.limits.get(i)?;
+        if limit.shadow {
+            continue;
+        }
         let bucket = budget::read(
             store,
             keys.buckets.get(i)?,
@@ -394,7 +414,7 @@ fn tightest_tokens(policy: &TenantPolicy, held: &[Held], now_ms: u64) -> Option<
     held.iter()
         .filter_map(|h| {
             let limit = policy.limits.get(h.limit)?;
-            (limit.unit == Unit::Tokens).then(|| RateInfo {
+            (limit.unit == Unit::Tokens && !limit.shadow).then(|| RateInfo {
                 limit: limit.amount,
                 remaining: h.after.remaining(limit.amount),
                 reset_ms: limit.window.end(now_ms),
@@ -572,6 +592,7 @@ mod tests {
             model: None,
             global: None,
             owner: None,
+            shadow: false,
         }
     }
 

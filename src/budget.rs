@@ -47,6 +47,9 @@ pub struct Limit {
     /// The ancestor tenant whose budget this is (`parent`, its parent, …): its bucket is the
     /// ancestor's, shared by every tenant under it. `None`: the request's own tenant's.
     pub owner: Option<String>,
+    /// Shadow mode: reserved, settled and reported like any limit, but a request it would
+    /// refuse is admitted (and says so: `Held::over`).
+    pub shadow: bool,
 }
 
 /// A global limit's own settings.
@@ -246,6 +249,8 @@ pub struct Held {
     pub after: Bucket,
     /// A global limit's fallback allowance paid for it (the service's grants could not).
     pub fallback: bool,
+    /// A shadow limit that would have refused the request (it was reserved anyway).
+    pub over: bool,
 }
 
 /// Why a reservation was refused.
@@ -285,7 +290,9 @@ pub fn reserve_all<S: SharedStore + ?Sized>(
                 remaining: bucket.room(limit.amount),
                 reset_ms: limit.window.end(now_ms),
             };
-            if amount > remaining {
+            // A shadow limit only notes that it would have refused.
+            let over = amount > remaining;
+            if over && !limit.shadow {
                 return Err(exhausted);
             }
             let mut fallback = false;
@@ -315,15 +322,16 @@ pub fn reserve_all<S: SharedStore + ?Sized>(
                 }
             }
             let taken = bucket.held.hold(amount);
-            Ok((bucket.encode(), (bucket, taken, fallback)))
+            Ok((bucket.encode(), (bucket, taken, fallback, over)))
         });
         match result {
-            Ok((after, taken, fallback)) => held.push(Held {
+            Ok((after, taken, fallback, over)) => held.push(Held {
                 limit: index,
                 amount,
                 epoch: taken,
                 after,
                 fallback,
+                over,
             }),
             Err(err) => {
                 let keys: Vec<(usize, &str)> = targets.iter().map(|&(i, k, _)| (i, k)).collect();
@@ -571,6 +579,7 @@ mod tests {
             model: None,
             global: None,
             owner: None,
+            shadow: false,
         }
     }
 

@@ -243,6 +243,9 @@ pub enum Stat {
     /// A limit's use this window as of its last settlement, by the tenant whose budget it is
     /// and the limit (tokens, or micro-USD): set for tenants in a budget tree, at every level.
     BudgetUsed(LabelId, LabelId),
+    /// Requests a shadow limit would have refused (they were admitted), by the tenant whose
+    /// budget it is and the limit.
+    ShadowRefusals(LabelId, LabelId),
 }
 
 /// How a stat is recorded.
@@ -300,6 +303,11 @@ impl Stat {
             ),
             Stat::BudgetUsed(t, l) => format!(
                 "tollgate.tenant.{}.limit.{}.budget_used",
+                labels.tenant_value(t),
+                labels.limit_value(l)
+            ),
+            Stat::ShadowRefusals(t, l) => format!(
+                "tollgate.tenant.{}.limit.{}.shadow_refusals",
                 labels.tenant_value(t),
                 labels.limit_value(l)
             ),

@@ -148,6 +148,8 @@ pub(super) struct RawLimit {
     pub(super) global: bool,
     /// A token count, or a USD decimal string, as the limit's own amount.
     pub(super) fallback: Option<serde_json::Value>,
+    /// `enforce` (the default) or `shadow`: counted and reported, never refusing.
+    pub(super) mode: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -262,6 +262,22 @@ fn limit(at: &str, raw: &RawLimit) -> Result<Limit, ConfigError> {
             None => format!("{unit_name}-{}", window.as_str()),
         },
     };
+    let shadow = match raw.mode.as_deref() {
+        None | Some("enforce") => false,
+        Some("shadow") if raw.global => {
+            return Err(ConfigError::new(
+                format!("{at}.mode"),
+                "a global limit cannot be a shadow (roll it out as a local shadow limit first)",
+            ));
+        }
+        Some("shadow") => true,
+        Some(_) => {
+            return Err(ConfigError::new(
+                format!("{at}.mode"),
+                "must be \"enforce\" or \"shadow\"",
+            ));
+        }
+    };
     let fallback = match (&raw.fallback, unit) {
         (None, _) => None,
         (Some(_), _) if !raw.global => {
@@ -299,6 +315,7 @@ fn limit(at: &str, raw: &RawLimit) -> Result<Limit, ConfigError> {
         model: raw.model.clone(),
         global: raw.global.then_some(GlobalLimit { fallback }),
         owner: None,
+        shadow,
     })
 }
 

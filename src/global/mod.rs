@@ -141,6 +141,7 @@ mod tests {
             model: None,
             global: Some(GlobalLimit::default()),
             owner: None,
+            shadow: false,
         }
     }
 

@@ -171,6 +171,18 @@ impl Request {
             .map(|h| h.fallback)
             .reduce(|a, b| a || b)
             .map(|fallback| if fallback { "fallback" } else { "lease" });
+        // A shadow limit that would have refused it: counted under the limit's owner.
+        if let Some(limit) = admitted
+            .held
+            .iter()
+            .find(|h| h.over)
+            .and_then(|h| policy.limits.get(h.limit))
+        {
+            let labels = &gateway.config.labels;
+            let owner = labels.tenant_id(limit.owner.as_deref().unwrap_or(&tenant));
+            let stat = Stat::ShadowRefusals(owner, labels.limit_id(&limit.name));
+            host.stat(StatUpdate::Add(stat, 1));
+        }
         if global == Some("fallback") {
             host.stat(StatUpdate::Add(Stat::GlobalFallbackAdmits(label), 1));
         }

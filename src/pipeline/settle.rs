@@ -108,6 +108,9 @@ fn settle<H: Host + ?Sized>(
     if let Some(global) = active.global {
         fields.push(("tollgate.global", global.to_string()));
     }
+    if let Some(shadow) = &active.admitted.shadow_refusal {
+        fields.push(("tollgate.shadow_refusal", shadow.clone()));
+    }
     if let Some(conversation) = &active.conversation {
         fields.push(("tollgate.conversation_id", conversation.clone()));
     }

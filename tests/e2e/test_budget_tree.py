@@ -1,6 +1,7 @@
 """Budget trees through the real Envoy (two workers): org → team → key, each level refusing in
 turn with `refused_by` in the ledger and the SDK's own error; concurrent requests of two keys
-under one strict team settled exactly once at every level (ledger = usage view = gauges)."""
+under one strict team settled exactly once at every level (ledger = usage view = gauges); a
+shadow limit that never refuses but says so."""
 import concurrent.futures
 import hashlib
 import json
@@ -32,6 +33,10 @@ def tree_config():
             "lab": {"strict": True, "limits": [{"name": "tpd", "tokens": 30000, "window": "day"}]},
             "lab-1": {"parent": "lab", "limits": []},
             "lab-2": {"parent": "lab", "limits": [{"name": "tpd", "tokens": 12000, "window": "day"}]},
+            # A budget rolled out in shadow first.
+            "shadowed": {"limits": [{"name": "tpd", "tokens": 100000, "window": "day"},
+                                    {"name": "tpd-next", "tokens": 1200, "window": "day",
+                                     "mode": "shadow"}]},
         },
         "prices": {"*": {"input": "1.00", "output": "2.00"}},
         "usage_view": {"path": "/tollgate/usage",
@@ -139,3 +144,19 @@ def test_concurrent_keys_of_a_strict_team_are_exact_at_every_level(tenv, upstrea
     assert used(tenv, "lab") == (charged["lab-1"] + charged["lab-2"], 0)
     # Strict mode at the team's level: no level was charged past its limit.
     assert used(tenv, "lab")[0] <= 30000 and used(tenv, "lab-2")[0] <= 12000
+
+
+def test_a_shadow_limit_reports_what_it_would_refuse_and_never_refuses(tenv):
+    rids = []
+    for _ in range(3):
+        rid, status, data = chat(tenv, "shadowed")
+        assert status == 200, data
+        rids.append(rid)
+    lines = [tenv.access_line(rid) for rid in rids]
+    assert lines[0]["shadow_refusal"] is None
+    assert [l["shadow_refusal"] for l in lines[1:]] == ["shadowed/tpd-next"] * 2
+    assert all(l["decision"] == "admitted" and l["refused_by"] is None for l in lines)
+    assert used(tenv, "shadowed", "tpd-next") == (3120, 0)
+    text = tenv.prometheus()
+    m = re.search(r'^tollgate_shadow_refusals\{[^}]*tenant="shadowed"[^}]*\} (\d+)$', text, re.M)
+    assert m and int(m.group(1)) == 2, text[-2000:]

@@ -177,3 +177,49 @@ fn a_parents_global_limit_is_one_counter_shared_by_its_children() {
     assert_eq!(limits.matches("name: \"org/tpm\"").count(), 1);
     assert!(!limits.contains("team-a/"));
 }
+
+#[test]
+fn a_shadow_limit_is_counted_and_reported_but_never_refuses() {
+    let gw = gateway(json!({
+        "tenant_defaults": {"clamp_min_output_tokens": 1, "limits": [
+            {"name": "tpd", "tokens": 100000, "window": "day"},
+            {"name": "tpd-next", "tokens": 1200, "window": "day", "mode": "shadow"}]}
+    }));
+    let host = Fake::new();
+    let labels = &gw.config.labels;
+    let a = labels.tenant_id("team-a");
+    let shadow = Stat::ShadowRefusals(a, labels.limit_id("tpd-next"));
+    // Within both: nothing to say.
+    let t = run(&gw, &host, &ask("sk-a"), Some(&answer()));
+    assert_eq!(t.field("decision"), "admitted");
+    assert_eq!(t.field("shadow_refusal"), "");
+    // Past the shadow limit: admitted, unclamped, said in the ledger and counted.
+    let t = run(&gw, &host, &ask("sk-a"), Some(&answer()));
+    assert!(t.forwarded && t.reply.is_none());
+    assert_eq!(t.field("shadow_refusal"), "team-a/tpd-next");
+    assert_eq!(t.upstream_json()["max_tokens"], 40);
+    assert_eq!(host.counter(shadow), 1);
+    // Its use is counted like any limit's, past its amount.
+    assert_eq!(bucket(&gw, &host, "team-a", "tpd-next"), (2080, 0));
+    assert_eq!(bucket(&gw, &host, "team-a", "tpd"), (2080, 0));
+    // The rate-limit headers follow the enforced limit only.
+    let t = run(&gw, &host, &ask("sk-a"), Some(&answer()));
+    assert_eq!(
+        t.response_edit("x-ratelimit-limit-tokens").as_deref(),
+        Some("100000")
+    );
+    assert_eq!(host.counter(shadow), 2);
+}
+
+#[test]
+fn limit_modes_are_checked_at_load() {
+    let err = |json: &str| crate::config::Config::from_json(json.as_bytes()).unwrap_err();
+    let e = err(
+        r#"{"identity":{"source":"header","header":"x-t"},"tenant_defaults":{"limits":[{"tokens":5,"window":"day","mode":"loud"}]}}"#,
+    );
+    assert_eq!(e.field, "tenant_defaults.limits[0].mode");
+    let e = err(
+        r#"{"identity":{"source":"header","header":"x-t"},"global_budgets":{"cluster":"rls"},"tenant_defaults":{"limits":[{"tokens":5,"window":"day","mode":"shadow","global":true}]}}"#,
+    );
+    assert_eq!(e.field, "tenant_defaults.limits[0].mode");
+}
