@@ -13,6 +13,7 @@ use crate::routing::Alias;
 use crate::store::{SharedStore, UpdateError, update};
 use crate::window;
 
+pub use crate::keys::TenantKeys;
 pub use crate::plan::{Plan, max_tokens_field, output_reserve, plan};
 
 /// What a tenant may do; declared tenants merge their own fields over `tenant_defaults`.
@@ -95,42 +96,6 @@ impl Default for TenantPolicy {
             reservation_epoch_ms: holdings::epoch_ms_for_ttl(DEFAULT_RESERVATION_TTL_MS),
             ancestors: Vec::new(),
         }
-    }
-}
-
-/// The shared-data keys of one tenant, computed once at configuration time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TenantKeys {
-    /// The budget scope: the tenant, or an undeclared tenant's slot (`~<n>`).
-    pub scope: String,
-    /// One per limit, same order as `TenantPolicy::limits`.
-    pub buckets: Vec<String>,
-    pub concurrency: String,
-}
-
-impl TenantKeys {
-    /// `scope` is the tenant name, or a slot name for undeclared tenants; an ancestor's limit
-    /// is in the ancestor's bucket (its `owner`). The `2` is the value format (buckets and
-    /// slots hold epoch rings since 0.2): a code update that keeps the `vm_id` must not read
-    /// the old format's keys.
-    pub fn new(scope: &str, policy: &TenantPolicy) -> TenantKeys {
-        TenantKeys {
-            scope: scope.to_string(),
-            buckets: policy
-                .limits
-                .iter()
-                .map(|l| format!("tg:b2:{}:{}", l.owner.as_deref().unwrap_or(scope), l.name))
-                .collect(),
-            concurrency: format!("tg:c2:{scope}"),
-        }
-    }
-
-    /// Every key, for creation at configuration time.
-    pub fn all(&self) -> impl Iterator<Item = &str> {
-        self.buckets
-            .iter()
-            .map(String::as_str)
-            .chain(std::iter::once(self.concurrency.as_str()))
     }
 }
 
@@ -593,6 +558,7 @@ mod tests {
             global: None,
             owner: None,
             shadow: false,
+            per_user: false,
         }
     }
 

@@ -50,6 +50,8 @@ pub struct Limit {
     /// Shadow mode: reserved, settled and reported like any limit, but a request it would
     /// refuse is admitted (and says so: `Held::over`).
     pub shadow: bool,
+    /// A `user_limits` entry: each end user has a bucket of its own (its slot's).
+    pub per_user: bool,
 }
 
 /// A global limit's own settings.
@@ -580,6 +582,7 @@ mod tests {
             global: None,
             owner: None,
             shadow: false,
+            per_user: false,
         }
     }
 

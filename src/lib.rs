@@ -25,6 +25,7 @@ pub mod cost;
 pub mod exchange;
 pub mod global;
 pub mod holdings;
+pub mod keys;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;
@@ -32,6 +33,7 @@ pub mod reply;
 pub mod routing;
 pub mod store;
 pub mod tenant;
+pub mod user;
 pub mod view;
 pub mod window;
 

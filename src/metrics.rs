@@ -246,6 +246,8 @@ pub enum Stat {
     /// Requests a shadow limit would have refused (they were admitted), by the tenant whose
     /// budget it is and the limit.
     ShadowRefusals(LabelId, LabelId),
+    /// Requests whose user slot was last used by another user (`identity.user_slots`).
+    UserSlotCollisions(LabelId),
 }
 
 /// How a stat is recorded.
@@ -305,6 +307,10 @@ impl Stat {
                 "tollgate.tenant.{}.limit.{}.budget_used",
                 labels.tenant_value(t),
                 labels.limit_value(l)
+            ),
+            Stat::UserSlotCollisions(t) => format!(
+                "tollgate.tenant.{}.user_slot_collisions",
+                labels.tenant_value(t)
             ),
             Stat::ShadowRefusals(t, l) => format!(
                 "tollgate.tenant.{}.limit.{}.shadow_refusals",

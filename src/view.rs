@@ -15,7 +15,20 @@ struct View<'a> {
     now: String,
     /// The shared-data keys the configuration implies, and how many of them exist.
     shared_keys: KeyCount,
+    /// Per-user budgets' slots per tenant (`identity.user_slots`), with `identity.user`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_slots: Option<u64>,
     tenants: Vec<TenantView<'a>>,
+}
+
+/// A per-user limit: its definition (each user's use is in its slot, not listed).
+#[derive(Serialize)]
+struct UserLimitView<'a> {
+    name: &'a str,
+    unit: &'static str,
+    window: String,
+    model: Option<&'a str>,
+    limit: serde_json::Value,
 }
 
 #[derive(Serialize)]
@@ -36,6 +49,8 @@ struct TenantView<'a> {
     in_flight: u64,
     max_concurrent: Option<u64>,
     limits: Vec<LimitView<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    user_limits: Vec<UserLimitView<'a>>,
 }
 
 #[derive(Serialize)]
@@ -92,7 +107,7 @@ pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) 
                 .limits
                 .iter()
                 .zip(&tenant.keys.buckets)
-                .filter(|(limit, _)| limit.owner.is_none())
+                .filter(|(limit, _)| limit.owner.is_none() && !limit.per_user)
                 .map(|(limit, key)| {
                     let b = budget::read(store, key, limit, now_ms, tenant.policy.epoch(now_ms));
                     LimitView {
@@ -127,8 +142,25 @@ pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) 
                 .map(|(child, _)| child.as_str())
                 .collect();
             children.sort_unstable();
+            let user_limits = tenant
+                .policy
+                .limits
+                .iter()
+                .filter(|l| l.per_user && l.owner.is_none())
+                .map(|l| UserLimitView {
+                    name: &l.name,
+                    unit: match l.unit {
+                        Unit::Tokens => "tokens",
+                        Unit::PicoUsd => "usd",
+                    },
+                    window: l.window.as_str(),
+                    model: l.model.as_deref(),
+                    limit: amount(l.unit, l.amount),
+                })
+                .collect();
             Some(TenantView {
                 tenant: name,
+                user_limits,
                 parent: tenant.policy.ancestors.first().map(String::as_str),
                 children,
                 in_flight: in_flight(
@@ -148,6 +180,7 @@ pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) 
             bound: implied.len(),
             present,
         },
+        user_slots: config.users.as_ref().map(|u| u.slots),
         tenants,
     })
     .unwrap_or_default()

@@ -63,6 +63,9 @@ pub struct RequestFacts {
     /// Llama, Titan, Mistral, … each with its own fields): Tollgate can neither read nor set its
     /// output cap, so strict mode and per-request caps refuse it (Converse reads every model).
     pub foreign_body: bool,
+    /// The end user: the body's own field (OpenAI's `user`, Anthropic's `metadata.user_id`,
+    /// a string), or what `identity.user` names once the pipeline resolved it.
+    pub user: Option<String>,
 }
 
 /// Keys (and values) through which a request brings input tokens its body does not hold: a
@@ -194,6 +197,93 @@ struct RawRequest<'a> {
     top_p: Number,
     #[serde(default)]
     top_k: Number,
+    /// OpenAI's end-user id.
+    #[serde(default)]
+    user: Text,
+    /// Anthropic's `metadata.user_id` (OpenAI's `metadata` is a map of strings too).
+    #[serde(default)]
+    metadata: UserIdIn,
+}
+
+/// A JSON string, or anything else (`None`): an id Tollgate reads, never validates.
+#[derive(Default)]
+struct Text(Option<String>);
+
+/// Visits any JSON value; a string (or, as `metadata`, an object's `user_id` string) is kept.
+struct TextVisitor {
+    /// Look inside an object for this member instead of taking a string.
+    member: Option<&'static str>,
+}
+
+impl<'de> serde::de::Visitor<'de> for TextVisitor {
+    type Value = Option<String>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Option<String>, E> {
+        Ok(self.member.is_none().then(|| v.to_string()))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+    fn visit_none<E>(self) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Option<String>, A::Error> {
+        while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Option<String>, A::Error> {
+        let mut found = None;
+        while let Some(key) = a.next_key::<Cow<'de, str>>()? {
+            match self.member {
+                Some(member) if key == member => {
+                    found = a.next_value::<Text>()?.0;
+                }
+                _ => {
+                    a.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Text, D::Error> {
+        deserializer
+            .deserialize_any(TextVisitor { member: None })
+            .map(Text)
+    }
+}
+
+/// An object's `user_id` string (Anthropic's `metadata`), or nothing.
+#[derive(Default)]
+struct UserIdIn(Option<String>);
+
+impl<'de> Deserialize<'de> for UserIdIn {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<UserIdIn, D::Error> {
+        deserializer
+            .deserialize_any(TextVisitor {
+                member: Some("user_id"),
+            })
+            .map(UserIdIn)
+    }
 }
 
 /// A JSON number read as `f64`, or anything else (`None`): sampling parameters are the
@@ -315,6 +405,7 @@ pub(crate) fn object_facts(body: &[u8], model: &str) -> Result<RequestFacts, Req
         external_input: shape.external,
         greedy: false,
         foreign_body: false,
+        user: None,
     })
 }
 
@@ -357,6 +448,8 @@ pub(crate) struct Fields {
     /// `anthropic_version` is present (Bedrock Invoke's Anthropic bodies).
     pub(crate) anthropic_version: bool,
     pub(crate) greedy: bool,
+    /// OpenAI's `user`, else Anthropic's `metadata.user_id`.
+    pub(crate) user: Option<String>,
     len: u64,
     external: bool,
 }
@@ -376,6 +469,7 @@ impl Fields {
             external_input: self.external,
             greedy: self.greedy,
             foreign_body: false,
+            user: self.user,
         }
     }
 
@@ -448,6 +542,7 @@ pub(crate) fn read_fields(body: &[u8], path_model: Option<&str>) -> Result<Field
         greedy: single(raw.n)
             && single(raw.best_of)
             && (raw.temperature.is(0.0) || raw.top_p.is(0.0) || raw.top_k.is(1.0)),
+        user: raw.user.0.or(raw.metadata.0),
         len: u64::try_from(body.len()).unwrap_or(u64::MAX),
         external: shape.external,
     })

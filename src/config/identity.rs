@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use hashbrown::HashMap;
 
 use crate::tenant::{Identity, KeyDigest, TenantSource};
+use crate::user::{UserInLedger, UserSource, Users};
 
-use super::raw::{RawIdentity, RawPolicy, RawSource};
+use super::raw::{RawIdentity, RawPolicy, RawSource, RawUser, RawUserSource};
 use super::{ConfigError, check_header_name};
 
 /// The tenant source and its rules; `tenants` are the declared tenants the section may name.
@@ -93,6 +94,73 @@ pub(super) fn build_identity(
     };
     Ok(identity)
 }
+
+/// The end-user section (`identity.user`, `identity.user_slots`).
+pub(super) fn build_users(
+    raw: Option<&RawUser>,
+    slots: Option<u64>,
+) -> Result<Option<Users>, ConfigError> {
+    let Some(raw) = raw else {
+        if slots.is_some() {
+            return Err(ConfigError::new(
+                "identity.user_slots",
+                "only applies with `identity.user`",
+            ));
+        }
+        return Ok(None);
+    };
+    let source = match raw.source {
+        RawUserSource::Header => {
+            let header = raw.header.as_deref().ok_or_else(|| {
+                ConfigError::new("identity.user.header", "required when source is \"header\"")
+            })?;
+            UserSource::Header(
+                check_header_name(header)
+                    .map_err(|r| ConfigError::new("identity.user.header", r))?,
+            )
+        }
+        RawUserSource::Metadata => match &raw.metadata_path {
+            Some(path) if !path.is_empty() && path.iter().all(|s| !s.is_empty()) => {
+                UserSource::Metadata(path.clone())
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    "identity.user.metadata_path",
+                    "a non-empty list of non-empty property path segments, required when source is \"metadata\"",
+                ));
+            }
+        },
+        RawUserSource::Body => UserSource::Body,
+    };
+    let ledger = match raw.ledger.as_deref() {
+        None | Some("hash") => UserInLedger::Hash,
+        Some("raw") => UserInLedger::Raw,
+        Some(_) => {
+            return Err(ConfigError::new(
+                "identity.user.ledger",
+                "must be \"hash\" or \"raw\"",
+            ));
+        }
+    };
+    let slots = match slots {
+        None => 1024,
+        Some(n) if (1..=MAX_USER_SLOTS).contains(&n) => n,
+        Some(_) => {
+            return Err(ConfigError::new(
+                "identity.user_slots",
+                format!("must be between 1 and {MAX_USER_SLOTS}"),
+            ));
+        }
+    };
+    Ok(Some(Users {
+        source,
+        slots,
+        ledger,
+    }))
+}
+
+/// At most this many user slots per tenant scope.
+pub const MAX_USER_SLOTS: u64 = 65536;
 
 /// How many budget slots undeclared tenants share (`identity.undeclared_slots`).
 pub(super) fn undeclared_slots(raw: Option<u64>) -> Result<u64, ConfigError> {

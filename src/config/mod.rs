@@ -73,6 +73,8 @@ pub struct Config {
     pub usage_view: Option<UsageView>,
     /// Model routing (`None`: models pass through unrouted).
     pub routing: Option<Routing>,
+    /// End users inside tenants (`identity.user`): their source and budget slots.
+    pub users: Option<crate::user::Users>,
     /// Metric label values (bounded by the configuration).
     pub labels: Labels,
     /// The response cache (`None`: off).
@@ -117,10 +119,65 @@ impl Config {
                 keys.extend(k.all().map(str::to_string));
             }
         }
+        // Per-user limits: every user slot's buckets and its owner key.
+        if let Some(users) = &self.users {
+            for (scope_keys, policy) in self.user_scopes() {
+                for slot in 0..users.slots {
+                    if let Some(k) = scope_keys.for_user(policy, slot) {
+                        let per_user = policy.limits.iter().zip(k.buckets);
+                        keys.extend(per_user.filter(|(l, _)| l.per_user).map(|(_, b)| b));
+                    }
+                    keys.push(crate::user::slot_owner_key(&scope_keys.scope, slot));
+                }
+            }
+        }
         // An ancestor's buckets are in every descendant's keys too.
         keys.sort_unstable();
         keys.dedup();
         keys
+    }
+
+    /// Every tenant scope whose policy has per-user limits, with its policy and keys.
+    fn user_scopes(&self) -> Vec<(TenantKeys, &TenantPolicy)> {
+        let mut scopes: Vec<(TenantKeys, &TenantPolicy)> = self
+            .tenants
+            .values()
+            .filter(|t| t.policy.limits.iter().any(|l| l.per_user))
+            .map(|t| (t.keys.clone(), &t.policy))
+            .collect();
+        let undeclared = &self.undeclared_policy;
+        if self.identity.accept_undeclared && undeclared.limits.iter().any(|l| l.per_user) {
+            for slot in 0..self.undeclared_slots {
+                scopes.push((
+                    TenantKeys::new(&undeclared_scope(slot), undeclared),
+                    undeclared,
+                ));
+            }
+        }
+        scopes
+    }
+
+    /// How many shared-data keys the per-user limits imply (before they are listed).
+    fn user_key_count(&self) -> u64 {
+        let Some(users) = &self.users else {
+            return 0;
+        };
+        let per_scope = |p: &TenantPolicy| {
+            let limits = p.limits.iter().filter(|l| l.per_user).count();
+            u64::try_from(limits).unwrap_or(u64::MAX).saturating_add(1)
+        };
+        let mut count = 0u64;
+        for t in self.tenants.values() {
+            if t.policy.limits.iter().any(|l| l.per_user) {
+                count = count.saturating_add(per_scope(&t.policy).saturating_mul(users.slots));
+            }
+        }
+        let undeclared = &self.undeclared_policy;
+        if self.identity.accept_undeclared && undeclared.limits.iter().any(|l| l.per_user) {
+            let each = per_scope(undeclared).saturating_mul(users.slots);
+            count = count.saturating_add(each.saturating_mul(self.undeclared_slots));
+        }
+        count
     }
 
     /// The budget scope of an undeclared tenant: one of `undeclared_slots` slots. Two tenants in
@@ -173,6 +230,7 @@ impl TryFrom<RawConfig> for Config {
     fn try_from(raw: RawConfig) -> Result<Config, ConfigError> {
         tenants::check_tenant_names(&raw.tenants)?;
         let raw_undeclared_slots = raw.identity.undeclared_slots;
+        let users = identity::build_users(raw.identity.user.as_ref(), raw.identity.user_slots)?;
         let identity = identity::build_identity(raw.identity, &raw.tenants)?;
         let limits = limits::build_limits(&raw.limits)?;
         let mut prices = HashMap::with_capacity(raw.prices.len());
@@ -276,7 +334,18 @@ impl TryFrom<RawConfig> for Config {
                 "a limit is marked `global`: name the rate-limit service's cluster here",
             ));
         }
-        Ok(Config {
+        let per_user = tenants
+            .iter()
+            .map(|(name, t)| (format!("tenants.{name}.user_limits"), &t.policy))
+            .chain([("tenant_defaults.user_limits".to_string(), &defaults)])
+            .find(|(_, p)| p.limits.iter().any(|l| l.per_user));
+        if let (Some((at, _)), None) = (&per_user, &users) {
+            return Err(ConfigError::new(
+                at.as_str(),
+                "needs `identity.user` (where the end user comes from)",
+            ));
+        }
+        let config = Config {
             global,
             identity,
             limits,
@@ -288,9 +357,24 @@ impl TryFrom<RawConfig> for Config {
             prices,
             usage_view,
             routing,
-        })
+            users,
+        };
+        let user_keys = config.user_key_count();
+        if user_keys > MAX_USER_KEYS {
+            return Err(ConfigError::new(
+                "identity.user_slots",
+                format!(
+                    "the per-user limits would create {user_keys} shared-data keys, above {MAX_USER_KEYS}: fewer slots or fewer per-user limits"
+                ),
+            ));
+        }
+        Ok(config)
     }
 }
+
+/// At most this many shared-data keys for per-user budgets (slots × per-user limits, and one
+/// slot owner per slot, over every tenant scope).
+pub const MAX_USER_KEYS: u64 = 1 << 20;
 
 fn check_header_name(name: &str) -> Result<String, String> {
     let ok = !name.is_empty()

@@ -99,6 +99,8 @@ pub(super) struct RawPolicy {
     pub(super) downgrade_at: Option<f64>,
     /// Another declared tenant whose limits every request of this one must fit too.
     pub(super) parent: Option<String>,
+    /// Limits that apply to each end user of the tenant apart (`identity.user`).
+    pub(super) user_limits: Option<Vec<RawLimit>>,
 }
 
 #[derive(Deserialize)]
@@ -188,6 +190,28 @@ pub(super) struct RawIdentity {
     #[serde(default)]
     pub(super) accept_undeclared: bool,
     pub(super) undeclared_slots: Option<u64>,
+    /// Where the end user inside a tenant comes from (`user_limits`).
+    pub(super) user: Option<RawUser>,
+    /// Budget slots per tenant scope that users hash to.
+    pub(super) user_slots: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUser {
+    pub(super) source: RawUserSource,
+    pub(super) header: Option<String>,
+    pub(super) metadata_path: Option<Vec<String>>,
+    /// `hash` (default) or `raw`.
+    pub(super) ledger: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub(super) enum RawUserSource {
+    Header,
+    Metadata,
+    Body,
 }
 
 #[derive(Deserialize)]

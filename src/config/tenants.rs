@@ -167,6 +167,8 @@ fn policy(
         out.downgrade_at_permille = Some((at * 1000.0).round() as u64);
     }
     if let Some(limits) = &raw.limits {
+        // The base's user limits stay unless `user_limits` replaces them too.
+        let per_user: Vec<Limit> = out.limits.iter().filter(|l| l.per_user).cloned().collect();
         out.limits = Vec::with_capacity(limits.len());
         for (i, l) in limits.iter().enumerate() {
             let at = field(&format!("limits[{i}]"));
@@ -180,6 +182,36 @@ fn policy(
                     ),
                 ));
             }
+            out.limits.push(limit);
+        }
+        for limit in per_user {
+            if out.limits.iter().all(|o| o.name != limit.name) {
+                out.limits.push(limit);
+            }
+        }
+    }
+    if let Some(limits) = &raw.user_limits {
+        // A tenant's own list replaces the base's user limits (kept after its limits).
+        out.limits.retain(|l| !l.per_user);
+        for (i, l) in limits.iter().enumerate() {
+            let at = field(&format!("user_limits[{i}]"));
+            let mut limit = limit(&at, l)?;
+            if limit.global.is_some() {
+                return Err(ConfigError::new(
+                    format!("{at}.global"),
+                    "per-user limits are this Envoy's own (a global per-user limit is not supported yet)",
+                ));
+            }
+            if out.limits.iter().any(|o| o.name == limit.name) {
+                return Err(ConfigError::new(
+                    format!("{at}.name"),
+                    format!(
+                        "a limit is already named \"{}\"; give each a distinct name",
+                        limit.name
+                    ),
+                ));
+            }
+            limit.per_user = true;
             out.limits.push(limit);
         }
     }
@@ -316,6 +348,7 @@ fn limit(at: &str, raw: &RawLimit) -> Result<Limit, ConfigError> {
         global: raw.global.then_some(GlobalLimit { fallback }),
         owner: None,
         shadow,
+        per_user: false,
     })
 }
 

@@ -142,6 +142,7 @@ mod tests {
             global: Some(GlobalLimit::default()),
             owner: None,
             shadow: false,
+            per_user: false,
         }
     }
 

@@ -13,6 +13,7 @@ use crate::exchange::Exchange;
 use crate::metrics::{LabelId, Stat, StatUpdate};
 use crate::reply::Refusal;
 use crate::routing::{Draw, Resolved};
+use crate::user::{UserSource, Users, slot_owner_key};
 
 impl Request {
     /// Decides on a whole request body: refuse, answer from the cache, or forward (with the
@@ -52,7 +53,7 @@ impl Request {
                 stream: false,
                 model: None,
             });
-        let facts = match read_request(&call, &body) {
+        let mut facts = match read_request(&call, &body) {
             Ok(facts) => facts,
             Err(err) => {
                 let refusal = Refusal::BadRequest {
@@ -62,8 +63,21 @@ impl Request {
                 return self.refuse(kind, Some((tenant, label)), None, &refusal);
             }
         };
-        let (policy, keys) = gateway.tenant_budget(&tenant);
         let now = host.now_ms();
+        facts.user = self.resolve_user(gateway, host, &headers, facts.user.take());
+        let (policy, keys) = gateway.budget(&tenant, facts.user.as_deref());
+        if let Some(users) = &config.users
+            && policy.limits.iter().any(|l| l.per_user)
+        {
+            note_slot_owner(
+                gateway,
+                host,
+                users,
+                &keys.scope,
+                &tenant,
+                facts.user.as_deref(),
+            );
+        }
         let conversation = config
             .routing
             .as_ref()
@@ -252,7 +266,6 @@ impl Request {
         }
         // The upstream gets the max tokens Tollgate set (injected or lowered): no output past it
         // is charged, so strict mode's bound holds even against an upstream that ignores it.
-        let mut facts = facts;
         if let Some(sent) = admitted.plan.set_max_tokens {
             facts.max_tokens = Some(sent);
         }
@@ -370,7 +383,8 @@ impl Active {
         charged: &Usage,
         now: u64,
     ) {
-        let (policy, keys) = gateway.tenant_budget(&self.exchange.tenant);
+        let user = self.exchange.facts.user.as_deref();
+        let (policy, keys) = gateway.budget(&self.exchange.tenant, user);
         let price = gateway.config.price(self.exchange.served_model());
         let settled = admission::settle(host, policy, &keys, &self.admitted, charged, price, now);
         match (self.slot_gauge, settled.in_flight, self.in_flight) {
@@ -396,6 +410,57 @@ impl Active {
             log::warn!("tollgate could not settle {failed} budget buckets under contention");
         }
     }
+}
+
+impl Request {
+    /// The request's end user (`identity.user`): its id, and the ledger's name for it kept for
+    /// the record. `body_user` is what the body said.
+    fn resolve_user<H: Host + ?Sized>(
+        &mut self,
+        gateway: &Gateway,
+        host: &H,
+        headers: &Headers,
+        body_user: Option<String>,
+    ) -> Option<String> {
+        let users = gateway.config.users.as_ref()?;
+        let id = match &users.source {
+            UserSource::Header(name) => headers
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v).into_owned()),
+            UserSource::Metadata(path) => host
+                .property(path)
+                .map(|v| String::from_utf8_lossy(&v).into_owned()),
+            UserSource::Body => body_user,
+        }
+        .filter(|id| !id.is_empty())?;
+        self.user = Some(users.user(id.as_bytes()).ledger);
+        Some(id)
+    }
+}
+
+/// Remembers which user last used a tenant's user slot, and counts a request whose slot was
+/// last used by another user (their per-user budgets are shared: stricter, never looser).
+fn note_slot_owner<H: Host + ?Sized>(
+    gateway: &Gateway,
+    host: &H,
+    users: &Users,
+    scope: &str,
+    tenant: &str,
+    id: Option<&str>,
+) {
+    let user = users.user(id.unwrap_or_default().as_bytes());
+    let key = slot_owner_key(scope, user.slot);
+    let (bytes, cas) = host.get(&key);
+    let mine = user.fingerprint.to_le_bytes();
+    if bytes.as_deref() == Some(&mine[..]) {
+        return;
+    }
+    if bytes.is_some_and(|b| !b.is_empty()) {
+        let label = gateway.config.labels.tenant_id(tenant);
+        host.stat(StatUpdate::Add(Stat::UserSlotCollisions(label), 1));
+    }
+    // Another worker writing first is as good: the next request sees whoever it was.
+    let _ = host.set(&key, &mine, cas);
 }
 
 /// Counts a request in its tenant label's shared in-flight count and sets the gauge from it.

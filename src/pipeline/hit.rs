@@ -46,7 +46,7 @@ impl Request {
         let saved_micro = price.map_or(0, |p| cost::billed_micro_usd(p.cost(&usage)));
         let (mut charged, mut billed) = (Usage::default(), 0);
         if config.cache.as_ref().is_some_and(|c| c.charge_hits) {
-            let (policy, keys) = gateway.tenant_budget(&probe.tenant);
+            let (policy, keys) = gateway.budget(&probe.tenant, probe.facts.user.as_deref());
             match admission::admit(host, policy, &keys, &served, price, plan, now) {
                 Ok(admitted) => {
                     admission::settle(host, policy, &keys, &admitted, &usage, price, now);

@@ -201,6 +201,24 @@ impl Gateway {
             .map(String::as_str)
     }
 
+    /// A tenant's policy and keys for a request of end user `user` (its per-user limits in the
+    /// user's slot; `None`: the empty id's slot).
+    fn budget(
+        &self,
+        tenant: &str,
+        user: Option<&str>,
+    ) -> (&TenantPolicy, std::borrow::Cow<'_, TenantKeys>) {
+        let (policy, keys) = self.tenant_budget(tenant);
+        let Some(users) = &self.config.users else {
+            return (policy, keys);
+        };
+        let slot = users.user(user.unwrap_or_default().as_bytes()).slot;
+        match keys.for_user(policy, slot) {
+            Some(keys) => (policy, std::borrow::Cow::Owned(keys)),
+            None => (policy, keys),
+        }
+    }
+
     /// A tenant's policy and keys (declared tenants borrow them from the configuration).
     fn tenant_budget(&self, tenant: &str) -> (&TenantPolicy, std::borrow::Cow<'_, TenantKeys>) {
         let config = &self.config;
@@ -224,6 +242,8 @@ pub struct Request {
     recorded: bool,
     /// Its body's part of the VM's buffered bytes, from its first byte to its response's head.
     hold: Option<buffered::BodyHold>,
+    /// The end user as the ledger names it (`identity.user`), once resolved.
+    user: Option<String>,
     /// Test builds only (`--features test-trap`): the request asked this VM to die mid-exchange.
     #[cfg(feature = "test-trap")]
     trap: bool,

@@ -75,6 +75,11 @@ impl Request {
         };
         self.recorded = true;
         fields.push(("tollgate.worker", gateway.worker.clone()));
+        if let Some(user) = self.user.take()
+            && !fields.is_empty()
+        {
+            fields.push(("tollgate.user", user));
+        }
         fields
     }
 }

@@ -12,6 +12,7 @@ mod routing;
 mod settlement;
 mod strict_output;
 mod tree;
+mod users;
 mod workers;
 
 use std::cell::{Cell, RefCell};
