@@ -44,6 +44,8 @@ pub struct TenantPolicy {
     /// The tenants above this one (`parent`, its parent, …), nearest first. Their limits are in
     /// `limits` too, each with its `owner`.
     pub ancestors: Vec<String>,
+    /// Conversation tracking and its limits (`None`: conversations are not tracked).
+    pub conversation: Option<crate::conversation::ConversationLimits>,
 }
 
 impl TenantPolicy {
@@ -95,6 +97,7 @@ impl Default for TenantPolicy {
             downgrade_at_permille: None,
             reservation_epoch_ms: holdings::epoch_ms_for_ttl(DEFAULT_RESERVATION_TTL_MS),
             ancestors: Vec::new(),
+            conversation: None,
         }
     }
 }

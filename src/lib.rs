@@ -21,6 +21,7 @@ pub mod api;
 pub mod budget;
 pub mod cache;
 pub mod config;
+pub mod conversation;
 pub mod cost;
 pub mod exchange;
 pub mod global;

@@ -85,9 +85,11 @@ pub struct Labels {
     exclusive: HashSet<LabelId>,
     models: HashMap<String, LabelId>,
     model_values: Vec<String>,
-    /// The names of global limits (bounded by the configuration), for the lease gauges.
+    /// The names of limits (bounded by the configuration), for the lease and budget gauges.
     limits: HashMap<String, LabelId>,
     limit_values: Vec<String>,
+    /// The conversation cost thresholds' label values (`0_50`), by index.
+    thresholds: Vec<String>,
 }
 
 /// The first `max` of `names` (at most 10,000), sorted: their ids and sanitised values.
@@ -136,7 +138,20 @@ impl Labels {
             model_values,
             limits: HashMap::new(),
             limit_values: Vec::new(),
+            thresholds: Vec::new(),
         }
+    }
+
+    /// The conversation cost thresholds' label values, by index.
+    pub fn with_thresholds(mut self, values: &[String]) -> Labels {
+        self.thresholds = values.iter().map(|v| sanitize(v).into_owned()).collect();
+        self
+    }
+
+    pub fn threshold_value(&self, index: u8) -> &str {
+        self.thresholds
+            .get(usize::from(index))
+            .map_or(OTHER, String::as_str)
     }
 
     /// The limits' names, each a `limit` label value (lease and budget gauges).
@@ -248,6 +263,12 @@ pub enum Stat {
     ShadowRefusals(LabelId, LabelId),
     /// Requests whose user slot was last used by another user (`identity.user_slots`).
     UserSlotCollisions(LabelId),
+    /// Conversations started.
+    ConversationsStarted(LabelId),
+    /// Conversations active within `conversations.idle_seconds` (gauge, from a shared count).
+    ConversationsActive(LabelId),
+    /// Conversations whose running cost crossed cost threshold `index`.
+    ConversationsOver(LabelId, u8),
 }
 
 /// How a stat is recorded.
@@ -266,7 +287,8 @@ impl Stat {
             | Stat::CacheEntries
             | Stat::CacheBytes
             | Stat::GlobalLease(..)
-            | Stat::BudgetUsed(..) => StatKind::Gauge,
+            | Stat::BudgetUsed(..)
+            | Stat::ConversationsActive(_) => StatKind::Gauge,
             _ => StatKind::Counter,
         }
     }
@@ -307,6 +329,19 @@ impl Stat {
                 "tollgate.tenant.{}.limit.{}.budget_used",
                 labels.tenant_value(t),
                 labels.limit_value(l)
+            ),
+            Stat::ConversationsStarted(t) => format!(
+                "tollgate.tenant.{}.conversations_started",
+                labels.tenant_value(t)
+            ),
+            Stat::ConversationsActive(t) => format!(
+                "tollgate.tenant.{}.conversations_active",
+                labels.tenant_value(t)
+            ),
+            Stat::ConversationsOver(t, i) => format!(
+                "tollgate.tenant.{}.threshold.{}.conversations_over",
+                labels.tenant_value(t),
+                labels.threshold_value(i)
             ),
             Stat::UserSlotCollisions(t) => format!(
                 "tollgate.tenant.{}.user_slot_collisions",

@@ -35,6 +35,9 @@ pub enum Refusal {
         message: String,
         retry_after_secs: u64,
     },
+    /// 429: the request's conversation spent its budget (steps, tokens, USD, age). It never
+    /// comes back: `x-should-retry: false`, no `retry-after`.
+    ConversationSpent { message: String },
     /// 500: an internal failure of the gateway (never a trap).
     Internal { message: String },
     /// 503: a global budget needed the rate-limit service, which could not be asked (and the
@@ -179,7 +182,9 @@ impl Refusal {
             Refusal::Unauthenticated { .. } => "UnrecognizedClientException",
             Refusal::Forbidden { .. } => "AccessDeniedException",
             Refusal::RateLimited { .. } => "ThrottlingException",
-            Refusal::QuotaExceeded { .. } => "ServiceQuotaExceededException",
+            Refusal::QuotaExceeded { .. } | Refusal::ConversationSpent { .. } => {
+                "ServiceQuotaExceededException"
+            }
             Refusal::Internal { .. } => "InternalServerException",
             Refusal::BudgetUnavailable { .. } => "ServiceUnavailableException",
         }
@@ -254,6 +259,14 @@ impl Refusal {
                 ("insufficient_quota", Some("insufficient_quota")),
                 "rate_limit_error",
             ),
+            Refusal::ConversationSpent { message } => (
+                429,
+                "conversation_budget_exceeded",
+                message.as_str(),
+                None,
+                ("insufficient_quota", Some("conversation_budget_exceeded")),
+                "rate_limit_error",
+            ),
             Refusal::TooLarge { limit } => {
                 too_large =
                     format!("The request body exceeds this gateway's limit of {limit} bytes.");
@@ -286,7 +299,7 @@ impl Refusal {
         // Bedrock models a spent quota as 400 `ServiceQuotaExceededException`; botocore's legacy
         // retry mode retries every 429, so a spent budget must not be one there.
         let status = match (family, self) {
-            (Family::Aws, Refusal::QuotaExceeded { .. }) => 400,
+            (Family::Aws, Refusal::QuotaExceeded { .. } | Refusal::ConversationSpent { .. }) => 400,
             _ => status,
         };
         let google_status = google_status(status);
@@ -329,6 +342,9 @@ impl Refusal {
                 retry_after_secs, ..
             } => {
                 headers.push(("retry-after", retry_after_secs.to_string()));
+                headers.push(("x-should-retry", "false".to_string()));
+            }
+            Refusal::ConversationSpent { .. } => {
                 headers.push(("x-should-retry", "false".to_string()));
             }
             Refusal::MethodNotAllowed { allow } => headers.push(("allow", (*allow).to_string())),

@@ -315,7 +315,7 @@ def code_metrics():
     for rel in rust_sources():
         gauges.update(re.findall(r'Stat::GlobalLease\([^()]*?,\s*"(\w+)"\s*\)', code_before_tests(rel)))
     for lit in re.findall(r'"(tollgate\.[^"]*)"', src):
-        name = re.sub(r"\.(tenant|model|reason|limit)\.\{[^}]*\}", "", lit)
+        name = re.sub(r"\.(tenant|model|reason|limit|threshold)\.\{[^}]*\}", "", lit)
         if name.endswith(".{}"):
             continue  # the counter and histogram families, read from their suffixes above
         if "{gauge}" in name:

@@ -7,6 +7,7 @@
 //! serde structs of `raw`.
 
 mod cache;
+mod conversations;
 mod global;
 mod identity;
 mod limits;
@@ -75,6 +76,8 @@ pub struct Config {
     pub routing: Option<Routing>,
     /// End users inside tenants (`identity.user`): their source and budget slots.
     pub users: Option<crate::user::Users>,
+    /// Conversations: their header, slots and cost thresholds (`None`: not tracked).
+    pub conversations: Option<crate::conversation::Conversations>,
     /// Metric label values (bounded by the configuration).
     pub labels: Labels,
     /// The response cache (`None`: off).
@@ -131,6 +134,13 @@ impl Config {
                 }
             }
         }
+        // Conversations: every slot and the active count of each tracked scope.
+        if let Some(c) = &self.conversations {
+            for scope in self.conversation_scopes() {
+                keys.extend((0..c.slots).map(|slot| crate::conversation::slot_key(&scope, slot)));
+                keys.push(crate::conversation::active_key(&scope));
+            }
+        }
         // An ancestor's buckets are in every descendant's keys too.
         keys.sort_unstable();
         keys.dedup();
@@ -153,6 +163,29 @@ impl Config {
                     undeclared,
                 ));
             }
+        }
+        scopes
+    }
+
+    /// The header naming a request's conversation: `conversations.header`, else
+    /// `routing.conversation_header` (sticky routing and the ledger use it too).
+    pub fn conversation_header(&self) -> Option<&str> {
+        self.conversations
+            .as_ref()
+            .map(|c| c.header.as_str())
+            .or_else(|| self.routing.as_ref()?.conversation_header.as_deref())
+    }
+
+    /// Every tenant scope whose conversations are tracked.
+    fn conversation_scopes(&self) -> Vec<String> {
+        let mut scopes: Vec<String> = self
+            .tenants
+            .iter()
+            .filter(|(_, t)| t.policy.conversation.is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
+        if self.identity.accept_undeclared && self.undeclared_policy.conversation.is_some() {
+            scopes.extend((0..self.undeclared_slots).map(undeclared_scope));
         }
         scopes
     }
@@ -345,6 +378,23 @@ impl TryFrom<RawConfig> for Config {
                 "needs `identity.user` (where the end user comes from)",
             ));
         }
+        let limited = tenants
+            .iter()
+            .map(|(name, t)| (format!("tenants.{name}.conversation_limits"), &t.policy))
+            .chain([("tenant_defaults.conversation_limits".to_string(), &defaults)])
+            .find(|(_, p)| p.conversation.is_some())
+            .map(|(at, _)| at);
+        let conversations = conversations::build_conversations(
+            raw.conversations.as_ref(),
+            routing
+                .as_ref()
+                .and_then(|r| r.conversation_header.as_deref()),
+            limited.as_deref(),
+        )?;
+        let labels = match &conversations {
+            Some(c) => labels.with_thresholds(&c.threshold_labels),
+            None => labels,
+        };
         let config = Config {
             global,
             identity,
@@ -358,7 +408,18 @@ impl TryFrom<RawConfig> for Config {
             usage_view,
             routing,
             users,
+            conversations,
         };
+        let conversation_keys = config.conversation_scopes().len() as u64
+            * config.conversations.as_ref().map_or(0, |c| c.slots + 1);
+        if conversation_keys > MAX_USER_KEYS {
+            return Err(ConfigError::new(
+                "conversations.slots",
+                format!(
+                    "the tracked conversations would create {conversation_keys} shared-data keys, above {MAX_USER_KEYS}: fewer slots (or no conversation_limits for undeclared tenants)"
+                ),
+            ));
+        }
         let user_keys = config.user_key_count();
         if user_keys > MAX_USER_KEYS {
             return Err(ConfigError::new(

@@ -23,6 +23,25 @@ pub(super) struct RawConfig {
     pub(super) metrics: RawMetrics,
     pub(super) cache: Option<RawCache>,
     pub(super) global_budgets: Option<RawGlobalBudgets>,
+    pub(super) conversations: Option<RawConversations>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConversations {
+    pub(super) header: Option<String>,
+    pub(super) slots: Option<u64>,
+    pub(super) idle_seconds: Option<u64>,
+    pub(super) cost_thresholds_usd: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConversationLimits {
+    pub(super) max_requests: Option<u64>,
+    pub(super) tokens: Option<u64>,
+    pub(super) usd: Option<String>,
+    pub(super) max_age_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -101,6 +120,8 @@ pub(super) struct RawPolicy {
     pub(super) parent: Option<String>,
     /// Limits that apply to each end user of the tenant apart (`identity.user`).
     pub(super) user_limits: Option<Vec<RawLimit>>,
+    /// Limits per conversation (`conversations`); `{}` tracks conversations without limits.
+    pub(super) conversation_limits: Option<RawConversationLimits>,
 }
 
 #[derive(Deserialize)]

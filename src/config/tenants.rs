@@ -215,6 +215,27 @@ fn policy(
             out.limits.push(limit);
         }
     }
+    if let Some(c) = &raw.conversation_limits {
+        let at = |name: &str| field(&format!("conversation_limits.{name}"));
+        let positive = |name: &str, v: Option<u64>| match v {
+            Some(0) => Err(ConfigError::new(at(name), "must be greater than 0")),
+            v => Ok(v),
+        };
+        let pico_usd = match &c.usd {
+            Some(usd) => Some(cost::parse_usd(usd).map_err(|r| ConfigError::new(at("usd"), r))?),
+            None => None,
+        };
+        if pico_usd == Some(0) {
+            return Err(ConfigError::new(at("usd"), "must be greater than 0"));
+        }
+        out.conversation = Some(crate::conversation::ConversationLimits {
+            max_requests: positive("max_requests", c.max_requests)?,
+            tokens: positive("tokens", c.tokens)?,
+            pico_usd,
+            max_age_ms: positive("max_age_seconds", c.max_age_seconds)?
+                .map(|s| s.saturating_mul(1000)),
+        });
+    }
     let positive = |name: &str, v: Option<u64>| match v {
         Some(0) => Err(ConfigError::new(field(name), "must be greater than 0")),
         v => Ok(v),

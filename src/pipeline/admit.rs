@@ -2,6 +2,7 @@
 //! request upstream.
 
 use super::cache_step::{self, Asked, Lookup};
+use super::conversation_step;
 use super::refill::Parked;
 use super::{Active, Effects, Gateway, Headers, Host, Request, State};
 use crate::admission::{self, Denied, TenantKeys, TenantPolicy};
@@ -79,9 +80,7 @@ impl Request {
             );
         }
         let conversation = config
-            .routing
-            .as_ref()
-            .and_then(|r| r.conversation_header.as_deref())
+            .conversation_header()
             .and_then(|name| headers.get(name))
             .filter(|id| !id.is_empty());
         let resolved = match route(
@@ -200,6 +199,36 @@ impl Request {
         if global == Some("fallback") {
             host.stat(StatUpdate::Add(Stat::GlobalFallbackAdmits(label), 1));
         }
+        // The conversation's step, once its budgets admitted it (its refusal releases them).
+        let budget = (policy, keys.as_ref());
+        let in_conversation = match conversation_step::admit(
+            gateway,
+            host,
+            budget,
+            label,
+            conversation,
+            &admitted,
+            price,
+            now,
+        ) {
+            Ok(step) => step,
+            Err((refusal, by)) => {
+                admission::settle(
+                    host,
+                    policy,
+                    &keys,
+                    &admitted,
+                    &Usage::default(),
+                    price,
+                    now,
+                );
+                let effects = self.refuse(kind, Some((tenant, label)), Some(facts.model), &refusal);
+                if let Some(by) = by {
+                    self.refused_by(by);
+                }
+                return effects;
+            }
+        };
         cache.rekey(plan.set_max_tokens, admitted.plan.set_max_tokens);
         let edits = Edits {
             max_tokens: admitted.plan.set_max_tokens,
@@ -306,6 +335,7 @@ impl Request {
             started_ms: now,
             first_byte_seen: false,
             conversation,
+            in_conversation,
             cache,
             global,
         }));

@@ -7,6 +7,7 @@
 mod admit;
 mod buffered;
 mod cache_step;
+mod conversation_step;
 mod head;
 mod hit;
 mod refill;
@@ -291,6 +292,8 @@ struct Active {
     started_ms: u64,
     first_byte_seen: bool,
     conversation: Option<String>,
+    /// Its step in a tracked conversation.
+    in_conversation: Option<conversation_step::InConversation>,
     cache: CacheStatus,
     /// With a global limit: `lease`, or `fallback` when the service was unreachable.
     global: Option<&'static str>,

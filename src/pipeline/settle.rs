@@ -2,6 +2,7 @@
 //! the cache, count the usage and write the ledger record.
 
 use super::cache_step::CacheStatus;
+use super::conversation_step;
 use super::{Active, Effects, Gateway, Host, Request, State};
 use crate::api::Usage;
 use crate::cache;
@@ -105,6 +106,17 @@ fn settle<H: Host + ?Sized>(
     store_in_cache(gateway, host, active, model, now);
     active.release(gateway, host, &charged, now);
     let mut fields = active.exchange.record();
+    if let Some(in_conversation) = &active.in_conversation {
+        let epoch = gateway.tenant_budget(&active.exchange.tenant).0.epoch(now);
+        fields.extend(conversation_step::settle(
+            gateway,
+            host,
+            in_conversation,
+            active.label,
+            (&charged, price),
+            (now, epoch),
+        ));
+    }
     fields.push(("tollgate.decision", "admitted".to_string()));
     fields.push(("tollgate.cost_usd", cost::format_micro_usd(billed_micro)));
     if !matches!(active.cache, CacheStatus::Off) {

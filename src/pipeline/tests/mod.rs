@@ -3,6 +3,7 @@
 
 mod admission;
 mod cache;
+mod conversations;
 mod dialects;
 mod global;
 mod global_faults;
