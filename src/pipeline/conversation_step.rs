@@ -137,9 +137,11 @@ pub(super) fn settle<H: Host + ?Sized>(
         (now, epoch),
     );
     if let Some(settled) = settled {
+        // As `llm_cost_usd`: micro-USD, rounded half-up.
+        let micro = cost::billed_micro_usd(u128::from(settled.pico_usd));
         fields.push((
             "tollgate.conversation_cost_usd",
-            cost::format_usd(u128::from(settled.pico_usd)),
+            cost::format_micro_usd(micro),
         ));
         for i in settled.crossed {
             let index = u8::try_from(i).unwrap_or(u8::MAX);

@@ -130,6 +130,7 @@ APIS = {
     "chat": ("/v1/chat/completions", MODEL, CHAT_REQUEST, "chat.json"),
     "gemini": (f"/v1beta/models/{GEMINI_MODEL}:generateContent", GEMINI_MODEL, GEMINI_REQUEST, "gemini.json"),
     "converse": (f"/model/{BEDROCK_MODEL}/converse", BEDROCK_MODEL, CONVERSE_REQUEST, "converse.json"),
+    "tree": ("/v1/chat/completions", MODEL, CHAT_REQUEST, "chat.json"),
 }
 
 
@@ -157,6 +158,19 @@ def tollgate_config(features, tenants=50, model=MODEL):
         config["routing"] = {"models": {model: {"route": "openai"}}}
     if "cache" in features:
         config["cache"] = {"max_entries": 256, "max_bytes": 4194304, "policy": "deterministic"}
+    if "tree" in features:
+        # A 3-level tree (tenant → team → org, a token limit each), a per-user limit (users from
+        # x-user) and a conversation limit (x-conversation-id): what such a request touches.
+        big = 10_000_000_000
+        for name in config["tenants"]:
+            config["tenants"][name] = {"parent": "team"}
+        config["tenants"]["team"] = {"parent": "org", "limits": [{"name": "team-tpm", "tokens": big, "window": "minute"}]}
+        config["tenants"]["org"] = {"limits": [{"name": "org-tpm", "tokens": big, "window": "minute"}]}
+        config["identity"]["user"] = {"source": "header", "header": "x-user"}
+        policy["user_limits"] = [{"name": "user-tpm", "tokens": big, "window": "minute"}]
+        policy["conversation_limits"] = {"max_requests": 10**15, "tokens": 10**15}
+        config["conversations"] = {"header": "x-conversation-id"}
+        config["tenant_defaults"] = policy
     return config
 
 
@@ -175,6 +189,7 @@ def variants(ladder, before=None):
         if before:
             out["minimal@before"] = (before, None, tollgate_config(MINIMAL), 0.2, "chat")
             out["realistic@before"] = (before, None, tollgate_config(REALISTIC), 0.2, "chat")
+        out["tree"] = (WASM, COUNT_WASM, tollgate_config(MINIMAL + ("tree",)), 0.2, "tree")
         out["gemini"] = (WASM, COUNT_WASM, tollgate_config(MINIMAL, model=GEMINI_MODEL), 0.2, "gemini")
         out["converse"] = (WASM, COUNT_WASM, tollgate_config(MINIMAL, model=BEDROCK_MODEL), 0.2, "converse")
     return out
@@ -195,6 +210,10 @@ def request_body(stream, temperature, api="chat"):
 
 def request_headers(stream, api="chat"):
     headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
+    if api == "tree":
+        headers["x-user"] = "bench-user"
+        headers["x-conversation-id"] = "bench-conversation"
+        return headers
     if stream:
         headers["x-bench-stream"] = "1"
     if api != "chat":
