@@ -485,7 +485,8 @@ pub struct Settled {
     pub failed: usize,
     /// The tenant's requests in flight once the slot was released (with a concurrency limit).
     pub in_flight: Option<u64>,
-    /// For a tenant in a budget tree: each settled limit (its index) and its `used` after.
+    /// For a tenant in a budget tree, and for alerting limits: each settled limit (its index)
+    /// and its `used` after.
     pub used: Vec<(usize, u64)>,
 }
 
@@ -514,9 +515,10 @@ pub fn settle<S: SharedStore + ?Sized>(
         .iter()
         .filter_map(|h| Some((h.limit, keys.buckets.get(h.limit)?.as_str())))
         .collect();
-    // A tenant in a budget tree reports every level's use (the budget gauges).
+    // What is reported after settlement: every level's use in a budget tree (the budget
+    // gauges), and an alerting limit's use (its thresholds).
     let mut used = Vec::new();
-    let report = !policy.ancestors.is_empty();
+    let tree = !policy.ancestors.is_empty();
     let mut failed = budget::settle_each(
         store,
         &policy.limits,
@@ -525,7 +527,11 @@ pub fn settle<S: SharedStore + ?Sized>(
         &actual,
         (now_ms, policy.epoch(now_ms)),
         |limit, value| {
-            if report {
+            let alerting = policy
+                .limits
+                .get(limit)
+                .is_some_and(|l| !l.alert_at.is_empty());
+            if tree || alerting {
                 used.push((limit, value));
             }
         },
@@ -562,6 +568,7 @@ mod tests {
             owner: None,
             shadow: false,
             per_user: false,
+            alert_at: Vec::new(),
         }
     }
 

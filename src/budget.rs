@@ -52,6 +52,9 @@ pub struct Limit {
     pub shadow: bool,
     /// A `user_limits` entry: each end user has a bucket of its own (its slot's).
     pub per_user: bool,
+    /// Thresholds in thousandths of `amount`, ascending, whose crossing is counted once per
+    /// window (`alerts`).
+    pub alert_at: Vec<u16>,
 }
 
 /// A global limit's own settings.
@@ -583,6 +586,7 @@ mod tests {
             owner: None,
             shadow: false,
             per_user: false,
+            alert_at: Vec::new(),
         }
     }
 

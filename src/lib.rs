@@ -17,6 +17,7 @@
 //! drives whole exchanges with an in-memory store and a fake clock).
 
 pub mod admission;
+pub mod alerts;
 pub mod api;
 pub mod budget;
 pub mod cache;

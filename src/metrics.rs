@@ -269,6 +269,9 @@ pub enum Stat {
     ConversationsActive(LabelId),
     /// Conversations whose running cost crossed cost threshold `index`.
     ConversationsOver(LabelId, u8),
+    /// A limit's `alert_at` threshold (thousandths) crossed, once per window per Envoy, by the
+    /// tenant whose budget it is and the limit.
+    BudgetAlerts(LabelId, LabelId, u16),
 }
 
 /// How a stat is recorded.
@@ -329,6 +332,12 @@ impl Stat {
                 "tollgate.tenant.{}.limit.{}.budget_used",
                 labels.tenant_value(t),
                 labels.limit_value(l)
+            ),
+            Stat::BudgetAlerts(t, l, permille) => format!(
+                "tollgate.tenant.{}.limit.{}.threshold.{}.budget_alerts",
+                labels.tenant_value(t),
+                labels.limit_value(l),
+                crate::alerts::label(permille)
             ),
             Stat::ConversationsStarted(t) => format!(
                 "tollgate.tenant.{}.conversations_started",

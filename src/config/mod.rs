@@ -134,6 +134,23 @@ impl Config {
                 }
             }
         }
+        // Budget alerts: one key per alerting limit, in the scope that owns it.
+        let alerting = |scope: &str, policy: &TenantPolicy| -> Vec<String> {
+            policy
+                .limits
+                .iter()
+                .filter(|l| !l.alert_at.is_empty())
+                .map(|l| crate::alerts::key(l.owner.as_deref().unwrap_or(scope), &l.name))
+                .collect()
+        };
+        for (name, t) in &self.tenants {
+            keys.extend(alerting(name, &t.policy));
+        }
+        if self.identity.accept_undeclared {
+            for slot in 0..self.undeclared_slots {
+                keys.extend(alerting(&undeclared_scope(slot), &self.undeclared_policy));
+            }
+        }
         // Conversations: every slot and the active count of each tracked scope.
         if let Some(c) = &self.conversations {
             for scope in self.conversation_scopes() {

@@ -173,6 +173,8 @@ pub(super) struct RawLimit {
     pub(super) fallback: Option<serde_json::Value>,
     /// `enforce` (the default) or `shadow`: counted and reported, never refusing.
     pub(super) mode: Option<String>,
+    /// Fractions of the amount whose crossing is counted (and alerted), ascending.
+    pub(super) alert_at: Option<Vec<f64>>,
 }
 
 #[derive(Deserialize)]

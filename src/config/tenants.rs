@@ -211,6 +211,12 @@ fn policy(
                     ),
                 ));
             }
+            if !limit.alert_at.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{at}.alert_at"),
+                    "per-user limits have no alerts (one per user would flood them)",
+                ));
+            }
             limit.per_user = true;
             out.limits.push(limit);
         }
@@ -315,6 +321,28 @@ fn limit(at: &str, raw: &RawLimit) -> Result<Limit, ConfigError> {
             None => format!("{unit_name}-{}", window.as_str()),
         },
     };
+    let mut alert_at: Vec<u16> = Vec::new();
+    for (i, &fraction) in raw.alert_at.iter().flatten().enumerate() {
+        let at = format!("{at}.alert_at[{i}]");
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(ConfigError::new(
+                at,
+                "must be a fraction in (0, 1], e.g. 0.8",
+            ));
+        }
+        // Thousandths: integer comparisons on the request path.
+        let permille = (fraction * 1000.0).round() as u16;
+        if alert_at.last().is_some_and(|&last| permille <= last) {
+            return Err(ConfigError::new(at, "thresholds are in ascending order"));
+        }
+        alert_at.push(permille.max(1));
+    }
+    if alert_at.len() > crate::alerts::MAX_THRESHOLDS {
+        return Err(ConfigError::new(
+            format!("{at}.alert_at"),
+            format!("at most {} thresholds", crate::alerts::MAX_THRESHOLDS),
+        ));
+    }
     let shadow = match raw.mode.as_deref() {
         None | Some("enforce") => false,
         Some("shadow") if raw.global => {
@@ -370,6 +398,7 @@ fn limit(at: &str, raw: &RawLimit) -> Result<Limit, ConfigError> {
         owner: None,
         shadow,
         per_user: false,
+        alert_at,
     })
 }
 

@@ -143,6 +143,7 @@ mod tests {
             owner: None,
             shadow: false,
             per_user: false,
+            alert_at: Vec::new(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The request body: parse, route, plan, cache lookup, admission, then the edits that send the
 //! request upstream.
 
+use super::alert_step;
 use super::cache_step::{self, Asked, Lookup};
 use super::conversation_step;
 use super::refill::Parked;
@@ -199,6 +200,7 @@ impl Request {
         if global == Some("fallback") {
             host.stat(StatUpdate::Add(Stat::GlobalFallbackAdmits(label), 1));
         }
+        alert_step::count_crossings(gateway, host, (policy, keys.as_ref()), &tenant, &admitted);
         // The conversation's step, once its budgets admitted it (its refusal releases them).
         let budget = (policy, keys.as_ref());
         let in_conversation = match conversation_step::admit(
@@ -424,11 +426,18 @@ impl Active {
             }
             _ => {}
         }
-        // A budget tree's gauges: each level's use, under the level's own label.
+        // A budget tree's gauges: each level's use, under the level's own label; and the alert
+        // thresholds a settlement reached (a charge past the estimate).
         for (i, used) in settled.used {
             let Some(limit) = policy.limits.get(i) else {
                 continue;
             };
+            let window = limit.window.start(now);
+            let tenant = &self.exchange.tenant;
+            alert_step::note(gateway, host, (&keys, tenant), limit, (used, window));
+            if policy.ancestors.is_empty() {
+                continue;
+            }
             let labels = &gateway.config.labels;
             let owner = labels.tenant_id(limit.owner.as_deref().unwrap_or(&self.exchange.tenant));
             let stat = Stat::BudgetUsed(owner, labels.limit_id(&limit.name));

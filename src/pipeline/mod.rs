@@ -5,6 +5,7 @@
 //! natively with an in-memory store and a fake clock (`tests`).
 
 mod admit;
+mod alert_step;
 mod buffered;
 mod cache_step;
 mod conversation_step;
@@ -132,6 +133,9 @@ pub struct Gateway {
     refills: RefCell<refill::Refills>,
     /// Request body bytes of this VM's requests that Envoy or the VM holds now (`buffered.rs`).
     buffered: Rc<Cell<u64>>,
+    /// The budget alerts this worker saw recorded: alert key → (window start, thresholds). At
+    /// most one entry per alert key the configuration implies.
+    alerted: RefCell<hashbrown::HashMap<String, (u64, u64)>>,
 }
 
 impl Gateway {
@@ -149,6 +153,7 @@ impl Gateway {
             worker,
             refills: RefCell::new(refill::Refills::default()),
             buffered: Rc::new(Cell::new(0)),
+            alerted: RefCell::new(hashbrown::HashMap::new()),
         }
     }
 

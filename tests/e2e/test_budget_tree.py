@@ -33,6 +33,9 @@ def tree_config():
             "lab": {"strict": True, "limits": [{"name": "tpd", "tokens": 30000, "window": "day"}]},
             "lab-1": {"parent": "lab", "limits": []},
             "lab-2": {"parent": "lab", "limits": [{"name": "tpd", "tokens": 12000, "window": "day"}]},
+            # Alerts at half and 80 % of its day.
+            "alerted": {"limits": [{"name": "tpd", "tokens": 10000, "window": "day",
+                                    "alert_at": [0.5, 0.8]}]},
             # A budget rolled out in shadow first.
             "shadowed": {"limits": [{"name": "tpd", "tokens": 100000, "window": "day"},
                                     {"name": "tpd-next", "tokens": 1200, "window": "day",
@@ -160,3 +163,18 @@ def test_a_shadow_limit_reports_what_it_would_refuse_and_never_refuses(tenv):
     text = tenv.prometheus()
     m = re.search(r'^tollgate_shadow_refusals\{[^}]*tenant="shadowed"[^}]*\} (\d+)$', text, re.M)
     assert m and int(m.group(1)) == 2, text[-2000:]
+
+
+def test_budget_alerts_are_counted_once_per_threshold_under_concurrency(tenv):
+    """50 requests at once over both workers: each threshold is counted once."""
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        statuses = list(pool.map(lambda _: chat(tenv, "alerted")[1], range(50)))
+    assert 200 in statuses and 429 in statuses
+    text = tenv.prometheus()
+    counts = {}
+    for line in text.splitlines():
+        m = re.match(r'^tollgate_budget_alerts\{(.*)\} (\d+)$', line)
+        if m and 'tenant="alerted"' in m.group(1):
+            threshold = re.search(r'threshold="([^"]+)"', m.group(1)).group(1)
+            counts[threshold] = int(m.group(2))
+    assert counts == {"50": 1, "80": 1}, counts

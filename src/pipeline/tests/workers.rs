@@ -105,3 +105,60 @@ fn with_a_concurrency_limit_the_gauge_is_the_slot_count() {
     let key = crate::admission::in_flight_key("team-a");
     assert_eq!(h1.store.get(&key).0, None);
 }
+
+#[test]
+fn budget_alerts_are_counted_once_per_threshold_per_window_across_workers() {
+    let ((gw1, h1), (gw2, h2)) = two_workers(json!({"tenant_defaults": {"limits": [
+        {"name": "tpd", "tokens": 10_000, "window": "day", "alert_at": [0.5, 0.8, 1.0]},
+        {"name": "next", "tokens": 5_000, "window": "day", "mode": "shadow", "alert_at": [0.5]}]}}));
+    let labels = &gw1.config.labels;
+    let a = labels.tenant_id("team-a");
+    let (tpd, next) = (labels.limit_id("tpd"), labels.limit_id("next"));
+    let alerts = |permille| {
+        h1.counter(Stat::BudgetAlerts(a, tpd, permille))
+            + h2.counter(Stat::BudgetAlerts(a, tpd, permille))
+    };
+    // Each request is charged 1,020 tokens; the workers take turns.
+    let big = Call::chat(json!({"model": "gpt-4o-mini", "max_tokens": 20,
+        "messages": [{"role": "user", "content": "x".repeat(1000)}]}));
+    for n in 0..12u64 {
+        let (gw, host) = if n % 2 == 0 { (&gw1, &h1) } else { (&gw2, &h2) };
+        let t = run(gw, host, &big, Some(&Upstream::chat(1000, 20)));
+        if t.reply.is_some() {
+            break;
+        }
+    }
+    assert_eq!((alerts(500), alerts(800), alerts(1000)), (1, 1, 1));
+    // The shadow limit alerts too (it is reported, never refusing).
+    let shadow =
+        h1.counter(Stat::BudgetAlerts(a, next, 500)) + h2.counter(Stat::BudgetAlerts(a, next, 500));
+    assert_eq!(shadow, 1);
+    assert_eq!(
+        Stat::BudgetAlerts(a, tpd, 800).name(labels),
+        "tollgate.tenant.team-a.limit.tpd.threshold.80.budget_alerts"
+    );
+    // The next day's window crosses anew.
+    h1.advance(86_400_000);
+    h2.advance(86_400_000);
+    for _ in 0..6 {
+        run(&gw1, &h1, &big, Some(&Upstream::chat(1000, 20)));
+    }
+    assert_eq!(alerts(500), 2);
+}
+
+#[test]
+fn alert_thresholds_are_checked_at_load() {
+    let err = |limit: Value| {
+        let json = json!({"identity": {"source": "header", "header": "x-t"},
+            "tenant_defaults": {"limits": [limit]}});
+        Config::from_json(&serde_json::to_vec(&json).unwrap()).unwrap_err()
+    };
+    let e = err(json!({"tokens": 5, "window": "day", "alert_at": [0.8, 0.5]}));
+    assert_eq!(e.field, "tenant_defaults.limits[0].alert_at[1]");
+    let e = err(json!({"tokens": 5, "window": "day", "alert_at": [1.5]}));
+    assert_eq!(e.field, "tenant_defaults.limits[0].alert_at[0]");
+    let e = err(
+        json!({"tokens": 5, "window": "day", "alert_at": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}),
+    );
+    assert_eq!(e.field, "tenant_defaults.limits[0].alert_at");
+}
