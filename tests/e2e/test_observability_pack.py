@@ -60,6 +60,13 @@ ENVOY_BUILTINS = {
     "envoy_cluster_upstream_rq_total": {"envoy_cluster_name"},
 }
 HISTOGRAMS = TENANT_HISTOGRAMS | {"envoy_cluster_upstream_rq_time"}
+# Budget alerts, budget-tree gauges and conversations (docs/budgets.md).
+LIMIT_METRICS = {
+    "tollgate_budget_alerts": {"tenant", "limit", "threshold"},
+    "tollgate_budget_used": {"tenant", "limit"},
+    "tollgate_conversations_started": {"tenant"},
+    "tollgate_conversations_over": {"tenant", "threshold"},
+}
 
 FAMILY_LABELS = {
     **{m: {"tenant", "model"} for m in TENANT_MODEL_COUNTERS},
@@ -67,6 +74,7 @@ FAMILY_LABELS = {
     **{m: {"tenant"} for m in TENANT_GAUGES | TENANT_HISTOGRAMS},
     **{m: set() for m in GLOBAL_METRICS},
     **ENVOY_BUILTINS,
+    **LIMIT_METRICS,
 }
 CONTRACT = set(FAMILY_LABELS)
 # Labels Prometheus adds to every series (static job, and the Kubernetes example's relabelling).
