@@ -18,6 +18,9 @@ struct View<'a> {
     /// Per-user budgets' slots per tenant (`identity.user_slots`), with `identity.user`.
     #[serde(skip_serializing_if = "Option::is_none")]
     user_slots: Option<u64>,
+    /// Conversation slots per tracked tenant (`conversations.slots`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conversation_slots: Option<u64>,
     tenants: Vec<TenantView<'a>>,
 }
 
@@ -181,6 +184,7 @@ pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) 
             present,
         },
         user_slots: config.users.as_ref().map(|u| u.slots),
+        conversation_slots: config.conversations.as_ref().map(|c| c.slots),
         tenants,
     })
     .unwrap_or_default()
