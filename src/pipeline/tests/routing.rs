@@ -131,3 +131,26 @@ fn unknown_models_take_the_unknown_model_route_when_configured() {
     );
     assert_eq!(t.field("served_model"), "llama-9");
 }
+
+#[test]
+fn a_downgrade_looks_at_every_level_of_a_budget_tree() {
+    // team-b's own budget is large; its parent's is past the threshold.
+    let mut config = routing();
+    config["tenants"] = json!({
+        "org": {"limits": [{"name": "tpd", "tokens": 1000, "window": "day"}]},
+        "team-a": {"parent": "org", "limits": []},
+        "team-b": {"parent": "org", "downgrade_at": 0.5,
+                   "limits": [{"name": "own", "tokens": 1000000, "window": "day"}]}});
+    let gw = gateway(config);
+    let host = Fake::new();
+    let a = Call::chat(json!({"model": "gpt-4o", "messages": [], "max_tokens": 300}));
+    run(&gw, &host, &a, Some(&Upstream::chat(20, 290)));
+    run(&gw, &host, &a, Some(&Upstream::chat(20, 290)));
+    assert_eq!(bucket(&gw, &host, "org", "tpd"), (620, 0));
+    let b = Call::chat(json!({"model": "fast", "messages": [], "max_tokens": 10}))
+        .header("authorization", "Bearer sk-b");
+    for _ in 0..20 {
+        let t = run(&gw, &host, &b, Some(&Upstream::chat(1, 1)));
+        assert_eq!(t.field("served_model"), "gpt-4o-mini");
+    }
+}
