@@ -375,7 +375,7 @@ def count_run(name, wasm, config, temperature, upstream, seconds, workdir, api="
 
 
 # The other APIs are timed with JSON answers only.
-STREAMS = {"chat": (False, True), "gemini": (False,), "converse": (False,)}
+STREAMS = {"chat": (False, True), "gemini": (False,), "converse": (False,), "tree": (False,)}
 
 
 def main():
