@@ -128,15 +128,19 @@ pub struct Admitted {
 fn amount(limit: &Limit, usage: &Usage, price: Option<&Price>, strict: bool) -> u64 {
     match limit.unit {
         Unit::Tokens => usage.input.saturating_add(usage.output),
-        Unit::PicoUsd => {
-            let cost = match price {
-                Some(p) if strict => p.cost_upper_bound(usage.input, usage.output),
-                Some(p) => p.cost(usage),
-                None => 0,
-            };
-            u64::try_from(cost).unwrap_or(u64::MAX)
-        }
+        Unit::PicoUsd => pico_usd(usage, price, strict),
     }
+}
+
+/// What `usage` costs in picodollars at `price` (0 without one); in strict mode the upper
+/// bound of an estimate (every input token at the dearest input rate).
+pub fn pico_usd(usage: &Usage, price: Option<&Price>, strict: bool) -> u64 {
+    let cost = match price {
+        Some(p) if strict => p.cost_upper_bound(usage.input, usage.output),
+        Some(p) => p.cost(usage),
+        None => 0,
+    };
+    u64::try_from(cost).unwrap_or(u64::MAX)
 }
 
 /// Why a request was not admitted.

@@ -2,7 +2,7 @@
 //! settled with its exchange, counted in the conversation metrics.
 
 use super::{Gateway, Host};
-use crate::admission::{Admitted, TenantKeys, TenantPolicy};
+use crate::admission::{self, Admitted, TenantKeys, TenantPolicy};
 use crate::api::Usage;
 use crate::conversation::{self, Ask, Spent, Step};
 use crate::cost::{self, Price};
@@ -48,18 +48,12 @@ pub(super) fn admit<H: Host + ?Sized>(
         ));
     }
     let (input, output) = (admitted.plan.prompt_tokens, admitted.plan.output_tokens);
-    let pico_usd = price.map_or(0, |p| {
-        let cost = if policy.strict {
-            p.cost_upper_bound(input, output)
-        } else {
-            p.cost(&Usage {
-                input,
-                output,
-                ..Usage::default()
-            })
-        };
-        u64::try_from(cost).unwrap_or(u64::MAX)
-    });
+    let estimate = Usage {
+        input,
+        output,
+        ..Usage::default()
+    };
+    let pico_usd = admission::pico_usd(&estimate, price, policy.strict);
     let cid = conversations.id(id);
     let key = conversation::slot_key(&keys.scope, cid.slot);
     let ask = Ask {
@@ -125,7 +119,7 @@ pub(super) fn settle<H: Host + ?Sized>(
         return Vec::new();
     };
     let tokens = charged.input.saturating_add(charged.output);
-    let pico_usd = price.map_or(0, |p| u64::try_from(p.cost(charged)).unwrap_or(u64::MAX));
+    let pico_usd = admission::pico_usd(charged, price, false);
     let step = &in_conversation.step;
     let mut fields = vec![("tollgate.conversation_step", step.step.to_string())];
     let settled = conversation::settle(
