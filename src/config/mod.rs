@@ -124,36 +124,31 @@ impl Config {
         }
         // Per-user limits: every user slot's buckets and its owner key.
         if let Some(users) = &self.users {
-            for (scope_keys, policy) in self.user_scopes() {
+            for (scope, policy) in self.scopes_where(has_per_user) {
+                let scope_keys = TenantKeys::new(&scope, policy);
                 for slot in 0..users.slots {
                     if let Some(k) = scope_keys.for_user(policy, slot) {
                         let per_user = policy.limits.iter().zip(k.buckets);
                         keys.extend(per_user.filter(|(l, _)| l.per_user).map(|(_, b)| b));
                     }
-                    keys.push(crate::user::slot_owner_key(&scope_keys.scope, slot));
+                    keys.push(crate::user::slot_owner_key(&scope, slot));
                 }
             }
         }
         // Budget alerts: one key per alerting limit, in the scope that owns it.
-        let alerting = |scope: &str, policy: &TenantPolicy| -> Vec<String> {
-            policy
-                .limits
-                .iter()
-                .filter(|l| !l.alert_at.is_empty())
-                .map(|l| crate::alerts::key(l.owner.as_deref().unwrap_or(scope), &l.name))
-                .collect()
-        };
-        for (name, t) in &self.tenants {
-            keys.extend(alerting(name, &t.policy));
-        }
-        if self.identity.accept_undeclared {
-            for slot in 0..self.undeclared_slots {
-                keys.extend(alerting(&undeclared_scope(slot), &self.undeclared_policy));
-            }
+        let alerting = |p: &TenantPolicy| p.limits.iter().any(|l| !l.alert_at.is_empty());
+        for (scope, policy) in self.scopes_where(alerting) {
+            keys.extend(
+                policy
+                    .limits
+                    .iter()
+                    .filter(|l| !l.alert_at.is_empty())
+                    .map(|l| crate::alerts::key(l.owner.as_deref().unwrap_or(&scope), &l.name)),
+            );
         }
         // Conversations: every slot and the active count of each tracked scope.
         if let Some(c) = &self.conversations {
-            for scope in self.conversation_scopes() {
+            for (scope, _) in self.scopes_where(|p| p.conversation.is_some()) {
                 keys.extend((0..c.slots).map(|slot| crate::conversation::slot_key(&scope, slot)));
                 keys.push(crate::conversation::active_key(&scope));
             }
@@ -164,22 +159,20 @@ impl Config {
         keys
     }
 
-    /// Every tenant scope whose policy has per-user limits, with its policy and keys.
-    fn user_scopes(&self) -> Vec<(TenantKeys, &TenantPolicy)> {
-        let mut scopes: Vec<(TenantKeys, &TenantPolicy)> = self
+    /// Every budget scope whose policy `wanted`, with its policy: the declared tenants, and
+    /// the undeclared tenants' slots (with `identity.accept_undeclared`).
+    fn scopes_where(&self, wanted: impl Fn(&TenantPolicy) -> bool) -> Vec<(String, &TenantPolicy)> {
+        let mut scopes: Vec<(String, &TenantPolicy)> = self
             .tenants
-            .values()
-            .filter(|t| t.policy.limits.iter().any(|l| l.per_user))
-            .map(|t| (t.keys.clone(), &t.policy))
+            .iter()
+            .filter(|(_, t)| wanted(&t.policy))
+            .map(|(name, t)| (name.clone(), &t.policy))
             .collect();
         let undeclared = &self.undeclared_policy;
-        if self.identity.accept_undeclared && undeclared.limits.iter().any(|l| l.per_user) {
-            for slot in 0..self.undeclared_slots {
-                scopes.push((
-                    TenantKeys::new(&undeclared_scope(slot), undeclared),
-                    undeclared,
-                ));
-            }
+        if self.identity.accept_undeclared && wanted(undeclared) {
+            scopes.extend(
+                (0..self.undeclared_slots).map(|slot| (undeclared_scope(slot), undeclared)),
+            );
         }
         scopes
     }
@@ -193,41 +186,19 @@ impl Config {
             .or_else(|| self.routing.as_ref()?.conversation_header.as_deref())
     }
 
-    /// Every tenant scope whose conversations are tracked.
-    fn conversation_scopes(&self) -> Vec<String> {
-        let mut scopes: Vec<String> = self
-            .tenants
-            .iter()
-            .filter(|(_, t)| t.policy.conversation.is_some())
-            .map(|(name, _)| name.clone())
-            .collect();
-        if self.identity.accept_undeclared && self.undeclared_policy.conversation.is_some() {
-            scopes.extend((0..self.undeclared_slots).map(undeclared_scope));
-        }
-        scopes
-    }
-
     /// How many shared-data keys the per-user limits imply (before they are listed).
     fn user_key_count(&self) -> u64 {
         let Some(users) = &self.users else {
             return 0;
         };
-        let per_scope = |p: &TenantPolicy| {
-            let limits = p.limits.iter().filter(|l| l.per_user).count();
-            u64::try_from(limits).unwrap_or(u64::MAX).saturating_add(1)
-        };
-        let mut count = 0u64;
-        for t in self.tenants.values() {
-            if t.policy.limits.iter().any(|l| l.per_user) {
-                count = count.saturating_add(per_scope(&t.policy).saturating_mul(users.slots));
-            }
-        }
-        let undeclared = &self.undeclared_policy;
-        if self.identity.accept_undeclared && undeclared.limits.iter().any(|l| l.per_user) {
-            let each = per_scope(undeclared).saturating_mul(users.slots);
-            count = count.saturating_add(each.saturating_mul(self.undeclared_slots));
-        }
-        count
+        self.scopes_where(has_per_user)
+            .iter()
+            .map(|(_, p)| {
+                let limits = p.limits.iter().filter(|l| l.per_user).count();
+                let per_slot = u64::try_from(limits).unwrap_or(u64::MAX).saturating_add(1);
+                per_slot.saturating_mul(users.slots)
+            })
+            .fold(0u64, u64::saturating_add)
     }
 
     /// The budget scope of an undeclared tenant: one of `undeclared_slots` slots. Two tenants in
@@ -427,7 +398,8 @@ impl TryFrom<RawConfig> for Config {
             users,
             conversations,
         };
-        let conversation_keys = config.conversation_scopes().len() as u64
+        let tracked = config.scopes_where(|p| p.conversation.is_some()).len();
+        let conversation_keys = u64::try_from(tracked).unwrap_or(u64::MAX)
             * config.conversations.as_ref().map_or(0, |c| c.slots + 1);
         if conversation_keys > MAX_USER_KEYS {
             return Err(ConfigError::new(
@@ -448,6 +420,11 @@ impl TryFrom<RawConfig> for Config {
         }
         Ok(config)
     }
+}
+
+/// A policy with per-user limits.
+fn has_per_user(policy: &TenantPolicy) -> bool {
+    policy.limits.iter().any(|l| l.per_user)
 }
 
 /// At most this many shared-data keys for per-user budgets (slots × per-user limits, and one
