@@ -32,6 +32,16 @@ pub enum Unit {
     PicoUsd,
 }
 
+impl Unit {
+    /// The unit's name in limit names and the usage view: `tokens` or `usd`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Tokens => "tokens",
+            Unit::PicoUsd => "usd",
+        }
+    }
+}
+
 /// One configured limit of a tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limit {

@@ -115,10 +115,7 @@ pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) 
                     let b = budget::read(store, key, limit, now_ms, tenant.policy.epoch(now_ms));
                     LimitView {
                         name: &limit.name,
-                        unit: match limit.unit {
-                            Unit::Tokens => "tokens",
-                            Unit::PicoUsd => "usd",
-                        },
+                        unit: limit.unit.as_str(),
                         window: limit.window.as_str(),
                         model: limit.model.as_deref(),
                         limit: amount(limit.unit, limit.amount),
@@ -152,10 +149,7 @@ pub fn render<S: SharedStore + ?Sized>(store: &S, config: &Config, now_ms: u64) 
                 .filter(|l| l.per_user && l.owner.is_none())
                 .map(|l| UserLimitView {
                     name: &l.name,
-                    unit: match l.unit {
-                        Unit::Tokens => "tokens",
-                        Unit::PicoUsd => "usd",
-                    },
+                    unit: l.unit.as_str(),
                     window: l.window.as_str(),
                     model: l.model.as_deref(),
                     limit: amount(l.unit, l.amount),

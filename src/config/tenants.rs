@@ -298,10 +298,7 @@ fn limit(at: &str, raw: &RawLimit) -> Result<Limit, ConfigError> {
             ));
         }
     };
-    let unit_name = match unit {
-        Unit::Tokens => "tokens",
-        Unit::PicoUsd => "usd",
-    };
+    let unit_name = unit.as_str();
     let name = match &raw.name {
         Some(n)
             if !n.is_empty()
