@@ -15,7 +15,7 @@ use crate::exchange::Exchange;
 use crate::metrics::{LabelId, Stat, StatUpdate};
 use crate::reply::Refusal;
 use crate::routing::{Draw, Resolved};
-use crate::user::{UserSource, Users, slot_owner_key};
+use crate::user::{User, UserSource, slot_owner_key};
 
 impl Request {
     /// Decides on a whole request body: refuse, answer from the cache, or forward (with the
@@ -66,19 +66,17 @@ impl Request {
             }
         };
         let now = host.now_ms();
-        facts.user = self.resolve_user(gateway, host, &headers, facts.user.take());
-        let (policy, keys) = gateway.budget(&tenant, facts.user.as_deref());
-        if let Some(users) = &config.users
+        facts.user = resolve_user(gateway, host, &headers, facts.user.take());
+        // The id is hashed once here: its slot, fingerprint and the ledger's name for it.
+        let user = gateway.user_of(facts.user.as_deref());
+        if let (Some(user), Some(_)) = (&user, &facts.user) {
+            self.user = Some(user.ledger.clone());
+        }
+        let (policy, keys) = gateway.budget(&tenant, user.as_ref());
+        if let Some(user) = &user
             && policy.limits.iter().any(|l| l.per_user)
         {
-            note_slot_owner(
-                gateway,
-                host,
-                users,
-                &keys.scope,
-                &tenant,
-                facts.user.as_deref(),
-            );
+            note_slot_owner(gateway, host, user, &keys.scope, &tenant);
         }
         let conversation = config
             .conversation_header()
@@ -160,9 +158,7 @@ impl Request {
             }
             Err(Denied::Spent { refusal, by }) => {
                 let who = Some((tenant, label));
-                let effects = self.refuse(kind, who, Some(facts.model), &refusal);
-                self.refused_by(by);
-                return effects;
+                return self.refuse_by(kind, who, Some(facts.model), &refusal, Some(by));
             }
             Err(Denied::Short { limit, need }) => {
                 let parked = Parked {
@@ -224,11 +220,8 @@ impl Request {
                     price,
                     now,
                 );
-                let effects = self.refuse(kind, Some((tenant, label)), Some(facts.model), &refusal);
-                if let Some(by) = by {
-                    self.refused_by(by);
-                }
-                return effects;
+                let who = Some((tenant, label));
+                return self.refuse_by(kind, who, Some(facts.model), &refusal, by);
             }
         };
         cache.rekey(plan.set_max_tokens, admitted.plan.set_max_tokens);
@@ -415,8 +408,8 @@ impl Active {
         charged: &Usage,
         now: u64,
     ) {
-        let user = self.exchange.facts.user.as_deref();
-        let (policy, keys) = gateway.budget(&self.exchange.tenant, user);
+        let user = gateway.user_of(self.exchange.facts.user.as_deref());
+        let (policy, keys) = gateway.budget(&self.exchange.tenant, user.as_ref());
         let price = gateway.config.price(self.exchange.served_model());
         let settled = admission::settle(host, policy, &keys, &self.admitted, charged, price, now);
         match (self.slot_gauge, settled.in_flight, self.in_flight) {
@@ -451,30 +444,24 @@ impl Active {
     }
 }
 
-impl Request {
-    /// The request's end user (`identity.user`): its id, and the ledger's name for it kept for
-    /// the record. `body_user` is what the body said.
-    fn resolve_user<H: Host + ?Sized>(
-        &mut self,
-        gateway: &Gateway,
-        host: &H,
-        headers: &Headers,
-        body_user: Option<String>,
-    ) -> Option<String> {
-        let users = gateway.config.users.as_ref()?;
-        let id = match &users.source {
-            UserSource::Header(name) => headers
-                .get(name)
-                .map(|v| String::from_utf8_lossy(v).into_owned()),
-            UserSource::Metadata(path) => host
-                .property(path)
-                .map(|v| String::from_utf8_lossy(&v).into_owned()),
-            UserSource::Body => body_user,
-        }
-        .filter(|id| !id.is_empty())?;
-        self.user = Some(users.user(id.as_bytes()).ledger);
-        Some(id)
+/// The request's end user id (`identity.user`), non-empty; `body_user` is what the body said.
+fn resolve_user<H: Host + ?Sized>(
+    gateway: &Gateway,
+    host: &H,
+    headers: &Headers,
+    body_user: Option<String>,
+) -> Option<String> {
+    let users = gateway.config.users.as_ref()?;
+    match &users.source {
+        UserSource::Header(name) => headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned()),
+        UserSource::Metadata(path) => host
+            .property(path)
+            .map(|v| String::from_utf8_lossy(&v).into_owned()),
+        UserSource::Body => body_user,
     }
+    .filter(|id| !id.is_empty())
 }
 
 /// Remembers which user last used a tenant's user slot, and counts a request whose slot was
@@ -482,12 +469,10 @@ impl Request {
 fn note_slot_owner<H: Host + ?Sized>(
     gateway: &Gateway,
     host: &H,
-    users: &Users,
+    user: &User,
     scope: &str,
     tenant: &str,
-    id: Option<&str>,
 ) {
-    let user = users.user(id.unwrap_or_default().as_bytes());
     let key = slot_owner_key(scope, user.slot);
     let (bytes, cas) = host.get(&key);
     let mine = user.fingerprint.to_le_bytes();

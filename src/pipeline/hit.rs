@@ -46,7 +46,8 @@ impl Request {
         let saved_micro = price.map_or(0, |p| cost::billed_micro_usd(p.cost(&usage)));
         let (mut charged, mut billed) = (Usage::default(), 0);
         if config.cache.as_ref().is_some_and(|c| c.charge_hits) {
-            let (policy, keys) = gateway.budget(&probe.tenant, probe.facts.user.as_deref());
+            let user = gateway.user_of(probe.facts.user.as_deref());
+            let (policy, keys) = gateway.budget(&probe.tenant, user.as_ref());
             match admission::admit(host, policy, &keys, &served, price, plan, now) {
                 Ok(admitted) => {
                     admission::settle(host, policy, &keys, &admitted, &usage, price, now);
@@ -60,9 +61,7 @@ impl Request {
                 Err(Denied::Spent { refusal, by }) => {
                     let model = Some(probe.facts.model);
                     let who = Some((probe.tenant, label));
-                    let effects = self.refuse(kind, who, model, &refusal);
-                    self.refused_by(by);
-                    return Ok(effects);
+                    return Ok(self.refuse_by(kind, who, model, &refusal, Some(by)));
                 }
             }
         }

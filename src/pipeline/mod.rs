@@ -207,19 +207,24 @@ impl Gateway {
             .map(String::as_str)
     }
 
+    /// The end user of id `id` (`None`: the empty id), when `identity.user` is configured.
+    fn user_of(&self, id: Option<&str>) -> Option<crate::user::User> {
+        let users = self.config.users.as_ref()?;
+        Some(users.user(id.unwrap_or_default().as_bytes()))
+    }
+
     /// A tenant's policy and keys for a request of end user `user` (its per-user limits in the
-    /// user's slot; `None`: the empty id's slot).
+    /// user's slot).
     fn budget(
         &self,
         tenant: &str,
-        user: Option<&str>,
+        user: Option<&crate::user::User>,
     ) -> (&TenantPolicy, std::borrow::Cow<'_, TenantKeys>) {
         let (policy, keys) = self.tenant_budget(tenant);
-        let Some(users) = &self.config.users else {
+        let Some(user) = user else {
             return (policy, keys);
         };
-        let slot = users.user(user.unwrap_or_default().as_bytes()).slot;
-        match keys.for_user(policy, slot) {
+        match keys.for_user(policy, user.slot) {
             Some(keys) => (policy, std::borrow::Cow::Owned(keys)),
             None => (policy, keys),
         }
@@ -354,6 +359,18 @@ impl Request {
         model: Option<String>,
         refusal: &crate::reply::Refusal,
     ) -> Effects<'g> {
+        self.refuse_by(kind, tenant, model, refusal, None)
+    }
+
+    /// [`Request::refuse`], naming in the record the limit that refused (`tenant/limit`).
+    fn refuse_by<'g>(
+        &mut self,
+        kind: ApiKind,
+        tenant: Option<(String, LabelId)>,
+        model: Option<String>,
+        refusal: &crate::reply::Refusal,
+        by: Option<String>,
+    ) -> Effects<'g> {
         let reply = refusal.reply(kind.family());
         log::debug!(
             "tollgate refuses {} request: {}",
@@ -365,15 +382,8 @@ impl Request {
             tenant,
             model,
             reason: reply.reason,
-            by: None,
+            by,
         };
         Effects::reply(reply)
-    }
-
-    /// Names the limit that refused the request (`tenant/limit`) in its record.
-    fn refused_by(&mut self, limit: String) {
-        if let State::Refused { by, .. } = &mut self.state {
-            *by = Some(limit);
-        }
     }
 }
