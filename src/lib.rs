@@ -37,6 +37,7 @@ pub mod store;
 pub mod tenant;
 pub mod user;
 pub mod view;
+pub mod webhook;
 pub mod window;
 
 #[cfg(all(target_arch = "wasm32", not(test)))]

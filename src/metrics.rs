@@ -272,6 +272,18 @@ pub enum Stat {
     /// A limit's `alert_at` threshold (thousandths) crossed, once per window per Envoy, by the
     /// tenant whose budget it is and the limit.
     BudgetAlerts(LabelId, LabelId, u16),
+    /// Alert webhook events (`alerts`), per Envoy: calls sent, events delivered, failed for
+    /// good, dropped (the outbox was full).
+    Webhooks(Webhook),
+}
+
+/// What became of alert webhook events ([`Stat::Webhooks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Webhook {
+    Sent,
+    Delivered,
+    Failed,
+    Dropped,
 }
 
 /// How a stat is recorded.
@@ -356,6 +368,13 @@ impl Stat {
                 "tollgate.tenant.{}.user_slot_collisions",
                 labels.tenant_value(t)
             ),
+            Stat::Webhooks(outcome) => match outcome {
+                Webhook::Sent => "tollgate.alert_webhooks.sent",
+                Webhook::Delivered => "tollgate.alert_webhooks.delivered",
+                Webhook::Failed => "tollgate.alert_webhooks.failed",
+                Webhook::Dropped => "tollgate.alert_webhooks.dropped",
+            }
+            .to_string(),
             Stat::ShadowRefusals(t, l) => format!(
                 "tollgate.tenant.{}.limit.{}.shadow_refusals",
                 labels.tenant_value(t),

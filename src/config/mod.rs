@@ -6,6 +6,7 @@
 //! `metrics`); `identity`, `limits`, `tenants`, `routing` and `cache` build the others from the
 //! serde structs of `raw`.
 
+mod alerts;
 mod cache;
 mod conversations;
 mod global;
@@ -84,6 +85,8 @@ pub struct Config {
     pub cache: Option<Cache>,
     /// The rate-limit service that `global` limits are leased from (`None`: none is).
     pub global: Option<crate::global::GlobalBudgets>,
+    /// Where budget alert events are POSTed (`None`: they are only counted).
+    pub alerts: Option<crate::webhook::Webhooks>,
 }
 
 /// `usage_view`: where and for whom.
@@ -383,7 +386,9 @@ impl TryFrom<RawConfig> for Config {
             Some(c) => labels.with_thresholds(&c.threshold_labels),
             None => labels,
         };
+        let alerts = raw.alerts.as_ref().map(alerts::build_alerts).transpose()?;
         let config = Config {
+            alerts,
             global,
             identity,
             limits,

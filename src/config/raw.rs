@@ -24,6 +24,20 @@ pub(super) struct RawConfig {
     pub(super) cache: Option<RawCache>,
     pub(super) global_budgets: Option<RawGlobalBudgets>,
     pub(super) conversations: Option<RawConversations>,
+    pub(super) alerts: Option<RawAlerts>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAlerts {
+    pub(super) cluster: String,
+    pub(super) path: Option<String>,
+    pub(super) authority: Option<String>,
+    pub(super) timeout_ms: Option<u64>,
+    pub(super) retries: Option<u64>,
+    pub(super) max_in_flight: Option<u64>,
+    pub(super) max_queued: Option<u64>,
+    pub(super) replica: Option<String>,
 }
 
 #[derive(Deserialize)]

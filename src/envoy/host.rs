@@ -7,48 +7,43 @@ use proxy_wasm::types::{BufferType, Bytes, MapType, Status};
 
 use crate::global::GlobalBudgets;
 use crate::metrics::{Labels, Stat, StatUpdate};
-use crate::pipeline::{Gateway, Headers, Host};
+use crate::pipeline::{Callouts, Gateway, Headers, Host};
 use crate::reply::LocalReply;
 use crate::store::{SharedStore, Versioned};
+use crate::webhook::Webhooks;
 
-fn header_map(request: bool) -> MapType {
+/// The request's (or the response's) header map and body buffer.
+fn of(request: bool) -> (MapType, BufferType) {
     match request {
-        true => MapType::HttpRequestHeaders,
-        false => MapType::HttpResponseHeaders,
+        true => (MapType::HttpRequestHeaders, BufferType::HttpRequestBody),
+        false => (MapType::HttpResponseHeaders, BufferType::HttpResponseBody),
     }
 }
 
 /// Every request (or response) header, pseudo-headers included, in one host call.
 pub fn headers(request: bool) -> Headers {
-    Headers(hostcalls::get_map_bytes(header_map(request)).unwrap_or_default())
+    Headers(hostcalls::get_map_bytes(of(request).0).unwrap_or_default())
 }
 
 /// Replaces the whole request (or response) header map, in one host call.
 pub fn set_headers(request: bool, headers: &Headers) -> Result<(), Status> {
     let pairs = headers.0.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
-    hostcalls::set_map_bytes(header_map(request), pairs.collect())
+    hostcalls::set_map_bytes(of(request).0, pairs.collect())
 }
 
 /// Replaces, adds or (with `None`) removes a request (or response) header.
 pub fn set_header(request: bool, name: &str, value: Option<&[u8]>) -> Result<(), Status> {
-    hostcalls::set_map_value_bytes(header_map(request), name, value)
-}
-
-fn body_buffer(request: bool) -> BufferType {
-    match request {
-        true => BufferType::HttpRequestBody,
-        false => BufferType::HttpResponseBody,
-    }
+    hostcalls::set_map_value_bytes(of(request).0, name, value)
 }
 
 /// The buffered request body, or the current response chunk (`size` as announced).
 pub fn body(request: bool, size: usize) -> Vec<u8> {
-    buffer(body_buffer(request), size).unwrap_or_default()
+    buffer(of(request).1, size).unwrap_or_default()
 }
 
 /// Replaces the buffered request body, or the current response chunk.
 pub fn set_body(request: bool, size: usize, body: &[u8]) -> Result<(), Status> {
-    hostcalls::set_buffer(body_buffer(request), 0, size, body)
+    hostcalls::set_buffer(of(request).1, 0, size, body)
 }
 
 /// A buffer's first `size` bytes (the plugin configuration, in `on_configure`).
@@ -72,17 +67,15 @@ pub fn clear_route_cache() -> Result<(), Status> {
     hostcalls::call_foreign_function("clear_route_cache", None).map(|_| ())
 }
 
-/// Sends a refill to the rate-limit service's cluster (from the root context: its answer comes
-/// back there). `Err` when Envoy cannot send it (no such cluster).
-pub fn dispatch_refill(global: &GlobalBudgets, message: &[u8]) -> Result<u32, Status> {
-    let timeout = std::time::Duration::from_millis(global.timeout_ms.max(1));
-    let ((service, method), target) = (global.protocol().method(), &global.target);
-    hostcalls::dispatch_grpc_call(target, service, method, vec![], Some(message), timeout)
+/// The status of the HTTP call being answered (in `on_http_call_response`).
+pub fn http_call_status() -> Option<u16> {
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status");
+    status.ok().flatten()?.parse().ok()
 }
 
-/// The root's timer: every millisecond while refills are pending, else off.
-pub fn tick(on: bool) {
-    let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(u64::from(on)));
+/// The root's timer: every `ms` milliseconds (0: off).
+pub fn tick(ms: u64) {
+    let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(ms));
 }
 
 /// Makes context `id` the one later host calls act on (`Err`: it is gone).
@@ -130,6 +123,27 @@ impl SharedStore for EnvoyHost<'_> {
 
     fn created(&self, _key: &str) {
         self.stat(StatUpdate::Add(Stat::SharedKeysCreated, 1));
+    }
+}
+
+/// Calls out from the root context, so the answers come back there.
+impl Callouts for EnvoyHost<'_> {
+    fn grpc(&self, global: &GlobalBudgets, message: &[u8]) -> Option<u32> {
+        let timeout = std::time::Duration::from_millis(global.timeout_ms.max(1));
+        let ((service, method), target) = (global.protocol().method(), &global.target);
+        hostcalls::dispatch_grpc_call(target, service, method, vec![], Some(message), timeout).ok()
+    }
+
+    fn post(&self, hooks: &Webhooks, body: &[u8]) -> Option<u32> {
+        let timeout = std::time::Duration::from_millis(hooks.timeout_ms);
+        let headers = vec![
+            (":method", "POST"),
+            (":path", hooks.path.as_str()),
+            (":authority", hooks.authority.as_str()),
+            ("content-type", "application/json"),
+            ("user-agent", "tollgate"),
+        ];
+        hostcalls::dispatch_http_call(&hooks.cluster, headers, Some(body), vec![], timeout).ok()
     }
 }
 

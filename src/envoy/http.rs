@@ -71,7 +71,9 @@ fn execute(
     }
     if effects.wait {
         PARKED.with(|p| p.borrow_mut().insert(id, Rc::downgrade(cell)));
-        host::tick(true);
+    }
+    if effects.wait || gateway.take_timer() {
+        host::tick(1);
     }
     match effects.pause {
         true => Action::Pause,

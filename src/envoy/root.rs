@@ -7,9 +7,9 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
 
 use super::host::{self, EnvoyHost};
-use super::http::TollgateHttp;
+use super::http::{self, TollgateHttp};
 use crate::config::Config;
-use crate::pipeline::{Gateway, Host as _, Refilled, Unanswered};
+use crate::pipeline::{Gateway, Host as _, Refilled};
 
 pub struct TollgateRoot {
     gateway: Option<Rc<Gateway>>,
@@ -21,17 +21,13 @@ impl TollgateRoot {
         TollgateRoot { gateway: None, id }
     }
 
-    /// A refill ended (or why it has no answer): applies it and resumes the requests that waited.
-    fn answered(&self, gateway: &Gateway, key: &str, body: Result<&[u8], Unanswered>) {
-        let host = EnvoyHost::new(gateway);
-        let (refilled, waiters) = gateway.refill_answered(&host, key, body, host.now_ms());
-        self.wake(gateway, waiters, refilled);
-    }
-
-    /// Resumes each waiting request in its own context, then comes back to the root's.
-    fn wake(&self, gateway: &Gateway, waiters: Vec<u32>, refilled: Refilled) {
-        for id in waiters {
-            super::http::resume(gateway, id, refilled);
+    /// Resumes the requests each ended refill held, each in its own context, then comes back
+    /// to the root's.
+    fn wake(&self, gateway: &Gateway, ended: Vec<(Refilled, Vec<u32>)>) {
+        for (refilled, waiters) in ended {
+            waiters
+                .into_iter()
+                .for_each(|id| http::resume(gateway, id, refilled));
         }
         let _ = host::set_context(self.id);
     }
@@ -39,15 +35,22 @@ impl TollgateRoot {
 
 impl Context for TollgateRoot {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
-        let Some((gateway, key)) =
-            (self.gateway.clone()).and_then(|g| Some((g.clone(), g.refill_of(token_id)?)))
-        else {
+        let Some(gateway) = self.gateway.clone() else {
             return;
         };
-        let body = (status_code == 0)
-            .then(|| host::buffer(BufferType::GrpcReceiveBuffer, response_size))
-            .flatten();
-        self.answered(&gateway, &key, body.as_deref().ok_or(Unanswered::Lost));
+        let read = || host::buffer(BufferType::GrpcReceiveBuffer, response_size);
+        let body = (status_code == 0).then(read).flatten();
+        let ended = gateway.refill_reply(&EnvoyHost::new(&gateway), token_id, body.as_deref());
+        self.wake(&gateway, ended);
+    }
+
+    fn on_http_call_response(&mut self, token_id: u32, headers: usize, _: usize, _: usize) {
+        if let Some(gateway) = self.gateway.clone() {
+            let host = EnvoyHost::new(&gateway);
+            let status = (headers > 0).then(host::http_call_status).flatten();
+            gateway.webhook_answered(&host, token_id, status);
+            host::tick(gateway.tick_period(host.now_ms()));
+        }
     }
 }
 
@@ -82,31 +85,15 @@ impl RootContext for TollgateRoot {
         )))
     }
 
-    /// Sends the refills requests wait for (from here, so every answer finds the root), and
-    /// fails those whose answer is overdue.
+    /// Sends the refills requests wait for and the webhook events due (from here, so every
+    /// answer finds the root), fails refills whose answer is overdue, resumes their requests.
     fn on_tick(&mut self) {
         let Some(gateway) = self.gateway.clone() else {
-            return host::tick(false);
+            return host::tick(0);
         };
-        let Some(global) = &gateway.config.global else {
-            return host::tick(false);
-        };
-        let now = EnvoyHost::new(&gateway).now_ms();
-        for call in gateway.refills_due(now) {
-            match host::dispatch_refill(global, &call.message) {
-                Ok(token) => gateway.refill_sent(call.key, token),
-                Err(_) => self.answered(&gateway, &call.key, Err(Unanswered::NotSent)),
-            }
-        }
-        for key in gateway.refills_overdue(now) {
-            self.answered(&gateway, &key, Err(Unanswered::Lost));
-        }
-        for waiters in gateway.refills_watched(&EnvoyHost::new(&gateway), now) {
-            self.wake(&gateway, waiters, Refilled::Grew);
-        }
-        if !gateway.refills_pending() {
-            host::tick(false);
-        }
+        let host = EnvoyHost::new(&gateway);
+        self.wake(&gateway, gateway.on_tick(&host));
+        host::tick(gateway.tick_period(host.now_ms()));
     }
 
     fn get_type(&self) -> Option<ContextType> {

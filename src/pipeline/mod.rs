@@ -43,6 +43,14 @@ pub trait Host: SharedStore {
     fn stat(&self, update: StatUpdate);
 }
 
+/// What the root context sends: global leases' refills (gRPC, to the rate-limit service) and
+/// alert webhook events (HTTP). Each returns the host's handle of the call, `None` when it could
+/// not be sent (no such cluster).
+pub trait Callouts {
+    fn grpc(&self, global: &crate::global::GlobalBudgets, message: &[u8]) -> Option<u32>;
+    fn post(&self, hooks: &crate::webhook::Webhooks, body: &[u8]) -> Option<u32>;
+}
+
 /// The request headers, read from the host in one call (names are lower case, as Envoy
 /// keeps them).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -136,6 +144,12 @@ pub struct Gateway {
     /// The budget alerts this worker saw recorded: alert key → (window start, thresholds). At
     /// most one entry per alert key the configuration implies.
     alerted: RefCell<hashbrown::HashMap<String, (u64, u64)>>,
+    /// Webhook events this worker recorded and has yet to deliver (`alerts`).
+    outbox: RefCell<crate::webhook::Outbox>,
+    /// A request queued an event: the host starts the root's timer ([`Gateway::take_timer`]).
+    timer: Cell<bool>,
+    /// This Envoy's name in webhook events, resolved at the first one.
+    replica: std::cell::OnceCell<String>,
 }
 
 impl Gateway {
@@ -154,6 +168,9 @@ impl Gateway {
             refills: RefCell::new(refill::Refills::default()),
             buffered: Rc::new(Cell::new(0)),
             alerted: RefCell::new(hashbrown::HashMap::new()),
+            outbox: RefCell::new(crate::webhook::Outbox::default()),
+            timer: Cell::new(false),
+            replica: std::cell::OnceCell::new(),
         }
     }
 

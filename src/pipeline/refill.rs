@@ -10,7 +10,7 @@
 
 use hashbrown::HashMap;
 
-use super::{Effects, Gateway, Headers, Host, Request, State};
+use super::{Callouts, Effects, Gateway, Headers, Host, Request, State};
 use crate::admission::{TenantKeys, TenantPolicy};
 use crate::api::ApiKind;
 use crate::budget::{self, Claim, Limit, Refill};
@@ -162,6 +162,48 @@ impl Gateway {
             .filter_map(|key| refills.flights.remove(key))
             .map(|flight| flight.waiters)
             .collect()
+    }
+
+    /// The answer to the refill the host sent as `token` (`None`: the call failed), applied.
+    pub fn refill_reply<H: Host + ?Sized>(
+        &self,
+        host: &H,
+        token: u32,
+        answer: Option<&[u8]>,
+    ) -> Vec<(Refilled, Vec<u32>)> {
+        let Some(key) = self.refill_of(token) else {
+            return Vec::new();
+        };
+        let answer = answer.ok_or(Unanswered::Lost);
+        vec![self.refill_answered(host, &key, answer, host.now_ms())]
+    }
+
+    /// The root's timer: sends the refills and webhook events due, fails refills whose answer
+    /// is overdue, and returns how each ended refill ended with the requests to resume (the
+    /// host resumes them, then sets its timer to [`Gateway::tick_period`]).
+    pub fn on_tick<H: Host + Callouts + ?Sized>(&self, host: &H) -> Vec<(Refilled, Vec<u32>)> {
+        let now = host.now_ms();
+        let mut ended = Vec::new();
+        if let Some(global) = &self.config.global {
+            for call in self.refills_due(now) {
+                match host.grpc(global, &call.message) {
+                    Some(token) => self.refill_sent(call.key, token),
+                    None => ended.push(self.refill_answered(
+                        host,
+                        &call.key,
+                        Err(Unanswered::NotSent),
+                        now,
+                    )),
+                }
+            }
+            for key in self.refills_overdue(now) {
+                ended.push(self.refill_answered(host, &key, Err(Unanswered::Lost), now));
+            }
+            let watched = self.refills_watched(host, now).into_iter();
+            ended.extend(watched.map(|waiters| (Refilled::Grew, waiters)));
+        }
+        self.post_due(host, now);
+        ended
     }
 
     /// Whether any refill is waiting to be sent or answered (the host keeps its timer on).

@@ -38,6 +38,8 @@ pub struct Fake {
     pub clock: Cell<u64>,
     pub properties: RefCell<Vec<(Vec<String>, Vec<u8>)>>,
     pub stats: RefCell<Vec<StatUpdate>>,
+    /// Webhook events posted (call token, body); a cluster named `missing` cannot be called.
+    pub posts: RefCell<Vec<(u32, Vec<u8>)>>,
 }
 
 impl Fake {
@@ -52,6 +54,7 @@ impl Fake {
             clock: Cell::new(T0),
             properties: RefCell::new(Vec::new()),
             stats: RefCell::new(Vec::new()),
+            posts: RefCell::new(Vec::new()),
         }
     }
 
@@ -116,6 +119,19 @@ impl Host for Fake {
 
     fn stat(&self, update: StatUpdate) {
         self.stats.borrow_mut().push(update);
+    }
+}
+
+impl super::Callouts for Fake {
+    fn grpc(&self, _: &crate::global::GlobalBudgets, _: &[u8]) -> Option<u32> {
+        None
+    }
+
+    fn post(&self, hooks: &crate::webhook::Webhooks, body: &[u8]) -> Option<u32> {
+        let mut posts = self.posts.borrow_mut();
+        let token = 1000 + u32::try_from(posts.len()).unwrap();
+        (hooks.cluster != "missing").then(|| posts.push((token, body.to_vec())))?;
+        Some(token)
     }
 }
 

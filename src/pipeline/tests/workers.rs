@@ -3,6 +3,7 @@
 use serde_json::json;
 
 use super::*;
+use crate::metrics::Webhook;
 
 fn two_workers(extra: Value) -> ((Gateway, Fake), (Gateway, Fake)) {
     let first = Fake::new();
@@ -144,6 +145,139 @@ fn budget_alerts_are_counted_once_per_threshold_per_window_across_workers() {
         run(&gw1, &h1, &big, Some(&Upstream::chat(1000, 20)));
     }
     assert_eq!(alerts(500), 2);
+}
+
+#[test]
+fn alert_webhooks_are_posted_once_per_crossing_from_the_root_with_bounded_retries() {
+    let ((gw1, h1), (gw2, h2)) = two_workers(json!({
+        "alerts": {"cluster": "alerts", "retries": 1, "replica": "envoy-1"},
+        "tenant_defaults": {"limits": [
+            {"name": "tpd", "tokens": 10_000, "window": "day", "alert_at": [0.5, 0.8, 1.0]}]}}));
+    let big = Call::chat(json!({"model": "gpt-4o-mini", "max_tokens": 20,
+        "messages": [{"role": "user", "content": "x".repeat(1000)}]}));
+    let mut timers = 0;
+    for n in 0..12u64 {
+        let (gw, host) = if n % 2 == 0 { (&gw1, &h1) } else { (&gw2, &h2) };
+        let t = run(gw, host, &big, Some(&Upstream::chat(1000, 20)));
+        timers += usize::from(gw.take_timer());
+        // Never on the request's path: the events wait for the root's timer.
+        assert!(host.posts.borrow().is_empty());
+        if t.reply.is_some() {
+            break;
+        }
+    }
+    assert!(timers >= 1);
+    for (gw, host) in [(&gw1, &h1), (&gw2, &h2)] {
+        assert!(gw.tick_period(host.now_ms()) >= 1);
+        assert!(gw.on_tick(host).is_empty());
+    }
+    let posts: Vec<(u32, Vec<u8>, usize)> = [&h1, &h2]
+        .iter()
+        .enumerate()
+        .flat_map(|(w, h)| {
+            h.posts
+                .borrow()
+                .iter()
+                .map(|(t, b)| (*t, b.clone(), w))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let events: Vec<Value> = posts
+        .iter()
+        .map(|(_, b, _)| serde_json::from_slice(b).unwrap())
+        .collect();
+    let mut thresholds: Vec<f64> = events
+        .iter()
+        .map(|e| e["threshold"].as_f64().unwrap())
+        .collect();
+    thresholds.sort_by(f64::total_cmp);
+    assert_eq!(
+        thresholds,
+        vec![0.5, 0.8, 1.0],
+        "once per crossing across both workers"
+    );
+    for e in &events {
+        assert_eq!(
+            (e["version"].as_u64(), e["tenant"].as_str()),
+            (Some(1), Some("team-a"))
+        );
+        assert_eq!(
+            (e["limit"].as_str(), e["replica"].as_str()),
+            (Some("tpd"), Some("envoy-1"))
+        );
+        assert!(e["used"].as_f64().unwrap() >= e["threshold"].as_f64().unwrap() * 10_000.0);
+        assert_eq!(e["resets_at"], "2026-11-29T00:00:00Z");
+    }
+    // The receiver fails every call: each event is tried twice (one retry), then given up.
+    for (token, _, w) in &posts {
+        let (gw, host) = if *w == 0 { (&gw1, &h1) } else { (&gw2, &h2) };
+        gw.webhook_answered(host, *token, Some(503));
+    }
+    for (gw, host) in [(&gw1, &h1), (&gw2, &h2)] {
+        gw.on_tick(host);
+        host.advance(499);
+        gw.on_tick(host);
+        assert_eq!(
+            host.posts.borrow().len(),
+            host.counter(Stat::Webhooks(Webhook::Sent)) as usize
+        );
+        host.advance(1);
+        gw.on_tick(host);
+        let retried: Vec<u32> = host.posts.borrow().iter().map(|(t, _)| *t).collect();
+        for token in retried {
+            gw.webhook_answered(host, token, None);
+        }
+        assert_eq!(gw.tick_period(host.now_ms()), 0, "nothing left to send");
+    }
+    let count = |w| h1.counter(Stat::Webhooks(w)) + h2.counter(Stat::Webhooks(w));
+    assert_eq!((count(Webhook::Sent), count(Webhook::Failed)), (6, 3));
+    assert_eq!(count(Webhook::Delivered), 0);
+}
+
+#[test]
+fn alert_webhooks_are_dropped_beyond_the_bound_and_fail_without_a_cluster() {
+    let gw = gateway(json!({
+        "alerts": {"cluster": "missing", "retries": 0, "max_queued": 2},
+        "tenant_defaults": {"limits": [{"name": "tpd", "tokens": 1000, "window": "day",
+            "alert_at": [0.1, 0.2, 0.3, 1.0]}]}}));
+    let host = Fake::new();
+    let big = Call::chat(json!({"model": "gpt-4o-mini", "max_tokens": 20,
+        "messages": [{"role": "user", "content": "x".repeat(1000)}]}));
+    run(&gw, &host, &big, Some(&Upstream::chat(1000, 20)));
+    assert_eq!(host.counter(Stat::Webhooks(Webhook::Dropped)), 2);
+    gw.on_tick(&host);
+    assert_eq!(host.counter(Stat::Webhooks(Webhook::Failed)), 2);
+    let (l, limits) = (&gw.config.labels, &gw.config.labels);
+    let stat = Stat::BudgetAlerts(l.tenant_id("team-a"), limits.limit_id("tpd"), 1000);
+    assert_eq!(host.counter(stat), 1, "counted even so");
+}
+
+#[test]
+fn alert_webhook_settings_are_checked_at_load() {
+    let err = |alerts: Value| {
+        let json = json!({"identity": {"source": "header", "header": "x-t"}, "alerts": alerts});
+        Config::from_json(&serde_json::to_vec(&json).unwrap())
+            .unwrap_err()
+            .field
+    };
+    assert_eq!(err(json!({"cluster": ""})), "alerts.cluster");
+    assert_eq!(err(json!({"cluster": "a", "path": "x"})), "alerts.path");
+    assert_eq!(
+        err(json!({"cluster": "a", "retries": 11})),
+        "alerts.retries"
+    );
+    assert_eq!(
+        err(json!({"cluster": "a", "max_in_flight": 0})),
+        "alerts.max_in_flight"
+    );
+    assert_eq!(
+        err(json!({"cluster": "a", "max_queued": 5000})),
+        "alerts.max_queued"
+    );
+    assert_eq!(
+        err(json!({"cluster": "a", "timeout_ms": 0})),
+        "alerts.timeout_ms"
+    );
 }
 
 #[test]
