@@ -7,8 +7,8 @@ PLUGIN_CONFIG_FILE (a JSON file) becomes PLUGIN_CONFIG, the plugin configuration
 every field without a value takes the default below. Unknown ${NAME}s are an error.
 The *_ENDPOINTS fields take "IP:PORT,IP:PORT…" (STATIC clusters: IP addresses; a bare PORT means
 127.0.0.1) and become a YAML flow list of lb_endpoints; left empty, they are one endpoint at
-127.0.0.1:UPSTREAM_PORT. The clusters of RATELIMIT_ENDPOINTS and LEDGER_COLLECTOR_ENDPOINTS are
-STRICT_DNS: HOST:PORT works there too.
+127.0.0.1:UPSTREAM_PORT. The clusters of RATELIMIT_ENDPOINTS, LEDGER_COLLECTOR_ENDPOINTS and
+ALERTS_ENDPOINTS are STRICT_DNS: HOST:PORT works there too.
 
     python3 envoy/render.py envoy/tollgate.yaml OPENAI_ENDPOINTS=127.0.0.1:18001,127.0.0.1:18002
 """
@@ -47,6 +47,8 @@ DEFAULTS = {
     # The rate-limit service global budgets are leased from (Limitador's gRPC port by default;
     # a STRICT_DNS cluster, so a name like limitador:8081 works too).
     "RATELIMIT_ENDPOINTS": "127.0.0.1:8081",
+    # The receiver budget alert events are POSTed to (`alerts.cluster: "alerts"`; STRICT_DNS).
+    "ALERTS_ENDPOINTS": "127.0.0.1:9095",
     # tollgate-providers.yaml: the OpenTelemetry collector (OTLP/gRPC) the ledger is exported to.
     "LEDGER_COLLECTOR_ENDPOINTS": "127.0.0.1:4317",
     # tollgate-providers.yaml: SDS files with the provider API keys, and the Azure OpenAI resource.
@@ -69,7 +71,8 @@ ENVOY_FLAGS = ("--file-flush-min-size-kb", "0", "--file-flush-interval-msec", "1
 
 # Fields given as "IP:PORT,…" and rendered as a YAML flow list of Envoy lb_endpoints.
 ENDPOINT_FIELDS = ("OPENAI_ENDPOINTS", "OPENAI_BACKUP_ENDPOINTS", "ANTHROPIC_ENDPOINTS",
-                   "SELFHOSTED_ENDPOINTS", "RATELIMIT_ENDPOINTS", "LEDGER_COLLECTOR_ENDPOINTS")
+                   "SELFHOSTED_ENDPOINTS", "RATELIMIT_ENDPOINTS", "LEDGER_COLLECTOR_ENDPOINTS",
+                   "ALERTS_ENDPOINTS")
 
 
 def lb_endpoints(spec):

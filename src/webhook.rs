@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 
 use hashbrown::HashMap;
-use serde_json::json;
+use serde::Serialize;
 
 use crate::budget::{Limit, Unit};
 
@@ -36,6 +36,22 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
+    /// The request's headers: a JSON POST to `path` at `authority`.
+    pub fn headers(&self) -> Vec<(&str, &str)> {
+        vec![
+            (":method", "POST"),
+            (":path", &self.path),
+            (":authority", &self.authority),
+            ("content-type", "application/json"),
+            ("user-agent", "tollgate"),
+        ]
+    }
+
+    /// An HTTP status as the call's answer gives it (`None`: none, or not a number).
+    pub fn status(status: Option<&[u8]>) -> Option<u16> {
+        std::str::from_utf8(status?).ok()?.parse().ok()
+    }
+
     /// The wait before attempt `attempt` (1: the first retry).
     pub fn backoff_ms(attempt: u8) -> u64 {
         let doublings = u32::from(attempt.saturating_sub(1)).min(16);
@@ -59,16 +75,46 @@ pub struct Crossing<'a> {
     pub now_ms: u64,
 }
 
-/// The event's JSON body (versioned: [`PAYLOAD_VERSION`]; docs/budgets.md#alert-webhooks).
+/// A quantity in the limit's unit: tokens, or USD (from picodollars: an alert's figure, not an
+/// invoice's).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Quantity {
+    Tokens(u64),
+    Usd(f64),
+}
+
+/// The event, version [`PAYLOAD_VERSION`] (docs/budgets.md#alert-webhooks).
+#[derive(Serialize)]
+struct Event<'a> {
+    version: u32,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: String,
+    tenant: &'a str,
+    limit: &'a str,
+    threshold: f64,
+    used: Quantity,
+    amount: Quantity,
+    unit: &'static str,
+    window: String,
+    window_start: String,
+    resets_at: String,
+    global: bool,
+    shadow: bool,
+    replica: &'a str,
+    worker: &'a str,
+    at: String,
+}
+
+/// The event's JSON body.
 pub fn event(c: &Crossing<'_>) -> Vec<u8> {
     use crate::window::rfc3339;
     let quantity = |v: u64| match c.limit.unit {
-        Unit::Tokens => json!(v),
-        // Picodollars to USD: an alert's figure, not an invoice's.
-        Unit::PicoUsd => json!(v as f64 / 1e12),
+        Unit::Tokens => Quantity::Tokens(v),
+        Unit::PicoUsd => Quantity::Usd(v as f64 / 1e12),
     };
     let window_start = rfc3339(c.window_start);
-    let threshold = f64::from(c.permille) / 1000.0;
     let id = format!(
         "{}/{}/{}/{window_start}/{}",
         c.tenant,
@@ -76,26 +122,26 @@ pub fn event(c: &Crossing<'_>) -> Vec<u8> {
         crate::alerts::label(c.permille),
         c.replica
     );
-    let body = json!({
-        "version": PAYLOAD_VERSION,
-        "type": "budget_alert",
-        "id": id,
-        "tenant": c.tenant,
-        "limit": c.limit.name,
-        "threshold": threshold,
-        "used": quantity(c.used),
-        "amount": quantity(c.limit.amount),
-        "unit": c.limit.unit.as_str(),
-        "window": c.limit.window.as_str(),
-        "window_start": window_start,
-        "resets_at": rfc3339(c.limit.window.end(c.window_start)),
-        "global": c.limit.global.is_some(),
-        "shadow": c.limit.shadow,
-        "replica": c.replica,
-        "worker": c.worker,
-        "at": rfc3339(c.now_ms),
-    });
-    serde_json::to_vec(&body).unwrap_or_default()
+    let event = Event {
+        version: PAYLOAD_VERSION,
+        kind: "budget_alert",
+        id,
+        tenant: c.tenant,
+        limit: &c.limit.name,
+        threshold: f64::from(c.permille) / 1000.0,
+        used: quantity(c.used),
+        amount: quantity(c.limit.amount),
+        unit: c.limit.unit.as_str(),
+        window: c.limit.window.as_str(),
+        window_start,
+        resets_at: rfc3339(c.limit.window.end(c.window_start)),
+        global: c.limit.global.is_some(),
+        shadow: c.limit.shadow,
+        replica: c.replica,
+        worker: c.worker,
+        at: rfc3339(c.now_ms),
+    };
+    serde_json::to_vec(&event).unwrap_or_default()
 }
 
 /// One event on its way.

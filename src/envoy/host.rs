@@ -67,10 +67,12 @@ pub fn clear_route_cache() -> Result<(), Status> {
     hostcalls::call_foreign_function("clear_route_cache", None).map(|_| ())
 }
 
-/// The status of the HTTP call being answered (in `on_http_call_response`).
-pub fn http_call_status() -> Option<u16> {
-    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status");
-    status.ok().flatten()?.parse().ok()
+/// The `:status` of the HTTP call being answered (in `on_http_call_response`).
+pub fn http_call_status() -> Option<Bytes> {
+    let map = MapType::HttpCallResponseHeaders;
+    hostcalls::get_map_value_bytes(map, ":status")
+        .ok()
+        .flatten()
 }
 
 /// The root's timer: every `ms` milliseconds (0: off).
@@ -136,14 +138,8 @@ impl Callouts for EnvoyHost<'_> {
 
     fn post(&self, hooks: &Webhooks, body: &[u8]) -> Option<u32> {
         let timeout = std::time::Duration::from_millis(hooks.timeout_ms);
-        let headers = vec![
-            (":method", "POST"),
-            (":path", hooks.path.as_str()),
-            (":authority", hooks.authority.as_str()),
-            ("content-type", "application/json"),
-            ("user-agent", "tollgate"),
-        ];
-        hostcalls::dispatch_http_call(&hooks.cluster, headers, Some(body), vec![], timeout).ok()
+        let (cluster, headers) = (&hooks.cluster, hooks.headers());
+        hostcalls::dispatch_http_call(cluster, headers, Some(body), vec![], timeout).ok()
     }
 }
 

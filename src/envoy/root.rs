@@ -10,6 +10,7 @@ use super::host::{self, EnvoyHost};
 use super::http::{self, TollgateHttp};
 use crate::config::Config;
 use crate::pipeline::{Gateway, Host as _, Refilled};
+use crate::webhook::Webhooks;
 
 pub struct TollgateRoot {
     gateway: Option<Rc<Gateway>>,
@@ -48,7 +49,7 @@ impl Context for TollgateRoot {
         if let Some(gateway) = self.gateway.clone() {
             let host = EnvoyHost::new(&gateway);
             let status = (headers > 0).then(host::http_call_status).flatten();
-            gateway.webhook_answered(&host, token_id, status);
+            gateway.webhook_answered(&host, token_id, Webhooks::status(status.as_deref()));
             host::tick(gateway.tick_period(host.now_ms()));
         }
     }

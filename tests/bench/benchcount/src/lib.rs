@@ -217,6 +217,17 @@ pub mod counted {
         sdk::dispatch_grpc_call(upstream, service, method, metadata, message, timeout)
     }
 
+    pub fn dispatch_http_call(
+        upstream: &str,
+        headers: Vec<(&str, &str)>,
+        body: Option<&[u8]>,
+        trailers: Vec<(&str, &str)>,
+        timeout: std::time::Duration,
+    ) -> Result<u32, Status> {
+        host_call_named("dispatch_http_call");
+        sdk::dispatch_http_call(upstream, headers, body, trailers, timeout)
+    }
+
     pub fn set_tick_period(period: std::time::Duration) -> Result<(), Status> {
         host_call_named("set_tick_period");
         sdk::set_tick_period(period)
