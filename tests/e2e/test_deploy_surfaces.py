@@ -228,6 +228,24 @@ def test_compose_published_ports_are_listened_on_and_loopback_only():
         assert listener["address"]["socket_address"]["address"] == "0.0.0.0"
 
 
+def test_compose_alert_receiver_is_the_alerts_cluster():
+    config = rendered_envoy()
+    receiver = compose()["services"]["alert-receiver"]
+    # alert_receiver.py binds 127.0.0.1 by default: it shares the envoy service's namespace.
+    assert receiver["network_mode"] == "service:envoy"
+    assert "ports" not in receiver
+    command = receiver["command"]
+    assert mounted_source(receiver, "/app/alert_receiver.py") == os.path.join(
+        ROOT, "examples", "observability", "alert_receiver.py")
+    port = int(command[command.index("--port") + 1])
+    alerts = next(c for c in config["static_resources"]["clusters"] if c["name"] == "alerts")
+    [group] = alerts["load_assignment"]["endpoints"]
+    [lb] = group["lb_endpoints"]
+    assert lb["endpoint"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": port}
+    with open(os.path.join(ROOT, "envoy", "tollgate.json"), encoding="utf-8") as f:
+        assert json.load(f)["alerts"]["cluster"] == "alerts"
+
+
 def test_compose_fake_provider_is_every_cluster():
     config = rendered_envoy()
     fake = compose()["services"]["fake-llm"]
@@ -242,8 +260,8 @@ def test_compose_fake_provider_is_every_cluster():
     endpoints = []
     for cluster in config["static_resources"]["clusters"]:
         # Every provider cluster; `ratelimit` is the rate-limit service of global budgets,
-        # unused by the compose example's plugin configuration.
-        if "load_assignment" not in cluster or cluster["name"] == "ratelimit":
+        # unused by the compose example's plugin configuration; `alerts` is the alert receiver.
+        if "load_assignment" not in cluster or cluster["name"] in ("ratelimit", "alerts"):
             continue
         assert cluster["type"] == "STATIC"
         for group in cluster["load_assignment"]["endpoints"]:
