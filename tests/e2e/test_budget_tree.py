@@ -4,8 +4,11 @@ under one strict team settled exactly once at every level (ledger = usage view =
 shadow limit that never refuses but says so."""
 import concurrent.futures
 import hashlib
+from http.client import HTTPException
 import json
 import re
+import socket
+import time
 import uuid
 
 import openai
@@ -33,6 +36,13 @@ def tree_config():
             "lab": {"strict": True, "limits": [{"name": "tpd", "tokens": 30000, "window": "day"}]},
             "lab-1": {"parent": "lab", "limits": []},
             "lab-2": {"parent": "lab", "limits": [{"name": "tpd", "tokens": 12000, "window": "day"}]},
+            # Chaos at every level: aborts, resets and errors under a three-level tree.
+            "chaos-org": {"limits": [{"name": "tpd", "tokens": 10000000, "window": "day"}]},
+            "chaos-team": {"parent": "chaos-org",
+                           "limits": [{"name": "tpd", "tokens": 5000000, "window": "day"}]},
+            "chaos-key": {"parent": "chaos-team",
+                          "limits": [{"name": "tpd", "tokens": 1000000, "window": "day"}]},
+            "chaos-sib": {"parent": "chaos-team", "limits": []},
             # Alerts at half and 80 % of its day.
             "alerted": {"limits": [{"name": "tpd", "tokens": 10000, "window": "day",
                                     "alert_at": [0.5, 0.8]}]},
@@ -178,3 +188,77 @@ def test_budget_alerts_are_counted_once_per_threshold_under_concurrency(tenv):
             threshold = re.search(r'threshold="([^"]+)"', m.group(1)).group(1)
             counts[threshold] = int(m.group(2))
     assert counts == {"50": 1, "80": 1}, counts
+
+
+CHAOS = ("json", "sse", "client-abort", "upstream-reset", "upstream-500", "json-cut")
+
+
+def chaos_request(envoy, tenant, mode):
+    """One request of `mode`; returns its client request id once it has ended (or was cut)."""
+    rid = str(uuid.uuid4())
+    stream = mode in ("sse", "client-abort", "upstream-reset")
+    body = {"model": "gpt-4o-mini", "max_tokens": 200, "stream": stream,
+            "messages": [{"role": "user", "content": CONTENT}]}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    headers = {"content-type": "application/json", "x-tenant": tenant, "x-request-id": rid,
+               "x-fake-request-id": rid, "x-fake-input-tokens": "900",
+               "x-fake-output-tokens": "150"}
+    headers.update({
+        "upstream-reset": {"x-fake-reset-after": "3"},
+        "upstream-500": {"x-fake-status": "500"},
+        "json-cut": {"x-fake-reset-before-end": "5"},
+        "client-abort": {"x-fake-chunks": "400", "x-fake-split": "7"},
+    }.get(mode, {}))
+    if mode != "client-abort":
+        try:
+            http("POST", envoy.url + CHAT, body, headers)
+        except (OSError, HTTPException):
+            pass  # a reset reaches the client as a cut connection (or a cut chunked body)
+        return rid
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", envoy.port), timeout=10)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock.sendall(f"POST {CHAT} HTTP/1.1\r\nhost: x\r\n{head}content-length: {len(data)}\r\n\r\n"
+                 .encode() + data)
+    received = b""
+    while received.count(b"data: ") < 5:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    sock.close()  # the client walks away mid-stream
+    return rid
+
+
+def test_chaos_settles_every_level_exactly_once_ledger_view_and_gauges_agree(tenv):
+    """48 requests under a three-level tree (two keys of one team) over both workers: client
+    aborts mid-stream, upstream resets mid-stream and mid-body, upstream errors. Afterwards no
+    level holds a reservation, each level's use is the sum of its requests' ledger lines, and
+    each level's gauge says the same."""
+    jobs = [("chaos-key" if i % 2 else "chaos-sib", CHAOS[i % len(CHAOS)]) for i in range(48)]
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        rids = list(pool.map(lambda job: (job[0], chaos_request(tenv, *job)), jobs))
+    # One last plain request settles last at every level, so each gauge is the final use.
+    rids.append(("chaos-key", chaos_request(tenv, "chaos-key", "json")))
+    charged = {"chaos-key": 0, "chaos-sib": 0}
+    sources = set()
+    for tenant, rid in rids:
+        line = tenv.access_line(rid, timeout=20)
+        sources.add(line.get("usage_source"))
+        assert line["tenant"] == tenant and line["decision"] == "admitted", line
+        values = (str(line.get(f, "")) for f in ("input_tokens", "output_tokens"))
+        charged[tenant] += sum(int(v) for v in values if v.isdigit())
+    # Settled from what was reported, what passed, and the reservation of what had no usage.
+    assert {"reported", "observed", "refunded"} <= sources, sources
+    deadline = time.time() + 10
+    while time.time() < deadline and any(used(tenv, t)[1] for t in ("chaos-org", "chaos-team")):
+        time.sleep(0.1)
+    total = charged["chaos-key"] + charged["chaos-sib"]
+    assert used(tenv, "chaos-key") == (charged["chaos-key"], 0)
+    assert used(tenv, "chaos-team") == (total, 0)
+    assert used(tenv, "chaos-org") == (total, 0)
+    prom = tenv.prometheus()
+    for tenant, value in (("chaos-key", charged["chaos-key"]), ("chaos-team", total),
+                          ("chaos-org", total)):
+        assert gauge(prom, tenant, "tpd") == value

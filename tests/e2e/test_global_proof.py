@@ -1,5 +1,6 @@
 """Global budgets across three Envoy replicas, the proof: three Envoys (`--concurrency 2` each)
-lease one tenant's minute and day limits from one rate-limit service (tests/rls over
+lease one tenant's minute limit and its parent's day limit (a budget tree: org → g) from one
+rate-limit service (tests/rls over
 redis-server) while 64 clients send mixed requests (JSON and SSE, clients leaving mid-stream,
 upstream resets, errors, answers without usage) spread over the three listeners, across a
 minute boundary; one Envoy is killed with SIGKILL mid-run and another one started in its place.
@@ -49,9 +50,13 @@ SHARE = 0.25
 def config(global_, minute=MINUTE_LIMIT, day=DAY_LIMIT):
     return {
         "identity": {"source": "header", "header": "x-tenant"},
-        "tenants": {"g": {"strict": True, "default_output_tokens": 64, "limits": [
-            {"name": "tpm", "tokens": minute, "window": "minute", "global": global_},
-            {"name": "tpd", "tokens": day, "window": "day", "global": global_}]}},
+        # The day limit is g's parent's: a budget tree's ancestor leases its own global limit
+        # (its scope in the descriptor), charged by g's requests at both levels.
+        "tenants": {
+            "org": {"strict": True, "limits": [
+                {"name": "tpd", "tokens": day, "window": "day", "global": global_}]},
+            "g": {"parent": "org", "strict": True, "default_output_tokens": 64, "limits": [
+                {"name": "tpm", "tokens": minute, "window": "minute", "global": global_}]}},
         "global_budgets": {"cluster": "ratelimit", "replicas": REPLICAS, "refill_share": SHARE,
                            "timeout_ms": 500},
     }
