@@ -12,6 +12,10 @@ pub struct TenantKeys {
     /// One per limit, same order as `TenantPolicy::limits`.
     pub buckets: Vec<String>,
     pub concurrency: String,
+    /// The end user's slot, when its per-user limits' buckets are the slot's ([`for_user`]).
+    ///
+    /// [`for_user`]: TenantKeys::for_user
+    pub user_slot: Option<u64>,
 }
 
 impl TenantKeys {
@@ -28,6 +32,7 @@ impl TenantKeys {
                 .map(|l| bucket_key(scope, l, 0))
                 .collect(),
             concurrency: format!("tg:c2:{scope}"),
+            user_slot: None,
         }
     }
 
@@ -38,6 +43,7 @@ impl TenantKeys {
             return None;
         }
         let mut keys = self.clone();
+        keys.user_slot = Some(slot);
         for (limit, key) in policy.limits.iter().zip(keys.buckets.iter_mut()) {
             if limit.per_user {
                 *key = bucket_key(&self.scope, limit, slot);

@@ -196,12 +196,6 @@ fn policy(
         for (i, l) in limits.iter().enumerate() {
             let at = field(&format!("user_limits[{i}]"));
             let mut limit = limit(&at, l)?;
-            if limit.global.is_some() {
-                return Err(ConfigError::new(
-                    format!("{at}.global"),
-                    "per-user limits are this Envoy's own (a global per-user limit is not supported yet)",
-                ));
-            }
             if out.limits.iter().any(|o| o.name == limit.name) {
                 return Err(ConfigError::new(
                     format!("{at}.name"),

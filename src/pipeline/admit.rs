@@ -140,6 +140,7 @@ impl Request {
                         let parked = Parked {
                             kind,
                             tenant,
+                            user_slot: user.as_ref().map(|u| u.slot),
                             label,
                             headers,
                             body,
@@ -164,6 +165,7 @@ impl Request {
                 let parked = Parked {
                     kind,
                     tenant,
+                    user_slot: user.as_ref().map(|u| u.slot),
                     label,
                     headers,
                     body,

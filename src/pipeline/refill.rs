@@ -76,6 +76,8 @@ pub enum Refilled {
 pub(super) struct Parked {
     pub kind: ApiKind,
     pub tenant: String,
+    /// The end user's slot (its per-user limits' buckets), when it has one.
+    pub user_slot: Option<u64>,
     pub label: LabelId,
     pub headers: Headers,
     pub body: Vec<u8>,
@@ -375,7 +377,12 @@ impl Gateway {
             None if declared => (tenant, keys.scope.as_str()),
             None => ("~", keys.scope.as_str()),
         };
-        let entries = global::descriptor(policy_name, &l.name, scope, &l.window.id(now_ms));
+        // A per-user limit counts each user slot apart: `team-a:u17`.
+        let scope = match (l.per_user, keys.user_slot) {
+            (true, Some(slot)) => std::borrow::Cow::Owned(format!("{scope}:u{slot}")),
+            _ => std::borrow::Cow::Borrowed(scope),
+        };
+        let entries = global::descriptor(policy_name, &l.name, &scope, &l.window.id(now_ms));
         let message = global.protocol().ask(&global.domain, &entries, hits);
         let own = Flight {
             foreign: false,
@@ -410,6 +417,13 @@ impl Request {
             return self.refuse(parked.kind, who, None, &refusal);
         }
         let (policy, keys) = gateway.tenant_budget(&parked.tenant);
+        let keys = match parked
+            .user_slot
+            .and_then(|slot| keys.for_user(policy, slot))
+        {
+            Some(user_keys) => std::borrow::Cow::Owned(user_keys),
+            None => keys,
+        };
         let joined = gateway.join_refill(
             host,
             &parked.tenant,
@@ -487,6 +501,7 @@ impl Request {
             headers,
             body,
             attempts,
+            ..
         } = *parked;
         if refilled == Refilled::Unavailable {
             let refusal = Refusal::BudgetUnavailable {

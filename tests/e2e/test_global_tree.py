@@ -1,6 +1,7 @@
 """A parent's global limit through two real Envoy replicas and the test RLS (Limitador's library
 over redis-server): the organisation's strict global budget is one counter, leased by both
-replicas for both of its teams; summed over both ledgers, never a token over."""
+replicas for both of its teams; summed over both ledgers, never a token over. A global per-user
+limit: one counter per user slot, held over both replicas, another user unaffected."""
 import concurrent.futures
 import uuid
 
@@ -10,10 +11,14 @@ from harness import Envoy, RateLimitService, Redis, http
 
 CHAT = "/v1/chat/completions"
 ORG_TOKENS = 3000
+USER_TOKENS = 800
 
 CONFIG = {
-    "identity": {"source": "header", "header": "x-tenant"},
+    "identity": {"source": "header", "header": "x-tenant",
+                 "user": {"source": "header", "header": "x-user"}},
     "tenants": {
+        "team-u": {"strict": True, "limits": [], "user_limits": [
+            {"name": "user-tpd", "tokens": USER_TOKENS, "window": "day", "global": True}]},
         "org": {"strict": True,
                 "limits": [{"name": "tpd", "tokens": ORG_TOKENS, "window": "day", "global": True}]},
         "team-1": {"parent": "org", "limits": []},
@@ -36,11 +41,13 @@ def replicas(upstream):
     redis.stop()
 
 
-def chat(envoy, tenant):
+def chat(envoy, tenant, user=None):
     rid = str(uuid.uuid4())
     body = {"model": "gpt-4o-mini", "max_tokens": 60, "messages": [{"role": "user", "content": "hello " * 20}]}
     headers = {"content-type": "application/json", "x-tenant": tenant, "x-request-id": rid,
                "x-fake-request-id": rid, "x-fake-input-tokens": "100", "x-fake-output-tokens": "60"}
+    if user:
+        headers["x-user"] = user
     status, _, data = http("POST", envoy.url + CHAT, body, headers)
     return rid, status, data
 
@@ -70,3 +77,23 @@ def test_a_parents_global_budget_holds_over_both_replicas_and_both_teams(replica
     # One counter for the organisation: both replicas, both teams, never a token over.
     assert 0 < charged <= ORG_TOKENS
     assert charged > ORG_TOKENS // 3, "the leases left most of the budget unused"
+
+
+def test_a_global_per_user_limit_holds_over_both_replicas_and_spares_other_users(replicas):
+    jobs = [replicas[i % 2] for i in range(30)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda e: (e, *chat(e, "team-u", "user-1")), jobs))
+    statuses = [status for _, _, status, _ in results]
+    assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses, statuses
+    charged = 0
+    for envoy, rid, status, _ in results:
+        line = envoy.access_line(rid)
+        if status == 200:
+            assert line["global"] == "lease"
+            charged += int(line["input_tokens"]) + int(line["output_tokens"])
+        else:
+            assert line["refused_by"] in ("team-u/user-tpd", None), line
+    # One counter for the user, over both replicas: never a token over.
+    assert USER_TOKENS // 3 < charged <= USER_TOKENS
+    # Another user of the tenant has a counter of their own.
+    assert [chat(e, "team-u", "user-2")[1] for e in replicas] == [200, 200]

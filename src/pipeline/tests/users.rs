@@ -4,6 +4,7 @@
 use serde_json::json;
 
 use super::*;
+use crate::pipeline::Refilled;
 
 /// team-a: 100,000 tokens a day, each user 1,200 (a request here reserves ~310, is charged
 /// 1,040). Users from `x-user`.
@@ -141,6 +142,41 @@ fn a_hundred_thousand_user_ids_stay_in_the_configured_key_space() {
 }
 
 #[test]
+fn a_global_per_user_limit_leases_each_user_slot_apart() {
+    use super::global::{ok, serve};
+    use crate::global::rls::RateLimitRequest;
+    let gw = gateway(json!({
+        "identity": {"source": "api_key", "api_keys": [{"sha256": sha("sk-a"), "tenant": "team-a"}],
+            "user": {"source": "header", "header": "x-user"}, "user_slots": 64},
+        "global_budgets": {"cluster": "rls", "domain": "tg", "replicas": 2, "refill_share": 0.5},
+        "tenants": {"team-a": {"strict": true,
+            "user_limits": [{"name": "user-tpd", "tokens": 2000, "window": "day", "global": true}]}}}));
+    let host = Fake::new();
+    let scope = |asked: &[RateLimitRequest]| {
+        let entries = &asked.first().unwrap().descriptors[0].entries;
+        let scope = entries.iter().find(|e| e.key == "tollgate.scope").unwrap();
+        scope.value.clone()
+    };
+    // Alice's first request waits for her slot's lease: the service counts her slot apart.
+    let mut first = open(&gw, &host, &ask(Some("alice")));
+    assert!(first.trace.waiting);
+    let (asked, woken) = serve(&gw, &host, |_| ok());
+    let alice_slot = gw.config.users.as_ref().unwrap().user(b"alice").slot;
+    assert_eq!(scope(&asked), format!("team-a:u{alice_slot}"));
+    assert_eq!(woken.len(), 1);
+    resume(&gw, &host, &mut first, Refilled::Grew);
+    let t = close(&gw, &host, first, Some(&answer()));
+    assert_eq!(t.field("decision"), "admitted");
+    // Bob's requests lease his own slot's counter.
+    let bob = open(&gw, &host, &ask(Some("bob")));
+    assert!(bob.trace.waiting);
+    let (asked, _) = serve(&gw, &host, |_| ok());
+    let bob_slot = gw.config.users.as_ref().unwrap().user(b"bob").slot;
+    assert_ne!(alice_slot, bob_slot, "the two ids share no slot of 64");
+    assert_eq!(scope(&asked), format!("team-a:u{bob_slot}"));
+}
+
+#[test]
 fn user_settings_are_checked_at_load() {
     let err = |json: Value| Config::from_json(&serde_json::to_vec(&json).unwrap()).unwrap_err();
     let limits = json!([{"tokens": 5, "window": "day"}]);
@@ -158,11 +194,11 @@ fn user_settings_are_checked_at_load() {
     assert_eq!(e.field, "identity.user.ledger");
     let e = err(json!({"identity": {"source": "header", "header": "x-t", "user_slots": 8}}));
     assert_eq!(e.field, "identity.user_slots");
-    // Per-user limits are local for now.
+    // A global per-user limit needs the service, as any global limit.
     let e = err(json!({"identity": {"source": "header", "header": "x-t",
-        "user": {"source": "body"}}, "global_budgets": {"cluster": "rls"},
+        "user": {"source": "body"}},
         "tenants": {"a": {"user_limits": [{"tokens": 5, "window": "day", "global": true}]}}}));
-    assert_eq!(e.field, "tenants.a.user_limits[0].global");
+    assert_eq!(e.field, "global_budgets");
     // The key space is bounded: 65,536 slots × (2 limits + the slot owner) × 8 tenants is
     // above 2^20 keys.
     let tenants: serde_json::Map<String, Value> = (0..8)
