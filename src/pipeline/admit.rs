@@ -213,15 +213,7 @@ impl Request {
         ) {
             Ok(step) => step,
             Err((refusal, by)) => {
-                admission::settle(
-                    host,
-                    policy,
-                    &keys,
-                    &admitted,
-                    &Usage::default(),
-                    price,
-                    now,
-                );
+                release_unused(host, budget, &admitted, price, now);
                 let who = Some((tenant, label));
                 return self.refuse_by(kind, who, Some(facts.model), &refusal, by);
             }
@@ -264,15 +256,7 @@ impl Request {
                 }
                 None => {
                     let model = Some(facts.model);
-                    admission::settle(
-                        host,
-                        policy,
-                        &keys,
-                        &admitted,
-                        &Usage::default(),
-                        price,
-                        now,
-                    );
+                    release_unused(host, (policy, &keys), &admitted, price, now);
                     return self.refuse(kind, Some((tenant, label)), model, &rewrite_failed());
                 }
             }
@@ -355,6 +339,17 @@ impl Request {
         let model = Some(exchange.facts.model.clone());
         self.refuse(exchange.kind, who, model, &rewrite_failed())
     }
+}
+
+/// Releases what an admitted request holds, charging nothing: it is refused after all.
+fn release_unused<H: Host + ?Sized>(
+    host: &H,
+    (policy, keys): (&TenantPolicy, &TenantKeys),
+    admitted: &crate::admission::Admitted,
+    price: Option<&crate::cost::Price>,
+    now: u64,
+) {
+    admission::settle(host, policy, keys, admitted, &Usage::default(), price, now);
 }
 
 fn rewrite_failed() -> Refusal {
