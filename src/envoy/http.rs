@@ -134,7 +134,7 @@ fn apply(effects: &Effects<'_>, request: bool, size: usize) -> bool {
         warn!("tollgate could not route the request: {status:?}");
     }
     for (name, value) in &effects.record {
-        if let Err(status) = host::set_record_field(name, value.as_bytes()) {
+        if let Err(status) = host::set_record_field(name, value.plain().as_bytes()) {
             warn!("tollgate could not write {name}: {status:?}");
         }
     }

@@ -337,7 +337,7 @@ mod tests {
             assert_eq!(x.usage_anomaly(), Some(UsageAnomaly::DecodeLimit));
             assert!(
                 x.record()
-                    .contains(&("tollgate.usage_anomaly", "decode_limit".to_string()))
+                    .contains(&("tollgate.usage_anomaly", "decode_limit".into()))
             );
         }
     }

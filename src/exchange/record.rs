@@ -3,15 +3,16 @@
 
 use super::Exchange;
 use crate::api::Usage;
+use crate::ledger::{Fact, Record};
 
 impl Exchange {
     /// The per-request record, as (filter state name, plain-text value) pairs.
-    pub fn record(&mut self) -> Vec<(&'static str, String)> {
+    pub fn record(&mut self) -> Record {
         let (usage, source) = self.finish(false);
         let route = self.served.as_ref().map_or("", |(_, r)| r.as_str());
         let mut fields = record_fields(self, self.served_model(), route, &usage, source.as_str());
         if let Some(anomaly) = self.anomaly {
-            fields.push(("tollgate.usage_anomaly", anomaly.as_str().to_string()));
+            fields.push(("tollgate.usage_anomaly", anomaly.as_str().into()));
         }
         fields
     }
@@ -25,25 +26,25 @@ pub fn record_fields(
     route: &str,
     usage: &Usage,
     source: &str,
-) -> Vec<(&'static str, String)> {
+) -> Record {
     vec![
-        ("tollgate.tenant", exchange.tenant.clone()),
-        ("tollgate.api", exchange.kind.as_str().to_string()),
-        ("tollgate.model", exchange.facts.model.clone()),
-        ("tollgate.served_model", served_model.to_string()),
-        ("tollgate.route", route.to_string()),
-        ("tollgate.stream", exchange.facts.stream.to_string()),
-        ("tollgate.input_tokens", usage.input.to_string()),
-        ("tollgate.output_tokens", usage.output.to_string()),
+        ("tollgate.tenant", exchange.tenant.as_str().into()),
+        ("tollgate.api", exchange.kind.as_str().into()),
+        ("tollgate.model", exchange.facts.model.as_str().into()),
+        ("tollgate.served_model", served_model.into()),
+        ("tollgate.route", route.into()),
+        ("tollgate.stream", Fact::Flag(exchange.facts.stream)),
+        ("tollgate.input_tokens", Fact::Count(usage.input)),
+        ("tollgate.output_tokens", Fact::Count(usage.output)),
         (
             "tollgate.cached_input_tokens",
-            usage.cached_input.to_string(),
+            Fact::Count(usage.cached_input),
         ),
         (
             "tollgate.cache_write_input_tokens",
-            usage.cache_write_input.to_string(),
+            Fact::Count(usage.cache_write_input),
         ),
-        ("tollgate.reasoning_tokens", usage.reasoning.to_string()),
-        ("tollgate.usage_source", source.to_string()),
+        ("tollgate.reasoning_tokens", Fact::Count(usage.reasoning)),
+        ("tollgate.usage_source", source.into()),
     ]
 }

@@ -114,14 +114,17 @@ pub(super) fn settle<H: Host + ?Sized>(
     label: LabelId,
     (charged, price): (&Usage, Option<&Price>),
     (now, epoch): (u64, u64),
-) -> Vec<(&'static str, String)> {
+) -> crate::ledger::Record {
     let Some(conversations) = &gateway.config.conversations else {
         return Vec::new();
     };
     let tokens = charged.input.saturating_add(charged.output);
     let pico_usd = admission::pico_usd(charged, price, false);
     let step = &in_conversation.step;
-    let mut fields = vec![("tollgate.conversation_step", step.step.to_string())];
+    let mut fields: crate::ledger::Record = vec![(
+        "tollgate.conversation_step",
+        crate::ledger::Fact::Count(step.step),
+    )];
     let settled = conversation::settle(
         host,
         &in_conversation.key,
@@ -135,7 +138,7 @@ pub(super) fn settle<H: Host + ?Sized>(
         let micro = cost::billed_micro_usd(u128::from(settled.pico_usd));
         fields.push((
             "tollgate.conversation_cost_usd",
-            cost::format_micro_usd(micro),
+            crate::ledger::Fact::Usd(cost::format_micro_usd(micro)),
         ));
         for i in settled.crossed {
             let index = u8::try_from(i).unwrap_or(u8::MAX);

@@ -194,7 +194,7 @@ impl Request {
             }
             .reply(Family::OpenAi)
         };
-        self.state = State::Answered(vec![("tollgate.decision", reply.reason.to_string())]);
+        self.state = State::Answered(vec![("tollgate.decision", reply.reason.into())]);
         Effects::reply(reply)
     }
 }

@@ -86,9 +86,12 @@ impl Request {
         let route = resolved.map(|r| r.route).unwrap_or_default();
         let mut record = record_fields(&probe, &served, &route, &charged, "cache");
         record.extend([
-            ("tollgate.cost_usd", cost::format_micro_usd(billed)),
-            ("tollgate.cache", "hit".to_string()),
-            ("tollgate.decision", "admitted".to_string()),
+            (
+                "tollgate.cost_usd",
+                crate::ledger::Fact::Usd(cost::format_micro_usd(billed)),
+            ),
+            ("tollgate.cache", "hit".into()),
+            ("tollgate.decision", "admitted".into()),
         ]);
         self.state = State::Answered(record);
         let reply = LocalReply {

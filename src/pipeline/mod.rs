@@ -95,7 +95,7 @@ pub struct Effects<'g> {
     /// Answers the request locally.
     pub reply: Option<LocalReply>,
     /// The per-request ledger record, for filter state (`wasm.<name>`).
-    pub record: Vec<(&'static str, String)>,
+    pub record: crate::ledger::Record,
     /// Stops iteration (waiting for the body, or a local reply was sent).
     pub pause: bool,
     /// The request waits for a global lease's refill: the host sends what
@@ -303,7 +303,7 @@ enum State {
         by: Option<String>,
     },
     /// Answered by Tollgate itself (usage view, cache hit); the record is ready.
-    Answered(Vec<(&'static str, String)>),
+    Answered(crate::ledger::Record),
 }
 
 /// An admitted request, from its body to its settlement.

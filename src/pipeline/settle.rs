@@ -7,6 +7,7 @@ use super::{Active, Effects, Gateway, Host, Request, State};
 use crate::api::Usage;
 use crate::cache;
 use crate::cost;
+use crate::ledger::{Fact, Record};
 use crate::metrics::{Counter, Histogram, Stat, StatUpdate, UNKNOWN_ID};
 
 impl Request {
@@ -30,7 +31,7 @@ impl Request {
         gateway: &Gateway,
         host: &H,
         upstream_failed: bool,
-    ) -> Vec<(&'static str, String)> {
+    ) -> crate::ledger::Record {
         if self.recorded {
             return Vec::new();
         }
@@ -44,19 +45,19 @@ impl Request {
                 reason,
                 by,
             } => {
-                let mut fields = vec![
-                    ("tollgate.api", kind.as_str().to_string()),
-                    ("tollgate.decision", (*reason).to_string()),
+                let mut fields: Record = vec![
+                    ("tollgate.api", kind.as_str().into()),
+                    ("tollgate.decision", (*reason).into()),
                 ];
                 let label = tenant.as_ref().map_or(UNKNOWN_ID, |(_, label)| *label);
                 if let Some((tenant, _)) = tenant {
-                    fields.push(("tollgate.tenant", tenant.clone()));
+                    fields.push(("tollgate.tenant", tenant.clone().into()));
                 }
                 if let Some(model) = model {
-                    fields.push(("tollgate.model", model.clone()));
+                    fields.push(("tollgate.model", model.clone().into()));
                 }
                 if let Some(by) = by {
-                    fields.push(("tollgate.refused_by", by.clone()));
+                    fields.push(("tollgate.refused_by", by.clone().into()));
                 }
                 host.stat(StatUpdate::Add(Stat::Denials(label, reason), 1));
                 fields
@@ -65,21 +66,21 @@ impl Request {
             // The client left while its global lease was being refilled: nothing was held,
             // and the request is not resumed.
             State::Waiting(parked) => {
-                let fields = vec![
-                    ("tollgate.api", parked.kind.as_str().to_string()),
-                    ("tollgate.decision", "client_aborted".to_string()),
-                    ("tollgate.tenant", parked.tenant.clone()),
+                let fields: Record = vec![
+                    ("tollgate.api", parked.kind.as_str().into()),
+                    ("tollgate.decision", "client_aborted".into()),
+                    ("tollgate.tenant", parked.tenant.clone().into()),
                 ];
                 self.state = State::PassThrough;
                 fields
             }
         };
         self.recorded = true;
-        fields.push(("tollgate.worker", gateway.worker.clone()));
+        fields.push(("tollgate.worker", gateway.worker.as_str().into()));
         if let Some(user) = self.user.take()
             && !fields.is_empty()
         {
-            fields.push(("tollgate.user", user));
+            fields.push(("tollgate.user", user.into()));
         }
         fields
     }
@@ -92,7 +93,7 @@ fn settle<H: Host + ?Sized>(
     host: &H,
     active: &mut Active,
     upstream_failed: bool,
-) -> Vec<(&'static str, String)> {
+) -> crate::ledger::Record {
     let config = &gateway.config;
     let (charged, _) = active.exchange.finish(upstream_failed);
     let price = config.price(active.exchange.served_model());
@@ -117,19 +118,22 @@ fn settle<H: Host + ?Sized>(
             (now, epoch),
         ));
     }
-    fields.push(("tollgate.decision", "admitted".to_string()));
-    fields.push(("tollgate.cost_usd", cost::format_micro_usd(billed_micro)));
+    fields.push(("tollgate.decision", "admitted".into()));
+    fields.push((
+        "tollgate.cost_usd",
+        Fact::Usd(cost::format_micro_usd(billed_micro)),
+    ));
     if !matches!(active.cache, CacheStatus::Off) {
-        fields.push(("tollgate.cache", active.cache.as_str().to_string()));
+        fields.push(("tollgate.cache", active.cache.as_str().into()));
     }
     if let Some(global) = active.global {
-        fields.push(("tollgate.global", global.to_string()));
+        fields.push(("tollgate.global", global.into()));
     }
     if let Some(shadow) = &active.admitted.shadow_refusal {
-        fields.push(("tollgate.shadow_refusal", shadow.clone()));
+        fields.push(("tollgate.shadow_refusal", shadow.clone().into()));
     }
     if let Some(conversation) = &active.conversation {
-        fields.push(("tollgate.conversation_id", conversation.clone()));
+        fields.push(("tollgate.conversation_id", conversation.clone().into()));
     }
     fields
 }

@@ -340,12 +340,7 @@ impl Trace {
         if let Some(path) = map_path.or(edited.and_then(|(_, v)| v.as_deref())) {
             self.request_path.get_or_insert_with(|| path.to_vec());
         }
-        if !effects.record.is_empty() {
-            self.records += 1;
-            for (name, value) in effects.record {
-                self.record.insert(name.to_string(), value);
-            }
-        }
+        take_record(self, effects.record);
         let edits = effects.headers.into_iter().map(|(n, v)| (n.to_string(), v));
         if let Some(reply) = effects.reply {
             self.reply = Some(reply);
@@ -502,11 +497,17 @@ pub fn close(gateway: &Gateway, host: &Fake, open: Open, upstream: Option<&Upstr
     trace
 }
 
-fn take_record(trace: &mut Trace, record: Vec<(&'static str, String)>) {
+fn take_record(trace: &mut Trace, record: crate::ledger::Record) {
     if !record.is_empty() {
         trace.records += 1;
+        // Every record, whatever the request, is one typed JSON object's members.
+        let line = format!("{{{}\"end\":0}}", crate::ledger::encode(&record));
+        let typed: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(typed["ledger_version"], 1, "{line}");
         for (name, value) in record {
-            trace.record.insert(name.to_string(), value);
+            trace
+                .record
+                .insert(name.to_string(), value.plain().into_owned());
         }
     }
 }
