@@ -1,7 +1,8 @@
-//! The ledger record's facts, typed as the record prints them: text, counts, flags and USD
-//! amounts. Each is written as filter state `wasm.tollgate.<name>` in its plain form today
-//! ([`Fact::plain`]); [`encode`] gives the whole record as one typed JSON object's members, the
-//! form issue 22's single write takes.
+//! The ledger record: a request's facts, typed as the record prints them (text, counts, flags
+//! and USD amounts), written once per request as one filter-state value,
+//! `wasm.tollgate.ledger`, holding the JSON object's members ([`encode`]) that the shipped
+//! access logs splice at the start of their line. `envoy/ledger.schema.json` is the line's
+//! schema.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -46,12 +47,9 @@ impl From<&str> for Fact {
 /// A request's record: (filter state name, fact) pairs, in the order they are written.
 pub type Record = Vec<(&'static str, Fact)>;
 
-/// The record's name for a fact (its filter state name less `tollgate.`).
+/// The record's name for a fact (its name less `tollgate.`).
 fn ledger_name(name: &str) -> &str {
-    match name.strip_prefix("tollgate.").unwrap_or(name) {
-        "cost_usd" => "llm_cost_usd",
-        other => other,
-    }
+    name.strip_prefix("tollgate.").unwrap_or(name)
 }
 
 /// The record as one JSON object's members, each followed by a comma (`"ledger_version":1,
@@ -114,7 +112,7 @@ mod tests {
             ("tollgate.tenant", Fact::from("team \"a\"\n")),
             ("tollgate.stream", Fact::Flag(true)),
             ("tollgate.input_tokens", Fact::Count(18)),
-            ("tollgate.cost_usd", Fact::Usd("0.000123".into())),
+            ("tollgate.llm_cost_usd", Fact::Usd("0.000123".into())),
             ("tollgate.conversation_cost_usd", Fact::Usd("1e9".into())),
         ];
         let line = format!("{{{}\"status\":200}}", encode(&record));

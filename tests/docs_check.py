@@ -373,13 +373,14 @@ def written_fields():
         if rel.startswith(("src/global/", "src/metrics.rs")):
             continue  # RLS descriptor entries and stat names share the prefix; they are not state
         for name in re.findall(r'\(\s*"tollgate\.([a-z_]+)"\s*,', code_before_tests(rel)):
-            out.setdefault(name, rel)
+            if name != "ledger":  # the record's own filter state (src/envoy/http.rs)
+                out.setdefault(name, rel)
     return out
 
 
 def access_logs():
-    """Each shipped Envoy config's access-log fields (JSON file logs, OpenTelemetry attributes):
-    {log: {key: filter-state name or None}}."""
+    """Each shipped access log that prints the ledger (file logs, the OpenTelemetry body, Istio's
+    patch): {log: [Envoy's keys after the spliced record]}."""
     logs = {}
     candidates = [os.path.join("envoy", f) for f in sorted(os.listdir(os.path.join(ROOT, "envoy")))]
     for top in sorted(os.listdir(os.path.join(ROOT, "examples"))):
@@ -389,58 +390,45 @@ def access_logs():
     for rel in candidates:
         if not rel.endswith(".yaml"):
             continue
-        lines = read(rel).split("\n")
-        for i, line in enumerate(lines):
-            if line.strip() != "json_format:":
+        for n, line in enumerate(read(rel).split("\n"), 1):
+            if "FILTER_STATE(wasm.tollgate.ledger:PLAIN)" not in line or line.lstrip().startswith("#"):
                 continue
-            indent = len(line) - len(line.lstrip())
-            fields = {}
-            for entry in lines[i + 1:]:
-                if not entry.strip() or entry.lstrip().startswith("#"):
-                    continue
-                if len(entry) - len(entry.lstrip()) <= indent:
-                    break
-                m = re.match(r"^\s*([A-Za-z_][\w]*):\s*(.*)$", entry)
-                if m:
-                    state = re.search(r"FILTER_STATE\(wasm\.tollgate\.([a-z_]+):", m.group(2))
-                    fields[m.group(1)] = state.group(1) if state else None
-            logs.setdefault(rel, {}).update(fields)
-        # An OpenTelemetry access logger's attributes: `- { key: NAME, value: { string_value: "…" } }`.
-        for m in re.finditer(r'^\s*-\s*\{\s*key:\s*(\w+),\s*value:\s*\{\s*string_value:\s*"([^"]*)"',
-                             "\n".join(lines), re.M):
-            state = re.search(r"FILTER_STATE\(wasm\.tollgate\.([a-z_]+):", m.group(2))
-            logs.setdefault(f"{rel} (OpenTelemetry)", {})[m.group(1)] = state.group(1) if state else None
+            text = line.strip().removeprefix("string_value:").strip().strip("'")
+            if not text.startswith("{%FILTER_STATE(wasm.tollgate.ledger:PLAIN)%"):
+                fail(f"{rel}:{n}", "the ledger line must start with the spliced record")
+            logs[f"{rel}:{n}"] = re.findall(r'"(\w+)":', text)
+        if "FILTER_STATE(wasm.tollgate." in read(rel).replace("wasm.tollgate.ledger", ""):
+            fail(rel, "prints a per-field wasm.tollgate.* filter state: the record is one value, wasm.tollgate.ledger")
     return logs
 
 
 def check_ledger():
     written = written_fields()
     logs = access_logs()
-    if "envoy/tollgate.yaml" not in logs or len(written) < 10:
+    if not any(rel.startswith("envoy/tollgate.yaml:") for rel in logs) or len(written) < 10:
         fail("tests/docs_check.py", "the ledger's sources were not found: the checker's reading is stale")
         return
-    for rel, fields in logs.items():
-        printed = {s for s in fields.values() if s}
-        for name in sorted(set(written) - printed):
-            fail(rel, f"the filter writes wasm.tollgate.{name} ({written[name]}) but this access log does not print it")
-        for name in sorted(printed - set(written)):
-            fail(rel, f"the access log prints wasm.tollgate.{name}, which the filter never writes")
+    reference = next(keys for rel, keys in logs.items() if rel.startswith("envoy/tollgate.yaml:"))
+    for rel, keys in logs.items():
+        if keys != reference:
+            fail(rel, f"prints Envoy's fields {keys}, envoy/tollgate.yaml {reference}")
+    fields = set(written) | {"ledger_version"} | set(reference)
     page = read(LEDGER_PAGE)
     documented = {}
     for header in ("field", "Envoy's field"):
         for n, cells in table_rows(page, header):
             for name in re.findall(r"`(\w+)`", cells[0]):
                 documented[name] = n
-    keys = {}
-    for rel, fields in logs.items():
-        for key in fields:
-            keys.setdefault(key, []).append(rel)
-    for key in sorted(set(keys) - set(documented)):
-        where = "every shipped access log" if len(keys[key]) == len(logs) else ", ".join(keys[key])
-        fail(LEDGER_PAGE, f"ledger field {key} ({where}) is not in the ledger tables")
+    for name in sorted(fields - set(documented)):
+        fail(LEDGER_PAGE, f"ledger field {name} ({written.get(name, 'the access logs')}) is not in the ledger tables")
     for name, n in sorted(documented.items()):
-        if name not in keys:
-            fail(f"{LEDGER_PAGE}:{n}", f"documents ledger field {name}, which no shipped access log has")
+        if name not in fields:
+            fail(f"{LEDGER_PAGE}:{n}", f"documents ledger field {name}, which no ledger line has")
+    schema = json.loads(read("envoy/ledger.schema.json"))["properties"]
+    for name in sorted(fields - set(schema)):
+        fail("envoy/ledger.schema.json", f"has no property for ledger field {name}")
+    for name in sorted(set(schema) - fields):
+        fail("envoy/ledger.schema.json", f"describes {name}, which no ledger line has")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,9 +133,10 @@ fn apply(effects: &Effects<'_>, request: bool, size: usize) -> bool {
     {
         warn!("tollgate could not route the request: {status:?}");
     }
-    for (name, value) in &effects.record {
-        if let Err(status) = host::set_record_field(name, value.plain().as_bytes()) {
-            warn!("tollgate could not write {name}: {status:?}");
+    if !effects.record.is_empty() {
+        let ledger = crate::ledger::encode(&effects.record);
+        if let Err(status) = host::set_record_field("tollgate.ledger", ledger.as_bytes()) {
+            warn!("tollgate could not write the ledger record: {status:?}");
         }
     }
     ok

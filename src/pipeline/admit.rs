@@ -262,6 +262,7 @@ impl Request {
             }
         }
         if let Some(path) = new_path {
+            self.seen_path(&path);
             effects.headers.push((":path", Some(path)));
         }
         if let (Some(routing), Some(r)) = (&config.routing, &resolved) {

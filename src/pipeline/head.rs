@@ -2,12 +2,48 @@
 
 use super::{Effects, Gateway, Headers, Host, Request, State, buffered};
 use crate::api::{Family, dialect};
+use crate::ledger::Fact;
 use crate::metrics::LabelId;
 use crate::reply::{LocalReply, Refusal};
 use crate::tenant::{KeyDigest, TenantSource, bearer_token};
 use crate::view;
 
 impl Request {
+    /// Records the request's method, path (a Gemini `?key=` cut from it) and client request id.
+    fn seen_request(&mut self, headers: &Headers) {
+        let text = |v: &[u8]| Fact::Text(String::from_utf8_lossy(v).into_owned());
+        if let Some(method) = headers.get(":method") {
+            self.seen.push(("tollgate.method", text(method)));
+        }
+        if let Some(path) = headers.get(":path") {
+            let kind = dialect::classify(path).map(|call| call.kind);
+            let scrubbed = kind
+                .filter(|k| k.dialect().query_key())
+                .and_then(|_| dialect::take_query_key(path));
+            let path = scrubbed
+                .as_ref()
+                .map_or(path, |(clean, _)| clean.as_slice());
+            self.seen_path(path);
+        }
+        if let Some(id) = headers.get("x-request-id") {
+            self.seen.push(("tollgate.client_request_id", text(id)));
+        }
+    }
+
+    /// Records `path` as the request's (the path Envoy forwards: set again when Tollgate
+    /// rewrites it).
+    pub(super) fn seen_path(&mut self, path: &[u8]) {
+        let path = Fact::Text(String::from_utf8_lossy(path).into_owned());
+        match self
+            .seen
+            .iter_mut()
+            .find(|(name, _)| *name == "tollgate.path")
+        {
+            Some((_, fact)) => *fact = path,
+            None => self.seen.push(("tollgate.path", path)),
+        }
+    }
+
     /// The request headers arrived. An LLM POST from a known tenant waits for its body (the
     /// client's routing header is dropped, an uncompressed response asked for); everything else
     /// passes through or is answered here.
@@ -23,6 +59,7 @@ impl Request {
         {
             self.trap = headers.get("x-tollgate-test-trap").is_some();
         }
+        self.seen_request(&headers);
         let Some(path) = headers.get(":path") else {
             return Effects::proceed();
         };

@@ -87,7 +87,7 @@ impl Request {
         let mut record = record_fields(&probe, &served, &route, &charged, "cache");
         record.extend([
             (
-                "tollgate.cost_usd",
+                "tollgate.llm_cost_usd",
                 crate::ledger::Fact::Usd(cost::format_micro_usd(billed)),
             ),
             ("tollgate.cache", "hit".into()),

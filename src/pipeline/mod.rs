@@ -94,7 +94,8 @@ pub struct Effects<'g> {
     pub clear_route_cache: bool,
     /// Answers the request locally.
     pub reply: Option<LocalReply>,
-    /// The per-request ledger record, for filter state (`wasm.<name>`).
+    /// The per-request ledger record: written as one typed JSON value, filter state
+    /// `wasm.tollgate.ledger` ([`crate::ledger::encode`]).
     pub record: crate::ledger::Record,
     /// Stops iteration (waiting for the body, or a local reply was sent).
     pub pause: bool,
@@ -272,6 +273,10 @@ pub struct Request {
     hold: Option<buffered::BodyHold>,
     /// The end user as the ledger names it (`identity.user`), once resolved.
     user: Option<String>,
+    /// What the ledger records of the request's head and the response's (method, path,
+    /// client request id, upstream time): client-controlled values, so Tollgate writes them
+    /// (escaped) rather than the access log.
+    seen: crate::ledger::Record,
     /// Test builds only (`--features test-trap`): the request asked this VM to die mid-exchange.
     #[cfg(feature = "test-trap")]
     trap: bool,

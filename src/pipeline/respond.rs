@@ -41,6 +41,11 @@ impl Request {
     ) -> Effects<'g> {
         // The upstream has read the request: Envoy no longer holds its body.
         self.hold = None;
+        let upstream_ms = headers.get("x-envoy-upstream-service-time");
+        if let Some(ms) = upstream_ms.and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()) {
+            self.seen
+                .push(("tollgate.upstream_ms", crate::ledger::Fact::Count(ms)));
+        }
         let head = ResponseHead::of(&headers);
         let State::Active(active) = &mut self.state else {
             return Effects::proceed();

@@ -36,7 +36,8 @@ impl Request {
             return Vec::new();
         }
         let mut fields = match &mut self.state {
-            State::PassThrough | State::AwaitingBody { .. } => return Vec::new(),
+            // Not read (or its client left before the body's end): the head is all there is.
+            State::PassThrough | State::AwaitingBody { .. } => Vec::new(),
             State::Active(active) => settle(gateway, host, active, upstream_failed),
             State::Refused {
                 kind,
@@ -76,13 +77,17 @@ impl Request {
             }
         };
         self.recorded = true;
-        fields.push(("tollgate.worker", gateway.worker.as_str().into()));
+        if !fields.is_empty() {
+            fields.push(("tollgate.worker", gateway.worker.as_str().into()));
+        }
         if let Some(user) = self.user.take()
             && !fields.is_empty()
         {
             fields.push(("tollgate.user", user.into()));
         }
-        fields
+        let mut record = std::mem::take(&mut self.seen);
+        record.append(&mut fields);
+        record
     }
 }
 
@@ -120,7 +125,7 @@ fn settle<H: Host + ?Sized>(
     }
     fields.push(("tollgate.decision", "admitted".into()));
     fields.push((
-        "tollgate.cost_usd",
+        "tollgate.llm_cost_usd",
         Fact::Usd(cost::format_micro_usd(billed_micro)),
     ));
     if !matches!(active.cache, CacheStatus::Off) {

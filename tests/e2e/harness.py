@@ -42,6 +42,29 @@ def http(method, url, body=None, headers=None, timeout=30):
         return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
 
 
+class LedgerLine(dict):
+    """One ledger line: a fact the record does not have reads as None (absent facts are
+    absent from the line)."""
+
+    def __missing__(self, key):
+        return None
+
+
+_LEDGER_SCHEMA = []
+
+
+def ledger_line(text):
+    """An access-log line, parsed and validated against envoy/ledger.schema.json."""
+    import jsonschema
+    if not _LEDGER_SCHEMA:
+        with open(os.path.join(ROOT, "envoy", "ledger.schema.json"), encoding="utf-8") as f:
+            _LEDGER_SCHEMA.append(jsonschema.Draft202012Validator(json.load(f)))
+    line = json.loads(text)
+    errors = sorted(_LEDGER_SCHEMA[0].iter_errors(line), key=str)
+    assert not errors, f"ledger line {text!r} does not match envoy/ledger.schema.json: {errors[0].message}"
+    return LedgerLine(line)
+
+
 class FakeUpstream:
     """tests/fake_upstream.py; `args`: more command-line flags (e.g. ["--sigv4", "AK:SK:REGION"])."""
 
@@ -158,9 +181,10 @@ class Envoy:
 
     def access_lines(self):
         """The complete lines of the access log. Envoy flushes its buffer when it fills, which
-        can end the file inside a line: a last line without its newline is still being written."""
+        can end the file inside a line: a last line without its newline is still being written.
+        Each is checked against the ledger's schema (envoy/ledger.schema.json)."""
         with open(self.access_log, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip() and line.endswith("\n")]
+            return [ledger_line(line) for line in f if line.strip() and line.endswith("\n")]
 
     def access_line(self, request_id, timeout=5.0):
         """The access-log line of the request sent with `x-request-id: request_id`."""

@@ -47,7 +47,7 @@ def test_upstream_reset_mid_stream_is_logged(envoy, upstream):
         pass
     line = envoy.access_line(rid, timeout=15)
     assert line["decision"] == "admitted"
-    assert "UR" in line["response_flags"] or "UPE" in line["response_flags"] or line["status"] in (200, "200")
+    assert "UR" in line["response_flags"] or "UPE" in line["response_flags"] or line["status"] == 200
     # message_start (with input usage) and some deltas passed before the reset.
     assert line["usage_source"] in ("observed", "reported")
     assert int(line["input_tokens"]) > 0
@@ -64,7 +64,7 @@ def test_upstream_reset_after_headers_logs_no_usage(envoy, upstream):
         pass
     line = envoy.access_line(rid, timeout=15)
     assert "UR" in line["response_flags"] or "UPE" in line["response_flags"], line
-    assert line["usage_source"] == "refunded" and line["output_tokens"] == "0"
+    assert line["usage_source"] == "refunded" and line["output_tokens"] == 0
 
 
 CUT_JSON = [
@@ -95,6 +95,6 @@ def test_json_cut_short_after_its_usage_is_charged_the_usage(envoy, upstream, pa
     assert line["usage_source"] == source, line
     if source == "reported":
         assert (line["input_tokens"], line["output_tokens"]) == (
-            str(entry["usage"]["input"]), str(entry["usage"]["output"])), (line, entry["usage"])
+            entry["usage"]["input"], entry["usage"]["output"]), (line, entry["usage"])
     else:
-        assert line["output_tokens"] == "0", line
+        assert line["output_tokens"] == 0, line

@@ -91,7 +91,7 @@ def test_chunked_body_under_cap_is_read(envoy, upstream):
     conn.close()
     line = envoy.access_line(rid)
     assert line["model"] == "claude-x"
-    assert line["output_tokens"] == str(upstream.entry(rid)["usage"]["output"])
+    assert line["output_tokens"] == upstream.entry(rid)["usage"]["output"]
 
 
 @pytest.mark.parametrize("path,check", [("/v1/chat/completions", openai_error), ("/v1/messages", anthropic_error)])
@@ -130,8 +130,8 @@ def test_non_llm_path_is_not_read_and_never_reaches_the_upstream(envoy, upstream
     assert status == 404
     assert openai_error(data)["code"] == "not_found"
     line = envoy.access_line(rid)
-    assert line["tenant"] in (None, "-") and line["decision"] in (None, "-")
-    assert line["upstream_host"] in (None, "-") and line["route_name"] == "not-found"
+    assert line["tenant"] is None and line["decision"] is None
+    assert line["upstream_host"] in (None, "") and line["route_name"] == "not-found"
 
 
 def test_get_on_llm_path_is_not_an_llm_call(envoy):
@@ -140,7 +140,7 @@ def test_get_on_llm_path_is_not_an_llm_call(envoy):
     # No tenant check (not 401), no body read: not an LLM call, and not forwarded either.
     assert status == 404 and openai_error(data)["code"] == "not_found"
     line = envoy.access_line(rid)
-    assert line["tenant"] in (None, "-") and line["upstream_host"] in (None, "-")
+    assert line["tenant"] is None and line["upstream_host"] in (None, "")
 
 
 def test_request_without_body_is_400(envoy):

@@ -139,7 +139,7 @@ def charged(env, up, request_id, source="reported", tenant="team-a", fields=TOKE
     """The access-log line equals the fake's ledger entry, field by field."""
     entry, line = up.entry(request_id), env.access_line(request_id)
     for ledger_field, log_field in fields.items():
-        assert line[log_field] == str(entry["usage"][ledger_field]), (ledger_field, line, entry)
+        assert line[log_field] == entry["usage"][ledger_field], (ledger_field, line, entry)
     assert (line["usage_source"], line["tenant"], line["api"], line["model"]) == (
         source, tenant, entry["api"], entry["model"]), (line, entry)
     return entry, line
@@ -177,7 +177,7 @@ def test_converse_stream(benv, bup, model_id):
     events = list(c.converse_stream(modelId=model_id, messages=MESSAGES)["stream"])
     assert events[-1]["metadata"]["usage"]["outputTokens"] == 9
     entry, line = charged(benv, bup, request_id)
-    assert (line["api"], line["model"], entry["usage"], line["stream"]) == ("converse", model_id, USAGE, "true")
+    assert (line["api"], line["model"], entry["usage"], line["stream"]) == ("converse", model_id, USAGE, True)
     assert entry["path"] == f"/model/{ENCODED[model_id]}/converse-stream"
 
 
@@ -200,7 +200,7 @@ def test_invoke_model_with_response_stream(benv, bup, model_id):
               c.invoke_model_with_response_stream(modelId=model_id, body=anthropic_body())["body"]]
     assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
     entry, line = charged(benv, bup, request_id)
-    assert (line["api"], line["model"], entry["usage"], line["stream"]) == ("invoke", model_id, USAGE, "true")
+    assert (line["api"], line["model"], entry["usage"], line["stream"]) == ("invoke", model_id, USAGE, True)
     assert entry["path"] == f"/model/{ENCODED[model_id]}/invoke-with-response-stream"
 
 
@@ -215,7 +215,7 @@ def test_invoke_stream_without_anthropic_usage_falls_back_to_invocation_metrics(
     assert "usage" not in events[0]["message"]
     assert events[-1]["amazon-bedrock-invocationMetrics"]["inputTokenCount"] == 77
     entry, line = charged(benv, bup, request_id)
-    assert (line["input_tokens"], line["output_tokens"]) == ("77", "6")
+    assert (line["input_tokens"], line["output_tokens"]) == (77, 6)
 
 
 APP_ARN = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/a1b2c3d4e5f6"

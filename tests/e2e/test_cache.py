@@ -81,7 +81,7 @@ def test_repeated_json_request_is_a_hit(cenv, upstream):
     assert len(calls(upstream, tag)) == 1
     hit = cenv.access_line(rid2)
     assert (hit["cache"], hit["usage_source"], hit["input_tokens"], hit["llm_cost_usd"]) == (
-        "hit", "cache", "0", "0.000000")
+        "hit", "cache", 0, 0)
 
 
 def raw_stream(port, tenant, body):

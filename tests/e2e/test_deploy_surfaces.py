@@ -542,7 +542,7 @@ def named(docs, kind, name, namespace=None):
 
 
 def envoyfilter_patch(docs, apply_to):
-    patches = [p for p in one(docs, "EnvoyFilter")["spec"]["configPatches"] if p["applyTo"] == apply_to]
+    patches = [p for p in named(docs, "EnvoyFilter", "tollgate")["spec"]["configPatches"] if p["applyTo"] == apply_to]
     assert len(patches) == 1, apply_to
     return patches[0]
 
@@ -568,10 +568,9 @@ def shipped_route_policy():
 def test_istio_resources_have_the_expected_kinds_and_selectors():
     docs = istio_resources()
     assert {k: len(v) for k, v in docs.items()} == {
-        "WasmPlugin": 1, "EnvoyFilter": 1, "Gateway": 1, "ServiceEntry": 2, "DestinationRule": 2,
+        # EnvoyFilter: envoyfilter-stop-iteration.yaml's, and ledger-telemetry.yaml's (the ledger).
+        "WasmPlugin": 1, "EnvoyFilter": 2, "Gateway": 1, "ServiceEntry": 2, "DestinationRule": 2,
         "VirtualService": 1, "ConfigMap": 2,
-        # ledger-telemetry.yaml: the ledger's access-log provider (mesh config) and its Telemetry.
-        "IstioOperator": 1, "Telemetry": 1,
         # global-budgets.yaml: Limitador and Redis.
         "Namespace": 1, "PersistentVolumeClaim": 1, "Deployment": 2, "Service": 2, "NetworkPolicy": 2,
     }
@@ -585,15 +584,14 @@ def test_istio_resources_have_the_expected_kinds_and_selectors():
     assert spec["phase"] in {"AUTHN", "AUTHZ", "STATS", "UNSPECIFIED_PHASE"}
     assert spec["type"] == "HTTP"
     selector = spec["selector"]["matchLabels"]
-    envoyfilter = one(docs, "EnvoyFilter")
-    assert envoyfilter["apiVersion"] == "networking.istio.io/v1alpha3"
-    assert envoyfilter["spec"]["workloadSelector"]["labels"] == selector
+    for envoyfilter in docs["EnvoyFilter"]:
+        assert envoyfilter["apiVersion"] == "networking.istio.io/v1alpha3"
+        assert envoyfilter["spec"]["workloadSelector"]["labels"] == selector
     assert one(docs, "Gateway")["spec"]["selector"] == selector
     tollgate = istio_resources(exclude=(GLOBAL_BUDGETS_YAML,))
-    namespaces = {d["metadata"]["namespace"] for kind, ds in tollgate.items() if kind != "IstioOperator"
+    namespaces = {d["metadata"]["namespace"] for kind, ds in tollgate.items()
                   for d in ds}
     assert namespaces == {"istio-ingress"}
-    assert one(docs, "Telemetry")["spec"]["selector"]["matchLabels"] == selector
     # The rate-limit service lives in a namespace of its own, which the file creates.
     budgets = istio_resources(only=(GLOBAL_BUDGETS_YAML,))
     namespace = one(budgets, "Namespace")["metadata"]["name"]
@@ -871,7 +869,7 @@ def rls_cluster_host_port(docs):
     match = ISTIO_CLUSTER.fullmatch(name)
     assert match, f"global_budgets.cluster {name!r} is not Istio's cluster of a Service port"
     # Istio builds it: no EnvoyFilter patch adds a cluster (a WasmPlugin could not).
-    assert [p for p in one(docs, "EnvoyFilter")["spec"]["configPatches"] if p["applyTo"] == "CLUSTER"] == []
+    assert [p for p in named(docs, "EnvoyFilter", "tollgate")["spec"]["configPatches"] if p["applyTo"] == "CLUSTER"] == []
     return name, match.group(2), int(match.group(1))
 
 
@@ -1087,7 +1085,7 @@ def test_istio_only_the_gateway_reaches_limitador_and_only_limitador_redis():
 
     peer, ports = ingress_of(limitador_labels)
     assert peer["namespaceSelector"]["matchLabels"] == {
-        "kubernetes.io/metadata.name": one(docs, "EnvoyFilter")["metadata"]["namespace"]}
+        "kubernetes.io/metadata.name": named(docs, "EnvoyFilter", "tollgate")["metadata"]["namespace"]}
     assert peer["podSelector"]["matchLabels"] == one(docs, "WasmPlugin")["spec"]["selector"]["matchLabels"]
     assert ports in ([found["container_port"]["containerPort"]], [found["container_port"]["name"]])
     _, positional = limitador_command(found["container"])

@@ -133,7 +133,7 @@ def test_bomb_is_survived_and_settled(henv, upstream, mode, stream, size, source
     assert line["tenant"] == TENANT and line["decision"] == "admitted"
     assert line["usage_source"] == source, line
     if source == "reported":
-        assert line["output_tokens"] == str(entry["usage"]["output"])
+        assert line["output_tokens"] == entry["usage"]["output"]
     else:
         assert line["usage_anomaly"] in ("decode_limit", None), line
     settled(henv)
@@ -146,7 +146,7 @@ def test_absurd_usage_is_clamped_and_counted(henv, upstream):
     assert upstream.entry(rid)["usage"]["output"] == 2**63
     line = henv.access_line(rid)
     # Output within the request's own max tokens; input within body bytes + max_reported_tokens.
-    assert line["output_tokens"] == "50", line
+    assert line["output_tokens"] == 50, line
     assert 0 < int(line["input_tokens"]) <= 1000000 + 1000, line
     assert line["usage_source"] == "reported" and line["usage_anomaly"] == "clamped", line
     assert float(line["llm_cost_usd"]) < 1.01, line
@@ -161,7 +161,7 @@ def test_absurd_usage_without_max_tokens_is_held_to_the_configured_bound(henv, u
     status, _, _, rid = post(henv, extra, {"x-fake-hostile": "absurd-usage"})
     assert status == 200
     line = henv.access_line(rid)
-    assert line["output_tokens"] == "1000000" and line["usage_anomaly"] == "clamped", line
+    assert line["output_tokens"] == 1000000 and line["usage_anomaly"] == "clamped", line
     settled(henv)
 
 
@@ -174,9 +174,9 @@ def test_foreign_usage_shape_falls_back(henv, upstream, stream):
     assert status == 200
     line = henv.access_line(rid)
     if stream:
-        assert line["usage_source"] == "observed" and line["output_tokens"] == "3", line
+        assert line["usage_source"] == "observed" and line["output_tokens"] == 3, line
     else:
-        assert line["usage_source"] == "reservation" and line["output_tokens"] == "100", line
+        assert line["usage_source"] == "reservation" and line["output_tokens"] == 100, line
     assert line["usage_anomaly"] == "foreign_usage", line
     settled(henv)
 
@@ -186,7 +186,7 @@ def test_foreign_usage_shape_on_messages_falls_back(henv, upstream):
                              {"x-fake-hostile": "foreign-usage"}, path="/v1/messages")
     assert status == 200
     line = henv.access_line(rid)
-    assert line["usage_source"] == "observed" and line["output_tokens"] == "3", line
+    assert line["usage_source"] == "observed" and line["output_tokens"] == 3, line
     settled(henv)
 
 
@@ -195,15 +195,15 @@ INVALID_COUNTS = ["-1", "2.5", "1e30", '"5"', "18446744073709551616"]
 STREAM = {"stream": True, "stream_options": {"include_usage": True}}
 # id, path, body, the ledger's usage_source and output_tokens (the fallbacks, as before)
 INVALID = [
-    ("chat-json", "/v1/chat/completions", {}, "reservation", "100"),
-    ("chat-sse", "/v1/chat/completions", STREAM, "observed", "3"),
-    ("responses-json", "/v1/responses", {"input": "hi"}, "reservation", "100"),
-    ("responses-sse", "/v1/responses", {"input": "hi", "stream": True}, "observed", "3"),
-    ("embeddings", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}, "reservation", "0"),
-    ("messages-json", "/v1/messages", {"model": "claude-3-5-haiku", "max_tokens": 64}, "reservation", "64"),
+    ("chat-json", "/v1/chat/completions", {}, "reservation", 100),
+    ("chat-sse", "/v1/chat/completions", STREAM, "observed", 3),
+    ("responses-json", "/v1/responses", {"input": "hi"}, "reservation", 100),
+    ("responses-sse", "/v1/responses", {"input": "hi", "stream": True}, "observed", 3),
+    ("embeddings", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}, "reservation", 0),
+    ("messages-json", "/v1/messages", {"model": "claude-3-5-haiku", "max_tokens": 64}, "reservation", 64),
     # message_start's usage stands; the garbage message_delta is ignored: the deltas that passed.
     ("messages-sse", "/v1/messages", {"model": "claude-3-5-haiku", "max_tokens": 64, "stream": True},
-     "reported", "3"),
+     "reported", 3),
 ]
 
 

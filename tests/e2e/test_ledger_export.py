@@ -134,12 +134,15 @@ def test_every_shipped_envoy_runs_with_the_flush_flags():
 
 
 def shipped_ledger_format(template="tollgate.yaml"):
+    """The template's ledger line format (its file access log's text format)."""
     with open(os.path.join(ROOT, "envoy", template), encoding="utf-8") as f:
         config = yaml.safe_load(render.render(f.read(), {}))
     (listener,) = [l for l in config["static_resources"]["listeners"] if l["name"] == "llm"]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     (log,) = [a for a in hcm["access_log"] if a["name"] == "envoy.access_loggers.file"]
-    return log["typed_config"]["log_format"]["json_format"]
+    log_format = log["typed_config"]["log_format"]
+    assert log_format["omit_empty_values"] is True, template
+    return log_format["text_format_source"]["inline_string"]
 
 
 def request_id_filter(template):
@@ -151,13 +154,13 @@ def request_id_filter(template):
 
 
 def test_every_shipped_ledger_has_an_id_no_client_chooses():
-    """The plain, jwt and providers configs and Istio's ledger provider print the same ledger:
+    """The plain, jwt and providers configs and Istio's ledger patch print the same ledger:
     request_id is a UUID Envoy draws (once per request in the plain configs, where two access logs
     may print it; the line's own on Istio, which has one), the client's x-request-id is
     client_request_id."""
     shipped = shipped_ledger_format()
-    assert shipped["request_id"] == "%FILTER_STATE(tollgate.request_id:PLAIN)%"
-    assert shipped["client_request_id"] == "%REQ(X-REQUEST-ID)%"
+    assert shipped.startswith("{%FILTER_STATE(wasm.tollgate.ledger:PLAIN)%")
+    assert '"request_id":"%FILTER_STATE(tollgate.request_id:PLAIN)%"' in shipped
     for template in ("tollgate.yaml", "tollgate-jwt.yaml", "tollgate-providers.yaml"):
         assert shipped_ledger_format(template) == shipped, template
         first = request_id_filter(template)
@@ -166,11 +169,20 @@ def test_every_shipped_ledger_has_an_id_no_client_chooses():
         assert rule["object_key"] == "tollgate.request_id"
         assert rule["format_string"]["text_format_source"]["inline_string"] == "%UNIQUE_ID%"
     with open(os.path.join(ROOT, "examples", "istio", "ledger-telemetry.yaml"), encoding="utf-8") as f:
-        docs = {d["kind"]: d for d in yaml.safe_load_all(f)}
-    (provider,) = docs["IstioOperator"]["spec"]["meshConfig"]["extensionProviders"]
-    assert provider["envoyFileAccessLog"]["logFormat"]["labels"] == {**shipped, "request_id": "%UNIQUE_ID%"}
-    (logging,) = docs["Telemetry"]["spec"]["accessLogging"]
-    assert logging["providers"] == [{"name": provider["name"]}]
+        (ledger,) = yaml.safe_load_all(f)
+    (patch,) = ledger["spec"]["configPatches"]
+    (log,) = patch["patch"]["value"]["typed_config"]["access_log"]
+    istio = log["typed_config"]["log_format"]
+    assert istio["omit_empty_values"] is True
+    assert istio["text_format_source"]["inline_string"] == shipped.replace(
+        "%FILTER_STATE(tollgate.request_id:PLAIN)%", "%UNIQUE_ID%")
+    # The OpenTelemetry export's body is the same line.
+    with open(os.path.join(ROOT, "envoy", "tollgate-providers.yaml"), encoding="utf-8") as f:
+        config = yaml.safe_load(render.render(f.read(), {}))
+    (listener,) = [l for l in config["static_resources"]["listeners"] if l["name"] == "llm"]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (otel,) = [a for a in hcm["access_log"] if a["name"] == "envoy.access_loggers.open_telemetry"]
+    assert otel["typed_config"]["body"]["string_value"] + "\n" == shipped
 
 
 def test_the_opentelemetry_export_sends_each_line_with_the_same_request_id(tmp_path):

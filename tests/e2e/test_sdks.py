@@ -104,7 +104,7 @@ def test_anthropic_messages_streaming(envoy, upstream, claude):
     line, usage = check(envoy, upstream, rid, tenant="team-b")
     # Anthropic's input_tokens excludes cache tokens; Tollgate's input includes them.
     assert final.usage.input_tokens == 100 - 30 - 12
-    assert line["input_tokens"] == "100" and line["cache_write_input_tokens"] == "12"
+    assert line["input_tokens"] == 100 and line["cache_write_input_tokens"] == 12
 
 
 def test_openai_sdk_raises_authentication_error(envoy):

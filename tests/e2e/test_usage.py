@@ -47,7 +47,7 @@ def assert_logged_usage(envoy, upstream, rid, source="reported"):
     entry = upstream.entry(rid)
     line = envoy.access_line(rid)
     for ledger_field, log_field in TOKEN_FIELDS.items():
-        assert line[log_field] == str(entry["usage"][ledger_field]), (ledger_field, line, entry)
+        assert line[log_field] == entry["usage"][ledger_field], (ledger_field, line, entry)
     assert line["usage_source"] == source
     assert line["tenant"] == "team-a"
     assert line["api"] == entry["api"]
@@ -70,7 +70,7 @@ def test_usage_matches_ledger(envoy, upstream, api, stream):
     rid, status, headers, _ = send(envoy, api, stream, knobs)
     assert status == 200
     entry, line = assert_logged_usage(envoy, upstream, rid)
-    assert line["stream"] == ("true" if stream else "false")
+    assert line["stream"] is bool(stream)
     assert line["decision"] == "admitted"
     assert entry["usage"]["input"] == (42 if api == "embeddings" else 321)
 
@@ -113,4 +113,4 @@ def test_upstream_error_records_no_usage(envoy, upstream):
     assert status == 500
     line = envoy.access_line(rid)
     assert line["usage_source"] == "refunded"
-    assert line["output_tokens"] == "0"
+    assert line["output_tokens"] == 0

@@ -36,7 +36,7 @@ fn an_admitted_chat_is_forwarded_charged_and_recorded() {
         ("decision", "admitted"),
         ("stream", "false"),
         ("worker", "w1"),
-        ("cost_usd", "0.000020"),
+        ("llm_cost_usd", "0.000020"),
     ] {
         assert_eq!(t.field(field), value, "{field}");
     }

@@ -52,7 +52,7 @@ fn a_miss_is_stored_and_the_repeat_is_answered_from_the_cache() {
         ("decision", "admitted"),
         ("input_tokens", "0"),
         ("usage_source", "cache"),
-        ("cost_usd", "0.000000"),
+        ("llm_cost_usd", "0.000000"),
         ("tenant", "team-a"),
     ] {
         assert_eq!(hit.field(field), value, "{field}");

@@ -20,8 +20,26 @@ fn other_paths_and_methods_pass_through_untouched() {
     ] {
         let t = run(&gw, &host, &call, Some(&Upstream::chat(1, 1)));
         assert!(t.passed && t.request_edits.is_empty() && t.reply.is_none());
-        assert_eq!(t.records, 0);
+        // The ledger records its head only: no tenant, no decision, no usage.
+        assert_eq!(t.records, 1);
+        let names: Vec<&str> = t.record.keys().map(String::as_str).collect();
+        assert_eq!(names, ["tollgate.method", "tollgate.path"]);
     }
+    // A Gemini `?key=` never reaches the ledger, even on a request Tollgate passes through.
+    let get = Call::post(
+        "/v1beta/models/gemini-2.5-flash:generateContent?key=AIzaSecret&alt=sse",
+        None,
+        json!({}),
+    )
+    .header(":method", "GET")
+    .header("x-request-id", "client \"id\"");
+    let t = run(&gw, &host, &get, Some(&Upstream::chat(1, 1)));
+    assert!(
+        !t.field("path").contains("AIzaSecret"),
+        "{}",
+        t.field("path")
+    );
+    assert_eq!(t.field("client_request_id"), "client \"id\"");
     assert!(host.store.is_empty() || host.stats.borrow().is_empty());
 }
 
