@@ -131,6 +131,22 @@ mod tests {
         assert_eq!(Fact::Flag(false).plain(), "false");
     }
 
+    proptest::proptest! {
+        /// Whatever a client sends as a path, an id or a model name, the line stays one JSON
+        /// object and says exactly what was sent.
+        #[test]
+        fn arbitrary_text_round_trips(text in ".*", count in proptest::num::u64::ANY) {
+            let record: Record = vec![
+                ("tollgate.path", Fact::Text(text.clone())),
+                ("tollgate.input_tokens", Fact::Count(count)),
+            ];
+            let line = format!("{{{}\"x\":0}}", encode(&record));
+            let parsed: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            proptest::prop_assert_eq!(parsed["path"].as_str(), Some(text.as_str()));
+            proptest::prop_assert_eq!(parsed["input_tokens"].as_u64(), Some(count));
+        }
+    }
+
     #[test]
     fn any_text_keeps_the_line_valid_json() {
         let nasty: String = (0u8..=127)

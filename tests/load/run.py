@@ -110,7 +110,7 @@ def num(v, cast=int):
     if v in (None, "", "-"):
         return cast(0)
     try:
-        return cast(v)
+        return cast(str(v)) if cast is Decimal else cast(v)
     except (ValueError, ArithmeticError):
         return cast(0)
 
@@ -140,7 +140,7 @@ def access_log_summary(lines, plan):
             t["denied"][decision] = t["denied"].get(decision, 0) + 1
         if decision == "admitted" and not 200 <= status < 300:
             t["other_status"][str(status)] = t["other_status"].get(str(status), 0) + 1
-        if line.get("stream") == "true":
+        if line.get("stream") is True:
             t["streams"] += 1
         if line.get("cache") == "hit":
             t["cache_hits"] += 1
