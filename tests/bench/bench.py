@@ -57,6 +57,7 @@ from harness import ENVOY, WASM, free_port, http  # noqa: E402
 
 NOOP = os.path.join(HERE, "noop/target/wasm32-wasip1/release/noop.wasm")
 NAIVE = os.path.join(HERE, "naive/target/wasm32-wasip1/release/naive.wasm")
+BEFORE_TEMPLATE = ""  # set by --before-template
 NAIVE_COUNT = os.path.join(HERE, "naive/target/count/wasm32-wasip1/release/naive.wasm")
 COUNT_WASM = os.path.join(ROOT, "target/bench-count/wasm32-wasip1/release/tollgate.wasm")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -268,7 +269,10 @@ class Gateway(Proc):
     """The shipped envoy/tollgate.yaml with `wasm` as its filter (none: the filter removed)."""
 
     def __init__(self, name, wasm, plugin_config, upstream, workdir):
-        with open(os.path.join(ROOT, "envoy/tollgate.yaml")) as f:
+        # The @before variants run with the before commit's own config when given (its access
+        # log is part of what it costs).
+        path = BEFORE_TEMPLATE if name.endswith("@before") and BEFORE_TEMPLATE else os.path.join(ROOT, "envoy/tollgate.yaml")
+        with open(path) as f:
             template = f.read()
         if wasm is None:
             start = template.index("          - name: tollgate\n")
@@ -379,7 +383,7 @@ STREAMS = {"chat": (False, True), "gemini": (False,), "converse": (False,), "tre
 
 
 def main():
-    global WASM
+    global WASM, BEFORE_TEMPLATE
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10, help="each timed wrk run")
     ap.add_argument("--only", default="", help="variants to run, e.g. bare,minimal")
@@ -391,8 +395,11 @@ def main():
     ap.add_argument("--wasm", default=WASM, help="the tollgate.wasm timed")
     ap.add_argument("--before", default="", help="another tollgate.wasm (say the previous commit's), timed "
                                                    "as minimal@before and realistic@before in the same run")
+    ap.add_argument("--before-template", default="",
+                    help="the Envoy template the @before variants run with (the before commit's envoy/tollgate.yaml)")
     args = ap.parse_args()
     WASM = os.path.abspath(args.wasm)
+    BEFORE_TEMPLATE = os.path.abspath(args.before_template) if args.before_template else ""
     table = variants(args.ladder, os.path.abspath(args.before) if args.before else None)
     only = [v for v in args.only.split(",") if v]
     if set(only) - set(table):

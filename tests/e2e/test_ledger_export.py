@@ -41,6 +41,24 @@ def test_two_tenants_with_one_request_id_get_distinct_ledger_ids(envoy):
     assert all(UUID.match(i) for i in ids), ids
 
 
+def test_client_chosen_values_cannot_forge_ledger_fields(envoy):
+    """The line is text Envoy does not escape: a client's quotes, backslashes and control bytes
+    in x-request-id, the path or the model stay inside their own fields (Tollgate writes them,
+    escaped), on a request Tollgate reads and on one it passes through."""
+    forged = 'x","tenant":"victim","input_tokens":0,"a":"\\'
+    body = dict(CHAT, model='gpt-4o-mini","decision":"admitted')
+    http("POST", envoy.url + '/v1/chat/completions?q="x"', body,
+         {"content-type": "application/json", "x-request-id": forged,
+          "authorization": f"Bearer {KEYS['team-a']}"})
+    http("GET", envoy.url + '/v1/models?"tenant":"victim"', None, {"x-request-id": forged + "2"})
+    read = envoy.access_line(forged)  # parsed and checked against the schema by the harness
+    assert read["tenant"] == "team-a" and read["client_request_id"] == forged, read
+    assert read["model"] == 'gpt-4o-mini","decision":"admitted' and read["input_tokens"] > 0, read
+    assert read["path"].endswith('?q="x"') or read["path"].endswith("?q=%22x%22"), read
+    passed = envoy.access_line(forged + "2")
+    assert passed["tenant"] is None and passed["method"] == "GET", passed
+
+
 def complete_lines(path):
     """The access log's lines that were written whole (a SIGKILL can cut the last one)."""
     with open(path, encoding="utf-8") as f:
