@@ -22,7 +22,7 @@ pub enum Fact {
 }
 
 impl Fact {
-    /// The plain-text form (filter state printed with `:PLAIN`).
+    /// The fact as text, unquoted (how the native tests read a record).
     pub fn plain(&self) -> Cow<'_, str> {
         match self {
             Fact::Text(s) | Fact::Usd(s) => Cow::Borrowed(s),

@@ -9,20 +9,14 @@ use crate::tenant::{KeyDigest, TenantSource, bearer_token};
 use crate::view;
 
 impl Request {
-    /// Records the request's method, path (a Gemini `?key=` cut from it) and client request id.
-    fn seen_request(&mut self, headers: &Headers) {
+    /// Records the request's method, path (`scrubbed`: with a Gemini `?key=` cut) and client
+    /// request id.
+    fn seen_request(&mut self, headers: &Headers, scrubbed: Option<&[u8]>) {
         let text = |v: &[u8]| Fact::Text(String::from_utf8_lossy(v).into_owned());
         if let Some(method) = headers.get(":method") {
             self.seen.push(("tollgate.method", text(method)));
         }
-        if let Some(path) = headers.get(":path") {
-            let kind = dialect::classify(path).map(|call| call.kind);
-            let scrubbed = kind
-                .filter(|k| k.dialect().query_key())
-                .and_then(|_| dialect::take_query_key(path));
-            let path = scrubbed
-                .as_ref()
-                .map_or(path, |(clean, _)| clean.as_slice());
+        if let Some(path) = scrubbed.or_else(|| headers.get(":path")) {
             self.seen_path(path);
         }
         if let Some(id) = headers.get("x-request-id") {
@@ -59,8 +53,16 @@ impl Request {
         {
             self.trap = headers.get("x-tollgate-test-trap").is_some();
         }
-        self.seen_request(&headers);
-        let Some(path) = headers.get(":path") else {
+        let path = headers.get(":path");
+        let kind = path.and_then(dialect::classify).map(|call| call.kind);
+        // Gemini's `?key=`: read as a credential, and cut from `:path` before anything can log
+        // or forward it (first, so no ledger line shows it, whatever the method).
+        let taken = kind
+            .filter(|kind| kind.dialect().query_key())
+            .zip(path)
+            .and_then(|(_, path)| dialect::take_query_key(path));
+        self.seen_request(&headers, taken.as_ref().map(|(clean, _)| clean.as_slice()));
+        let Some(path) = path else {
             return Effects::proceed();
         };
         if let Some(view) = &config.usage_view
@@ -68,19 +70,12 @@ impl Request {
         {
             return self.serve_usage_view(gateway, host, &headers);
         }
-        let Some(kind) = dialect::classify(path).map(|call| call.kind) else {
+        let Some(kind) = kind else {
             return Effects::proceed();
         };
         if headers.get(":method") != Some(b"POST") {
             return Effects::proceed();
         }
-        // Gemini's `?key=`: read as a credential, and cut from `:path` before anything can log
-        // or forward it (first, so a refusal's access-log line never shows it either).
-        let taken = kind
-            .dialect()
-            .query_key()
-            .then(|| dialect::take_query_key(path))
-            .flatten();
         let mut headers = headers;
         let mut query_keys = Vec::new();
         let mut scrubbed = None;
