@@ -52,6 +52,21 @@ def chat(envoy, tenant, user=None):
     return rid, status, data
 
 
+def leased_tokens(results, limit):
+    """The tokens charged to the admitted requests of `results` ((envoy, rid, status, body)),
+    each paid by a lease, summed over their ledgers; each refusal is `limit`'s (or its lease
+    stayed busy: "retry", no limit named)."""
+    charged = 0
+    for envoy, rid, status, _ in results:
+        line = envoy.access_line(rid)
+        if status == 200:
+            assert line["global"] == "lease"
+            charged += int(line["input_tokens"]) + int(line["output_tokens"])
+        else:
+            assert line["refused_by"] in (limit, None), line
+    return charged
+
+
 def test_a_parents_global_budget_holds_over_both_replicas_and_both_teams(replicas):
     jobs = [(replicas[i % 2], "team-1" if i % 3 else "team-2") for i in range(120)]
 
@@ -65,15 +80,7 @@ def test_a_parents_global_budget_holds_over_both_replicas_and_both_teams(replica
     statuses = {status for _, _, status, _ in results}
     assert statuses <= {200, 429}, [d for _, _, s, d in results if s not in (200, 429)][:2]
     assert 200 in statuses and 429 in statuses
-    charged = 0
-    for envoy, rid, status, _ in results:
-        line = envoy.access_line(rid)
-        if status == 200:
-            assert line["global"] == "lease"
-            charged += int(line["input_tokens"]) + int(line["output_tokens"])
-        else:
-            # The org's limit refused it (or its lease stayed busy: "retry", no limit named).
-            assert line["refused_by"] in ("org/tpd", None), line
+    charged = leased_tokens(results, "org/tpd")
     # One counter for the organisation: both replicas, both teams, never a token over.
     assert 0 < charged <= ORG_TOKENS
     assert charged > ORG_TOKENS // 3, "the leases left most of the budget unused"
@@ -85,14 +92,7 @@ def test_a_global_per_user_limit_holds_over_both_replicas_and_spares_other_users
         results = list(pool.map(lambda e: (e, *chat(e, "team-u", "user-1")), jobs))
     statuses = [status for _, _, status, _ in results]
     assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses, statuses
-    charged = 0
-    for envoy, rid, status, _ in results:
-        line = envoy.access_line(rid)
-        if status == 200:
-            assert line["global"] == "lease"
-            charged += int(line["input_tokens"]) + int(line["output_tokens"])
-        else:
-            assert line["refused_by"] in ("team-u/user-tpd", None), line
+    charged = leased_tokens(results, "team-u/user-tpd")
     # One counter for the user, over both replicas: never a token over.
     assert USER_TOKENS // 3 < charged <= USER_TOKENS
     # Another user of the tenant has a counter of their own.
