@@ -5,9 +5,10 @@
 use hashbrown::{HashMap, HashSet};
 
 use crate::api::Usage;
-use crate::budget::{self, Denial, Held, Limit, Unit};
+use crate::budget::{self, Denial, Held, Limit, SlotAsk, Unit};
 use crate::cost::Price;
 use crate::holdings::{self, Ring};
+use crate::record::{BucketAt, Record};
 use crate::reply::Refusal;
 use crate::routing::Alias;
 use crate::store::{SharedStore, UpdateError, update};
@@ -115,9 +116,10 @@ pub struct RateInfo {
 pub struct Admitted {
     pub plan: Plan,
     pub held: Vec<Held>,
-    /// The epoch the concurrency slot was taken in, when the tenant has a concurrency limit.
+    /// The epoch the request's slot in its scope's record was taken in (`None`: it holds none,
+    /// e.g. a cache hit).
     pub concurrency: Option<u64>,
-    /// The tenant's requests in flight once this one took its slot (with a concurrency limit).
+    /// The scope's requests in flight once this one took its slot.
     pub in_flight: Option<u64>,
     pub rate: Option<RateInfo>,
     /// The first shadow limit that would have refused it, `tenant/limit` (it was admitted).
@@ -196,12 +198,11 @@ pub fn admit<S: SharedStore + ?Sized>(
         }));
     }
     let epoch = policy.epoch(now_ms);
-    let (concurrency, in_flight) = match policy.max_concurrent {
-        Some(max) => {
-            let (taken, count) = acquire_slot(store, &keys.concurrency, max, epoch)?;
-            (Some(taken), Some(count))
-        }
-        None => (None, None),
+    // The scope's own record is always touched: its slots count the request in flight (the
+    // in-flight gauge, the view) and, with `max_concurrent`, bound them.
+    let slot = SlotAsk {
+        record: &keys.concurrency,
+        max: policy.max_concurrent.unwrap_or(u64::MAX),
     };
     let mut clamped = false;
     loop {
@@ -210,20 +211,17 @@ pub fn admit<S: SharedStore + ?Sized>(
             output: plan.output_tokens,
             ..Usage::default()
         };
-        let targets: Vec<(usize, &str, u64)> = applicable
+        let targets: Vec<(usize, &BucketAt, u64)> = applicable
             .iter()
             .filter_map(|&i| {
                 let limit = policy.limits.get(i)?;
                 let key = keys.buckets.get(i)?;
-                Some((
-                    i,
-                    key.as_str(),
-                    amount(limit, &estimate, price, policy.strict),
-                ))
+                Some((i, key, amount(limit, &estimate, price, policy.strict)))
             })
             .collect();
-        match budget::reserve_all(store, &policy.limits, &targets, now_ms, epoch) {
-            Ok(held) => {
+        match budget::reserve(store, &policy.limits, &targets, Some(slot), (now_ms, epoch)) {
+            Ok(reserved) => {
+                let held = reserved.held;
                 let rate = tightest_tokens(policy, &held, now_ms);
                 let shadow_refusal = held
                     .iter()
@@ -233,21 +231,19 @@ pub fn admit<S: SharedStore + ?Sized>(
                 return Ok(Admitted {
                     plan,
                     held,
-                    concurrency,
-                    in_flight,
+                    concurrency: reserved.slot.map(|(taken, _)| taken),
+                    in_flight: reserved.slot.map(|(_, count)| count),
                     rate,
                     shadow_refusal,
                 });
             }
             Err(denial) => {
                 if let Denial::Short { limit, need } = denial {
-                    if let Some(taken) = concurrency {
-                        release_slot(store, &keys.concurrency, taken, epoch);
-                    }
                     return Err(Denied::Short { limit, need });
                 }
                 // Clamp mode: one more try with the output that still fits everywhere.
                 if !clamped
+                    && !matches!(denial, Denial::Busy)
                     && let Some(min) = policy.clamp_min_output_tokens
                     && let Some(fit) =
                         output_that_fits(store, policy, keys, &applicable, &plan, price, now_ms)
@@ -264,14 +260,11 @@ pub fn admit<S: SharedStore + ?Sized>(
                     clamped = true;
                     continue;
                 }
-                if let Some(taken) = concurrency {
-                    release_slot(store, &keys.concurrency, taken, epoch);
-                }
                 let by = match &denial {
                     Denial::Exhausted { limit, .. } => {
                         policy.limits.get(*limit).map(|l| limit_path(l, keys))
                     }
-                    Denial::Contended | Denial::Short { .. } => None,
+                    Denial::Contended | Denial::Short { .. } | Denial::Busy => None,
                 };
                 let refusal = refusal(policy, denial, now_ms);
                 return Err(match by {
@@ -370,6 +363,14 @@ fn refusal(policy: &TenantPolicy, denial: Denial, now_ms: u64) -> Refusal {
                 None => contended(),
             }
         }
+        Denial::Busy => Refusal::RateLimited {
+            message: format!(
+                "Too many concurrent requests for this tenant (limit {}).",
+                policy.max_concurrent.unwrap_or(u64::MAX)
+            ),
+            retry_after_secs: 1,
+            kind: "requests",
+        },
         Denial::Contended | Denial::Short { .. } => contended(),
     }
 }
@@ -395,30 +396,15 @@ fn tightest_tokens(policy: &TenantPolicy, held: &[Held], now_ms: u64) -> Option<
         .min_by_key(|r| r.remaining)
 }
 
-/// Takes a concurrency slot in `epoch`; returns the epoch to release it from and how many are
-/// now taken.
-fn acquire_slot<S: SharedStore + ?Sized>(
-    store: &S,
-    key: &str,
-    max: u64,
-    epoch: u64,
-) -> Result<(u64, u64), Refusal> {
-    let result = update(store, key, |bytes| {
+/// Takes a slot of the count under `key` in `epoch`; returns the epoch to release it from and
+/// how many are now taken.
+fn acquire_slot<S: SharedStore + ?Sized>(store: &S, key: &str, epoch: u64) -> Option<(u64, u64)> {
+    let result: Result<_, UpdateError<()>> = update(store, key, |bytes| {
         let mut slots = in_flight_at(bytes, epoch);
-        if slots.total() >= max {
-            return Err(());
-        }
         let taken = slots.hold(1);
         Ok((encode_ring(&slots), (taken, slots.total())))
     });
-    result.map_err(|err| match err {
-        UpdateError::Refused(()) => Refusal::RateLimited {
-            message: format!("Too many concurrent requests for this tenant (limit {max})."),
-            retry_after_secs: 1,
-            kind: "requests",
-        },
-        UpdateError::Contended => contended(),
-    })
+    result.ok()
 }
 
 /// Releases a slot taken in `taken`; returns how many are still taken (`None` under endless
@@ -437,9 +423,10 @@ fn release_slot<S: SharedStore + ?Sized>(
     result.ok()
 }
 
-/// The shared count behind the `tollgate_in_flight{tenant}` gauge of one tenant label (a label
-/// may stand for many tenants). The gauge is set from it, never moved by ±1, so what a dead VM
-/// had in flight leaves the gauge when its slots expire.
+/// The shared count behind the `tollgate_in_flight{tenant}` gauge of a tenant label that
+/// stands for many tenants (a label of one tenant is counted by its record's slots). The gauge
+/// is set from it, never moved by ±1, so what a dead VM had in flight leaves the gauge when its
+/// slots expire.
 pub fn in_flight_key(label: &str) -> String {
     format!("tg:f2:{label}")
 }
@@ -451,7 +438,7 @@ pub fn enter_in_flight<S: SharedStore + ?Sized>(
     key: &str,
     epoch: u64,
 ) -> Option<(u64, u64)> {
-    acquire_slot(store, key, u64::MAX, epoch).ok()
+    acquire_slot(store, key, epoch)
 }
 
 /// Counts a request out of `key`; returns the new count.
@@ -476,10 +463,12 @@ fn encode_ring(ring: &Ring) -> Vec<u8> {
     out
 }
 
-/// In-flight requests of a tenant as of `epoch` (the concurrency key; slots of requests whose
-/// VM died have expired).
-pub fn in_flight(bytes: Option<&[u8]>, epoch: u64) -> u64 {
-    in_flight_at(bytes, epoch).total()
+/// In-flight requests of a scope as of `epoch`, from its record (slots of requests whose VM
+/// died have expired).
+pub fn in_flight(record: Option<&[u8]>, epoch: u64) -> u64 {
+    let mut slots = Record::decode(record).slots;
+    slots.advance(epoch);
+    slots.total()
 }
 
 /// What a settlement did.
@@ -487,7 +476,7 @@ pub fn in_flight(bytes: Option<&[u8]>, epoch: u64) -> u64 {
 pub struct Settled {
     /// Writes that failed under contention (for the log; nothing panics).
     pub failed: usize,
-    /// The tenant's requests in flight once the slot was released (with a concurrency limit).
+    /// The scope's requests in flight once the slot was released.
     pub in_flight: Option<u64>,
     /// For a tenant in a budget tree, and for alerting limits: each settled limit (its index)
     /// and its `used` after.
@@ -514,21 +503,24 @@ pub fn settle<S: SharedStore + ?Sized>(
                 .map_or(0, |l| amount(l, charged, price, false))
         })
         .collect();
-    let key_refs: Vec<(usize, &str)> = admitted
+    let key_refs: Vec<(usize, &BucketAt)> = admitted
         .held
         .iter()
-        .filter_map(|h| Some((h.limit, keys.buckets.get(h.limit)?.as_str())))
+        .filter_map(|h| Some((h.limit, keys.buckets.get(h.limit)?)))
         .collect();
     // What is reported after settlement: every level's use in a budget tree (the budget
     // gauges), and an alerting limit's use (its thresholds).
     let mut used = Vec::new();
     let tree = !policy.ancestors.is_empty();
-    let mut failed = budget::settle_each(
+    let slot = admitted
+        .concurrency
+        .map(|taken| (keys.concurrency.as_str(), taken));
+    let (failed, in_flight) = budget::settle(
         store,
         &policy.limits,
         &key_refs,
-        &admitted.held,
-        &actual,
+        (&admitted.held, &actual),
+        slot,
         (now_ms, policy.epoch(now_ms)),
         |limit, value| {
             let alerting = policy
@@ -540,12 +532,6 @@ pub fn settle<S: SharedStore + ?Sized>(
             }
         },
     );
-    let in_flight = admitted
-        .concurrency
-        .and_then(|taken| release_slot(store, &keys.concurrency, taken, policy.epoch(now_ms)));
-    if admitted.concurrency.is_some() && in_flight.is_none() {
-        failed += 1;
-    }
     Settled {
         failed,
         in_flight,

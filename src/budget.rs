@@ -20,6 +20,7 @@
 //! window's lease paid for it.
 
 use crate::holdings::{RING_BYTES, Ring};
+use crate::record::{BucketAt, Record};
 use crate::store::{SharedStore, UpdateError, update};
 use crate::window::Window;
 
@@ -281,77 +282,95 @@ pub enum Denial {
     Contended,
     /// Global limit `limit`'s lease is `need` short of the estimate: a refill may admit it.
     Short { limit: usize, need: u64 },
+    /// Every concurrency slot is taken.
+    Busy,
 }
 
-/// Reserves `amounts[i]` against each `(limit index, key)` in `targets`, all or nothing: on a
-/// refusal every reservation already made is released again.
+/// A concurrency slot taken with the reservations: one of `max` in the slots of `record`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotAsk<'a> {
+    pub record: &'a str,
+    pub max: u64,
+}
+
+/// What an admission holds: its reservations, and the concurrency slot it took (the epoch it
+/// was taken in, and how many of the record's slots were taken with it).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Reserved {
+    pub held: Vec<Held>,
+    pub slot: Option<(u64, u64)>,
+}
+
+/// Reserves `amounts[i]` against each `(limit index, bucket)` in `targets`, all or nothing: on
+/// a refusal every reservation already made is released again.
 pub fn reserve_all<S: SharedStore + ?Sized>(
     store: &S,
     limits: &[Limit],
-    targets: &[(usize, &str, u64)],
+    targets: &[(usize, &BucketAt, u64)],
     now_ms: u64,
     epoch: u64,
 ) -> Result<Vec<Held>, Denial> {
-    let mut held: Vec<Held> = Vec::with_capacity(targets.len());
-    for &(index, key, amount) in targets {
-        let Some(limit) = limits.get(index) else {
-            continue;
-        };
+    reserve(store, limits, targets, None, (now_ms, epoch)).map(|r| r.held)
+}
+
+/// [`reserve_all`], taking a concurrency `slot` too ([`Denial::Busy`] when all are taken).
+/// Each record is read and written once, the slot's first, whatever the number of its limits.
+pub fn reserve<S: SharedStore + ?Sized>(
+    store: &S,
+    limits: &[Limit],
+    targets: &[(usize, &BucketAt, u64)],
+    slot: Option<SlotAsk<'_>>,
+    (now_ms, epoch): (u64, u64),
+) -> Result<Reserved, Denial> {
+    let records = in_order(
+        slot.map(|s| s.record),
+        targets.iter().map(|t| t.1.record.as_str()),
+    );
+    let mut done = Reserved::default();
+    for key in records {
+        let ask = slot.filter(|s| s.record == key);
         let result = update(store, key, |bytes| {
-            let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
-            let remaining = bucket.remaining(limit.amount);
-            let exhausted = Denial::Exhausted {
-                limit: index,
-                remaining: bucket.room(limit.amount),
-                reset_ms: limit.window.end(now_ms),
-            };
-            // A shadow limit only notes that it would have refused.
-            let over = amount > remaining;
-            if over && !limit.shadow {
-                return Err(exhausted);
-            }
-            let mut fallback = false;
-            if let Some(lease) = bucket.lease.as_mut() {
-                // The service's grants pay first; a request they cannot cover is paid whole by
-                // the fallback allowance (with room for it), or waits for a refill.
-                let held = bucket.used.saturating_add(bucket.held.total());
-                let need = held.saturating_add(amount).saturating_sub(lease.granted);
-                let from_service = lease.granted.saturating_sub(lease.fallback);
-                let paid = held.saturating_sub(lease.fallback_spent);
-                let short = paid.saturating_add(amount).saturating_sub(from_service);
-                let spent = lease.fallback_spent.saturating_add(amount);
-                // Only while the service is backed off: a healthy service is asked instead.
-                let down = lease.down_until > now_ms;
-                fallback = short > 0 && need == 0 && spent <= lease.fallback && down;
-                if short > 0 && !fallback {
-                    if short >= lease.refused_at {
-                        return Err(exhausted);
-                    }
-                    return Err(Denial::Short {
-                        limit: index,
-                        need: short,
-                    });
+            let mut record = Record::decode(bytes);
+            let mut taken = None;
+            if let Some(ask) = ask {
+                record.slots.advance(epoch);
+                if record.slots.total() >= ask.max {
+                    return Err(Denial::Busy);
                 }
-                if fallback {
-                    lease.fallback_spent = spent;
-                }
+                let in_epoch = record.slots.hold(1);
+                taken = Some((in_epoch, record.slots.total()));
             }
-            let taken = bucket.held.hold(amount);
-            Ok((bucket.encode(), (bucket, taken, fallback, over)))
+            let mut held = Vec::new();
+            for &(index, at, amount) in targets.iter().filter(|t| t.1.record == key) {
+                let Some(limit) = limits.get(index) else {
+                    continue;
+                };
+                let bucket = record.bucket(at.id).unwrap_or_default();
+                let mut bucket = bucket.at(limit, now_ms, epoch);
+                let (in_epoch, fallback, over) =
+                    reserve_one(&mut bucket, limit, (index, amount), now_ms)?;
+                record.put(at.id, bucket);
+                held.push(Held {
+                    limit: index,
+                    amount,
+                    epoch: in_epoch,
+                    after: bucket,
+                    fallback,
+                    over,
+                });
+            }
+            Ok((record.encode(), (taken, held)))
         });
         match result {
-            Ok((after, taken, fallback, over)) => held.push(Held {
-                limit: index,
-                amount,
-                epoch: taken,
-                after,
-                fallback,
-                over,
-            }),
+            Ok((taken, held)) => {
+                done.slot = done.slot.or(taken);
+                done.held.extend(held);
+            }
             Err(err) => {
-                let keys: Vec<(usize, &str)> = targets.iter().map(|&(i, k, _)| (i, k)).collect();
-                let zeros = vec![0; held.len()];
-                settle_all(store, limits, &keys, &held, &zeros, now_ms, epoch);
+                let keys: Vec<(usize, &BucketAt)> = targets.iter().map(|&(i, k, _)| (i, k)).collect();
+                let zeros = vec![0; done.held.len()];
+                let taken = done.slot.zip(slot).map(|((e, _), s)| (s.record, e));
+                settle(store, limits, &keys, (&done.held, &zeros), taken, (now_ms, epoch), |_, _| {});
                 return Err(match err {
                     UpdateError::Refused(denial) => denial,
                     UpdateError::Contended => Denial::Contended,
@@ -359,7 +378,66 @@ pub fn reserve_all<S: SharedStore + ?Sized>(
             }
         }
     }
-    Ok(held)
+    Ok(done)
+}
+
+/// Each record once, `first` first, then in the order `rest` names them.
+fn in_order<'a>(first: Option<&'a str>, rest: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut records: Vec<&str> = first.into_iter().collect();
+    for key in rest {
+        if !records.contains(&key) {
+            records.push(key);
+        }
+    }
+    records
+}
+
+/// Reserves `amount` of limit `index` in its `bucket` (as of now): the epoch it is held in,
+/// whether the fallback allowance paid for it, whether a shadow limit would have refused it.
+fn reserve_one(
+    bucket: &mut Bucket,
+    limit: &Limit,
+    (index, amount): (usize, u64),
+    now_ms: u64,
+) -> Result<(u64, bool, bool), Denial> {
+    let remaining = bucket.remaining(limit.amount);
+    let exhausted = Denial::Exhausted {
+        limit: index,
+        remaining: bucket.room(limit.amount),
+        reset_ms: limit.window.end(now_ms),
+    };
+    // A shadow limit only notes that it would have refused.
+    let over = amount > remaining;
+    if over && !limit.shadow {
+        return Err(exhausted);
+    }
+    let mut fallback = false;
+    if let Some(lease) = bucket.lease.as_mut() {
+        // The service's grants pay first; a request they cannot cover is paid whole by the
+        // fallback allowance (with room for it), or waits for a refill.
+        let held = bucket.used.saturating_add(bucket.held.total());
+        let need = held.saturating_add(amount).saturating_sub(lease.granted);
+        let from_service = lease.granted.saturating_sub(lease.fallback);
+        let paid = held.saturating_sub(lease.fallback_spent);
+        let short = paid.saturating_add(amount).saturating_sub(from_service);
+        let spent = lease.fallback_spent.saturating_add(amount);
+        // Only while the service is backed off: a healthy service is asked instead.
+        let down = lease.down_until > now_ms;
+        fallback = short > 0 && need == 0 && spent <= lease.fallback && down;
+        if short > 0 && !fallback {
+            if short >= lease.refused_at {
+                return Err(exhausted);
+            }
+            return Err(Denial::Short {
+                limit: index,
+                need: short,
+            });
+        }
+        if fallback {
+            lease.fallback_spent = spent;
+        }
+    }
+    Ok((bucket.held.hold(amount), fallback, over))
 }
 
 /// Settles reservations: `actual[i]` replaces `held[i].amount`. Returns how many buckets could
@@ -367,74 +445,128 @@ pub fn reserve_all<S: SharedStore + ?Sized>(
 pub fn settle_all<S: SharedStore + ?Sized>(
     store: &S,
     limits: &[Limit],
-    keys: &[(usize, &str)],
+    keys: &[(usize, &BucketAt)],
     held: &[Held],
     actual: &[u64],
     now_ms: u64,
     epoch: u64,
 ) -> usize {
-    settle_each(
-        store,
-        limits,
-        keys,
-        held,
-        actual,
-        (now_ms, epoch),
-        |_, _| {},
-    )
+    settle(store, limits, keys, (held, actual), None, (now_ms, epoch), |_, _| {}).0
 }
 
-/// [`settle_all`], telling `settled` each limit's `used` once its settlement is written.
-pub fn settle_each<S: SharedStore + ?Sized>(
+/// [`settle_all`], releasing the concurrency slot `slot` (its record, the epoch it was taken
+/// in) too and telling `settled` each limit's `used` once its settlement is written. Each record
+/// is read and written once. Returns the writes that failed and, once the slot is released, how
+/// many of its record's slots are still taken.
+pub fn settle<S: SharedStore + ?Sized>(
     store: &S,
     limits: &[Limit],
-    keys: &[(usize, &str)],
-    held: &[Held],
-    actual: &[u64],
+    keys: &[(usize, &BucketAt)],
+    (held, actual): (&[Held], &[u64]),
+    slot: Option<(&str, u64)>,
     (now_ms, epoch): (u64, u64),
     mut settled: impl FnMut(usize, u64),
-) -> usize {
-    let mut failed = 0;
-    for (h, &used) in held.iter().zip(actual) {
-        let Some(limit) = limits.get(h.limit) else {
-            continue;
-        };
-        let Some(&(_, key)) = keys.iter().find(|(i, _)| *i == h.limit) else {
-            continue;
-        };
-        let result: Result<u64, UpdateError<()>> = update(store, key, |bytes| {
-            let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
-            // A global limit charges the window whose lease paid for the reservation: a
-            // settlement after the window turned only releases what it held.
-            let same_window = h.after.window_start >= bucket.window_start;
-            if bucket.lease.is_none() || same_window {
-                bucket.used = bucket.used.saturating_add(used);
+) -> (usize, Option<u64>) {
+    let located: Vec<(&Held, u64, &Limit, &BucketAt)> = held
+        .iter()
+        .zip(actual)
+        .filter_map(|(h, &used)| {
+            let limit = limits.get(h.limit)?;
+            let (_, at) = keys.iter().find(|(i, _)| *i == h.limit)?;
+            Some((h, used, limit, *at))
+        })
+        .collect();
+    let records = in_order(
+        slot.map(|(record, _)| record),
+        located.iter().map(|l| l.3.record.as_str()),
+    );
+    let (mut failed, mut left) = (0, None);
+    for key in records {
+        let release = slot.filter(|(record, _)| *record == key);
+        let result: Result<_, UpdateError<()>> = update(store, key, |bytes| {
+            let mut record = Record::decode(bytes);
+            let mut count = None;
+            if let Some((_, taken)) = release {
+                record.slots.advance(epoch);
+                record.slots.release(taken, 1);
+                count = Some(record.slots.total());
             }
-            // What the fallback allowance paid for holds its charge instead of its reservation.
-            if let Some(lease) = bucket.lease.as_mut().filter(|_| h.fallback && same_window) {
-                let spent = lease.fallback_spent.saturating_sub(h.amount);
-                lease.fallback_spent = spent.saturating_add(used);
+            let mut used_after = Vec::new();
+            for &(h, used, limit, at) in located.iter().filter(|l| l.3.record == key) {
+                // A bucket the record no longer has (its limit left the configuration).
+                let Some(bucket) = record.bucket(at.id) else {
+                    continue;
+                };
+                let mut bucket = bucket.at(limit, now_ms, epoch);
+                settle_one(&mut bucket, h, used);
+                record.put(at.id, bucket);
+                used_after.push((h.limit, bucket.used));
             }
-            bucket.held.release(h.epoch, h.amount);
-            Ok((bucket.encode(), bucket.used))
+            Ok((record.encode(), (count, used_after)))
         });
         match result {
-            Ok(used) => settled(h.limit, used),
-            Err(_) => failed += 1,
+            Ok((count, used_after)) => {
+                left = left.or(count);
+                for (limit, used) in used_after {
+                    settled(limit, used);
+                }
+            }
+            Err(_) => {
+                failed += located.iter().filter(|l| l.3.record == key).count();
+                failed += usize::from(release.is_some());
+            }
         }
     }
-    failed
+    (failed, left)
+}
+
+/// Moves `h`'s reservation out of `bucket` (as of now) and charges `used`.
+fn settle_one(bucket: &mut Bucket, h: &Held, used: u64) {
+    // A global limit charges the window whose lease paid for the reservation: a settlement
+    // after the window turned only releases what it held.
+    let same_window = h.after.window_start >= bucket.window_start;
+    if bucket.lease.is_none() || same_window {
+        bucket.used = bucket.used.saturating_add(used);
+    }
+    // What the fallback allowance paid for holds its charge instead of its reservation.
+    if let Some(lease) = bucket.lease.as_mut().filter(|_| h.fallback && same_window) {
+        let spent = lease.fallback_spent.saturating_sub(h.amount);
+        lease.fallback_spent = spent.saturating_add(used);
+    }
+    bucket.held.release(h.epoch, h.amount);
 }
 
 /// Reads a bucket as of `now` (for views and headers).
 pub fn read<S: SharedStore + ?Sized>(
     store: &S,
-    key: &str,
+    at: &BucketAt,
     limit: &Limit,
     now_ms: u64,
     epoch: u64,
 ) -> Bucket {
-    Bucket::decode(store.get(key).0.as_deref()).at(limit, now_ms, epoch)
+    let record = Record::decode(store.get(&at.record).0.as_deref());
+    record.bucket(at.id).unwrap_or_default().at(limit, now_ms, epoch)
+}
+
+/// Reads, changes and writes one limit's bucket (as of now) in its record: one
+/// compare-and-swap.
+fn update_bucket<S, T, E>(
+    store: &S,
+    at: &BucketAt,
+    limit: &Limit,
+    (now_ms, epoch): (u64, u64),
+    mut apply: impl FnMut(&mut Bucket) -> Result<T, E>,
+) -> Result<T, UpdateError<E>>
+where
+    S: SharedStore + ?Sized,
+{
+    update(store, &at.record, |bytes| {
+        let mut record = Record::decode(bytes);
+        let mut bucket = record.bucket(at.id).unwrap_or_default().at(limit, now_ms, epoch);
+        let out = apply(&mut bucket)?;
+        record.put(at.id, bucket);
+        Ok((record.encode(), out))
+    })
 }
 
 /// A refill's answer, applied to a global limit's lease.
@@ -469,18 +601,17 @@ pub enum Claim {
 /// of this Envoy is refilling it or the service is backed off.
 pub fn claim_refill<S: SharedStore + ?Sized>(
     store: &S,
-    key: &str,
+    key: &BucketAt,
     limit: &Limit,
     (now_ms, until_ms): (u64, u64),
     epoch: u64,
 ) -> Claim {
-    let result = update(store, key, |bytes| {
-        let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
+    let result = update_bucket(store, key, limit, (now_ms, epoch), |bucket| {
         match bucket.lease.as_mut() {
             Some(lease) if lease.down_until > now_ms => Err(true),
             Some(lease) if lease.refilling_until <= now_ms => {
                 lease.refilling_until = until_ms;
-                Ok((bucket.encode(), bucket))
+                Ok(*bucket)
             }
             _ => Err(false),
         }
@@ -507,14 +638,13 @@ pub fn backoff_ms(failures: u64) -> u64 {
 /// allowance not yet used this window). The refill's claim ends either way.
 pub fn refill<S: SharedStore + ?Sized>(
     store: &S,
-    key: &str,
+    key: &BucketAt,
     limit: &Limit,
     (answer, window_start): (Refill, u64),
     now_ms: u64,
     epoch: u64,
 ) -> Option<bool> {
-    let result = update(store, key, |bytes| {
-        let mut bucket = Bucket::decode(bytes).at(limit, now_ms, epoch);
+    let result = update_bucket(store, key, limit, (now_ms, epoch), |bucket| {
         let current = bucket.window_start == window_start;
         let Some(lease) = bucket.lease.as_mut() else {
             return Err(());
@@ -537,7 +667,7 @@ pub fn refill<S: SharedStore + ?Sized>(
             Refill::Fallback => {}
         }
         if !current {
-            return Ok((bucket.encode(), None));
+            return Ok(None);
         }
         // The service cannot have more left than the limit less what it granted this Envoy:
         // a larger `remaining` (a lying or misconfigured service) is read as that.
@@ -575,7 +705,7 @@ pub fn refill<S: SharedStore + ?Sized>(
                 given || (left && matches!(answer, Refill::Unavailable { .. }))
             }
         };
-        Ok((bucket.encode(), Some(grew)))
+        Ok(Some(grew))
     });
     result.unwrap_or(Some(false))
 }
@@ -584,6 +714,13 @@ pub fn refill<S: SharedStore + ?Sized>(
 mod tests {
     use super::*;
     use crate::store::MemStore;
+
+    fn at(record: &str) -> BucketAt {
+        BucketAt {
+            record: record.into(),
+            id: 1,
+        }
+    }
 
     fn tokens(amount: u64) -> Limit {
         Limit {
@@ -621,9 +758,9 @@ mod tests {
         let store = MemStore::default();
         let limits = [tokens(100)];
         let now = 10 * MIN + 5_000;
-        assert!(reserve_all(&store, &limits, &[(0, "k", 60)], now, 0).is_ok());
-        assert!(reserve_all(&store, &limits, &[(0, "k", 40)], now, 0).is_ok());
-        let denied = reserve_all(&store, &limits, &[(0, "k", 1)], now, 0).unwrap_err();
+        assert!(reserve_all(&store, &limits, &[(0, &at("k"), 60)], now, 0).is_ok());
+        assert!(reserve_all(&store, &limits, &[(0, &at("k"), 40)], now, 0).is_ok());
+        let denied = reserve_all(&store, &limits, &[(0, &at("k"), 1)], now, 0).unwrap_err();
         assert_eq!(
             denied,
             Denial::Exhausted {
@@ -638,43 +775,43 @@ mod tests {
     fn settle_replaces_the_estimate_with_actual_usage() {
         let store = MemStore::default();
         let limits = [tokens(100)];
-        let held = reserve_all(&store, &limits, &[(0, "k", 80)], 0, 0).unwrap();
+        let held = reserve_all(&store, &limits, &[(0, &at("k"), 80)], 0, 0).unwrap();
         assert_eq!(
-            settle_all(&store, &limits, &[(0, "k")], &held, &[30], 1, 0),
+            settle_all(&store, &limits, &[(0, &at("k"))], &held, &[30], 1, 0),
             0
         );
-        let b = read(&store, "k", &limits[0], 2, 0);
+        let b = read(&store, &at("k"), &limits[0], 2, 0);
         assert_eq!((b.used, b.reserved()), (30, 0));
-        assert!(reserve_all(&store, &limits, &[(0, "k", 70)], 3, 0).is_ok());
+        assert!(reserve_all(&store, &limits, &[(0, &at("k"), 70)], 3, 0).is_ok());
     }
 
     #[test]
     fn all_or_nothing_across_limits() {
         let store = MemStore::default();
         let limits = [tokens(1000), tokens(50)];
-        let targets = [(0, "a", 60), (1, "b", 60)];
+        let targets = [(0, &at("a"), 60), (1, &at("b"), 60)];
         assert!(matches!(
             reserve_all(&store, &limits, &targets, 0, 0),
             Err(Denial::Exhausted { limit: 1, .. })
         ));
         // The first limit's reservation was released again.
-        assert_eq!(read(&store, "a", &limits[0], 0, 0), Bucket::default());
+        assert_eq!(read(&store, &at("a"), &limits[0], 0, 0), Bucket::default());
     }
 
     #[test]
     fn new_window_resets_used_and_keeps_reservations() {
         let store = MemStore::default();
         let limits = [tokens(100)];
-        let held = reserve_all(&store, &limits, &[(0, "k", 50)], 30_000, 0).unwrap();
-        let done = reserve_all(&store, &limits, &[(0, "k", 50)], 31_000, 0).unwrap();
-        settle_all(&store, &limits, &[(0, "k")], &done, &[50], 32_000, 0);
-        assert!(reserve_all(&store, &limits, &[(0, "k", 1)], 33_000, 0).is_err());
+        let held = reserve_all(&store, &limits, &[(0, &at("k"), 50)], 30_000, 0).unwrap();
+        let done = reserve_all(&store, &limits, &[(0, &at("k"), 50)], 31_000, 0).unwrap();
+        settle_all(&store, &limits, &[(0, &at("k"))], &done, &[50], 32_000, 0);
+        assert!(reserve_all(&store, &limits, &[(0, &at("k"), 1)], 33_000, 0).is_err());
         // Next minute: used is gone, the first request's reservation is still held.
-        let b = read(&store, "k", &limits[0], MIN + 1, 0);
+        let b = read(&store, &at("k"), &limits[0], MIN + 1, 0);
         assert_eq!((b.used, b.reserved()), (0, 50));
-        assert!(reserve_all(&store, &limits, &[(0, "k", 51)], MIN + 1, 0).is_err());
-        settle_all(&store, &limits, &[(0, "k")], &held, &[20], MIN + 2, 0);
-        let b = read(&store, "k", &limits[0], MIN + 3, 0);
+        assert!(reserve_all(&store, &limits, &[(0, &at("k"), 51)], MIN + 1, 0).is_err());
+        settle_all(&store, &limits, &[(0, &at("k"))], &held, &[20], MIN + 2, 0);
+        let b = read(&store, &at("k"), &limits[0], MIN + 3, 0);
         assert_eq!((b.used, b.reserved()), (20, 0));
     }
 
@@ -683,19 +820,19 @@ mod tests {
         let store = MemStore::default();
         let limits = [tokens(100)];
         // Epoch 10: a request reserves 90 and its VM dies; nothing else fits.
-        let lost = reserve_all(&store, &limits, &[(0, "k", 90)], 0, 10).unwrap();
-        assert!(reserve_all(&store, &limits, &[(0, "k", 20)], 0, 17).is_err());
+        let lost = reserve_all(&store, &limits, &[(0, &at("k"), 90)], 0, 10).unwrap();
+        assert!(reserve_all(&store, &limits, &[(0, &at("k"), 20)], 0, 17).is_err());
         // Eight epochs on, the ring has turned past it: the budget is free again.
-        let b = read(&store, "k", &limits[0], 0, 18);
+        let b = read(&store, &at("k"), &limits[0], 0, 18);
         assert_eq!((b.used, b.reserved()), (0, 0));
-        let live = reserve_all(&store, &limits, &[(0, "k", 60)], 0, 18).unwrap();
+        let live = reserve_all(&store, &limits, &[(0, &at("k"), 60)], 0, 18).unwrap();
         // Were the lost request settled after all, it adds its usage and releases nothing that
         // a live request holds.
-        settle_all(&store, &limits, &[(0, "k")], &lost, &[5], 0, 18);
-        let b = read(&store, "k", &limits[0], 0, 18);
+        settle_all(&store, &limits, &[(0, &at("k"))], &lost, &[5], 0, 18);
+        let b = read(&store, &at("k"), &limits[0], 0, 18);
         assert_eq!((b.used, b.reserved()), (5, 60));
-        settle_all(&store, &limits, &[(0, "k")], &live, &[60], 0, 19);
-        let b = read(&store, "k", &limits[0], 0, 19);
+        settle_all(&store, &limits, &[(0, &at("k"))], &live, &[60], 0, 19);
+        let b = read(&store, &at("k"), &limits[0], 0, 19);
         assert_eq!((b.used, b.reserved()), (65, 0));
     }
 
@@ -720,11 +857,11 @@ mod tests {
                 if settle && !open.is_empty() {
                     let held = open.remove(0);
                     let actual = held.first().map_or(0, |h| h.amount * used_pct / 100);
-                    settle_all(&store, &limits, &[(0, "k")], &held, &[actual], 0, 0);
-                } else if let Ok(held) = reserve_all(&store, &limits, &[(0, "k", amount)], 0, 0) {
+                    settle_all(&store, &limits, &[(0, &at("k"))], &held, &[actual], 0, 0);
+                } else if let Ok(held) = reserve_all(&store, &limits, &[(0, &at("k"), amount)], 0, 0) {
                     open.push(held);
                 }
-                let b = read(&store, "k", &limits[0], 0, 0);
+                let b = read(&store, &at("k"), &limits[0], 0, 0);
                 proptest::prop_assert!(b.used + b.reserved() <= 100);
                 let outstanding: u64 = open.iter().flatten().map(|h| h.amount).sum();
                 proptest::prop_assert_eq!(b.reserved(), outstanding);

@@ -1,8 +1,9 @@
-//! The shared-data keys of a tenant's budgets: one bucket per limit, in its owner's scope (an
-//! ancestor's limit in the ancestor's), a per-user limit's in the user's slot.
+//! The shared-data keys of a tenant's budgets: one bucket per limit, in its owner's record (an
+//! ancestor's limit in the ancestor's), a per-user limit's in the user slot's record.
 
 use crate::admission::TenantPolicy;
 use crate::budget::Limit;
+use crate::record::{BucketAt, limit_id, record_key};
 
 /// The shared-data keys of one tenant, computed once at configuration time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,7 +11,8 @@ pub struct TenantKeys {
     /// The budget scope: the tenant, or an undeclared tenant's slot (`~<n>`).
     pub scope: String,
     /// One per limit, same order as `TenantPolicy::limits`.
-    pub buckets: Vec<String>,
+    pub buckets: Vec<BucketAt>,
+    /// The scope's own record: its concurrency slots and the buckets of the limits it owns.
     pub concurrency: String,
     /// The end user's slot, when its per-user limits' buckets are the slot's ([`for_user`]).
     ///
@@ -20,9 +22,7 @@ pub struct TenantKeys {
 
 impl TenantKeys {
     /// `scope` is the tenant name, or a slot name for undeclared tenants; an ancestor's limit
-    /// is in the ancestor's bucket (its `owner`). The `2` is the value format (buckets and
-    /// slots hold epoch rings since 0.2): a code update that keeps the `vm_id` must not read
-    /// the old format's keys.
+    /// is in the ancestor's record (its `owner`).
     pub fn new(scope: &str, policy: &TenantPolicy) -> TenantKeys {
         TenantKeys {
             scope: scope.to_string(),
@@ -31,7 +31,7 @@ impl TenantKeys {
                 .iter()
                 .map(|l| bucket_key(scope, l, 0))
                 .collect(),
-            concurrency: format!("tg:c2:{scope}"),
+            concurrency: record_key(scope),
             user_slot: None,
         }
     }
@@ -52,22 +52,26 @@ impl TenantKeys {
         Some(keys)
     }
 
-    /// Every key, for creation at configuration time.
+    /// Every record, for creation at configuration time (a record may repeat).
     pub fn all(&self) -> impl Iterator<Item = &str> {
         self.buckets
             .iter()
-            .map(String::as_str)
+            .map(|at| at.record.as_str())
             .chain(std::iter::once(self.concurrency.as_str()))
     }
 }
 
-/// The bucket of `limit` for a tenant scope: the owner's (an ancestor's limit), and for a
-/// per-user limit the user slot's.
-fn bucket_key(scope: &str, limit: &Limit, user_slot: u64) -> String {
+/// The bucket of `limit` for a tenant scope: in the owner's record (an ancestor's limit), and
+/// for a per-user limit in the user slot's.
+fn bucket_key(scope: &str, limit: &Limit, user_slot: u64) -> BucketAt {
     let owner = limit.owner.as_deref().unwrap_or(scope);
-    if limit.per_user {
-        format!("tg:b2:{owner}:u{user_slot}:{}", limit.name)
+    let record = if limit.per_user {
+        record_key(&format!("{owner}:u{user_slot}"))
     } else {
-        format!("tg:b2:{owner}:{}", limit.name)
+        record_key(owner)
+    };
+    BucketAt {
+        record,
+        id: limit_id(&limit.name),
     }
 }

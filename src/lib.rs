@@ -32,6 +32,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;
+pub mod record;
 pub mod reply;
 pub mod routing;
 pub mod store;

@@ -132,7 +132,7 @@ impl Config {
                 for slot in 0..users.slots {
                     if let Some(k) = scope_keys.for_user(policy, slot) {
                         let per_user = policy.limits.iter().zip(k.buckets);
-                        keys.extend(per_user.filter(|(l, _)| l.per_user).map(|(_, b)| b));
+                        keys.extend(per_user.filter(|(l, _)| l.per_user).map(|(_, b)| b.record));
                     }
                     keys.push(crate::user::slot_owner_key(&scope, slot));
                 }

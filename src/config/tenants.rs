@@ -459,22 +459,23 @@ mod tree_tests {
             names,
             [("tpm", None), ("tpd", Some("team")), ("usd", Some("org"))]
         );
-        assert_eq!(
-            key.keys.buckets,
-            ["tg:b2:key:tpm", "tg:b2:team:tpd", "tg:b2:org:usd"]
-        );
+        let records = |keys: &crate::keys::TenantKeys| -> Vec<String> {
+            keys.buckets.iter().map(|at| at.record.clone()).collect()
+        };
+        assert_eq!(records(&key.keys), ["tg:r3:key", "tg:r3:team", "tg:r3:org"]);
         assert_eq!(key.policy.ancestors, ["team", "org"]);
         // Strict mode at any level holds for every tenant under it.
         assert!(key.policy.strict);
         let org = cfg.tenants.get("org").unwrap();
         assert!(org.policy.ancestors.is_empty());
-        assert_eq!(org.keys.buckets, ["tg:b2:org:usd"]);
+        assert_eq!(records(&org.keys), ["tg:r3:org"]);
+        assert_eq!(org.keys.buckets[0].id, key.keys.buckets[2].id);
         // Each bucket is one key, however many tenants share it.
         let keys = cfg.shared_keys();
         let mut unique = keys.clone();
         unique.dedup();
         assert_eq!(keys, unique);
-        assert_eq!(keys.iter().filter(|k| *k == "tg:b2:org:usd").count(), 1);
+        assert_eq!(keys.iter().filter(|k| *k == "tg:r3:org").count(), 1);
     }
 
     #[test]
@@ -513,8 +514,8 @@ mod tree_tests {
         .unwrap();
         let keys = cfg.undeclared_keys("someone");
         assert_eq!(keys.buckets.len(), 2);
-        assert!(keys.buckets[0].starts_with("tg:b2:~"));
-        assert_eq!(keys.buckets[1], "tg:b2:public:tpd");
+        assert!(keys.buckets[0].record.starts_with("tg:r3:~"));
+        assert_eq!(keys.buckets[1].record, "tg:r3:public");
         // The parent does not inherit the defaults' parent (nor is it its own parent).
         assert!(
             cfg.tenants

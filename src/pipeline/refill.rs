@@ -15,6 +15,7 @@ use crate::admission::{TenantKeys, TenantPolicy};
 use crate::api::ApiKind;
 use crate::budget::{self, Claim, Limit, Refill};
 use crate::global;
+use crate::record::BucketAt;
 use crate::metrics::{LabelId, Stat, StatUpdate};
 use crate::reply::Refusal;
 
@@ -24,9 +25,9 @@ const MAX_ATTEMPTS: u8 = 3;
 /// This worker's refills in flight, by bucket key (bounded by the configuration's keys).
 #[derive(Debug, Default)]
 pub(super) struct Refills {
-    flights: HashMap<String, Flight>,
+    flights: HashMap<BucketAt, Flight>,
     /// The host's handle of each refill sent (Envoy: the gRPC call's token).
-    tokens: HashMap<u32, String>,
+    tokens: HashMap<u32, BucketAt>,
 }
 
 #[derive(Debug)]
@@ -48,7 +49,7 @@ struct Flight {
 /// A refill the host is to send to the rate-limit service; `key` names it when it answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefillCall {
-    pub key: String,
+    pub key: BucketAt,
     pub message: Vec<u8>,
 }
 
@@ -109,24 +110,24 @@ impl Gateway {
     }
 
     /// The host sent refill `key` as `token`.
-    pub fn refill_sent(&self, key: String, token: u32) {
+    pub fn refill_sent(&self, key: BucketAt, token: u32) {
         self.refills.borrow_mut().tokens.insert(token, key);
     }
 
     /// The refill the host sent as `token` (once).
-    pub fn refill_of(&self, token: u32) -> Option<String> {
+    pub fn refill_of(&self, token: u32) -> Option<BucketAt> {
         self.refills.borrow_mut().tokens.remove(&token)
     }
 
     /// Refills sent longer ago than the call's timeout and a second: their answer is lost, and
     /// the host answers them as failed.
-    pub fn refills_overdue(&self, now_ms: u64) -> Vec<String> {
+    pub fn refills_overdue(&self, now_ms: u64) -> Vec<BucketAt> {
         let Some(global) = &self.config.global else {
             return Vec::new();
         };
         let deadline = global.timeout_ms.saturating_add(1_000);
         let mut refills = self.refills.borrow_mut();
-        let overdue: Vec<String> = refills
+        let overdue: Vec<BucketAt> = refills
             .flights
             .iter()
             .filter(|(_, f)| !f.foreign)
@@ -144,7 +145,7 @@ impl Gateway {
     /// gone or expired, or the window turned): their waiters are admitted again.
     pub fn refills_watched<H: Host + ?Sized>(&self, host: &H, now_ms: u64) -> Vec<Vec<u32>> {
         let mut refills = self.refills.borrow_mut();
-        let ended: Vec<String> = refills
+        let ended: Vec<BucketAt> = refills
             .flights
             .iter()
             .filter(|(_, f)| f.foreign)
@@ -218,7 +219,7 @@ impl Gateway {
     pub fn refill_answered<H: Host + ?Sized>(
         &self,
         host: &H,
-        key: &str,
+        key: &BucketAt,
         answer: Result<&[u8], Unanswered>,
         now_ms: u64,
     ) -> (Refilled, Vec<u32>) {
@@ -290,7 +291,7 @@ impl Gateway {
     fn lease_gauges<H: Host + ?Sized>(
         &self,
         host: &H,
-        (key, limit, tenant): (&str, &Limit, LabelId),
+        (key, limit, tenant): (&BucketAt, &Limit, LabelId),
         now_ms: u64,
         epoch: u64,
     ) {

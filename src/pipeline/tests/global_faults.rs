@@ -130,9 +130,10 @@ fn a_stored_lease_of_the_previous_layout_still_reads() {
     let mut o = open(&gw, &host, &call(100));
     serve(&gw, &host, |_| ok());
     resume(&gw, &host, &mut o, Refilled::Grew);
-    let key = gw.tenant_budget("team-a").1.buckets[0].clone();
-    let (bytes, _) = crate::store::SharedStore::get(&host, &key);
-    let mut bytes = bytes.unwrap();
+    let at = gw.tenant_budget("team-a").1.buckets[0].clone();
+    let (bytes, _) = crate::store::SharedStore::get(&host, &at.record);
+    let record = crate::record::Record::decode(bytes.as_deref());
+    let mut bytes = record.bucket(at.id).unwrap().encode();
     bytes.truncate(bytes.len() - 32);
     let old = crate::budget::Bucket::decode(Some(&bytes));
     assert_eq!(old.lease.map(|l| l.granted), Some(2500));

@@ -1,0 +1,165 @@
+//! A scope's record: one shared-data value per budget scope (a tenant, an undeclared tenant's
+//! slot, a user slot) holding the scope's concurrency slots and the bucket of every limit the
+//! scope owns. A request reads and writes each record it touches once, at admission and at
+//! settlement, whatever the number of its limits: a tenant whose limits are all its own makes
+//! one shared-data read and one write each time (one compare-and-swap, so the record's buckets
+//! and slots change together or not at all).
+//!
+//! A bucket is found in its record by its limit's id (a hash of the limit's name), so usage
+//! survives configuration edits that keep the name. Only admission and refills add a bucket
+//! (for a configured limit); `on_configure` drops the buckets of limits the configuration no
+//! longer has, so a record holds at most the limits of the current configuration and of the one
+//! before it.
+
+use crate::budget::Bucket;
+use crate::holdings::{RING_BYTES, Ring};
+
+/// The value format (the `3` in `tg:r3:` keys).
+const VERSION: u8 = 3;
+
+/// Where one limit's bucket is: its scope's record and the limit's id in it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BucketAt {
+    pub record: String,
+    pub id: u64,
+}
+
+/// The shared-data key of a scope's record (`scope` may name a user slot: `team:u3`).
+pub fn record_key(scope: &str) -> String {
+    format!("tg:r3:{scope}")
+}
+
+/// A limit's id in its record: FNV-1a of its name (stable across builds and processes).
+pub fn limit_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// One scope's record, decoded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Record {
+    /// The scope's requests in flight, by the epoch they entered in (its concurrency slots).
+    pub slots: Ring,
+    /// The buckets of the scope's limits, by limit id.
+    pub buckets: Vec<(u64, Bucket)>,
+}
+
+impl Record {
+    /// Decodes a stored record; absent, fresh or foreign bytes read as an empty record, and a
+    /// truncated entry ends the list.
+    pub fn decode(bytes: Option<&[u8]>) -> Record {
+        let Some(rest) = bytes
+            .and_then(|b| b.strip_prefix(&[VERSION]))
+            .filter(|b| b.len() >= RING_BYTES)
+        else {
+            return Record::default();
+        };
+        let (ring, mut rest) = rest.split_at(RING_BYTES);
+        let mut record = Record {
+            slots: Ring::decode(ring),
+            buckets: Vec::new(),
+        };
+        while let Some((head, tail)) = rest.split_first_chunk::<10>() {
+            let (id, len) = head.split_at(8);
+            let id = <[u8; 8]>::try_from(id).map_or(0, u64::from_le_bytes);
+            let len = <[u8; 2]>::try_from(len).map_or(0, u16::from_le_bytes);
+            let Some((bucket, tail)) = tail.split_at_checked(usize::from(len)) else {
+                break;
+            };
+            record.buckets.push((id, Bucket::decode(Some(bucket))));
+            rest = tail;
+        }
+        record
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + RING_BYTES + self.buckets.len() * 160);
+        out.push(VERSION);
+        self.slots.encode_into(&mut out);
+        for (id, bucket) in &self.buckets {
+            let bytes = bucket.encode();
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&u16::try_from(bytes.len()).unwrap_or(0).to_le_bytes());
+            out.extend_from_slice(&bytes);
+        }
+        out
+    }
+
+    /// The bucket of limit `id`, if the record has one.
+    pub fn bucket(&self, id: u64) -> Option<Bucket> {
+        self.buckets.iter().find(|(i, _)| *i == id).map(|(_, b)| *b)
+    }
+
+    /// Stores the bucket of limit `id` (added if the record had none).
+    pub fn put(&mut self, id: u64, bucket: Bucket) {
+        match self.buckets.iter_mut().find(|(i, _)| *i == id) {
+            Some((_, b)) => *b = bucket,
+            None => self.buckets.push((id, bucket)),
+        }
+    }
+
+    /// Drops the buckets of limits not in `known`; whether it dropped any.
+    pub fn retain(&mut self, known: &[u64]) -> bool {
+        let before = self.buckets.len();
+        self.buckets.retain(|(id, _)| known.contains(id));
+        self.buckets.len() != before
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_reads_garbage_as_empty() {
+        let mut record = Record::default();
+        record.slots.advance(4);
+        record.slots.hold(2);
+        let mut bucket = Bucket {
+            window_start: 60_000,
+            used: 12,
+            ..Bucket::default()
+        };
+        bucket.held.advance(4);
+        bucket.held.hold(30);
+        record.put(limit_id("tpm"), bucket);
+        let global = Bucket {
+            lease: Some(crate::budget::Lease::default()),
+            ..Bucket::default()
+        };
+        record.put(limit_id("usd"), global);
+        let bytes = record.encode();
+        assert_eq!(Record::decode(Some(&bytes)), record);
+        assert_eq!(record.bucket(limit_id("tpm")), Some(bucket));
+        assert_eq!(record.bucket(limit_id("tpd")), None);
+        for garbage in [&b""[..], &[0], &b"tg"[..], &[3, 1, 2]] {
+            assert_eq!(Record::decode(Some(garbage)), Record::default());
+        }
+        assert_eq!(Record::decode(None), Record::default());
+        // A truncated entry ends the list; what came before it is kept.
+        let cut = Record::decode(bytes.get(..bytes.len() - 1));
+        assert_eq!(cut.buckets.len(), 1);
+        assert_eq!(cut.slots, record.slots);
+    }
+
+    #[test]
+    fn retain_drops_limits_the_configuration_no_longer_has() {
+        let mut record = Record::default();
+        record.put(1, Bucket::default());
+        record.put(2, Bucket::default());
+        assert!(!record.retain(&[1, 2, 3]));
+        assert!(record.retain(&[2]));
+        assert_eq!(record.buckets.len(), 1);
+        assert_eq!(limit_id("tpm"), limit_id("tpm"));
+        assert_ne!(limit_id("tpm"), limit_id("tpd"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_decode_without_panicking(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+            let record = Record::decode(Some(&bytes));
+            proptest::prop_assert!(record.buckets.len() <= bytes.len() / 10);
+        }
+    }
+}
