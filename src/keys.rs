@@ -61,6 +61,39 @@ impl TenantKeys {
     }
 }
 
+/// What one record holds, and where builds before the records kept its buckets (one key per
+/// bucket, `tg:b2:`): a record created where they exist starts from them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordPlan {
+    /// The limits the record holds (a bucket of any other is dropped at configuration time).
+    pub ids: Vec<u64>,
+    /// The earlier key of each limit's bucket.
+    pub legacy: Vec<(u64, String)>,
+}
+
+impl TenantKeys {
+    /// Adds this tenant's records to `plans`.
+    pub fn plan_records(
+        &self,
+        policy: &TenantPolicy,
+        plans: &mut std::collections::BTreeMap<String, RecordPlan>,
+    ) {
+        for (limit, at) in policy.limits.iter().zip(&self.buckets) {
+            let plan = plans.entry(at.record.clone()).or_default();
+            if !plan.ids.contains(&at.id) {
+                plan.ids.push(at.id);
+                let owner = limit.owner.as_deref().unwrap_or(&self.scope);
+                let legacy = match (limit.per_user, self.user_slot) {
+                    (true, Some(slot)) => format!("tg:b2:{owner}:u{slot}:{}", limit.name),
+                    _ => format!("tg:b2:{owner}:{}", limit.name),
+                };
+                plan.legacy.push((at.id, legacy));
+            }
+        }
+        plans.entry(self.concurrency.clone()).or_default();
+    }
+}
+
 /// The bucket of `limit` for a tenant scope: in the owner's record (an ancestor's limit), and
 /// for a per-user limit in the user slot's.
 fn bucket_key(scope: &str, limit: &Limit, user_slot: u64) -> BucketAt {

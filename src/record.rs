@@ -13,6 +13,8 @@
 
 use crate::budget::Bucket;
 use crate::holdings::{RING_BYTES, Ring};
+use crate::keys::RecordPlan;
+use crate::store::{SharedStore, UpdateError, update};
 
 /// The value format (the `3` in `tg:r3:` keys).
 const VERSION: u8 = 3;
@@ -107,6 +109,33 @@ impl Record {
     }
 }
 
+/// Readies one record at configuration time: drops the buckets of limits the configuration no
+/// longer has and, for a record not written yet, starts it from the keys builds before the
+/// records kept its buckets in, so a code update that keeps the `vm_id` keeps the current
+/// windows' usage and leases. Their reservations stay behind: the requests the old code has in
+/// flight settle into the old keys (a reservation carried over would hold the budget until it
+/// expires). Returns whether it wrote the record.
+pub fn prepare<S: SharedStore + ?Sized>(store: &S, key: &str, plan: &RecordPlan) -> bool {
+    let result: Result<(), UpdateError<()>> = update(store, key, |bytes| {
+        let mut record = Record::decode(bytes);
+        let mut changed = record.retain(&plan.ids);
+        if !bytes.is_some_and(|b| b.first() == Some(&VERSION)) {
+            for (id, legacy) in &plan.legacy {
+                if let (Some(old), _) = store.get(legacy) {
+                    let bucket = Bucket {
+                        held: Ring::default(),
+                        ..Bucket::decode(Some(&old))
+                    };
+                    record.put(*id, bucket);
+                    changed = true;
+                }
+            }
+        }
+        if changed { Ok((record.encode(), ())) } else { Err(()) }
+    });
+    result.is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +182,46 @@ mod tests {
         assert_eq!(record.buckets.len(), 1);
         assert_eq!(limit_id("tpm"), limit_id("tpm"));
         assert_ne!(limit_id("tpm"), limit_id("tpd"));
+    }
+
+    #[test]
+    fn a_new_record_starts_from_the_old_keys_once_and_drops_removed_limits() {
+        use crate::store::{FRESH, MemStore, ensure};
+        let store = MemStore::default();
+        let mut old = Bucket {
+            window_start: 60_000,
+            used: 500,
+            ..Bucket::default()
+        };
+        old.held.advance(1);
+        old.held.hold(30);
+        store.set("tg:b2:team:tpm", &old.encode(), 0).unwrap();
+        let plan = RecordPlan {
+            ids: vec![limit_id("tpm"), limit_id("tpd")],
+            legacy: vec![
+                (limit_id("tpm"), "tg:b2:team:tpm".into()),
+                (limit_id("tpd"), "tg:b2:team:tpd".into()),
+            ],
+        };
+        assert!(ensure(&store, "tg:r3:team", FRESH));
+        assert!(prepare(&store, "tg:r3:team", &plan));
+        let read = |store: &MemStore| Record::decode(store.get("tg:r3:team").0.as_deref());
+        let record = read(&store);
+        // Usage and window carried over; the old code's reservations stay behind.
+        let tpm = record.bucket(limit_id("tpm")).unwrap();
+        assert_eq!((tpm.window_start, tpm.used, tpm.reserved()), (60_000, 500, 0));
+        assert_eq!(record.bucket(limit_id("tpd")), None);
+        // Written once: a later configuration neither migrates again nor writes.
+        store.set("tg:b2:team:tpm", &Bucket::default().encode(), 0).unwrap();
+        assert!(!prepare(&store, "tg:r3:team", &plan));
+        assert_eq!(read(&store), record);
+        // A limit the configuration dropped leaves the record.
+        let fewer = RecordPlan {
+            ids: vec![limit_id("tpd")],
+            legacy: Vec::new(),
+        };
+        assert!(prepare(&store, "tg:r3:team", &fewer));
+        assert!(read(&store).buckets.is_empty());
     }
 
     proptest::proptest! {

@@ -162,6 +162,23 @@ impl Config {
         keys
     }
 
+    /// Every budget record the configuration implies: the scopes' own, and each user slot's
+    /// with per-user limits.
+    pub fn budget_records(&self) -> std::collections::BTreeMap<String, crate::keys::RecordPlan> {
+        let mut plans = std::collections::BTreeMap::new();
+        for (scope, policy) in self.scopes_where(|_| true) {
+            let keys = TenantKeys::new(&scope, policy);
+            keys.plan_records(policy, &mut plans);
+            let slots = self.users.as_ref().map_or(0, |u| u.slots);
+            for slot in 0..slots {
+                if let Some(user) = keys.for_user(policy, slot) {
+                    user.plan_records(policy, &mut plans);
+                }
+            }
+        }
+        plans
+    }
+
     /// Every budget scope whose policy `wanted`, with its policy: the declared tenants, and
     /// the undeclared tenants' slots (with `identity.accept_undeclared`).
     fn scopes_where(&self, wanted: impl Fn(&TenantPolicy) -> bool) -> Vec<(String, &TenantPolicy)> {

@@ -199,6 +199,9 @@ impl Gateway {
             .iter()
             .filter(|key| crate::store::ensure(host, key, crate::store::FRESH))
             .count();
+        for (key, plan) in self.config.budget_records() {
+            crate::record::prepare(host, &key, &plan);
+        }
         for label in self.config.labels.tenant_ids() {
             for reason in DENIAL_REASONS {
                 host.stat(StatUpdate::Add(Stat::Denials(label, reason), 0));

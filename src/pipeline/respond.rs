@@ -78,8 +78,9 @@ impl Request {
             let status = active.cache.as_str().as_bytes().to_vec();
             edits.push(("x-tollgate-cache", Some(status)));
         }
+        // As of admission, like the remaining they go with (no clock read here).
         if let Some(rate) = active.admitted.rate {
-            let reset_in = rate.reset_ms.saturating_sub(host.now_ms());
+            let reset_in = rate.reset_ms.saturating_sub(active.started_ms);
             let headers = exchange.kind.family().rate_limit_headers(
                 rate.limit,
                 rate.remaining,

@@ -102,10 +102,11 @@ fn settle<H: Host + ?Sized>(
     let config = &gateway.config;
     let (charged, _) = active.exchange.finish(upstream_failed);
     let price = config.price(active.exchange.served_model());
-    let billed_micro = price.map_or(0, |p| cost::billed_micro_usd(p.cost(&charged)));
+    let billed_micro = price.map(|p| cost::billed_micro_usd(p.cost(&charged)));
     let now = host.now_ms();
     let model = config.labels.model_id(active.exchange.served_model());
     count_usage(host, active.label, model, &charged, billed_micro);
+    let billed_micro = billed_micro.unwrap_or(0);
     if active.exchange.usage_anomaly().is_some() {
         host.stat(StatUpdate::Add(Stat::UsageAnomalies(active.label), 1));
     }
@@ -184,13 +185,14 @@ fn store_in_cache<H: Host + ?Sized>(
     }
 }
 
-/// The usage metrics of one finished exchange.
+/// The usage metrics of one finished exchange: counters that grow, and the cost histogram for
+/// a model with a price (`billed_micro`; a model without one has no cost to sample).
 fn count_usage<H: Host + ?Sized>(
     host: &H,
     tenant: crate::metrics::LabelId,
     model: crate::metrics::LabelId,
     charged: &Usage,
-    billed_micro: u64,
+    billed_micro: Option<u64>,
 ) {
     for (counter, value) in [
         (Counter::Requests, 1),
@@ -198,7 +200,7 @@ fn count_usage<H: Host + ?Sized>(
         (Counter::OutputTokens, charged.output),
         (Counter::CachedInputTokens, charged.cached_input),
         (Counter::CacheWriteInputTokens, charged.cache_write_input),
-        (Counter::CostMicroUsd, billed_micro),
+        (Counter::CostMicroUsd, billed_micro.unwrap_or(0)),
     ] {
         if value > 0 {
             host.stat(StatUpdate::Add(
@@ -212,8 +214,10 @@ fn count_usage<H: Host + ?Sized>(
         Stat::Histogram(Histogram::TokensPerRequest, tenant),
         tokens,
     ));
-    host.stat(StatUpdate::Sample(
-        Stat::Histogram(Histogram::CostMicroUsdPerRequest, tenant),
-        billed_micro,
-    ));
+    if let Some(billed_micro) = billed_micro {
+        host.stat(StatUpdate::Sample(
+            Stat::Histogram(Histogram::CostMicroUsdPerRequest, tenant),
+            billed_micro,
+        ));
+    }
 }

@@ -256,10 +256,9 @@ def test_shared_data_keys_stay_at_the_configured_bound(upstream):
         assert len(codes) == 10_000 and set(codes) == {200}
         view = json.loads(http("GET", proc.url + "/tollgate/usage", None,
                                {"authorization": f"Bearer {ADMIN_TOKEN}"})[2])
-        # Every tenant: one key per limit plus its concurrency key; one in-flight key per tenant
-        # label (the default cap of 100 labels, plus `_other`).
-        expected = sum(len(budget_config()["tenants"][t].get("limits", [{"default": 1}])) + 1
-                       for t in budget_config()["tenants"]) + 1000 * 2 + 100 + 1
+        # Every tenant: one record (its slots and the buckets of all its limits); one in-flight
+        # key per tenant label (the default cap of 100 labels, plus `_other`).
+        expected = len(budget_config()["tenants"]) + 1000 + 100 + 1
         assert view["shared_keys"] == {"bound": expected, "present": expected}
         # No key was created on the request path: only at configuration time (each worker
         # creates what is still missing when it configures, so the count is the bound).

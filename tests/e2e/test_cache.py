@@ -382,7 +382,7 @@ def test_caps_hold_under_20000_distinct_requests(upstream):
         assert s["wasmcustom.tollgate.cache.stores"] >= 1000
         assert held > 3 * 1024 * 1024, "the byte cap was reached"
         # The key count stays at the bound the configuration implies: 2 per slot + 1 + 64 scope
-        # counters, plus the two tenants' concurrency keys and one in-flight key per tenant label
+        # counters, plus the two tenants' records and one in-flight key per tenant label
         # (team-a, team-b, _other).
         assert s["wasmcustom.tollgate.shared_data.keys_created"] == 2 * 256 + 1 + 64 + 2 + 3
         growth_mib = (rss_after - rss_before) / 1024
