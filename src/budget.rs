@@ -21,6 +21,8 @@
 
 use crate::holdings::{RING_BYTES, Ring};
 use crate::record::{BucketAt, Record};
+
+pub use crate::lease::{Claim, Refill, backoff_ms, claim_refill, refill};
 use crate::store::{SharedStore, UpdateError, update};
 use crate::window::Window;
 
@@ -367,10 +369,19 @@ pub fn reserve<S: SharedStore + ?Sized>(
                 done.held.extend(held);
             }
             Err(err) => {
-                let keys: Vec<(usize, &BucketAt)> = targets.iter().map(|&(i, k, _)| (i, k)).collect();
+                let keys: Vec<(usize, &BucketAt)> =
+                    targets.iter().map(|&(i, k, _)| (i, k)).collect();
                 let zeros = vec![0; done.held.len()];
                 let taken = done.slot.zip(slot).map(|((e, _), s)| (s.record, e));
-                settle(store, limits, &keys, (&done.held, &zeros), taken, (now_ms, epoch), |_, _| {});
+                settle(
+                    store,
+                    limits,
+                    &keys,
+                    (&done.held, &zeros),
+                    taken,
+                    (now_ms, epoch),
+                    |_, _| {},
+                );
                 return Err(match err {
                     UpdateError::Refused(denial) => denial,
                     UpdateError::Contended => Denial::Contended,
@@ -451,7 +462,16 @@ pub fn settle_all<S: SharedStore + ?Sized>(
     now_ms: u64,
     epoch: u64,
 ) -> usize {
-    settle(store, limits, keys, (held, actual), None, (now_ms, epoch), |_, _| {}).0
+    settle(
+        store,
+        limits,
+        keys,
+        (held, actual),
+        None,
+        (now_ms, epoch),
+        |_, _| {},
+    )
+    .0
 }
 
 /// [`settle_all`], releasing the concurrency slot `slot` (its record, the epoch it was taken
@@ -545,12 +565,15 @@ pub fn read<S: SharedStore + ?Sized>(
     epoch: u64,
 ) -> Bucket {
     let record = Record::decode(store.get(&at.record).0.as_deref());
-    record.bucket(at.id).unwrap_or_default().at(limit, now_ms, epoch)
+    record
+        .bucket(at.id)
+        .unwrap_or_default()
+        .at(limit, now_ms, epoch)
 }
 
 /// Reads, changes and writes one limit's bucket (as of now) in its record: one
 /// compare-and-swap.
-fn update_bucket<S, T, E>(
+pub(crate) fn update_bucket<S, T, E>(
     store: &S,
     at: &BucketAt,
     limit: &Limit,
@@ -562,152 +585,14 @@ where
 {
     update(store, &at.record, |bytes| {
         let mut record = Record::decode(bytes);
-        let mut bucket = record.bucket(at.id).unwrap_or_default().at(limit, now_ms, epoch);
+        let mut bucket = record
+            .bucket(at.id)
+            .unwrap_or_default()
+            .at(limit, now_ms, epoch);
         let out = apply(&mut bucket)?;
         record.put(at.id, bucket);
         Ok((record.encode(), out))
     })
-}
-
-/// A refill's answer, applied to a global limit's lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refill {
-    /// The service granted `amount` (in the limit's unit); it reported `remaining` if it did.
-    Granted { amount: u64, remaining: Option<u64> },
-    /// The service refused `need`: nothing this large is granted again this window, nor
-    /// anything above what it says is left (`remaining`, when it says).
-    Refused { need: u64, remaining: Option<u64> },
-    /// The service gave no answer: the fallback allowance is granted once per window, if the
-    /// limit has one, and the service is not asked again until the backoff ends. `asked`: what
-    /// the call asked for if it was sent (the service may have counted it: unconfirmed).
-    Unavailable { asked: u64 },
-    /// As `Unavailable`, decided without a call (the service failed a moment ago): another
-    /// worker's claim on the refill stays.
-    Fallback,
-}
-
-/// Whether a worker may refill a lease now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    /// This worker claimed it: the bucket as it is now.
-    Claimed(Bucket),
-    /// Another worker of this Envoy is refilling it.
-    Busy(Bucket),
-    /// The service failed a moment ago: no one asks it until the backoff ends.
-    Down,
-}
-
-/// Claims the refill of `limit`'s lease for this worker until `until_ms`, unless another worker
-/// of this Envoy is refilling it or the service is backed off.
-pub fn claim_refill<S: SharedStore + ?Sized>(
-    store: &S,
-    key: &BucketAt,
-    limit: &Limit,
-    (now_ms, until_ms): (u64, u64),
-    epoch: u64,
-) -> Claim {
-    let result = update_bucket(store, key, limit, (now_ms, epoch), |bucket| {
-        match bucket.lease.as_mut() {
-            Some(lease) if lease.down_until > now_ms => Err(true),
-            Some(lease) if lease.refilling_until <= now_ms => {
-                lease.refilling_until = until_ms;
-                Ok(*bucket)
-            }
-            _ => Err(false),
-        }
-    });
-    match result {
-        Ok(bucket) => Claim::Claimed(bucket),
-        Err(UpdateError::Refused(true)) => Claim::Down,
-        Err(_) => Claim::Busy(read(store, key, limit, now_ms, epoch)),
-    }
-}
-
-/// How long the service is not asked after `failures` refills in a row got no answer: 1 s,
-/// doubled per failure, at most [`MAX_BACKOFF_MS`].
-pub fn backoff_ms(failures: u64) -> u64 {
-    let doublings = u32::try_from(failures.saturating_sub(1).min(16)).unwrap_or(16);
-    BACKOFF_MS
-        .saturating_mul(1 << doublings)
-        .min(MAX_BACKOFF_MS)
-}
-
-/// Applies a refill's answer to the lease of `limit` (stored under `key`), if the window is
-/// still the one it was asked for (`window_start`): `None` when it turned (the grant belongs
-/// to the old window's counter), else whether the lease grew (a granted refill, or a fallback
-/// allowance not yet used this window). The refill's claim ends either way.
-pub fn refill<S: SharedStore + ?Sized>(
-    store: &S,
-    key: &BucketAt,
-    limit: &Limit,
-    (answer, window_start): (Refill, u64),
-    now_ms: u64,
-    epoch: u64,
-) -> Option<bool> {
-    let result = update_bucket(store, key, limit, (now_ms, epoch), |bucket| {
-        let current = bucket.window_start == window_start;
-        let Some(lease) = bucket.lease.as_mut() else {
-            return Err(());
-        };
-        if !matches!(answer, Refill::Fallback) {
-            lease.refilling_until = 0;
-        }
-        match answer {
-            Refill::Granted { .. } | Refill::Refused { .. } => {
-                lease.failures = 0;
-                lease.down_until = 0;
-            }
-            Refill::Unavailable { asked } => {
-                lease.failures = lease.failures.saturating_add(1);
-                lease.down_until = now_ms.saturating_add(backoff_ms(lease.failures));
-                if current {
-                    lease.unconfirmed = lease.unconfirmed.saturating_add(asked);
-                }
-            }
-            Refill::Fallback => {}
-        }
-        if !current {
-            return Ok(None);
-        }
-        // The service cannot have more left than the limit less what it granted this Envoy:
-        // a larger `remaining` (a lying or misconfigured service) is read as that.
-        let most = |lease: &Lease| {
-            let from_service = lease.granted.saturating_sub(lease.fallback);
-            limit.amount.saturating_sub(from_service)
-        };
-        let grew = match answer {
-            Refill::Granted { amount, remaining } => {
-                lease.granted = lease.granted.saturating_add(amount);
-                if let Some(remaining) = remaining {
-                    lease.remaining = remaining.min(most(lease));
-                }
-                true
-            }
-            Refill::Refused { need, remaining } => {
-                let said = remaining.unwrap_or(u64::MAX).min(most(lease));
-                let left = said.min(need.saturating_sub(1));
-                lease.refused_at = lease.refused_at.min(left.saturating_add(1));
-                lease.remaining = lease.remaining.min(left);
-                false
-            }
-            Refill::Unavailable { .. } | Refill::Fallback => {
-                let given = match limit.global.and_then(|g| g.fallback) {
-                    Some(allowance) if lease.fallback == 0 && allowance > 0 => {
-                        lease.granted = lease.granted.saturating_add(allowance);
-                        lease.fallback = allowance;
-                        true
-                    }
-                    _ => false,
-                };
-                // A refill just lost: what is left of an allowance given earlier this window
-                // may pay for the requests that waited (now that the service is backed off).
-                let left = lease.fallback_spent < lease.fallback;
-                given || (left && matches!(answer, Refill::Unavailable { .. }))
-            }
-        };
-        Ok(Some(grew))
-    });
-    result.unwrap_or(Some(false))
 }
 
 #[cfg(test)]

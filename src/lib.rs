@@ -28,6 +28,7 @@ pub mod exchange;
 pub mod global;
 pub mod holdings;
 pub mod keys;
+pub mod lease;
 pub mod ledger;
 pub mod metrics;
 pub mod pipeline;

@@ -119,7 +119,7 @@ pub fn prepare<S: SharedStore + ?Sized>(store: &S, key: &str, plan: &RecordPlan)
     let result: Result<(), UpdateError<()>> = update(store, key, |bytes| {
         let mut record = Record::decode(bytes);
         let mut changed = record.retain(&plan.ids);
-        if !bytes.is_some_and(|b| b.first() == Some(&VERSION)) {
+        if bytes.is_none_or(|b| b.first() != Some(&VERSION)) {
             for (id, legacy) in &plan.legacy {
                 if let (Some(old), _) = store.get(legacy) {
                     let bucket = Bucket {
@@ -131,7 +131,11 @@ pub fn prepare<S: SharedStore + ?Sized>(store: &S, key: &str, plan: &RecordPlan)
                 }
             }
         }
-        if changed { Ok((record.encode(), ())) } else { Err(()) }
+        if changed {
+            Ok((record.encode(), ()))
+        } else {
+            Err(())
+        }
     });
     result.is_ok()
 }
@@ -209,10 +213,15 @@ mod tests {
         let record = read(&store);
         // Usage and window carried over; the old code's reservations stay behind.
         let tpm = record.bucket(limit_id("tpm")).unwrap();
-        assert_eq!((tpm.window_start, tpm.used, tpm.reserved()), (60_000, 500, 0));
+        assert_eq!(
+            (tpm.window_start, tpm.used, tpm.reserved()),
+            (60_000, 500, 0)
+        );
         assert_eq!(record.bucket(limit_id("tpd")), None);
         // Written once: a later configuration neither migrates again nor writes.
-        store.set("tg:b2:team:tpm", &Bucket::default().encode(), 0).unwrap();
+        store
+            .set("tg:b2:team:tpm", &Bucket::default().encode(), 0)
+            .unwrap();
         assert!(!prepare(&store, "tg:r3:team", &plan));
         assert_eq!(read(&store), record);
         // A limit the configuration dropped leaves the record.

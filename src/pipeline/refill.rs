@@ -15,8 +15,8 @@ use crate::admission::{TenantKeys, TenantPolicy};
 use crate::api::ApiKind;
 use crate::budget::{self, Claim, Limit, Refill};
 use crate::global;
-use crate::record::BucketAt;
 use crate::metrics::{LabelId, Stat, StatUpdate};
+use crate::record::BucketAt;
 use crate::reply::Refusal;
 
 /// A request admitted again this many times without fitting is refused (429).

@@ -16,6 +16,9 @@ Gateway variants, each the shipped envoy/tollgate.yaml (Envoy 1.40, V8, `--concu
              a Gemini body and answer (JSON only)
   converse   the minimal config for a Bedrock model: `…/model/anthropic.claude…:0/converse`, a
              Converse body and answer (JSON only; Tollgate re-encodes the path's model id)
+  global     the minimal config with its token limit `global`: leased from the test rate-limit
+             service (tests/rls, Limitador's answers, over Redis) in refills of a quarter of what
+             is left, so a request pays for the lease check and, rarely, a refill (JSON only)
   minimal@before, realistic@before
              with --before WASM: the minimal and realistic configs with another build (say the
              previous commit's), timed in the same run as the current one
@@ -26,6 +29,10 @@ Upstream: a second Envoy answering with `direct_response` after reading the requ
 chat JSON, or a 22-event SSE stream). Load: wrk, a ~1.16 KB chat body, 1 and 16 connections, JSON
 and SSE. Per run: req/s, p50, p99, gateway Envoy CPU µs per request (utime + stime from /proc),
 RSS, and non-2xx / socket errors. Timing is printed, never asserted.
+
+Then (--rss-seconds) the memory: bare, noop, minimal and realistic each started at `--concurrency
+1` and 2, driven for a few seconds at 16 connections, and their RSS read (a worker is one more
+wasm VM: compiled code and linear memory).
 
 Then, per wasm variant with a counting build (tollgate `--features bench-count`, naive
 `--features count`), a short run (--count-seconds, 4 connections) gives host calls and
@@ -58,6 +65,7 @@ from harness import ENVOY, WASM, free_port, http  # noqa: E402
 NOOP = os.path.join(HERE, "noop/target/wasm32-wasip1/release/noop.wasm")
 NAIVE = os.path.join(HERE, "naive/target/wasm32-wasip1/release/naive.wasm")
 BEFORE_TEMPLATE = ""  # set by --before-template
+RATELIMIT_ENDPOINTS = "127.0.0.1:8081"  # the test rate-limit service's, when `global` runs
 NAIVE_COUNT = os.path.join(HERE, "naive/target/count/wasm32-wasip1/release/naive.wasm")
 COUNT_WASM = os.path.join(ROOT, "target/bench-count/wasm32-wasip1/release/tollgate.wasm")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -132,6 +140,7 @@ APIS = {
     "gemini": (f"/v1beta/models/{GEMINI_MODEL}:generateContent", GEMINI_MODEL, GEMINI_REQUEST, "gemini.json"),
     "converse": (f"/model/{BEDROCK_MODEL}/converse", BEDROCK_MODEL, CONVERSE_REQUEST, "converse.json"),
     "tree": ("/v1/chat/completions", MODEL, CHAT_REQUEST, "chat.json"),
+    "global": ("/v1/chat/completions", MODEL, CHAT_REQUEST, "chat.json"),
 }
 
 
@@ -159,6 +168,10 @@ def tollgate_config(features, tenants=50, model=MODEL):
         config["routing"] = {"models": {model: {"route": "openai"}}}
     if "cache" in features:
         config["cache"] = {"max_entries": 256, "max_bytes": 4194304, "policy": "deterministic"}
+    if "global" in features:
+        config["global_budgets"] = {"cluster": "ratelimit", "replicas": 1, "refill_share": 0.25}
+        for limit in policy["limits"]:
+            limit["global"] = True
     if "tree" in features:
         # A 3-level tree (tenant → team → org, a token limit each), a per-user limit (users from
         # x-user) and a conversation limit (x-conversation-id): what such a request touches.
@@ -193,6 +206,7 @@ def variants(ladder, before=None):
         out["tree"] = (WASM, COUNT_WASM, tollgate_config(MINIMAL + ("tree",)), 0.2, "tree")
         out["gemini"] = (WASM, COUNT_WASM, tollgate_config(MINIMAL, model=GEMINI_MODEL), 0.2, "gemini")
         out["converse"] = (WASM, COUNT_WASM, tollgate_config(MINIMAL, model=BEDROCK_MODEL), 0.2, "converse")
+        out["global"] = (WASM, COUNT_WASM, tollgate_config(MINIMAL + ("global",)), 0.2, "global")
     return out
 
 
@@ -209,11 +223,33 @@ def request_body(stream, temperature, api="chat"):
     return json.dumps(body)
 
 
+def start_rls(config):
+    """The test rate-limit service over a fresh Redis, serving `config`'s global limits."""
+    global RATELIMIT_ENDPOINTS
+    from harness import RateLimitService, Redis
+    redis = Redis()
+    rls = RateLimitService(config, redis)
+    RATELIMIT_ENDPOINTS = f"127.0.0.1:{rls.port}"
+    return redis, rls
+
+
+def rss_run(name, wasm, config, upstream, seconds, workdir, concurrency):
+    """RSS in MiB of a gateway at `concurrency` workers after `seconds` at 16 connections."""
+    gw = Gateway(f"{name}.rss{concurrency}", wasm, config, upstream, workdir, concurrency)
+    try:
+        wrk(gw.url, 16, seconds, False, 0.2, workdir, "chat")
+        return gw.rss_mib()
+    finally:
+        gw.stop()
+
+
 def request_headers(stream, api="chat"):
     headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
     if api == "tree":
         headers["x-user"] = "bench-user"
         headers["x-conversation-id"] = "bench-conversation"
+        return headers
+    if api == "global":
         return headers
     if stream:
         headers["x-bench-stream"] = "1"
@@ -223,12 +259,12 @@ def request_headers(stream, api="chat"):
 
 
 class Proc:
-    def __init__(self, config_text, workdir, name):
+    def __init__(self, config_text, workdir, name, concurrency=1):
         self.path = os.path.join(workdir, name + ".yaml")
         with open(self.path, "w") as f:
             f.write(config_text)
         self.log = open(os.path.join(workdir, name + ".log"), "w")
-        self.proc = subprocess.Popen([ENVOY, "-c", self.path, "--concurrency", "1", "--disable-hot-restart",
+        self.proc = subprocess.Popen([ENVOY, "-c", self.path, "--concurrency", str(concurrency), "--disable-hot-restart",
                                       "--log-level", "warn"], stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, admin_port):
@@ -268,7 +304,7 @@ class Proc:
 class Gateway(Proc):
     """The shipped envoy/tollgate.yaml with `wasm` as its filter (none: the filter removed)."""
 
-    def __init__(self, name, wasm, plugin_config, upstream, workdir):
+    def __init__(self, name, wasm, plugin_config, upstream, workdir, concurrency=1):
         # The @before variants run with the before commit's own config when given (its access
         # log is part of what it costs).
         path = BEFORE_TEMPLATE if name.endswith("@before") and BEFORE_TEMPLATE else os.path.join(ROOT, "envoy/tollgate.yaml")
@@ -283,7 +319,8 @@ class Gateway(Proc):
             "ADMIN_PORT": str(self.admin), "LISTEN_PORT": str(self.listen), "UPSTREAM_PORT": str(upstream),
             "ACCESS_LOG": os.path.join(workdir, f"{name}.access.log"), "WASM_PATH": wasm or NOOP,
             "PLUGIN_CONFIG": json.dumps(json.dumps(plugin_config)),
-        }), workdir, name)
+            "RATELIMIT_ENDPOINTS": RATELIMIT_ENDPOINTS,
+        }), workdir, name, concurrency)
         try:
             self.wait_ready(self.admin)
         except BaseException:
@@ -379,7 +416,7 @@ def count_run(name, wasm, config, temperature, upstream, seconds, workdir, api="
 
 
 # The other APIs are timed with JSON answers only.
-STREAMS = {"chat": (False, True), "gemini": (False,), "converse": (False,), "tree": (False,)}
+STREAMS = {"chat": (False, True), "gemini": (False,), "converse": (False,), "tree": (False,), "global": (False,)}
 
 
 def main():
@@ -392,6 +429,8 @@ def main():
                          "+concurrent, +cache (bypass); prints the per-feature cost")
     ap.add_argument("--count-seconds", type=int, default=2,
                     help="the counting builds' run per body (0: no host call / allocation counts)")
+    ap.add_argument("--rss-seconds", type=int, default=3,
+                    help="load before reading the RSS at --concurrency 1 and 2 (0: no RSS table)")
     ap.add_argument("--wasm", default=WASM, help="the tollgate.wasm timed")
     ap.add_argument("--before", default="", help="another tollgate.wasm (say the previous commit's), timed "
                                                    "as minimal@before and realistic@before in the same run")
@@ -429,7 +468,8 @@ def main():
             "CONVERSE_BODY": os.path.join(workdir, "converse.json")}),
             workdir, "backend")
     backend.wait_ready(backend_admin)
-    results, counts, probe_errors = {}, {}, []
+    results, counts, probe_errors, rss = {}, {}, [], {}
+    rls_stack = start_rls(table["global"][2]) if "global" in names else ()
     try:
         for name in names:
             wasm, count_wasm, config, temperature, api = table[name]
@@ -465,13 +505,21 @@ def main():
                 if count_wasm:
                     counts[name] = count_run(name, count_wasm, config, temperature, backend_port,
                                              args.count_seconds, workdir, api)
+        if args.rss_seconds:
+            for name in [n for n in ("bare", "noop", "minimal", "realistic") if n in names]:
+                wasm, _, config, _, _ = table[name]
+                for concurrency in (1, 2):
+                    rss[(name, concurrency)] = rss_run(name, wasm, config, backend_port, args.rss_seconds,
+                                                       workdir, concurrency)
     finally:
+        for proc in reversed(rls_stack):
+            proc.stop()
         backend.stop()
         shutil.rmtree(workdir, ignore_errors=True)  # the access logs: hundreds of MB
-    report(args, names, results, counts, probe_errors)
+    report(args, names, results, counts, probe_errors, rss)
 
 
-def report(args, names, results, counts, probe_errors):
+def report(args, names, results, counts, probe_errors, rss):
     sizes = [(os.path.relpath(p, ROOT), os.path.getsize(p)) for p in (WASM, NOOP, NAIVE, COUNT_WASM, NAIVE_COUNT)
              if os.path.exists(p)]
     print("\nwasm: " + "; ".join(f"{p} {n} bytes" for p, n in sizes))
@@ -511,6 +559,18 @@ def report(args, names, results, counts, probe_errors):
                     a, b = results.get((name, s, c)), results.get((prev, s, c))
                     cells.append(f"{a['cpu_us'] - b['cpu_us']:+10.1f}" if a and b else f"{'':>10}")
             print(f"{name:12} " + " ".join(cells))
+    if rss:
+        print(f"\nRSS MiB after {args.rss_seconds} s at 16 connections (+: over bare; Tollgate also over noop)")
+        print(f"{'variant':11} {'c=1':>7} {'+bare':>7} {'+noop':>7} {'c=2':>7} {'+bare':>7} {'+noop':>7}")
+        for name in ("bare", "noop", "minimal", "realistic"):
+            cells = []
+            for c in (1, 2):
+                mib, bare, noop = rss.get((name, c)), rss.get(("bare", c)), rss.get(("noop", c))
+                cells += [f"{mib:7.1f}" if mib else f"{'':>7}",
+                          f"{mib - bare:+7.1f}" if mib and bare and name != "bare" else f"{'':>7}",
+                          f"{mib - noop:+7.1f}" if mib and noop and name not in ("bare", "noop") else f"{'':>7}"]
+            if any(c.strip() for c in cells):
+                print(f"{name:11} " + " ".join(cells))
     if counts:
         print(f"\nper request, counting builds ({args.count_seconds} s, 4 connections; host calls: wasm -> Envoy)")
         print(f"{'variant':11} {'json calls':>10} {'json allocs':>11} {'sse calls':>10} {'sse allocs':>11} {'requests':>9}")
