@@ -296,3 +296,35 @@ fn alert_thresholds_are_checked_at_load() {
     );
     assert_eq!(e.field, "tenant_defaults.limits[0].alert_at");
 }
+
+#[test]
+fn an_upgrade_keeps_the_windows_usage_from_the_per_bucket_keys_of_earlier_builds() {
+    let limits = json!({"tenant_defaults": {"limits": [
+        {"name": "tpm", "tokens": 1000, "window": "minute"},
+        {"name": "usd", "usd": "1", "window": "day"}]}});
+    let ((a, first), (b, second)) = two_workers(limits);
+    // What the earlier build left under the same vm_id: team-a used 900 tokens this minute, with
+    // 50 still reserved by a request of the old code.
+    let (policy, _) = a.tenant_budget("team-a");
+    let mut old = crate::budget::Bucket::decode(None).at(&policy.limits[0], T0, policy.epoch(T0));
+    old.used = 900;
+    old.held.hold(50);
+    first
+        .store
+        .set("tg:b2:team-a:tpm", &old.encode(), 0)
+        .unwrap();
+    a.prepare(&first);
+    b.prepare(&second);
+    assert_eq!(bucket(&a, &first, "team-a", "tpm"), (900, 0));
+    assert_eq!(bucket(&b, &second, "team-a", "usd"), (0, 0));
+    // The upgraded workers go on from there: 100 tokens left, and the old code's settlement
+    // (into the old key) is not counted twice.
+    assert_eq!(
+        run(&a, &first, &call(200), Some(&Upstream::chat(10, 20))).status(),
+        429
+    );
+    let t = run(&b, &second, &call(60), Some(&Upstream::chat(10, 20)));
+    assert!(t.forwarded);
+    assert_eq!(bucket(&a, &first, "team-a", "tpm"), (930, 0));
+    assert_eq!(bucket(&a, &first, "team-b", "tpm"), (0, 0));
+}
