@@ -20,7 +20,7 @@
 //! window's lease paid for it.
 
 use crate::holdings::{RING_BYTES, Ring};
-use crate::record::{BucketAt, Record};
+use crate::record::{BucketAt, Record, in_order};
 
 pub use crate::lease::{Claim, Refill, backoff_ms, claim_refill, refill};
 use crate::store::{SharedStore, UpdateError, update};
@@ -187,10 +187,21 @@ impl Bucket {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(BUCKET_BYTES + LEASE_BYTES);
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// The length of [`Bucket::encode`]'s bytes.
+    pub fn encoded_len(&self) -> usize {
+        BUCKET_BYTES + self.lease.map_or(0, |_| LEASE_BYTES)
+    }
+
+    /// Appends the bucket's encoding to `out` (a record's entry, without a copy of its own).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.window_start.to_le_bytes());
         out.extend_from_slice(&self.used.to_le_bytes());
-        self.held.encode_into(&mut out);
+        self.held.encode_into(out);
         if let Some(lease) = &self.lease {
             for field in [
                 lease.granted,
@@ -206,7 +217,6 @@ impl Bucket {
                 out.extend_from_slice(&field.to_le_bytes());
             }
         }
-        out
     }
 
     /// The bucket of `limit` as of `now` (and its reservation `epoch`): a new window starts
@@ -390,17 +400,6 @@ pub fn reserve<S: SharedStore + ?Sized>(
         }
     }
     Ok(done)
-}
-
-/// Each record once, `first` first, then in the order `rest` names them.
-fn in_order<'a>(first: Option<&'a str>, rest: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
-    let mut records: Vec<&str> = first.into_iter().collect();
-    for key in rest {
-        if !records.contains(&key) {
-            records.push(key);
-        }
-    }
-    records
 }
 
 /// Reserves `amount` of limit `index` in its `bucket` (as of now): the epoch it is held in,

@@ -31,6 +31,20 @@ pub fn record_key(scope: &str) -> String {
     format!("tg:r3:{scope}")
 }
 
+/// The records a request touches, each once (read and written once), `first` first, then in the order `rest` names them.
+pub(crate) fn in_order<'a>(
+    first: Option<&'a str>,
+    rest: impl Iterator<Item = &'a str>,
+) -> Vec<&'a str> {
+    let mut records: Vec<&str> = first.into_iter().collect();
+    for key in rest {
+        if !records.contains(&key) {
+            records.push(key);
+        }
+    }
+    records
+}
+
 /// A limit's id in its record: FNV-1a of its name (stable across builds and processes).
 pub fn limit_id(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
@@ -76,14 +90,15 @@ impl Record {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + RING_BYTES + self.buckets.len() * 160);
+        let entries: usize = self.buckets.iter().map(|(_, b)| 10 + b.encoded_len()).sum();
+        let mut out = Vec::with_capacity(1 + RING_BYTES + entries);
         out.push(VERSION);
         self.slots.encode_into(&mut out);
         for (id, bucket) in &self.buckets {
-            let bytes = bucket.encode();
             out.extend_from_slice(&id.to_le_bytes());
-            out.extend_from_slice(&u16::try_from(bytes.len()).unwrap_or(0).to_le_bytes());
-            out.extend_from_slice(&bytes);
+            let len = u16::try_from(bucket.encoded_len()).unwrap_or(0);
+            out.extend_from_slice(&len.to_le_bytes());
+            bucket.encode_into(&mut out);
         }
         out
     }
@@ -144,18 +159,24 @@ pub fn prepare<S: SharedStore + ?Sized>(store: &S, key: &str, plan: &RecordPlan)
 mod tests {
     use super::*;
 
+    /// A bucket of the minute starting at 60 s: `used`, and `held` reserved in `epoch`.
+    fn bucket_holding(used: u64, epoch: u64, held: u64) -> Bucket {
+        let mut bucket = Bucket {
+            window_start: 60_000,
+            used,
+            ..Bucket::default()
+        };
+        bucket.held.advance(epoch);
+        bucket.held.hold(held);
+        bucket
+    }
+
     #[test]
     fn round_trips_and_reads_garbage_as_empty() {
         let mut record = Record::default();
         record.slots.advance(4);
         record.slots.hold(2);
-        let mut bucket = Bucket {
-            window_start: 60_000,
-            used: 12,
-            ..Bucket::default()
-        };
-        bucket.held.advance(4);
-        bucket.held.hold(30);
+        let bucket = bucket_holding(12, 4, 30);
         record.put(limit_id("tpm"), bucket);
         let global = Bucket {
             lease: Some(crate::budget::Lease::default()),
@@ -192,13 +213,7 @@ mod tests {
     fn a_new_record_starts_from_the_old_keys_once_and_drops_removed_limits() {
         use crate::store::{FRESH, MemStore, ensure};
         let store = MemStore::default();
-        let mut old = Bucket {
-            window_start: 60_000,
-            used: 500,
-            ..Bucket::default()
-        };
-        old.held.advance(1);
-        old.held.hold(30);
+        let old = bucket_holding(500, 1, 30);
         store.set("tg:b2:team:tpm", &old.encode(), 0).unwrap();
         let plan = RecordPlan {
             ids: vec![limit_id("tpm"), limit_id("tpd")],
